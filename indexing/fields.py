@@ -1,0 +1,47 @@
+"""Field names of the product document: the one place code takes them from.
+
+The mapping files in ``mappings/`` use the same names; a test checks that they agree.
+"""
+
+from __future__ import annotations
+
+ID = "product_id"
+TITLE = "title"
+DESCRIPTION = "description"
+BRAND = "brand"
+CATEGORY = "category"  # category path, e.g. "Apparel > Topwear > Shirts"
+ATTRIBUTES = "attributes"  # free-text attributes ("Navy Blue Casual Fall 2011")
+ARTICLE_TYPE = "article_type"
+COLOUR = "colour"
+GENDER = "gender"
+USAGE = "usage"
+SEASON = "season"
+PRICE = "price"
+RATING = "rating"
+POPULARITY = "popularity"
+YEAR = "year"
+IMAGE = "image"  # image path (relative to an images root) or URL
+HAS_IMAGE = "has_image"
+
+TEXT_VEC = "text_vec"
+IMAGE_VEC = "image_vec"
+TEXT_MODEL_ID = "text_model_id"
+IMAGE_MODEL_ID = "image_model_id"
+CONTENT_HASH = "content_hash"
+INDEXED_AT = "indexed_at"
+
+VECTOR_FIELDS = (TEXT_VEC, IMAGE_VEC)
+
+#: Text fields searched by BM25 and their default boosts (multi_match "best_fields").
+BM25_FIELDS: dict[str, float] = {
+    TITLE: 3.0,
+    CATEGORY: 1.5,
+    ATTRIBUTES: 1.0,
+    BRAND: 2.0,
+    DESCRIPTION: 0.5,
+}
+
+#: keyword fields usable in term filters
+KEYWORD_FIELDS = (ID, ARTICLE_TYPE, COLOUR, GENDER, USAGE, SEASON, TEXT_MODEL_ID, IMAGE_MODEL_ID, CONTENT_HASH)
+#: numeric fields usable in range filters
+NUMERIC_FIELDS = (PRICE, RATING, POPULARITY, YEAR)

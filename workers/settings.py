@@ -1,0 +1,145 @@
+"""Typed settings, read once at the process edge (env prefix ``FUSIONRANK_``). Library code takes arguments.
+
+Secrets (passwords, API keys, credentials inside URLs) are ``SecretStr`` or redacted by
+:meth:`Settings.redacted` before anything is printed or logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from indexing.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@")
+REDACTED = "**********"
+
+
+def redact_url(url: str | None) -> str | None:
+    """``redis://:secret@host`` -> ``redis://:**********@host`` (user names stay, passwords go)."""
+    if url is None:
+        return None
+    return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", url)
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "fusionrank"
+
+
+def default_shared_data() -> Path | None:
+    """``../shared/data`` beside the working directory or beside the repository, when it exists."""
+    for cand in (Path.cwd().parent / "shared" / "data", REPO_ROOT.parent / "shared" / "data"):
+        if cand.is_dir():
+            return cand.resolve()
+    return None
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one fusionrank process."""
+
+    model_config = SettingsConfigDict(env_prefix="FUSIONRANK_", extra="ignore", validate_default=True)
+
+    # search engine
+    engine: str = Field("local", description="search engine: local (embedded) | opensearch")
+    opensearch_url: str = "http://localhost:9200"
+    opensearch_user: str | None = None
+    opensearch_password: SecretStr | None = None
+    opensearch_verify_certs: bool = True
+    opensearch_ca_certs: Path | None = None
+    opensearch_timeout_s: float = 10.0
+    index_alias: str = "products"
+    mapping: str = "products-v1"
+    hnsw_engine: Literal["faiss", "lucene"] = "faiss"
+
+    # storage
+    data_dir: Path = Field(default_factory=default_data_dir)
+    shared_data: Path | None = Field(default_factory=default_shared_data, description="folder holding fashion/ and homedepot/")
+    sql_url: str | None = Field(None, description="SQLAlchemy URL of the history store; default: SQLite file in data_dir")
+
+    # workers
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str | None = None
+
+    # models
+    text_model: str = "minilm"
+    text_backend: Literal["torch", "onnx-int8"] = "torch"
+    image_model: str = "efficientnet_lite0"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # service
+    api_key: SecretStr | None = None
+    admin_api_key: SecretStr | None = None
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        from indexing.engines import ENGINES
+
+        if v not in ENGINES:
+            raise ValueError(f"unknown engine {v!r}; valid engines: {', '.join(ENGINES.names())}")
+        return v
+
+    @field_validator("index_alias")
+    @classmethod
+    def _alias_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,200}", v):
+            raise ValueError(f"index alias {v!r} must be lowercase letters, digits, '_', '.', '-'")
+        return v
+
+    @property
+    def effective_sql_url(self) -> str:
+        return self.sql_url or f"sqlite:///{self.data_dir / 'history.sqlite3'}"
+
+    @property
+    def effective_result_backend(self) -> str:
+        return self.result_backend or self.broker_url
+
+    @property
+    def fashion_dir(self) -> Path | None:
+        d = self.shared_data / "fashion" if self.shared_data else None
+        return d if d and d.is_dir() else None
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting, JSON-friendly, with secrets and URL passwords replaced by ``**********``."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            v = getattr(self, name)
+            if isinstance(v, SecretStr):
+                v = REDACTED if v.get_secret_value() else ""
+            elif isinstance(v, Path):
+                v = str(v)
+            elif isinstance(v, str) and "://" in v:
+                v = redact_url(v)
+            out[name] = v
+        out["effective_sql_url"] = redact_url(self.effective_sql_url)
+        return out
+
+    def opensearch_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``OpenSearchEngine`` (secrets unwrapped only here)."""
+        auth = None
+        if self.opensearch_user:
+            pw = self.opensearch_password.get_secret_value() if self.opensearch_password else ""
+            auth = (self.opensearch_user, pw)
+        return {
+            "url": self.opensearch_url,
+            "http_auth": auth,
+            "verify_certs": self.opensearch_verify_certs,
+            "ca_certs": str(self.opensearch_ca_certs) if self.opensearch_ca_certs else None,
+            "timeout_s": self.opensearch_timeout_s,
+        }
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment (plus explicit overrides); invalid values raise ConfigError."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"invalid settings: {msgs}") from None

@@ -70,10 +70,24 @@ def load_mapping(name: str = "products-v1", *, text_dim: int, image_dim: int, hn
     return body
 
 
+def properties(body: dict[str, Any]) -> dict[str, Any]:
+    """The field properties of a mapping in any of the shapes engines return it in:
+    an index body ``{"mappings": {"properties": ...}}``, a bare ``{"properties": ...}``, or OpenSearch's
+    ``GET /<index>/_mapping`` answer ``{"<index>": {"mappings": {"properties": ...}}}``."""
+    if "properties" in body:
+        return body["properties"]
+    if "mappings" in body:
+        return body["mappings"].get("properties", {})
+    if len(body) == 1:
+        (inner,) = body.values()
+        if isinstance(inner, dict):
+            return properties(inner)
+    return {}
+
+
 def vector_dims(body: dict[str, Any]) -> dict[str, int]:
-    """``{field: dimension}`` of every ``knn_vector`` field in a loaded mapping body."""
-    props = body.get("mappings", {}).get("properties", {})
-    return {f: int(s["dimension"]) for f, s in props.items() if s.get("type") == "knn_vector"}
+    """``{field: dimension}`` of every ``knn_vector`` field in a mapping (any shape :func:`properties` takes)."""
+    return {f: int(s["dimension"]) for f, s in properties(body).items() if s.get("type") == "knn_vector"}
 
 
 def copy_mapping(body: dict[str, Any]) -> dict[str, Any]:

@@ -1,14 +1,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from services import ensure  # noqa: E402
+from tests.services import ensure
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("FUSIONRANK_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     # workers
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str | None = None
+    broker_visibility_timeout_s: int = Field(3600, ge=1, description="Redis broker: seconds before an unacknowledged task is redelivered")
 
     # models
     text_model: str = "minilm"
@@ -96,10 +97,6 @@ class Settings(BaseSettings):
     @property
     def effective_sql_url(self) -> str:
         return self.sql_url or f"sqlite:///{self.data_dir / 'history.sqlite3'}"
-
-    @property
-    def effective_result_backend(self) -> str:
-        return self.result_backend or self.broker_url
 
     @property
     def fashion_dir(self) -> Path | None:

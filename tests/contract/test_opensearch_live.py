@@ -1,0 +1,79 @@
+"""OpenSearchEngine against a real cluster (tests marked ``opensearch``; skipped unless OPENSEARCH_URL is set).
+
+    docker compose up -d opensearch
+    OPENSEARCH_URL=http://localhost:9200 .venv/bin/python -m pytest -m opensearch
+
+The shared engine suite (tests/indexing/test_engine_suite.py) runs the behaviour both engines share; this file
+covers what only a real cluster can show: efficient knn filtering, server-side per-item rejections, atomic
+alias swaps, scroll.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+
+from indexing import fields as F
+from indexing.engines.base import BulkAction, Filters, Range
+from indexing.engines.opensearch import OpenSearchEngine
+from mappings import load_mapping
+
+pytestmark = [
+    pytest.mark.opensearch,
+    pytest.mark.skipif(not os.environ.get("OPENSEARCH_URL"), reason="OPENSEARCH_URL is not set (docker compose up -d opensearch)"),
+]
+DIM = 8
+COLOURS = ("Red", "Blue", "Black", "White", "Green")
+
+
+@pytest.fixture
+def live():
+    eng = OpenSearchEngine(
+        os.environ["OPENSEARCH_URL"],
+        verify_certs=os.environ.get("OPENSEARCH_VERIFY_CERTS", "true").lower() != "false",
+        ca_certs=os.environ.get("OPENSEARCH_CA_CERTS") or None,
+        bulk_initial_backoff_s=0.2,
+    )
+    prefix = f"fusionrank-test-{uuid.uuid4().hex[:8]}-"
+    yield eng, prefix
+    for name in eng.list_indices(prefix):
+        eng.delete_index(name)
+    eng.close()
+
+
+def _doc(i: int) -> dict:
+    rng = np.random.default_rng(i)
+    v = rng.standard_normal(DIM).astype(np.float32)
+    return {F.ID: str(i), F.TITLE: f"{COLOURS[i % 5].lower()} cotton shirt {i}", F.COLOUR: COLOURS[i % 5], F.PRICE: float(i),
+            F.TEXT_VEC: v / np.linalg.norm(v), F.IMAGE_VEC: np.roll(v, 1) / np.linalg.norm(v)}
+
+
+def test_lifecycle_search_and_alias_swap_on_a_real_cluster(live):
+    eng, prefix = live
+    v1, v2, alias = prefix + "v1", prefix + "v2", prefix + "alias"
+    eng.create_index(v1, load_mapping(text_dim=DIM, image_dim=DIM))
+    assert eng.swap_alias(alias, v1) == []
+    bad = BulkAction.index("bad", {F.ID: "bad", F.PRICE: "cheap"})
+    summary = eng.bulk(alias, [BulkAction.index(str(i), _doc(i)) for i in range(50)] + [bad], chunk_size=16)
+    assert summary.succeeded == 50 and [(f.id, f.status) for f in summary.failed] == [("bad", 400)]
+    assert "mapper_parsing_exception" in summary.failed[0].error
+    assert eng.count(alias) == 50
+
+    red = Filters(terms={F.COLOUR: "Red"}, ranges={F.PRICE: Range(lte=40)})
+    hits = eng.knn_search(alias, F.TEXT_VEC, _doc(7)[F.TEXT_VEC], k=20, filters=red, source=[F.COLOUR, F.PRICE])
+    assert len(hits) == 9  # efficient filtering: every red item priced <= 40 (0, 5, ..., 40), not k minus the filtered-out
+    assert all(h.source[F.COLOUR] == "Red" and h.source[F.PRICE] <= 40 for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert eng.knn_search(alias, F.TEXT_VEC, _doc(7)[F.TEXT_VEC], k=1)[0].id == "7"
+
+    bm25 = eng.bm25_search(alias, "red shirt", size=100, filters=Filters(ranges={F.PRICE: Range(gte=10)}))
+    assert bm25 and {h.id for h in bm25[:8]} <= {str(i) for i in range(10, 50, 5)}
+    assert set(eng.get(alias, ["3", "nope"], fields=[F.TITLE])) == {"3"}
+    assert sorted(d[F.ID] for d in eng.iter_documents(alias, batch_size=7)) == sorted(str(i) for i in range(50))
+
+    eng.create_index(v2, load_mapping(text_dim=DIM, image_dim=DIM))
+    assert eng.swap_alias(alias, v2) == [v1] and eng.get_alias(alias) == [v2] and eng.count(alias) == 0
+    assert eng.list_indices(prefix) == [v1, v2]

@@ -1,0 +1,1 @@
+"""fusionrank.rerank: retrieval, features, fusion model, user history store, training, evaluation, rerank API and service."""

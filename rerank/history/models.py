@@ -1,0 +1,100 @@
+"""SQLAlchemy 2 typed ORM models of the user-history store: ``users`` and ``events``.
+
+The schema itself is owned by the Alembic migrations in ``rerank/history/migrations``; these models
+describe it for queries (a test checks that the migrated schema and the models agree).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Index, MetaData, String, Text, func
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+#: The event types, in increasing order of intent.
+EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
+
+#: Longest accepted ``user_id`` / ``product_id`` / ``session_id`` (characters).
+MAX_ID_LEN = 128
+#: Longest accepted ``event_id`` (a derived id is 32 hex characters).
+MAX_EVENT_ID_LEN = 64
+#: Longest accepted search ``query`` text attached to an event.
+MAX_QUERY_LEN = 2000
+
+#: Name of Alembic's version table (its own name, so it cannot clash with a shop's own Alembic history).
+VERSION_TABLE = "fusionrank_history_version"
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every dialect.
+
+    PostgreSQL stores ``timestamptz``; SQLite has no time zones, so the value is stored as naive UTC
+    and comes back with ``tzinfo=UTC``. Naive datetimes are refused on the way in (they are ambiguous).
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: history timestamps must be timezone-aware (UTC)")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class User(Base):
+    """A user seen in the event stream (created on their first event)."""
+
+    __tablename__ = "users"
+
+    user_id: Mapped[str] = mapped_column(String(MAX_ID_LEN), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+
+
+class Event(Base):
+    """One interaction of a user with a product.
+
+    ``event_id`` is the idempotency key: the id given by the producer, or, when the producer gives none,
+    a deterministic id derived from the natural key (see :func:`rerank.history.ingest.derive_event_id`).
+    """
+
+    __tablename__ = "events"
+    __table_args__ = (
+        CheckConstraint("type IN (" + ", ".join(f"'{t}'" for t in EVENT_TYPES) + ")", name="type"),
+        # "last K events of a user": an index range scan, newest first, no sort.
+        Index("ix_events_user_id_ts", "user_id", "ts"),
+    )
+
+    event_id: Mapped[str] = mapped_column(String(MAX_EVENT_ID_LEN), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(MAX_ID_LEN), ForeignKey("users.user_id", ondelete="CASCADE"))
+    product_id: Mapped[str] = mapped_column(String(MAX_ID_LEN))
+    type: Mapped[str] = mapped_column(String(16))
+    ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    session_id: Mapped[str | None] = mapped_column(String(MAX_ID_LEN), nullable=True)
+    query: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ingested_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+

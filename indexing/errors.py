@@ -76,3 +76,8 @@ class NotMigratedError(HistoryError):
 
 class ModelArtifactError(FusionRankError):
     """A model artifact is missing, corrupt, or incompatible with the index mapping."""
+
+
+class ImageError(EncoderError):
+    """One product image cannot be used: missing, outside the images root, unreachable, not an image,
+    corrupt or truncated, too large (bytes) or a decompression bomb (pixels). Per-item: the job goes on."""

@@ -1,0 +1,206 @@
+"""Product images: resolve a catalog reference safely, read its bytes with limits, decode it fully.
+
+A reference is either a path (relative to an images root, or absolute but inside it) or an
+``http``/``https`` URL. Every failure raises :class:`~indexing.errors.ImageError` with a message that
+names the cause, so that the bulk pipeline records it against the product and goes on:
+
+- ``image not found``: the file does not exist;
+- ``outside the images root``: ``../../etc/passwd``, an absolute path elsewhere, or a symlink that
+  leads out of the root;
+- ``unreachable``: a URL that cannot be fetched (no retries: a dead host must not stall a batch);
+- ``too large``: more bytes than ``max_bytes``;
+- ``decompression bomb``: more pixels than ``max_pixels`` (checked from the header, before decoding);
+- ``not an image`` / ``corrupt or truncated``: the bytes do not decode completely.
+
+With ``images_root=None`` the current directory is the root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import socket
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from indexing.errors import ImageError
+
+log = logging.getLogger(__name__)
+
+#: default pixel limit (width x height), checked from the image header before any decoding
+DEFAULT_MAX_PIXELS = 40_000_000
+#: default size limit of an image file or download, in bytes
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+#: default timeout of one URL fetch, in seconds (no retries)
+DEFAULT_URL_TIMEOUT_S = 5.0
+URL_SCHEMES = ("http", "https")
+
+
+def is_url(ref: str) -> bool:
+    """True for references with a URL scheme (``http://...``); Windows drive letters are not schemes."""
+    scheme = urlsplit(ref).scheme
+    return len(scheme) > 1
+
+
+def _root(images_root: Path | str | None) -> Path:
+    return Path(os.path.abspath(images_root if images_root is not None else os.getcwd()))
+
+
+def _lexical_target(ref: str, images_root: Path | str | None) -> tuple[Path, Path]:
+    """``(root, target)`` without touching the disk: both absolute and normalized (``..`` folded)."""
+    if not ref or not ref.strip():
+        raise ImageError("empty image reference")
+    if "\x00" in ref:
+        raise ImageError(f"image path {ref!r} contains a NUL byte")
+    root = _root(images_root)
+    target = Path(os.path.normpath(os.path.join(root, ref)))  # join keeps an absolute ref as is
+    if not target.is_relative_to(root):
+        raise ImageError(f"image path {ref!r} is outside the images root {str(root)!r}; refused")
+    if target == root:
+        raise ImageError(f"image path {ref!r} names the images root itself, not a file")
+    return root, target
+
+
+def check_image_ref(ref: str, images_root: Path | str | None) -> None:
+    """Validate the *form* of a reference without any I/O (used by the catalog reader).
+
+    Refuses URL schemes other than http/https and paths that leave the images root lexically
+    (``..``, absolute paths elsewhere). Symlinks are checked later, when the file is opened.
+    """
+    if is_url(ref):
+        parts = urlsplit(ref)
+        if parts.scheme.lower() not in URL_SCHEMES:
+            raise ImageError(f"image URL {ref!r} has unsupported scheme {parts.scheme!r}; allowed: {', '.join(URL_SCHEMES)}")
+        if not parts.netloc:
+            raise ImageError(f"image URL {ref!r} has no host")
+        return
+    _lexical_target(ref, images_root)
+
+
+def resolve_image_path(ref: str, images_root: Path | str | None) -> Path:
+    """The real file a path reference points at, refused when it (or a symlink on the way) leaves the root."""
+    root, target = _lexical_target(ref, images_root)
+    real_root = root.resolve()
+    real = target.resolve()
+    if not real.is_relative_to(real_root):
+        raise ImageError(f"image path {ref!r} leads outside the images root {str(root)!r} (symlink); refused")
+    if not real.exists():
+        raise ImageError(f"image not found: {ref!r} (looked for {str(target)!r})")
+    if not real.is_file():
+        raise ImageError(f"image path {ref!r} is not a regular file")
+    return real
+
+
+def _fetch_url(ref: str, max_bytes: int, timeout_s: float) -> bytes:
+    check_image_ref(ref, None)
+    req = urllib.request.Request(ref, headers={"User-Agent": "fusionrank-indexer"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 (scheme checked above)
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise ImageError(f"image URL {ref!r} is too large: {int(length)} bytes (limit {max_bytes})")
+            data = resp.read(max_bytes + 1)
+    except ImageError:
+        raise
+    except urllib.error.HTTPError as e:
+        raise ImageError(f"image URL {ref!r} is unreachable: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise ImageError(f"image URL {ref!r} is unreachable: {e.reason}") from None
+    except (socket.timeout, TimeoutError):
+        raise ImageError(f"image URL {ref!r} is unreachable: timed out after {timeout_s:g} s") from None
+    except (OSError, ValueError) as e:
+        raise ImageError(f"image URL {ref!r} is unreachable: {e}") from None
+    if len(data) > max_bytes:
+        raise ImageError(f"image URL {ref!r} is too large: more than {max_bytes} bytes")
+    return data
+
+
+def fetch_image_bytes(
+    ref: str,
+    images_root: Path | str | None,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout_s: float = DEFAULT_URL_TIMEOUT_S,
+) -> bytes:
+    """The raw bytes of an image reference (file or URL), within ``max_bytes``."""
+    if is_url(ref):
+        return _fetch_url(ref, max_bytes, timeout_s)
+    path = resolve_image_path(ref, images_root)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ImageError(f"image {ref!r} is too large: {size} bytes (limit {max_bytes})")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ImageError(f"image {ref!r} cannot be read: {e.strerror or e}") from None
+    if len(data) > max_bytes:  # the file grew under us
+        raise ImageError(f"image {ref!r} is too large: more than {max_bytes} bytes")
+    return data
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image"):
+    """Decode image bytes completely into an RGB ``PIL.Image`` (alpha composited on white, EXIF rotation applied)."""
+    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ImageError(f"{source} is not an image: the file is empty")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone flipped PIL's global switch; truncated files would pass silently
+        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; truncated images cannot be detected")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise ImageError(f"{source} is corrupt: size {w}x{h}")
+            if w * h > max_pixels:
+                raise ImageError(f"{source} refused as a decompression bomb: {w}x{h} = {w * h} pixels (limit {max_pixels})")
+            img.load()  # force the full decode: truncated or corrupt data fails here, not later in the encoder
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{source} refused as a decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{source} is not an image (unrecognized format, {len(data)} bytes)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"{source} is corrupt or truncated: {e}") from None
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except Exception as e:  # a malformed EXIF block must not fail the image
+        log.debug("%s: EXIF orientation ignored (%s)", source, e)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_image(
+    ref: str,
+    images_root: Path | str | None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout_s: float = DEFAULT_URL_TIMEOUT_S,
+):
+    """Read and fully decode the image ``ref`` (path under ``images_root`` or URL) -> RGB ``PIL.Image``."""
+    data = fetch_image_bytes(ref, images_root, max_bytes=max_bytes, timeout_s=timeout_s)
+    return decode_image(data, max_pixels=max_pixels, source=f"image {ref!r}")
+
+
+def image_digest(
+    ref: str,
+    images_root: Path | str | None,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout_s: float = DEFAULT_URL_TIMEOUT_S,
+) -> str:
+    """sha256 (hex) of the image's bytes, for content hashing (no decoding)."""
+    return hashlib.sha256(fetch_image_bytes(ref, images_root, max_bytes=max_bytes, timeout_s=timeout_s)).hexdigest()

@@ -61,6 +61,33 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         if d["errors_truncated"]:
             typer.echo(f"  ... and {d['errors_truncated']} more (use --json for the first 100)")
 
+    @bench.command("index")
+    def bench_index_cmd(
+        limit: int = typer.Option(2000, "--limit", min=1, help="Products (with photos) to index."),
+        catalog: Optional[Path] = typer.Option(None, "--catalog", help="Default: <shared data>/fashion/bench/catalog.csv."),
+        images_root: Optional[Path] = typer.Option(None, "--images-root", help="Default: <shared data>/fashion."),
+        batch_size: int = typer.Option(256, "--batch-size", min=1),
+        via: str = typer.Option("inline", "--via", help="inline | celery (needs a running `fusionrank worker`)."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ) -> None:
+        """Indexing throughput: text/image encoders alone vs the whole pipeline on the same products."""
+        from indexing.errors import ConfigError
+        from workers.bench_index import run_index_bench
+        from workers.settings import load_settings
+
+        settings = load_settings()
+        fashion = settings.fashion_dir
+        if catalog is None and fashion is None:
+            raise ConfigError("no fashion data found: pass --catalog and --images-root or set FUSIONRANK_SHARED_DATA")
+        cat = catalog or fashion / "bench" / "catalog.csv"
+        root = images_root or (fashion if catalog is None else cat.parent)
+        out = run_index_bench(settings, catalog=cat, images_root=root, limit=limit, batch_size=batch_size, via=via)
+        if as_json:
+            typer.echo(json.dumps(out))
+        else:
+            for k, v in out.items():
+                typer.echo(f"{k:>24}  {v}")
+
     @app.command("worker")
     def worker_cmd(
         queues: str = typer.Option("embed,index,admin", "--queues", "-Q", help="Comma-separated queues to consume."),

@@ -22,6 +22,7 @@ ROUTES: dict[str, dict[str, str]] = {
     "fusionrank.index_batch": {"queue": "embed"},
     "fusionrank.refresh_index": {"queue": "index"},
     "fusionrank.reindex.*": {"queue": "admin"},
+    "fusionrank.reindex_fill_batch": {"queue": "embed"},
 }
 
 #: Transient errors only: retried with exponential backoff and jitter, a bounded number of times.
@@ -30,7 +31,7 @@ RETRY = {"autoretry_for": TRANSIENT_ERRORS, "retry_backoff": 2, "retry_backoff_m
 
 
 def create_app(settings: Settings) -> Celery:
-    app = Celery("fusionrank", broker=settings.broker_url, backend=_result_backend(settings), include=["workers.tasks"])
+    app = Celery("fusionrank", broker=settings.broker_url, backend=_result_backend(settings), include=["workers.tasks", "workers.reindex_tasks"])
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -98,3 +98,7 @@ class Event(Base):
     query: Mapped[str | None] = mapped_column(Text, nullable=True)
     ingested_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
 
+
+
+# the reindex job records share this metadata (migration 0003); imported last, it needs Base above
+from rerank.history import jobs_models as _jobs_models  # noqa: E402,F401

@@ -1,0 +1,415 @@
+"""The evaluation harness: one catalog + queries + graded qrels -> every system on the same queries.
+
+Steps of :func:`evaluate`:
+
+1. Read queries and qrels (:mod:`rerank.evaluation.data`), map grades to gains (``--gain``).
+2. Index the catalog once per (catalog content, images root, text and image model ids, mapping) into
+   a LocalEngine under ``<data_dir>/eval-cache/<key>/`` (the indexing job itself is injected by the
+   caller, so ``rerank`` never imports ``workers``; the CLI passes ``workers.jobs.run_index_job``).
+   A finished index is marked by ``index.json``; later runs reuse it.
+3. Choose the evaluated queries: with ``train_queries``/``train_qrels`` all of ``queries``; otherwise
+   the seeded split written to the data dir (:mod:`rerank.evaluation.splits`), ``split`` (default
+   ``test``). Queries without any positive gain are left out (NDCG is undefined for them) and counted.
+4. Run the first stage once per query (BM25, kNN text, kNN image when it applies). ``rerank`` mode
+   restricts every list to the query's judged products (a product-id term filter); ``retrieve`` mode
+   searches the whole catalog (``per_list`` = ``top_n`` hits per list).
+5. Run each system (:mod:`rerank.evaluation.systems`), score its runs (:mod:`rerank.metrics`), average.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from indexing import fields as F
+from indexing.engines.base import Filters, SearchEngine
+from indexing.errors import ConfigError
+from rerank.evaluation.data import Qrels, Query, file_sha256, read_event_users, read_qrels, read_queries
+from rerank.evaluation.splits import DEFAULT_SEED, assign, load_or_create_splits
+from rerank.evaluation.systems import DEFAULT_SYSTEMS, SYSTEMS, EvalContext, EvalItem, NotApplicable, candidates_for_pool
+from rerank.metrics import GAIN_DESCRIPTIONS, MetricSpec, gain_mapping, has_positive_gain, map_gains, mean_metrics, query_metrics
+from rerank.retrieval import LISTS, FirstStage, RetrievalConfig, Retriever, fuse_first_stage
+
+log = logging.getLogger(__name__)
+
+MODES = ("rerank", "retrieve")
+EVAL_ALIAS = "eval"
+#: the most judged products of one query the rerank mode filters on (the engines' size limit)
+MAX_POOL = 10_000
+
+#: indexer(engine, job) -> summary with ``to_dict()`` (``workers.jobs.run_index_job`` bound to settings)
+Indexer = Callable[[SearchEngine, Any], Any]
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    catalog: Path
+    queries: Path
+    qrels: Path
+    gain: str
+    mode: str = "rerank"
+    systems: tuple[str, ...] = DEFAULT_SYSTEMS
+    split: str = "test"
+    events: Path | None = None
+    images_root: Path | None = None
+    train_queries: Path | None = None
+    train_qrels: Path | None = None
+    train_events: Path | None = None
+    train_catalog: Path | None = None
+    train_images_root: Path | None = None
+    model_dirs: Mapping[str, Path] = field(default_factory=dict)
+    limit_queries: int | None = None
+    top_n: int = 200
+    rerank_depth: int = 100
+    seed: int = DEFAULT_SEED
+    dataset: str | None = None
+    text_model: str = "minilm"
+    text_backend: str = "torch"
+    image_model: str = "efficientnet_lite0"
+    device: str = "auto"
+    mapping: str = "products-v1"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    progress: bool = False
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown mode {self.mode!r}; valid modes: {', '.join(MODES)}")
+        gain_mapping(self.gain)  # UnknownNameError lists the mappings
+        for s in self.systems:
+            SYSTEMS.get(s)
+        if not self.systems:
+            raise ConfigError("no systems to evaluate")
+        if (self.train_queries is None) != (self.train_qrels is None):
+            raise ConfigError("--train-queries and --train-qrels go together")
+        if self.limit_queries is not None and self.limit_queries < 1:
+            raise ConfigError(f"--limit-queries must be >= 1, got {self.limit_queries}")
+        for name, p in (("catalog", self.catalog), ("queries", self.queries), ("qrels", self.qrels)):
+            if not Path(p).is_file():
+                raise ConfigError(f"--{name} file not found: {p}")
+
+
+@dataclass(frozen=True)
+class SystemResult:
+    name: str
+    metrics: Mapping[str, float]
+    runs: int
+    seconds: float
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    dataset: str
+    mode: str
+    queries: int
+    split: str
+    gain: str
+    systems: Mapping[str, SystemResult]
+    skipped: Mapping[str, str]
+    info: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "mode": self.mode,
+            "queries": self.queries,
+            "split": self.split,
+            "gain": self.gain,
+            "gain_mapping": GAIN_DESCRIPTIONS.get(self.gain, self.gain),
+            "systems": {
+                n: {**{k: round(v, 6) for k, v in r.metrics.items()}, "runs": r.runs, "seconds": round(r.seconds, 2), **({"note": r.note} if r.note else {})}
+                for n, r in self.systems.items()
+            },
+            "skipped_systems": dict(self.skipped),
+            **dict(self.info),
+        }
+
+
+# --------------------------------------------------------------------------- the cached index
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CachedIndex:
+    engine: SearchEngine
+    alias: str
+    key: str
+    path: Path
+    summary: Mapping[str, Any]
+
+
+def index_key(catalog: Path, images_root: Path | None, *, text_model: str, text_backend: str, image_model: str, mapping: str) -> str:
+    from indexing.encoders import image_encoder_info, text_encoder_info
+
+    return _key(
+        file_sha256(catalog),
+        str(Path(images_root).resolve()) if images_root else None,
+        text_encoder_info(text_model, backend=text_backend).model_id,
+        image_encoder_info(image_model).model_id,
+        mapping,
+    )
+
+
+def cached_index(
+    catalog: Path,
+    images_root: Path | None,
+    *,
+    data_dir: Path,
+    indexer: Indexer,
+    text_model: str = "minilm",
+    text_backend: str = "torch",
+    image_model: str = "efficientnet_lite0",
+    device: str = "auto",
+    mapping: str = "products-v1",
+) -> CachedIndex:
+    """The LocalEngine index of ``catalog`` for these models, built on first use and reused after."""
+    from indexing.engines import create_engine
+    from indexing.pipeline import IndexJob
+
+    key = index_key(catalog, images_root, text_model=text_model, text_backend=text_backend, image_model=image_model, mapping=mapping)
+    d = Path(data_dir) / "eval-cache" / key
+    d.mkdir(parents=True, exist_ok=True)
+    engine = create_engine("local", path=d / "engine")
+    marker = d / "index.json"
+    if marker.is_file():
+        summary = json.loads(marker.read_text())
+        log.info("using the cached evaluation index %s (%s docs)", d, summary.get("indexed"))
+        return CachedIndex(engine, EVAL_ALIAS, key, d, summary)
+    job = IndexJob(
+        catalog=str(Path(catalog).resolve()),
+        index=EVAL_ALIAS,
+        images_root=str(Path(images_root).resolve()) if images_root else None,
+        text_model=text_model,
+        text_backend=text_backend,
+        image_model=image_model,
+        device=device,
+    )
+    log.info("indexing %s into the evaluation cache %s (once per catalog and model ids)", catalog, d)
+    result = indexer(engine, job)
+    summary = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    summary = {**summary, "catalog": str(catalog), "images_root": str(images_root) if images_root else None}
+    marker.write_text(json.dumps(summary, indent=1, default=str))
+    return CachedIndex(engine, EVAL_ALIAS, key, d, summary)
+
+
+# --------------------------------------------------------------------------- helpers
+def dataset_name(queries: Path) -> str:
+    """``homedepot`` / ``fashion/bench/dev``: the queries' folder below a ``data`` folder, else its name."""
+    parts = Path(queries).resolve().parent.parts
+    if "data" in parts:
+        i = len(parts) - 1 - parts[::-1].index("data")
+        rest = parts[i + 1 :]
+        if rest:
+            return "/".join(rest)
+    return Path(queries).resolve().parent.name
+
+
+def _gains(qrels: Qrels, qid: str, gain: str) -> dict[str, float]:
+    return map_gains(qrels.for_query(qid), gain)
+
+
+def _eval_queries(queries: Sequence[Query], qrels: Qrels, gain: str) -> tuple[list[Query], int]:
+    keep = [q for q in queries if has_positive_gain(_gains(qrels, q.id, gain))]
+    return keep, len(queries) - len(keep)
+
+
+def build_items(
+    retriever: Retriever,
+    queries: Sequence[Query],
+    qrels: Qrels,
+    *,
+    gain: str,
+    mode: str,
+    top_n: int,
+    progress: bool = False,
+    desc: str = "first stage",
+) -> tuple[list[EvalItem], list[tuple[str, str]]]:
+    """First stage for every query (queries encoded in one batch), pools and pool candidates.
+
+    A query whose search fails (an engine error) is recorded as ``(query_id, reason)`` and kept with
+    empty lists, so every system still ranks its pool (rerank mode) and the run goes on."""
+    from tqdm import tqdm
+
+    from indexing.errors import FusionRankError
+
+    errors: list[tuple[str, str]] = []
+    if not queries:
+        return [], errors
+    vecs = retriever.encode_queries([q.text for q in queries]) if retriever.text_encoder is not None else None
+    out = []
+    for i, q in enumerate(tqdm(queries, desc=desc, unit="query", disable=not progress, file=sys.stderr)):
+        gains = _gains(qrels, q.id, gain)
+        qv = vecs[i] if vecs is not None else None
+        judged = sorted(gains)[:MAX_POOL]
+        try:
+            if mode == "rerank":
+                filters = Filters(terms={F.ID: judged})
+                stage = retriever.first_stage(q.text, query_vector=qv, filters=filters, per_list=len(judged), user_id=q.user_id)
+            else:
+                stage = retriever.first_stage(q.text, query_vector=qv, per_list=top_n, user_id=q.user_id)
+        except FusionRankError as e:
+            log.warning("query %s: first stage failed: %s", q.id, e)
+            errors.append((q.id, str(e)))
+            stage = FirstStage(q.text, {}, {name: f"search failed: {e}" for name in LISTS}, q.user_id)
+        if mode == "rerank":
+            pool = tuple(judged)
+        else:
+            pool = tuple(fuse_first_stage(stage, method="rrf", lists=LISTS, top_n=top_n).ids)
+        out.append(EvalItem(q.id, q.text, q.user_id, gains, stage, pool, candidates_for_pool(stage, pool)))
+    return out, errors
+
+
+def score_runs(runs: Sequence[Mapping[str, Sequence[str]]], items: Sequence[EvalItem], spec: MetricSpec) -> dict[str, float]:
+    """Mean over runs of the mean over queries (a query a run left out scores 0)."""
+    per_run = []
+    for run in runs:
+        per_run.append(mean_metrics(query_metrics(run.get(it.query_id, []), it.gains, spec) for it in items))
+    return mean_metrics(per_run)
+
+
+# --------------------------------------------------------------------------- the harness
+def evaluate(
+    req: EvalRequest,
+    *,
+    data_dir: Path,
+    indexer: Indexer,
+    query_to_image_space: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> EvalReport:
+    """Evaluate every system of ``req`` on the same queries; see the module doc for the protocol."""
+    req.check()
+    t0 = time.perf_counter()
+    data_dir = Path(data_dir)
+    spec = MetricSpec()
+    qs = read_queries(req.queries)
+    qrels = read_qrels(req.qrels)
+    dataset = req.dataset or dataset_name(req.queries)
+    info: dict[str, Any] = {"relevance_threshold": spec.threshold, "seed": req.seed}
+    if qs.errors or qrels.errors:
+        info["input_errors"] = [f"{e.path}:{e.line}: {e.reason}" for e in (qs.errors + qrels.errors)[:20]]
+    if req.events is not None:
+        ev = read_event_users(req.events)
+        info["events"] = {"users": len(ev.products_by_user), "events": ev.events}
+
+    trainable = [s for s in req.systems if SYSTEMS.get(s).trainable]
+    split_name = req.split
+    train_q: list[Query] = []
+    valid_q: list[Query] = []
+    train_qrels = qrels
+    if req.train_queries is not None:
+        split_name = "all"
+        eval_pool = list(qs.queries)
+        tq = read_queries(req.train_queries)
+        train_qrels = read_qrels(req.train_qrels)  # type: ignore[arg-type]
+        inner = assign(tq.queries, seed=req.seed, fractions=(0.9, 0.1, 0.0))
+        train_q = [q for q in tq.queries if inner[q.id] == "train"]
+        valid_q = [q for q in tq.queries if inner[q.id] == "validation"]
+        if Path(req.train_queries).resolve() == Path(req.queries).resolve():
+            raise ConfigError("--train-queries is the evaluated --queries file: evaluate on queries the models never saw")
+        info["train"] = {"queries": str(req.train_queries), "train": len(train_q), "validation": len(valid_q)}
+        if req.train_events is not None:  # read for validation; the baselines use no history (the fusion models will)
+            tev = read_event_users(req.train_events)
+            info["train"]["events"] = {"users": len(tev.products_by_user), "events": tev.events}
+    else:
+        splits = load_or_create_splits(qs.queries, data_dir, name=dataset, seed=req.seed)
+        wanted = splits.get(req.split)
+        eval_pool = [q for q in qs.queries if q.id in wanted]
+        if trainable and req.split in ("train", "validation", "all"):
+            log.warning("evaluating trainable systems on the %r split, which overlaps their training data", req.split)
+        train_q = [q for q in qs.queries if q.id in splits.train]
+        valid_q = [q for q in qs.queries if q.id in splits.validation]
+        info["splits_file"] = splits.path
+        info["split_sizes"] = {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)}
+
+    eval_q, no_rel = _eval_queries(eval_pool, qrels, req.gain)
+    if req.limit_queries is not None:
+        eval_q = sorted(eval_q, key=lambda q: hashlib.sha256(f"{req.seed}:{q.id}".encode()).hexdigest())[: req.limit_queries]
+        eval_q.sort(key=lambda q: q.id)
+    info["queries_without_positive_gain"] = no_rel
+    if not eval_q:
+        raise ConfigError(f"no query of the {split_name!r} split has a judged product with a positive gain under --gain {req.gain}")
+
+    # the index and the retriever
+    from indexing.encoders import get_image_encoder, get_text_encoder
+
+    common = dict(text_model=req.text_model, text_backend=req.text_backend, image_model=req.image_model, device=req.device, mapping=req.mapping)
+    idx = cached_index(req.catalog, req.images_root, data_dir=data_dir, indexer=indexer, **common)
+    info["index"] = {"key": idx.key, "path": str(idx.path), "docs": idx.engine.count(idx.alias), "indexed_failed": idx.summary.get("failed")}
+    text_enc = get_text_encoder(req.text_model, backend=req.text_backend, device=req.device)
+    cfg = RetrievalConfig(top_n=req.top_n, per_list=req.top_n)
+    retriever = Retriever(idx.engine, idx.alias, text_encoder=text_enc, query_to_image_space=query_to_image_space, config=cfg)
+    items, failed = build_items(retriever, eval_q, qrels, gain=req.gain, mode=req.mode, top_n=req.top_n, progress=req.progress)
+    if failed:
+        info["first_stage_errors"] = [{"query_id": q, "reason": r} for q, r in failed[:50]]
+        info["first_stage_failed_queries"] = len(failed)
+
+    fetch = lambda ids: idx.engine.get(idx.alias, list(ids), fields=[F.TITLE, F.BRAND, F.CATEGORY, F.ATTRIBUTES])  # noqa: E731
+    ctx = EvalContext(
+        mode=req.mode,
+        items=items,
+        fetch_sources=fetch,
+        train_fetch_sources=fetch,
+        cache_dir=data_dir / "eval-models",
+        model_dirs={k: Path(v) for k, v in req.model_dirs.items()},
+        seed=req.seed,
+        rerank_depth=req.rerank_depth,
+        device=req.device,
+        progress=req.progress,
+        options={"top_n": req.top_n, **dict(req.options)},
+    )
+    if trainable:
+        t_retriever, t_idx = retriever, idx
+        if req.train_catalog is not None and Path(req.train_catalog).resolve() != Path(req.catalog).resolve():
+            t_idx = cached_index(req.train_catalog, req.train_images_root, data_dir=data_dir, indexer=indexer, **common)
+            t_retriever = Retriever(t_idx.engine, t_idx.alias, text_encoder=text_enc, query_to_image_space=query_to_image_space, config=cfg)
+            ctx.train_fetch_sources = lambda ids: t_idx.engine.get(t_idx.alias, list(ids), fields=[F.TITLE, F.BRAND, F.CATEGORY, F.ATTRIBUTES])
+        tq_keep, _ = _eval_queries(train_q, train_qrels, req.gain)
+        vq_keep, _ = _eval_queries(valid_q, train_qrels, req.gain)
+        ctx.train_items, _ = build_items(t_retriever, tq_keep, train_qrels, gain=req.gain, mode=req.mode, top_n=req.top_n, progress=req.progress, desc="first stage (training)")
+        ctx.valid_items, _ = build_items(t_retriever, vq_keep, train_qrels, gain=req.gain, mode=req.mode, top_n=req.top_n, progress=req.progress, desc="first stage (validation)")
+        ctx.train_key = _key(
+            t_idx.key,
+            req.mode,
+            req.gain,
+            req.top_n,
+            sorted(q.id for q in tq_keep),
+            sorted(q.id for q in vq_keep),
+            file_sha256(req.train_qrels or req.qrels),
+            file_sha256(req.train_queries or req.queries),
+        )
+        info["training"] = {"queries": len(ctx.train_items), "validation_queries": len(ctx.valid_items)}
+
+    results: dict[str, SystemResult] = {}
+    skipped: dict[str, str] = {}
+    for name in req.systems:
+        ts = time.perf_counter()
+        system = SYSTEMS.create(name)
+        try:
+            runs = system.runs(ctx)
+        except NotApplicable as e:
+            skipped[name] = str(e)
+            log.warning("system %s skipped: %s", name, e)
+            continue
+        m = score_runs(runs, items, spec)
+        results[name] = SystemResult(name, m, len(runs), time.perf_counter() - ts, ctx.notes.get(name))
+        log.info("%s: %s", name, {k: round(v, 4) for k, v in m.items()})
+    if req.mode == "rerank":
+        info["note"] = ("rerank mode: each system reorders the judged products of a query (judged@10 is 1 whenever a query has 10 "
+                        "or more; recall@100 is 1 unless a query has over 100 judged products)")
+    else:
+        info["note"] = (f"retrieve mode: single lists and hybrids rank the whole catalog (top {req.top_n}); random, lambdamart "
+                        f"and cross_encoder reorder the hybrid_rrf top {req.top_n} (cross_encoder its first {req.rerank_depth}); "
+                        "unjudged products count as irrelevant, judged@10 says how many of the top 10 were judged")
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    return EvalReport(dataset, req.mode, len(items), split_name, req.gain, results, skipped, info)
+
+
+__all__ = ["CachedIndex", "EvalReport", "EvalRequest", "MODES", "SystemResult", "build_items", "cached_index", "dataset_name", "evaluate", "index_key", "score_runs"]

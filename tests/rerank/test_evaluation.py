@@ -1,0 +1,249 @@
+"""Evaluation: readers, splits, and (further down) the harness on a small slice of real data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from indexing.errors import CatalogError, ConfigError
+from rerank.evaluation.data import Query, read_event_users, read_qrels, read_queries
+from rerank.evaluation.splits import assign, group_of, load_or_create_splits
+
+
+# ------------------------------------------------------------------ readers
+def test_read_queries_records_bad_lines(tmp_path):
+    p = tmp_path / "q.tsv"
+    p.write_text("query_id\tquery\tuser_id\nq1\tred shoes\t\nq2\tbag\tu7\nq1\tdup\t\n\tno id\t\nq3\t\t\n")
+    qs = read_queries(p)
+    assert [(q.id, q.text, q.user_id) for q in qs.queries] == [("q1", "red shoes", None), ("q2", "bag", "u7")]
+    reasons = [(e.line, e.reason) for e in qs.errors]
+    assert reasons == [(4, "duplicate query_id 'q1'"), (5, "empty query_id"), (6, "query 'q3' has an empty text")]
+
+
+def test_read_queries_bad_files(tmp_path):
+    with pytest.raises(CatalogError, match="not found"):
+        read_queries(tmp_path / "nope.tsv")
+    p = tmp_path / "q.tsv"
+    p.write_text("id\ttext\n")
+    with pytest.raises(CatalogError, match="query_id and query"):
+        read_queries(p)
+
+
+def test_read_qrels_int_and_float_grades(tmp_path):
+    p = tmp_path / "r.tsv"
+    p.write_text("q1 0 a 2\nq1 0 b 1.67\nq2 0 a 3\nbroken line\nq2 0 c x\nq2 0 d nan\n")
+    r = read_qrels(p)
+    assert r.grades == {"q1": {"a": 2.0, "b": 1.67}, "q2": {"a": 3.0}}
+    assert [e.line for e in r.errors] == [4, 5, 6]
+    assert r.for_query("zz") == {}
+
+
+def test_read_shared_data_files(shared_data):
+    hd = read_queries(shared_data / "homedepot" / "queries.tsv")
+    assert len(hd.queries) == 9795 and not hd.errors and hd.queries[0].user_id is None
+    pq = read_queries(shared_data / "fashion" / "bench" / "dev" / "personal_queries.tsv")
+    assert all(q.user_id for q in pq.queries)
+    ev = read_event_users(shared_data / "fashion" / "bench" / "dev" / "events.csv")
+    assert ev.events > 20000 and len(ev.products_by_user) > 100 and not ev.errors
+
+
+# ------------------------------------------------------------------ splits
+def _queries(n=200, users=0):
+    return [Query(f"q{i}", f"query text {i}", f"u{i % users}" if users else None) for i in range(n)]
+
+
+def test_splits_are_seeded_disjoint_and_proportional():
+    qs = _queries(1000)
+    a = assign(qs, seed=1)
+    assert a == assign(list(reversed(qs)), seed=1)  # order of the file does not matter
+    assert a != assign(qs, seed=2)
+    counts = {s: sum(1 for v in a.values() if v == s) for s in ("train", "validation", "test")}
+    assert counts == {"train": 700, "validation": 100, "test": 200}
+
+
+def test_splits_group_by_user_and_by_query_text():
+    qs = _queries(300, users=37) + [Query("x1", "Red  Shoes", None), Query("x2", "red shoes", None)]
+    a = assign(qs, seed=3)
+    by_user: dict[str, set[str]] = {}
+    for q in qs[:300]:
+        by_user.setdefault(q.user_id, set()).add(a[q.id])
+    assert all(len(s) == 1 for s in by_user.values())  # a shopper never straddles splits
+    assert a["x1"] == a["x2"] and group_of(qs[-1]) == group_of(qs[-2])
+    assert {a[q.id] for q in qs} == {"train", "validation", "test"}
+
+
+def test_splits_written_once_and_read_back(tmp_path):
+    qs = _queries(50)
+    s1 = load_or_create_splits(qs, tmp_path, name="fashion/dev", seed=5)
+    assert s1.path and s1.path.startswith(str(tmp_path / "eval-splits"))
+    stored = json.loads(open(s1.path).read())
+    assert sorted(stored["splits"]["test"]) == sorted(s1.test)
+    s2 = load_or_create_splits(qs, tmp_path, name="fashion/dev", seed=5)
+    assert (s2.train, s2.validation, s2.test) == (s1.train, s1.validation, s1.test)
+    assert s1.get("all") == {q.id for q in qs}
+    with pytest.raises(ConfigError, match="unknown split"):
+        s1.get("dev")
+    with pytest.raises(ConfigError, match="summing to 1"):
+        assign(qs, fractions=(0.5, 0.5, 0.5))
+
+
+# ------------------------------------------------------------------ the harness on a real slice
+from pathlib import Path  # noqa: E402
+
+from rerank.evaluation.harness import EvalRequest, evaluate  # noqa: E402
+from rerank.evaluation.report import format_table, plot_ndcg  # noqa: E402
+from tests.rerank.evaldata import build_fashion_slice  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fashion_slice(shared_data, tmp_path_factory):
+    return build_fashion_slice(shared_data, tmp_path_factory.mktemp("fashion-slice"))
+
+
+@pytest.fixture(scope="session")
+def eval_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("eval-data")
+
+
+def _indexer(data_dir: Path):
+    from workers.jobs import run_index_job
+    from workers.settings import load_settings
+
+    settings = load_settings(data_dir=data_dir)
+    return lambda engine, job: run_index_job(engine, settings, job, progress=False)
+
+
+def _req(sl, **kw) -> EvalRequest:
+    return EvalRequest(catalog=sl.catalog, queries=sl.queries, qrels=sl.qrels, gain="identity", images_root=sl.images_root, **kw)
+
+
+@pytest.mark.slow
+def test_retrieve_mode_baselines_beat_random_and_share_the_index(fashion_slice, eval_dir):
+    systems = ("random", "bm25", "knn_text", "knn_image", "hybrid_minmax", "hybrid_rrf")
+    rep = evaluate(_req(fashion_slice, mode="retrieve", split="all", systems=systems), data_dir=eval_dir, indexer=_indexer(eval_dir))
+    out = rep.to_json()
+    assert out["mode"] == "retrieve" and out["queries"] == fashion_slice.n_queries
+    assert set(out["systems"]) == set(systems) - {"knn_image"}
+    assert "text-to-image alignment" in out["skipped_systems"]["knn_image"]
+    for name, m in out["systems"].items():
+        for k in ("ndcg@10", "mrr@10", "recall@100", "judged@10"):
+            assert 0.0 <= m[k] <= 1.0, (name, k)
+    assert out["systems"]["random"]["runs"] == 5
+    for name in ("bm25", "knn_text", "hybrid_rrf", "hybrid_minmax"):
+        assert out["systems"][name]["ndcg@10"] > out["systems"]["random"]["ndcg@10"] + 0.1, name
+    # a second evaluation reuses the cached index (no indexer call)
+    def no_indexing(engine, job):
+        raise AssertionError("the catalog was indexed twice")
+
+    rep2 = evaluate(_req(fashion_slice, mode="retrieve", split="all", systems=("bm25",)), data_dir=eval_dir, indexer=no_indexing)
+    assert rep2.systems["bm25"].metrics == rep.systems["bm25"].metrics
+    table = format_table(rep)
+    assert "hybrid_rrf" in table and "n/a" in table
+    png = plot_ndcg(rep, eval_dir / "ndcg.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_rerank_mode_reorders_judged_products_and_trains_lambdamart_once(fashion_slice, eval_dir):
+    systems = ("random", "bm25", "hybrid_rrf", "lambdamart")
+    rep = evaluate(_req(fashion_slice, mode="rerank", systems=systems), data_dir=eval_dir, indexer=_indexer(eval_dir))
+    out = rep.to_json()
+    assert out["split"] == "test" and 1 <= out["queries"] < fashion_slice.n_queries
+    assert out["training"]["queries"] >= 5
+    for name, m in out["systems"].items():
+        assert m["recall@100"] == pytest.approx(1.0) and m["judged@10"] > 0  # the pool is the judged set
+        assert 0.0 < m["ndcg@10"] <= 1.0
+    models = list((eval_dir / "eval-models").glob("lambdamart-*/model.txt"))
+    assert len(models) == 1
+    rep2 = evaluate(_req(fashion_slice, mode="rerank", systems=("lambdamart",)), data_dir=eval_dir, indexer=_indexer(eval_dir))
+    assert rep2.systems["lambdamart"].metrics == rep.systems["lambdamart"].metrics
+    assert len(list((eval_dir / "eval-models").glob("lambdamart-*/model.txt"))) == 1
+    # --model uses a given artifact
+    rep3 = evaluate(_req(fashion_slice, mode="rerank", systems=("lambdamart",), model_dirs={"lambdamart": models[0].parent}),
+                    data_dir=eval_dir, indexer=_indexer(eval_dir))
+    assert rep3.systems["lambdamart"].metrics == rep.systems["lambdamart"].metrics
+
+
+@pytest.mark.slow
+def test_cross_encoder_fine_tunes_on_a_tiny_training_set(fashion_slice, eval_dir):
+    req = _req(fashion_slice, mode="rerank", systems=("cross_encoder",), options={"ce_max_pairs": 48, "ce_batch_size": 8})
+    rep = evaluate(req, data_dir=eval_dir, indexer=_indexer(eval_dir))
+    r = rep.systems["cross_encoder"]
+    assert 0.0 < r.metrics["ndcg@10"] <= 1.0
+    assert "no pretrained cross-encoder exists offline" in r.note and "48" in r.note
+    saved = list((eval_dir / "eval-models").glob("cross_encoder-*/model.safetensors"))
+    assert len(saved) == 1
+
+
+def test_training_files_protocol_and_bad_requests(fashion_slice, eval_dir, tmp_path):
+    with pytest.raises(ConfigError, match="never saw"):
+        evaluate(_req(fashion_slice, train_queries=fashion_slice.queries, train_qrels=fashion_slice.qrels), data_dir=tmp_path, indexer=_indexer(tmp_path))
+    with pytest.raises(ConfigError, match="valid modes"):
+        evaluate(_req(fashion_slice, mode="rank"), data_dir=tmp_path, indexer=_indexer(tmp_path))
+    with pytest.raises(ConfigError, match="go together"):
+        evaluate(_req(fashion_slice, train_queries=fashion_slice.queries), data_dir=tmp_path, indexer=_indexer(tmp_path))
+    from indexing.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="hybrid_rrf"):
+        evaluate(_req(fashion_slice, systems=("bm42",)), data_dir=tmp_path, indexer=_indexer(tmp_path))
+
+
+@pytest.mark.slow
+def test_train_files_evaluate_every_query(fashion_slice, eval_dir, tmp_path):
+    # train on the first 10 queries' files, evaluate all 6 others
+    lines = fashion_slice.queries.read_text().splitlines()
+    head, rows = lines[0], lines[1:]
+    tq, eq = tmp_path / "train_q.tsv", tmp_path / "eval_q.tsv"
+    tq.write_text("\n".join([head] + rows[:10]) + "\n")
+    eq.write_text("\n".join([head] + rows[10:]) + "\n")
+    req = EvalRequest(catalog=fashion_slice.catalog, queries=eq, qrels=fashion_slice.qrels, gain="identity",
+                      images_root=fashion_slice.images_root, train_queries=tq, train_qrels=fashion_slice.qrels,
+                      systems=("bm25", "lambdamart"))
+    out = evaluate(req, data_dir=eval_dir, indexer=_indexer(eval_dir)).to_json()
+    assert out["split"] == "all" and out["queries"] == len(rows) - 10
+    assert out["train"]["train"] + out["train"]["validation"] == 10
+    assert 0.0 < out["systems"]["lambdamart"]["ndcg@10"] <= 1.0
+
+
+@pytest.mark.slow
+def test_cli_json_and_plot(fashion_slice, eval_dir, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    monkeypatch.setenv("FUSIONRANK_DATA_DIR", str(eval_dir))  # reuse the session's cached index
+    png = tmp_path / "plot.png"
+    res = CliRunner().invoke(app, [
+        "eval", "--catalog", str(fashion_slice.catalog), "--queries", str(fashion_slice.queries), "--qrels", str(fashion_slice.qrels),
+        "--images-root", str(fashion_slice.images_root), "--gain", "identity", "--mode", "retrieve", "--split", "all",
+        "--systems", "random,bm25,hybrid_rrf", "--json", "--plot", str(png), "--limit-queries", "5",
+    ])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["queries"] == 5 and out["mode"] == "retrieve"
+    assert set(out["systems"]["bm25"]) >= {"ndcg@10", "mrr@10", "recall@100"}
+    assert png.is_file() and png.stat().st_size > 1000
+
+
+# ------------------------------------------------------------------ systems plumbing (pure)
+def test_pool_completion_and_random_runs():
+    from indexing.engines.base import Hit
+    from rerank.evaluation.harness import score_runs
+    from rerank.evaluation.systems import SYSTEMS, EvalContext, EvalItem, candidates_for_pool, complete
+    from rerank.metrics import MetricSpec
+    from rerank.retrieval import FirstStage
+
+    assert complete(["c", "x", "a", "c"], ["a", "b", "c", "d"]) == ["c", "a", "b", "d"]  # unknown ids dropped, rest by id
+    stage = FirstStage("q", {"bm25": (Hit("b", 2.0), Hit("a", 1.0)), "knn_text": (Hit("a", 0.9),)}, {"knn_image": "no image"})
+    cs = candidates_for_pool(stage, ["a", "b", "z"])
+    assert cs.ids == ["a", "b", "z"] and cs.candidates[2].missing("bm25") and cs.candidates[2].missing("knn_text")
+    item = EvalItem("q1", "q", None, {"a": 2.0, "b": 0.0, "z": 1.0}, stage, ("a", "b", "z"), cs)
+    ctx = EvalContext(mode="rerank", items=[item])
+    runs = SYSTEMS.create("random").runs(ctx)
+    assert len(runs) == 5 and all(sorted(r["q1"]) == ["a", "b", "z"] for r in runs)
+    assert runs == SYSTEMS.create("random").runs(ctx)  # seeded
+    bm25 = SYSTEMS.create("bm25").runs(ctx)[0]["q1"]
+    assert bm25 == ["b", "a", "z"]  # list order, then the judged product BM25 did not return
+    m = score_runs([{"q1": ["a", "z", "b"]}], [item], MetricSpec())
+    assert m["ndcg@10"] == pytest.approx(1.0) and m["mrr@10"] == 1.0

@@ -1,0 +1,114 @@
+"""``fusionrank eval``: every baseline (and later the fusion models) on the same queries, one table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _model_dirs(values: list[str], systems: list[str]) -> dict[str, Path]:
+    """``--model SYSTEM=DIR`` (repeatable); a bare ``DIR`` when exactly one trainable system is evaluated."""
+    from indexing.errors import ConfigError
+    from rerank.evaluation.systems import SYSTEMS
+
+    out: dict[str, Path] = {}
+    trainable = [s for s in systems if SYSTEMS.get(s).trainable]
+    for v in values:
+        if "=" in v:
+            name, d = v.split("=", 1)
+            SYSTEMS.get(name)
+        elif len(trainable) == 1:
+            name, d = trainable[0], v
+        else:
+            raise ConfigError(f"--model {v!r}: say which system it is for (SYSTEM=DIR); trainable systems here: {', '.join(trainable) or 'none'}")
+        p = Path(d)
+        if not p.is_dir():
+            raise ConfigError(f"--model {v!r}: {p} is not a directory")
+        out[name] = p
+    return out
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_cmd(
+        catalog: Path = typer.Option(..., "--catalog", help="Catalog file (CSV / JSONL / Parquet) the queries are judged against."),
+        queries: Path = typer.Option(..., "--queries", help="Queries TSV: query_id, query, user_id."),
+        qrels: Path = typer.Option(..., "--qrels", help="TREC qrels: query_id 0 product_id grade (int or float grades)."),
+        gain: str = typer.Option(..., "--gain", help="Grade -> gain mapping: minus1 (Home Depot ratings 1..3) | identity (fashion 0/1/2)."),
+        events: Optional[Path] = typer.Option(None, "--events", help="Events CSV of the evaluated users (history)."),
+        images_root: Optional[Path] = typer.Option(None, "--images-root", help="Folder image paths are relative to (default: the catalog's folder)."),
+        mode: str = typer.Option("rerank", "--mode", help="rerank: reorder each query's judged products; retrieve: rank the whole catalog."),
+        systems: str = typer.Option(",".join(("random", "bm25", "knn_text", "knn_image", "hybrid_minmax", "hybrid_rrf", "lambdamart", "cross_encoder")),
+                                    "--systems", help="Comma-separated systems to evaluate."),
+        split: str = typer.Option("test", "--split", help="Split evaluated when no --train-* files are given: test | validation | train | all."),
+        train_queries: Optional[Path] = typer.Option(None, "--train-queries", help="Train trainable systems on these queries (then all of --queries is evaluated)."),
+        train_qrels: Optional[Path] = typer.Option(None, "--train-qrels", help="Qrels of --train-queries."),
+        train_events: Optional[Path] = typer.Option(None, "--train-events", help="Events of the training users."),
+        train_catalog: Optional[Path] = typer.Option(None, "--train-catalog", help="Catalog of the training queries (default: --catalog)."),
+        train_images_root: Optional[Path] = typer.Option(None, "--train-images-root", help="Images root of --train-catalog."),
+        model: list[str] = typer.Option([], "--model", help="Use a trained artifact instead of training: SYSTEM=DIR (repeatable)."),
+        limit_queries: Optional[int] = typer.Option(None, "--limit-queries", min=1, help="Evaluate a seeded sample of N queries of the split."),
+        top_n: int = typer.Option(200, "--top-n", min=1, max=10_000, help="retrieve mode: candidates per list and fused pool size."),
+        rerank_depth: int = typer.Option(100, "--rerank-depth", min=1, max=10_000, help="retrieve mode: how deep the cross-encoder reorders the pool."),
+        ce_pairs: int = typer.Option(3000, "--ce-pairs", min=1, help="cross_encoder: (query, product) training pairs (1 epoch; CPU cost grows linearly)."),
+        seed: int = typer.Option(13, "--seed", help="Seed of the splits, the random baseline and training."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="Name shown in the report (default: from the queries path)."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw NDCG@10 per system into this PNG file."),
+        progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: when stderr is a terminal)."),
+    ) -> None:
+        """Evaluate baselines on a catalog + queries + graded qrels (NDCG@10, MRR@10, Recall@100, judged@10)."""
+        from rerank.evaluation.harness import EvalRequest, evaluate
+        from rerank.evaluation.report import format_table, plot_ndcg
+        from workers.jobs import run_index_job
+        from workers.settings import load_settings
+
+        settings = load_settings()
+        show = sys.stderr.isatty() if progress is None else progress
+        names = [s.strip() for s in systems.split(",") if s.strip()]
+        req = EvalRequest(
+            catalog=catalog,
+            queries=queries,
+            qrels=qrels,
+            gain=gain,
+            mode=mode,
+            systems=tuple(names),
+            split=split,
+            events=events,
+            images_root=images_root or catalog.parent,
+            train_queries=train_queries,
+            train_qrels=train_qrels,
+            train_events=train_events,
+            train_catalog=train_catalog,
+            train_images_root=train_images_root or (train_catalog.parent if train_catalog else None),
+            model_dirs=_model_dirs(model, names),
+            limit_queries=limit_queries,
+            top_n=top_n,
+            rerank_depth=rerank_depth,
+            seed=seed,
+            dataset=dataset,
+            text_model=settings.text_model,
+            text_backend=settings.text_backend,
+            image_model=settings.image_model,
+            device=settings.device,
+            mapping=settings.mapping,
+            options={"ce_max_pairs": ce_pairs},
+            progress=show,
+        )
+
+        def indexer(engine, job):
+            return run_index_job(engine, settings, job, via="inline", progress=show)
+
+        report = evaluate(req, data_dir=settings.data_dir, indexer=indexer)
+        if plot is not None:
+            plot_ndcg(report, plot)
+        if as_json:
+            typer.echo(json.dumps(report.to_json()))
+        else:
+            typer.echo(format_table(report))
+            if plot is not None:
+                typer.echo(f"plot: {plot}")

@@ -233,4 +233,27 @@ def make_synthetic_catalog(
     return out / "catalog.csv"
 
 
-__all__ = ["COLOURS", "KINDS", "draw_product", "make_synthetic_catalog"]
+def make_synthetic_queries(out_dir: Path | str) -> tuple[Path, Path]:
+    """Write ``queries.tsv`` and TREC ``qrels.tsv`` for a synthetic catalog made in ``out_dir``.
+
+    One query per (colour, article type) present, worded like the benchmark's ("black heels"); graded
+    from the full metadata (``catalog_full.csv``, colours not withheld) like the benchmark: 2 = that type
+    in that colour, 1 = that type in another colour. Labels come from generated metadata, not judges.
+    """
+    out = Path(out_dir)
+    with open(out / "catalog_full.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    pairs = sorted({(r["base_colour"], r["article_type"]) for r in rows})
+    queries, qrels = out / "queries.tsv", out / "qrels.tsv"
+    with open(queries, "w", encoding="utf-8") as fq, open(qrels, "w", encoding="utf-8") as fr:
+        fq.write("query_id\tquery\tuser_id\n")
+        for i, (colour, kind) in enumerate(pairs):
+            qid = f"sq{i:04d}"
+            fq.write(f"{qid}\t{colour.lower()} {kind.lower()}\t\n")
+            for r in rows:
+                if r["article_type"] == kind:
+                    fr.write(f"{qid} 0 {r['product_id']} {2 if r['base_colour'] == colour else 1}\n")
+    return queries, qrels
+
+
+__all__ = ["COLOURS", "KINDS", "draw_product", "make_synthetic_catalog", "make_synthetic_queries"]

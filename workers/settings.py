@@ -103,6 +103,18 @@ class Settings(BaseSettings):
         d = self.shared_data / "fashion" if self.shared_data else None
         return d if d and d.is_dir() else None
 
+    def fashion_bench(self, catalog: Path | None = None, images_root: Path | None = None) -> tuple[Path, Path]:
+        """``(catalog, images_root)``: the given ones, else the fashion benchmark in the shared data folder.
+
+        A given catalog's images default to its own folder. ConfigError when there is neither.
+        """
+        if catalog is not None:
+            return catalog, images_root or catalog.parent
+        fashion = self.fashion_dir
+        if fashion is None:
+            raise ConfigError("no fashion data found: pass --catalog and --images-root or set FUSIONRANK_SHARED_DATA")
+        return fashion / "bench" / "catalog.csv", images_root or fashion
+
     def redacted(self) -> dict[str, Any]:
         """Every setting, JSON-friendly, with secrets and URL passwords replaced by ``**********``."""
         out: dict[str, Any] = {}

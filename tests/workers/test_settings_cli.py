@@ -85,3 +85,13 @@ def test_console_script_turns_project_errors_into_one_line(monkeypatch):
     assert p.returncode == 2
     assert "error: invalid settings: engine: Value error, unknown engine 'solr'" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_fashion_bench_paths_default_to_the_shared_data_and_fail_clearly_without_it(monkeypatch, tmp_path, shared_data):
+    s = load_settings()
+    assert s.fashion_bench() == (shared_data / "fashion" / "bench" / "catalog.csv", shared_data / "fashion")
+    own = tmp_path / "shop" / "catalog.csv"
+    assert s.fashion_bench(own) == (own, own.parent)
+    monkeypatch.setenv("FUSIONRANK_SHARED_DATA", str(tmp_path / "none"))
+    with pytest.raises(ConfigError, match="no fashion data found"):
+        load_settings().fashion_bench()

@@ -71,16 +71,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ) -> None:
         """Indexing throughput: text/image encoders alone vs the whole pipeline on the same products."""
-        from indexing.errors import ConfigError
         from workers.bench_index import run_index_bench
         from workers.settings import load_settings
 
         settings = load_settings()
-        fashion = settings.fashion_dir
-        if catalog is None and fashion is None:
-            raise ConfigError("no fashion data found: pass --catalog and --images-root or set FUSIONRANK_SHARED_DATA")
-        cat = catalog or fashion / "bench" / "catalog.csv"
-        root = images_root or (fashion if catalog is None else cat.parent)
+        cat, root = settings.fashion_bench(catalog, images_root)
         out = run_index_bench(settings, catalog=cat, images_root=root, limit=limit, batch_size=batch_size, via=via)
         if as_json:
             typer.echo(json.dumps(out))

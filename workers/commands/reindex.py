@@ -6,6 +6,8 @@ data dir; run ``fusionrank db upgrade`` once).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import json
 from pathlib import Path
 from typing import Optional
@@ -15,13 +17,25 @@ import typer
 ALIAS_HELP = "Index alias (default: FUSIONRANK_INDEX_ALIAS or products)."
 
 
+@contextmanager
 def _ctx(engine: str | None, alias: str | None, sql_url: str | None = None):
+    """Settings, engine and job store of one command; both are closed when the command ends."""
     from workers.composition import build_engine
     from workers.reindex_jobs import ReindexJobStore
     from workers.settings import load_settings
 
     settings = load_settings(engine=engine, index_alias=alias, sql_url=sql_url)
-    return settings, build_engine(settings), ReindexJobStore(settings.effective_sql_url)
+    eng = build_engine(settings)
+    try:
+        store = ReindexJobStore(settings.effective_sql_url)
+    except BaseException:
+        eng.close()
+        raise
+    try:
+        yield settings, eng, store
+    finally:
+        store.close()
+        eng.close()
 
 
 def _echo_summary(d: dict, as_json: bool) -> None:
@@ -61,8 +75,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         verified, then the alias swapped atomically. The old generation is kept."""
         from workers.reindex_jobs import make_plan, start_job
 
-        settings, eng, store = _ctx(engine, alias, sql_url)
-        try:
+        with _ctx(engine, alias, sql_url) as (settings, eng, store):
             plan = make_plan(
                 eng, alias=settings.index_alias, mapping=mapping or settings.mapping, text_model=text_model or settings.text_model,
                 text_backend=text_backend or settings.text_backend, image_model=image_model or settings.image_model,
@@ -70,9 +83,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 batch_size=batch_size, hnsw_engine=settings.hnsw_engine,
             )
             out = start_job(eng, store, plan, via=via, settings=settings, timeout_s=timeout).to_dict()
-        finally:
-            store.close()
-            eng.close()
         _echo_summary(out, as_json)
 
     @rx.command("resume")
@@ -86,13 +96,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Finish the alias's interrupted job from its record (finished batches are not redone)."""
         from workers.reindex_jobs import resume_job
 
-        settings, eng, store = _ctx(engine, alias, sql_url)
-        try:
+        with _ctx(engine, alias, sql_url) as (settings, eng, store):
             kw = {"via": via} if via else {}
             out = resume_job(eng, store, settings.index_alias, settings=settings, **kw).to_dict()
-        finally:
-            store.close()
-            eng.close()
         _echo_summary(out, as_json)
 
     @rx.command("status")
@@ -105,12 +111,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Generations of the alias (with counts), the one it points at, and the newest job's progress."""
         from workers.reindex_jobs import status
 
-        settings, eng, store = _ctx(engine, alias, sql_url)
-        try:
+        with _ctx(engine, alias, sql_url) as (settings, eng, store):
             out = status(eng, store, settings.index_alias)
-        finally:
-            store.close()
-            eng.close()
         if as_json:
             typer.echo(json.dumps(out))
             return
@@ -137,12 +139,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Point the alias back at the previous generation, atomically."""
         from workers.reindex_jobs import rollback_alias
 
-        settings, eng, store = _ctx(engine, alias, sql_url)
-        try:
+        with _ctx(engine, alias, sql_url) as (settings, eng, store):
             out = rollback_alias(eng, store, settings.index_alias, to)
-        finally:
-            store.close()
-            eng.close()
         typer.echo(json.dumps(out) if as_json else f"alias {out['alias']} -> {out['to']} (was {', '.join(out['from'])})")
 
     @rx.command("cleanup")
@@ -156,12 +154,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Delete old generations (never the alias's current one, nor an unfinished job's target)."""
         from workers.reindex_jobs import cleanup_generations
 
-        settings, eng, store = _ctx(engine, alias, sql_url)
-        try:
+        with _ctx(engine, alias, sql_url) as (settings, eng, store):
             deleted = cleanup_generations(eng, store, settings.index_alias, keep)
-        finally:
-            store.close()
-            eng.close()
         typer.echo(json.dumps({"deleted": deleted}) if as_json else (f"deleted {', '.join(deleted)}" if deleted else "nothing to delete"))
 
     @rx.command("abandon")
@@ -173,12 +167,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Give up the alias's unfinished job and delete its (never served) target generation."""
         from workers.reindex_jobs import abandon_job
 
-        settings, eng, store = _ctx(engine, alias, sql_url)
-        try:
+        with _ctx(engine, alias, sql_url) as (settings, eng, store):
             j = abandon_job(eng, store, settings.index_alias)
-        finally:
-            store.close()
-            eng.close()
         typer.echo(f"job {j.job_id} abandoned; {j.target} deleted")
 
     @bench.command("reindex")
@@ -190,16 +180,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Reindex with unchanged models (vectors reused) and with a changed text model, under concurrent searches."""
-        from indexing.errors import ConfigError
         from workers.reindex_bench import run_reindex_bench
         from workers.settings import load_settings
 
         settings = load_settings()
-        fashion = settings.fashion_dir
-        if catalog is None and fashion is None:
-            raise ConfigError("no fashion data found: pass --catalog and --images-root or set FUSIONRANK_SHARED_DATA")
-        cat = catalog or fashion / "bench" / "catalog.csv"
-        root = images_root or (fashion if catalog is None else cat.parent)
+        cat, root = settings.fashion_bench(catalog, images_root)
         out = run_reindex_bench(settings, catalog=cat, images_root=root, limit=limit, batch_size=batch_size)
         if as_json:
             typer.echo(json.dumps(out))

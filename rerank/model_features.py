@@ -1,0 +1,301 @@
+"""Model inputs of the fusion ranker: pure numpy builders (no torch, no I/O) plus a lazy torch converter.
+
+One request (a query, its N candidates, the user's profile) becomes a :class:`RequestFeatures`:
+
+* ``query`` (Dt,): the query text vector;
+* ``cand_text`` (N, Dt) + ``cand_text_mask``; ``cand_image`` (N, Da) + ``cand_image_mask``: the
+  candidate's text vector and its *aligned* image vector (``Alignment.project`` of the raw
+  ``image_vec``; Da = Dt), masked when the product has no photo;
+* ``first_stage`` (N, F): :func:`first_stage_inputs` of the retrieval signals (per list: log-scaled
+  score, per-query normalized score, reciprocal rank, missing flag; then lists present / lists);
+* ``cats`` (N, C) int64: hashed buckets of the product's categorical fields (0 = missing);
+* ``hist_text`` (K, Dt) / ``hist_image`` (K, Da) with masks, ``hist_event`` (K,) int (event type index + 1,
+  0 = padding), ``hist_age`` (K,) ``log1p(age in days)``, ``hist_mask`` (K,): the user's last K products.
+  A user without history has ``hist_mask`` all False.
+
+Masks are explicit: a masked row holds zeros *and* a False mask, and the model excludes it (it never
+reads a masked value). :func:`collate` pads a list of requests to ``(B, N_max, ...)`` with a candidate
+mask, for training batches and micro-batching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from indexing import fields as F
+from indexing.errors import ConfigError, DimensionError
+from rerank.features import PER_LIST, first_stage_features
+from rerank.retrieval import BM25, LISTS, Candidate
+
+#: categorical product fields hashed into the product embedding (fields absent from a catalog stay 0)
+CAT_FIELDS: tuple[str, ...] = (F.ARTICLE_TYPE, F.COLOUR, F.GENDER, F.USAGE, F.CATEGORY, F.BRAND)
+#: event types of rerank.history (index + 1 is the id; 0 is padding)
+EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
+SECONDS_PER_DAY = 86_400.0
+
+ImageProject = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What the feature builder produces; stored in the model artifact so serving builds the same."""
+
+    lists: tuple[str, ...] = LISTS
+    cat_fields: tuple[str, ...] = CAT_FIELDS
+    hash_buckets: int = 4096
+    history_k: int = 20
+
+    def __post_init__(self) -> None:
+        bad = [l for l in self.lists if l not in LISTS]
+        if bad:
+            raise ConfigError(f"unknown retrieval lists {bad}; valid: {', '.join(LISTS)}")
+        if self.hash_buckets < 2 or self.history_k < 1:
+            raise ConfigError(f"hash_buckets must be >= 2 and history_k >= 1, got {self.hash_buckets}, {self.history_k}")
+        object.__setattr__(self, "lists", tuple(self.lists))
+        object.__setattr__(self, "cat_fields", tuple(self.cat_fields))
+
+    @property
+    def first_stage_dim(self) -> int:
+        return len(self.lists) * len(PER_LIST) + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FeatureSpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True, eq=False)
+class RequestFeatures:
+    """One request's model inputs (see the module doc); ``ids`` are the candidate ids in row order."""
+
+    ids: tuple[str, ...]
+    query: np.ndarray
+    cand_text: np.ndarray
+    cand_text_mask: np.ndarray
+    cand_image: np.ndarray
+    cand_image_mask: np.ndarray
+    first_stage: np.ndarray
+    cats: np.ndarray
+    hist_text: np.ndarray
+    hist_text_mask: np.ndarray
+    hist_image: np.ndarray
+    hist_image_mask: np.ndarray
+    hist_event: np.ndarray
+    hist_age: np.ndarray
+    hist_mask: np.ndarray
+    hist_ids: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+ARRAY_FIELDS = tuple(f.name for f in fields(RequestFeatures) if f.name not in ("ids", "hist_ids"))
+CANDIDATE_FIELDS = ("cand_text", "cand_text_mask", "cand_image", "cand_image_mask", "first_stage", "cats")
+HISTORY_FIELDS = ("hist_text", "hist_text_mask", "hist_image", "hist_image_mask", "hist_event", "hist_age", "hist_mask")
+
+
+# --------------------------------------------------------------------------- pieces (pure)
+def first_stage_inputs(candidates: Sequence[Candidate], lists: Sequence[str] = LISTS) -> np.ndarray:
+    """:func:`rerank.features.first_stage_features`, scaled for a neural net: BM25's raw score as
+    ``log1p``, lists present as a fraction. Missing values stay 0 with their ``_missing`` flag set."""
+    x = first_stage_features(candidates, lists)
+    for j, name in enumerate(lists):
+        col = j * len(PER_LIST)
+        if name == BM25:
+            x[:, col] = np.log1p(np.maximum(x[:, col], 0.0))
+    x[:, -1] = x[:, -1] / max(len(lists), 1)
+    return x.astype(np.float32)
+
+
+def _bucket(field_name: str, value: str, buckets: int) -> int:
+    h = hashlib.blake2b(f"{field_name}={value.strip().lower()}".encode(), digest_size=8).digest()
+    return 1 + int.from_bytes(h, "little") % (buckets - 1)
+
+
+def hash_categories(docs: Sequence[Mapping[str, Any] | None], spec: FeatureSpec) -> np.ndarray:
+    """``(n, len(spec.cat_fields))`` bucket ids (1..buckets-1) of each product's categorical values; 0 = missing."""
+    out = np.zeros((len(docs), len(spec.cat_fields)), dtype=np.int64)
+    for i, d in enumerate(docs):
+        if not d:
+            continue
+        for j, name in enumerate(spec.cat_fields):
+            v = d.get(name)
+            if v is None or (isinstance(v, str) and not v.strip()):
+                continue
+            out[i, j] = _bucket(name, str(v), spec.hash_buckets)
+    return out
+
+
+def _vec_rows(values: Sequence[Any], dim: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    out = np.zeros((len(values), dim), dtype=np.float32)
+    mask = np.zeros(len(values), dtype=bool)
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        a = np.asarray(v, dtype=np.float32).reshape(-1)
+        if a.shape[0] != dim:
+            raise DimensionError(f"{what} of row {i} has dimension {a.shape[0]}, expected {dim}")
+        if not np.isfinite(a).all():
+            continue  # a non-finite vector is treated as missing (masked), never fed to the model
+        out[i], mask[i] = a, True
+    return out, mask
+
+
+def _project(raw: np.ndarray, mask: np.ndarray, project: ImageProject | None, out_dim: int) -> np.ndarray:
+    aligned = np.zeros((len(raw), out_dim), dtype=np.float32)
+    if project is not None and mask.any():
+        aligned[mask] = np.asarray(project(raw[mask]), dtype=np.float32)
+    return aligned
+
+
+@dataclass(frozen=True)
+class HistoryInput:
+    """The history part of a request, from a :class:`rerank.history.UserProfile` or built by hand.
+
+    ``text`` / ``image`` rows may be None (missing vector); ``events`` are event type names; ``ages_s`` seconds."""
+
+    product_ids: tuple[str, ...] = ()
+    text: tuple[Any, ...] = ()
+    image: tuple[Any, ...] = ()
+    events: tuple[str, ...] = ()
+    ages_s: tuple[float, ...] = ()
+
+    @classmethod
+    def from_profile(cls, profile: Any) -> "HistoryInput":
+        if profile is None or not len(profile.items):
+            return cls()
+        return cls(
+            tuple(i.product_id for i in profile.items),
+            tuple(profile.text_vecs[r] if profile.text_mask[r] else None for r in range(len(profile.items))),
+            tuple(profile.image_vecs[r] if profile.image_mask[r] else None for r in range(len(profile.items))),
+            tuple(i.event for i in profile.items),
+            tuple(float(i.age_s) for i in profile.items),
+        )
+
+
+def history_arrays(history: HistoryInput | None, spec: FeatureSpec, *, text_dim: int, image_dim: int, project: ImageProject | None, aligned_dim: int) -> dict[str, Any]:
+    """The ``hist_*`` arrays (K = spec.history_k rows; the newest K items, padding masked)."""
+    k = spec.history_k
+    h = history or HistoryInput()
+    n = min(len(h.product_ids), k)
+    text, tmask = _vec_rows(list(h.text[:n]) + [None] * (k - n), text_dim, "history text vector")
+    raw, imask = _vec_rows(list(h.image[:n]) + [None] * (k - n), image_dim, "history image vector")
+    if project is None:
+        imask[:] = False
+    image = _project(raw, imask, project, aligned_dim)
+    event = np.zeros(k, dtype=np.int64)
+    age = np.zeros(k, dtype=np.float32)
+    for i in range(n):
+        ev = h.events[i] if i < len(h.events) else None
+        event[i] = EVENT_TYPES.index(ev) + 1 if ev in EVENT_TYPES else 0
+        age[i] = math.log1p(max(float(h.ages_s[i]) if i < len(h.ages_s) else 0.0, 0.0) / SECONDS_PER_DAY)
+    mask = (tmask | imask) & (np.arange(k) < n)
+    return {
+        "hist_text": text,
+        "hist_text_mask": tmask & mask,
+        "hist_image": image,
+        "hist_image_mask": imask & mask,
+        "hist_event": np.where(mask, event, 0),
+        "hist_age": np.where(mask, age, 0.0).astype(np.float32),
+        "hist_mask": mask,
+        "hist_ids": tuple(h.product_ids[:n]),
+    }
+
+
+def build_request_features(
+    query_vec: np.ndarray,
+    candidates: Sequence[Candidate],
+    docs: Mapping[str, Mapping[str, Any] | None],
+    spec: FeatureSpec,
+    *,
+    history: HistoryInput | None = None,
+    project: ImageProject | None = None,
+    text_dim: int | None = None,
+    image_dim: int | None = None,
+) -> RequestFeatures:
+    """Features of one request from its candidates (with first-stage signals) and their documents.
+
+    ``docs[id]`` holds ``text_vec`` / ``image_vec`` (raw, as indexed) and the categorical fields; a
+    missing document or vector is masked. ``project`` maps raw image vectors into the text space (the
+    alignment); without it every image is masked."""
+    q = np.asarray(query_vec, dtype=np.float32).reshape(-1)
+    dt = int(text_dim or q.shape[0])
+    if q.shape[0] != dt:
+        raise DimensionError(f"query vector has dimension {q.shape[0]}, expected {dt}")
+    ids = tuple(c.id for c in candidates)
+    dl = [docs.get(i) for i in ids]
+    text, tmask = _vec_rows([d.get(F.TEXT_VEC) if d else None for d in dl], dt, F.TEXT_VEC)
+    raw_img = [d.get(F.IMAGE_VEC) if d else None for d in dl]
+    di = image_dim or next((len(v) for v in raw_img if v is not None), 1)
+    raw, imask = _vec_rows(raw_img, di, F.IMAGE_VEC)
+    if project is None:
+        imask[:] = False
+    image = _project(raw, imask, project, dt)
+    hist = history_arrays(history, spec, text_dim=dt, image_dim=di, project=project, aligned_dim=dt)
+    hist_ids = hist.pop("hist_ids")
+    return RequestFeatures(
+        ids=ids,
+        query=q,
+        cand_text=text,
+        cand_text_mask=tmask,
+        cand_image=image,
+        cand_image_mask=imask,
+        first_stage=first_stage_inputs(candidates, spec.lists),
+        cats=hash_categories(dl, spec),
+        hist_ids=hist_ids,
+        **hist,
+    )
+
+
+def collate(requests: Sequence[RequestFeatures]) -> dict[str, np.ndarray]:
+    """Pad requests to a batch: candidate arrays ``(B, N_max, ...)`` with ``cand_mask`` (B, N_max),
+    history arrays ``(B, K, ...)``, ``query`` (B, Dt). Pure numpy."""
+    if not requests:
+        raise ConfigError("collate needs at least one request")
+    b = len(requests)
+    n = max(max(len(r) for r in requests), 1)
+    out: dict[str, np.ndarray] = {"query": np.stack([r.query for r in requests])}
+    out["cand_mask"] = np.zeros((b, n), dtype=bool)
+    for i, r in enumerate(requests):
+        out["cand_mask"][i, : len(r)] = True
+    for name in CANDIDATE_FIELDS:
+        first = getattr(requests[0], name)
+        arr = np.zeros((b, n) + first.shape[1:], dtype=first.dtype)
+        for i, r in enumerate(requests):
+            arr[i, : len(r)] = getattr(r, name)
+        out[name] = arr
+    for name in HISTORY_FIELDS:
+        out[name] = np.stack([getattr(r, name) for r in requests])
+    return out
+
+
+def to_torch(batch: Mapping[str, np.ndarray], device: Any = "cpu") -> dict[str, Any]:
+    """The collated arrays as torch tensors on ``device`` (torch imported here, lazily)."""
+    from rerank.model import _torch
+
+    torch = _torch()
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+
+
+__all__ = [
+    "ARRAY_FIELDS",
+    "CAT_FIELDS",
+    "EVENT_TYPES",
+    "FeatureSpec",
+    "HistoryInput",
+    "RequestFeatures",
+    "build_request_features",
+    "collate",
+    "first_stage_inputs",
+    "hash_categories",
+    "history_arrays",
+    "to_torch",
+]

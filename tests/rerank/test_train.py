@@ -1,0 +1,111 @@
+"""Training: listwise losses, events -> histories, and a real (small) training run with its artifact."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from indexing.errors import CatalogError, ConfigError
+from rerank.metrics import ndcg_at_k
+from rerank.train import DatasetSpec, TrainConfig, histories, lambda_loss, listwise_softmax_loss, read_events, train_ranker
+
+
+def test_listwise_losses_prefer_the_graded_order():
+    gains = torch.tensor([[2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    good = torch.tensor([[3.0, 2.0, 0.0, 9.0], [0.0, 1.0, 0.0, 0.0]])  # the padded 9.0 must not count
+    bad = torch.tensor([[0.0, 2.0, 3.0, -9.0], [0.0, 1.0, 0.0, 0.0]])
+    for fn in (listwise_softmax_loss, lambda_loss):
+        lg, lb = float(fn(good, gains, mask)), float(fn(bad, gains, mask))
+        assert np.isfinite(lg) and lg < lb, fn.__name__
+    # a batch with no positive gain gives a zero loss, not NaN
+    z = listwise_softmax_loss(good, torch.zeros_like(gains), mask)
+    assert float(z) == 0.0
+
+
+def test_events_file_to_histories(tmp_path):
+    p = tmp_path / "events.csv"
+    p.write_text("user_id,product_id,event,timestamp\n"
+                 "u1,a,view,1000\nu1,b,purchase,2000\nu1,a,click,3000\nu2,c,view,2023-01-01T00:00:00Z\n"
+                 "u3,d,teleport,1\nu3,e,view,yesterday\n")
+    ev, bad = read_events(p)
+    assert [b[0] for b in bad] == [6, 7]
+    h = histories(ev, k=5, now=4000.0)
+    ids, types, ages = h["u1"]
+    assert ids == ("a", "b")  # newest interaction first
+    assert types == ("click", "purchase") and ages == (1000.0, 2000.0)
+    with pytest.raises(CatalogError):
+        read_events(tmp_path / "missing.csv")
+
+
+def test_bad_training_requests_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="loss"):
+        TrainConfig(loss="pairwise")
+    with pytest.raises(ConfigError):
+        DatasetSpec(tmp_path / "c.csv", tmp_path / "q.tsv", tmp_path / "r.tsv").check()
+    with pytest.raises(ConfigError):
+        train_ranker([], out=tmp_path / "m", data_dir=tmp_path, indexer=lambda e, j: None)
+
+
+@pytest.mark.slow
+def test_training_on_a_real_slice_learns_and_writes_an_artifact(shared_data, tmp_path):
+    """80 fashion dev queries, 10 judged products each (text only: no photos in the slice)."""
+    from rerank.artifacts import load_artifact
+    from rerank.train import fit  # noqa: F401  (the loop under test, run by train_ranker)
+    from tests.rerank.evaldata import build_fashion_slice
+    from workers.jobs import run_index_job
+    from workers.settings import load_settings
+
+    sl = build_fashion_slice(shared_data, tmp_path / "slice", n_queries=80, judged_per_query=10, others=20)
+    data = tmp_path / "data"
+    settings = load_settings(data_dir=data)
+    ds = DatasetSpec(sl.catalog, sl.queries, sl.qrels, gain="identity", images_root=sl.images_root)
+    cfg = TrainConfig(epochs=12, patience=12, max_minutes=2.0, device="cpu", d_model=32, hidden=64, batch_size=8)
+    res = train_ranker([ds], out=tmp_path / "model", data_dir=data, config=cfg,
+                       indexer=lambda engine, job: run_index_job(engine, settings, job, progress=False))
+    rep = res.report
+    hist = rep["history"]
+    assert hist[-1]["train_loss"] < hist[1]["train_loss"]  # the loss goes down
+    info = rep["datasets"]["slice"]
+    assert info["train_queries"] > 40 and info["validation_queries"] >= 4
+    assert rep["alignment"] is None and info["knn_image_list"] == "skipped"  # no photos in this slice
+    # the best validation NDCG@10 beats a random order of the same pools (mean of 20 shuffles)
+    art = load_artifact(res.artifact, device="cpu")
+    assert art.ranker.config.use_image is False
+    from rerank.evaluation.data import read_qrels
+    from rerank.metrics import map_gains
+
+    qrels = read_qrels(sl.qrels)
+    splits_file = info["splits_file"]
+    import json
+
+    valid = json.loads(open(splits_file).read())["splits"]["validation"]
+    rnd = []
+    for qid in valid:
+        gains = map_gains(qrels.for_query(qid), "identity")
+        if not any(gains.values()):
+            continue
+        for s in range(20):
+            ids = sorted(gains)
+            random.Random(s).shuffle(ids)
+            rnd.append(ndcg_at_k(ids, gains, 10))
+    assert rep["best_validation_ndcg@10"] > float(np.mean(rnd)) + 0.02
+
+
+def test_cli_train_command_is_registered_and_refuses_a_missing_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--help"])
+    assert res.exit_code == 0
+    for opt in ("--catalog", "--queries", "--qrels", "--events", "--images-root", "--out", "--strategy", "--epochs", "--seed",
+                "--max-minutes", "--no-image", "--no-history", "--text-only"):
+        assert opt in res.output
+    res = runner.invoke(app, ["train", "--catalog", str(tmp_path / "c.csv"), "--queries", str(tmp_path / "q.tsv"),
+                              "--qrels", str(tmp_path / "r.tsv"), "--out", str(tmp_path / "m")])
+    assert res.exit_code != 0

@@ -1,0 +1,83 @@
+"""``fusionrank train``: train the multimodal fusion ranker into a versioned artifact directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    @app.command("train")
+    def train_cmd(
+        catalog: Path = typer.Option(..., "--catalog", help="Catalog file the queries are judged against."),
+        queries: Path = typer.Option(..., "--queries", help="Queries TSV: query_id, query, user_id."),
+        qrels: Path = typer.Option(..., "--qrels", help="TREC qrels: query_id 0 product_id grade."),
+        out: Path = typer.Option(..., "--out", help="Artifact directory to write (config.json + weights.safetensors + training_report.json)."),
+        events: Optional[Path] = typer.Option(None, "--events", help="Events CSV of the queries' users (history)."),
+        images_root: Optional[Path] = typer.Option(None, "--images-root", help="Folder image paths are relative to (default: the catalog's folder)."),
+        gain: str = typer.Option("identity", "--gain", help="Grade -> gain: identity (fashion 0/1/2) | minus1 (Home Depot 1..3)."),
+        strategy: str = typer.Option("attention", "--strategy", help="Fusion strategy: concat | weighted | attention."),
+        loss: str = typer.Option("softmax", "--loss", help="Listwise loss: softmax | lambda."),
+        epochs: int = typer.Option(40, "--epochs", min=1, help="Most epochs (early stopping on validation NDCG@10)."),
+        patience: int = typer.Option(6, "--patience", min=1, help="Epochs without validation gain before stopping."),
+        seed: int = typer.Option(13, "--seed", help="Seed of the splits (same as fusionrank eval) and of training."),
+        max_minutes: float = typer.Option(10.0, "--max-minutes", min=0.01, help="Time budget of the training loop."),
+        no_image: bool = typer.Option(False, "--no-image", help="Ablation: no photo input (image modality and knn_image list off)."),
+        no_history: bool = typer.Option(False, "--no-history", help="Ablation: no user-history input."),
+        text_only: bool = typer.Option(False, "--text-only", help="Ablation: text and first-stage inputs only (= --no-image --no-history)."),
+        align_catalog: Optional[Path] = typer.Option(None, "--align-catalog", help="(title, photo) pairs for the text-image alignment (default: --catalog); e.g. fashion/products.csv for full titles."),
+        align_images_root: Optional[Path] = typer.Option(None, "--align-images-root", help="Images root of --align-catalog (default: its folder)."),
+        alignment: Optional[Path] = typer.Option(None, "--alignment", help="Use this trained alignment directory instead of training one."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads for training (default: torch's; 1 on a busy shared CPU)."),
+        progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: when stderr is a terminal)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the training report as JSON."),
+    ) -> None:
+        """Train the fusion ranker (alignment, listwise loss, early stopping) and write its artifact."""
+        from rerank.train import DatasetSpec, TrainConfig, train_ranker
+        from workers.jobs import run_index_job
+        from workers.settings import load_settings
+
+        settings = load_settings()
+        show = sys.stderr.isatty() if progress is None else progress
+        ds = DatasetSpec(catalog=catalog, queries=queries, qrels=qrels, gain=gain, events=events, images_root=images_root or catalog.parent)
+        cfg = TrainConfig(
+            strategy=strategy,
+            loss=loss,
+            epochs=epochs,
+            patience=patience,
+            seed=seed,
+            max_minutes=max_minutes,
+            use_image=not (no_image or text_only),
+            use_history=not (no_history or text_only),
+            device=settings.device,
+            threads=threads,
+            text_model=settings.text_model,
+            text_backend=settings.text_backend,
+            image_model=settings.image_model,
+            mapping=settings.mapping,
+            align_catalog=align_catalog,
+            align_images_root=align_images_root or (align_catalog.parent if align_catalog else None),
+            alignment_dir=alignment,
+            progress=show,
+        )
+
+        def indexer(engine, job):
+            return run_index_job(engine, settings, job, via="inline", progress=show)
+
+        result = train_ranker([ds], out=out, data_dir=settings.data_dir, indexer=indexer, config=cfg)
+        rep = result.report
+        if as_json:
+            typer.echo(json.dumps({k: v for k, v in rep.items() if k != "history"}, default=str))
+        else:
+            al = rep.get("alignment") or {}
+            typer.echo(f"artifact: {result.artifact}")
+            if al:
+                typer.echo(f"alignment: held-out text->image recall@10 {al['recall_at_10']:.3f} (chance {al['chance_recall_at_10']:.3f})")
+            typer.echo(
+                f"validation NDCG@10 {rep['best_validation_ndcg@10']:.4f} (untrained {rep['untrained_validation_ndcg@10']:.4f}); "
+                f"best epoch {rep['best_epoch']} of {rep['epochs_run']}; {rep['stopped']}"
+            )

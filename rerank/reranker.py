@@ -1,0 +1,372 @@
+"""The drop-in rerank call: first-stage hits in, the same shape out, reordered by the fusion model.
+
+``Reranker.rerank(query, hits_or_opensearch_response, *, user_id=None, top_k=None, query_image=None)``
+
+* an OpenSearch response dict -> a **new** dict (the input is not mutated) with ``hits.hits``
+  reordered, ``_score`` replaced by the model score, the old score kept as ``_previous_score``, an
+  ``_explanation`` per hit, ``hits.max_score`` updated, and a top-level ``"fusionrank"`` block
+  (``degraded``: ``None`` or the reason, ``model_version``, ``timings_ms``);
+* a list of hits (dicts with ``_id``/``_score`` or :class:`indexing.engines.base.Hit`) -> a
+  :class:`RankedHits`; iterating it (or ``.items``) gives the same kind of objects as given, reordered
+  (dict copies carrying ``_score``/``_previous_score``/``_explanation``; ``Hit`` objects with the new
+  score); ``.hits`` gives typed :class:`RankedHit` results and ``.degraded`` the fail-open reason.
+
+What the call can know about the first stage: only the hits it is given. Their input order and
+scores are taken as the ``bm25`` list (rank = position, score = ``_score``, min-max normalized within
+the given hits); the kNN lists are marked missing. :meth:`Reranker.search` runs the real hybrid
+retrieval (:class:`rerank.retrieval.Retriever`) and passes every list's signals to the model.
+
+``top_k`` keeps the best ``top_k`` hits of the new order (``None``: all). Vectors (and the categorical
+fields the model reads) of hits whose ``_source`` lacks them are fetched by id in one ``engine.get``.
+
+Fail open: each call has a time budget (``budget_ms``, default 50). The clock is read after every
+stage (encode, fetch, history, model); a stage that ran over makes the call return the first-stage
+order (torch cannot be interrupted mid-call, so a late model result is discarded). A model or
+encoder error, a history-store error (:class:`HistoryError`) or an engine error while fetching
+vectors do the same. Degraded calls log a warning and are counted in :attr:`Reranker.stats`
+(``{"calls": n, "degraded": n, "degraded:<reason>": n}``). Bad arguments still raise
+(:class:`ConfigError` / :class:`TypeError`). ``Reranker.noop(...)`` keeps the first-stage order always:
+the baseline and the kill switch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from indexing import fields as F
+from indexing.engines.base import Filters, Hit, check_size
+from indexing.errors import ConfigError, EngineError, FusionRankError, HistoryError
+from rerank.fusion import ListSignal
+from rerank.retrieval import BM25, LISTS, Candidate, RetrievalConfig, Retriever
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET_MS = 50.0
+#: degraded reasons (the values of ``"fusionrank": {"degraded": ...}`` and ``RankedHits.degraded``)
+TIMEOUT, MODEL_ERROR, ENCODER_ERROR, HISTORY_ERROR, ENGINE_ERROR = "timeout", "model_error", "encoder_error", "history_error", "engine_error"
+REASONS = (TIMEOUT, MODEL_ERROR, ENCODER_ERROR, HISTORY_ERROR, ENGINE_ERROR)
+
+
+@dataclass(frozen=True)
+class RankedHit:
+    id: str
+    score: float  # the new score (the first-stage score when the call degraded or the reranker is noop)
+    rank: int  # 1-based new rank
+    previous_score: float
+    previous_rank: int
+    explanation: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class RankedHits:
+    """Results of a list call or of :meth:`Reranker.search`; iterating yields ``items`` (the input's kind)."""
+
+    hits: tuple[RankedHit, ...]
+    degraded: str | None
+    timings: Mapping[str, float]  # ms per stage and "total"
+    items: tuple[Any, ...] = ()
+    model_version: str | None = None
+
+    @property
+    def ids(self) -> list[str]:
+        return [h.id for h in self.hits]
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.items[i]
+
+
+class _Degrade(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class _Input:
+    kind: str  # "opensearch" | "dicts" | "hits"
+    ids: list[str]
+    scores: list[float]
+    sources: list[Mapping[str, Any] | None]
+    raw: list[Any] = field(default_factory=list)
+
+
+def _parse(hits_or_response: Any) -> _Input:
+    if isinstance(hits_or_response, Mapping):
+        inner = hits_or_response.get("hits")
+        if not isinstance(inner, Mapping) or not isinstance(inner.get("hits"), list):
+            raise ConfigError("an OpenSearch response must have a hits.hits list; got keys " + ", ".join(map(str, hits_or_response)))
+        items, kind = inner["hits"], "opensearch"
+    elif isinstance(hits_or_response, (list, tuple)):
+        items = list(hits_or_response)
+        kind = "hits" if items and isinstance(items[0], Hit) else "dicts"
+    else:
+        raise TypeError(f"rerank() takes an OpenSearch response dict or a list of hits, got {type(hits_or_response).__name__}")
+    ids, scores, sources = [], [], []
+    for i, h in enumerate(items):
+        if kind == "hits":
+            if not isinstance(h, Hit):
+                raise TypeError(f"hit {i} is a {type(h).__name__}; a list must hold only Hit objects or only dicts")
+            hid, score, src = h.id, h.score, h.source
+        else:
+            if not isinstance(h, Mapping):
+                raise TypeError(f"hit {i} is a {type(h).__name__}, expected a dict with _id and _score")
+            hid, score, src = h.get("_id"), h.get("_score"), h.get("_source")
+        if not isinstance(hid, str) or not hid:
+            raise ConfigError(f"hit {i} has no string _id/id")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            raise TypeError(f"hit {hid!r} has a non-numeric score {score!r}")
+        ids.append(hid)
+        scores.append(float(score) if score is not None and math.isfinite(float(score)) else 0.0)
+        sources.append(src if isinstance(src, Mapping) else None)
+    if len(set(ids)) != len(ids):
+        raise ConfigError("duplicate hit ids in the input")
+    return _Input(kind, ids, scores, sources, list(items))
+
+
+def candidates_from_hits(ids: Sequence[str], scores: Sequence[float]) -> tuple[Candidate, ...]:
+    """First-stage candidates from an ordered hit list (pure): the list is the ``bm25`` list, rank =
+    position, normalized = min-max of the given scores; kNN lists missing."""
+    lo, hi = (min(scores), max(scores)) if scores else (0.0, 0.0)
+    out = []
+    for r, (i, s) in enumerate(zip(ids, scores), 1):
+        norm = (s - lo) / (hi - lo) if hi > lo else 1.0
+        sig = {n: ListSignal.absent() for n in LISTS}
+        sig[BM25] = ListSignal(s, r, norm, False)
+        out.append(Candidate(i, s, r, sig))
+    return tuple(out)
+
+
+def _first_stage_explain(c: Candidate) -> dict[str, Any]:
+    return {
+        n: {"score": s.score, "rank": s.rank, "normalized": None if s.normalized is None else round(float(s.normalized), 6)}
+        for n, s in c.signals.items()
+        if not s.missing
+    }
+
+
+class Reranker:
+    """The drop-in rerank call over one index (or alias); ``model=None`` is the ``noop`` reranker."""
+
+    def __init__(
+        self,
+        engine: Any,
+        index: str,
+        model: Any | None,
+        *,
+        text_encoder: Any | None,
+        image_encoder: Any | None = None,
+        history: Any | None = None,
+        budget_ms: float = DEFAULT_BUDGET_MS,
+        clock: Callable[[], float] = time.perf_counter,
+        retrieval: RetrievalConfig | None = None,
+    ):
+        if not isinstance(index, str) or not index:
+            raise ConfigError("index must be a non-empty string")
+        if not (isinstance(budget_ms, (int, float)) and budget_ms > 0):
+            raise ConfigError(f"budget_ms must be > 0, got {budget_ms!r}")
+        if model is not None and text_encoder is None:
+            raise ConfigError("a fusion model needs the text encoder it was trained with (text_encoder=)")
+        if model is not None and text_encoder is not None and getattr(text_encoder, "model_id", None) not in (None, model.text_encoder.model_id):
+            raise ConfigError(f"text encoder {text_encoder.model_id!r} differs from the model's {model.text_encoder.model_id!r}")
+        self.engine, self.index, self.model = engine, index, model
+        self.text_encoder, self.image_encoder, self.history = text_encoder, image_encoder, history
+        self.budget_ms, self.clock = float(budget_ms), clock
+        align = model.alignment if model is not None else None
+        self.retriever = Retriever(
+            engine, index, text_encoder=text_encoder, image_encoder=image_encoder,
+            query_to_image_space=align.query_to_image_space if align is not None else None, config=retrieval,
+        )
+        self._lock = threading.Lock()
+        self._stats: dict[str, int] = {"calls": 0, "degraded": 0}
+
+    @classmethod
+    def noop(cls, engine: Any, index: str, *, text_encoder: Any | None = None, image_encoder: Any | None = None, **kw: Any) -> "Reranker":
+        """Keeps the first-stage order (baseline, kill switch); same call and return shapes."""
+        return cls(engine, index, None, text_encoder=text_encoder, image_encoder=image_encoder, **kw)
+
+    @property
+    def name(self) -> str:
+        return "noop" if self.model is None else "fusion"
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """A snapshot of the counters: calls, degraded, degraded:<reason>."""
+        with self._lock:
+            return dict(self._stats)
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._stats[key] = self._stats.get(key, 0) + 1
+
+    # ------------------------------------------------------------------ the calls
+    def rerank(self, query: str, hits_or_opensearch_response: Any, *, user_id: str | None = None, top_k: int | None = None, query_image: Any | None = None) -> Any:
+        """Rerank given first-stage hits; see the module doc for the return shapes."""
+        text = self._check_args(query, user_id, top_k, query_image)
+        inp = _parse(hits_or_opensearch_response)
+        cands = candidates_from_hits(inp.ids, inp.scores)
+        docs = {i: s for i, s in zip(inp.ids, inp.sources) if s is not None}
+        ranked, degraded, timings = self._score(text, cands, docs, user_id, query_image)
+        if top_k is not None:
+            ranked = ranked[:top_k]
+        items = self._render(inp, ranked)
+        if inp.kind == "opensearch":
+            resp = {k: copy.deepcopy(v) for k, v in hits_or_opensearch_response.items() if k != "hits"}
+            inner = {k: copy.deepcopy(v) for k, v in hits_or_opensearch_response["hits"].items() if k != "hits"}
+            inner["hits"] = items
+            inner["max_score"] = max((h.score for h in ranked), default=None)
+            resp["hits"] = inner
+            resp["fusionrank"] = {"degraded": degraded, "reranker": self.name, "model_version": self._version(), "timings_ms": timings}
+            return resp
+        return RankedHits(tuple(ranked), degraded, timings, tuple(items), self._version())
+
+    def search(self, query: str, *, user_id: str | None = None, size: int = 10, filters: Filters | None = None, query_image: Any | None = None) -> RankedHits:
+        """Hybrid retrieval (BM25 + kNN text + kNN image) then rerank; returns the top ``size``."""
+        text = self._check_args(query, user_id, size, query_image)
+        if filters is not None and not isinstance(filters, Filters):
+            raise TypeError(f"filters must be an indexing.engines.base.Filters, got {type(filters).__name__}")
+        cs = self.retriever.retrieve(query, query_image=query_image, filters=filters, user_id=user_id, with_source=True)
+        docs = {c.id: c.source for c in cs.candidates if c.source is not None}
+        ranked, degraded, timings = self._score(text, cs.candidates, docs, user_id, query_image)
+        ranked = ranked[:size]
+        items = tuple(Hit(h.id, h.score, docs.get(h.id)) for h in ranked)
+        return RankedHits(tuple(ranked), degraded, timings, items, self._version())
+
+    # ------------------------------------------------------------------ internals
+    def _version(self) -> str | None:
+        return None if self.model is None else self.model.version
+
+    @staticmethod
+    def _check_args(query: Any, user_id: Any, top_k: Any, query_image: Any) -> str:
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a string, got {type(query).__name__}")
+        if not query.strip() and query_image is None:
+            raise ConfigError("empty query: give a query text or a query image")
+        if user_id is not None and (not isinstance(user_id, str) or not user_id):
+            raise TypeError(f"user_id must be a non-empty string or None, got {user_id!r}")
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, int):
+                raise TypeError(f"top_k/size must be an int, got {type(top_k).__name__}")
+            check_size(top_k, "top_k")
+        return query.strip()
+
+    def _score(self, text: str, cands: Sequence[Candidate], docs: dict[str, Mapping[str, Any]], user_id: str | None, query_image: Any) -> tuple[list[RankedHit], str | None, dict[str, float]]:
+        t0 = self.clock()
+        timings: dict[str, float] = {}
+        self._count("calls")
+        scores = None
+        degraded = None
+        if self.model is not None and cands:
+            try:
+                scores, explain = self._model_scores(text, cands, docs, user_id, query_image, t0, timings)
+            except _Degrade as d:
+                degraded = d.reason
+                self._count("degraded")
+                self._count(f"degraded:{d.reason}")
+                log.warning("rerank degraded to first-stage order (%s): %s", d.reason, d.detail)
+        timings["total"] = round((self.clock() - t0) * 1000.0, 3)
+        if scores is None:  # noop, empty, or degraded: first-stage order
+            return [RankedHit(c.id, float(c.score), c.rank, float(c.score), c.rank, {"gates": {}, "history_top": [], "first_stage": _first_stage_explain(c)}) for c in cands], degraded, timings
+        order = sorted(range(len(cands)), key=lambda i: (-scores[i], cands[i].id))
+        out = []
+        for r, i in enumerate(order, 1):
+            c = cands[i]
+            ex = dict(explain(i))
+            ex["first_stage"] = _first_stage_explain(c)
+            out.append(RankedHit(c.id, float(scores[i]), r, float(c.score), c.rank, ex))
+        return out, None, timings
+
+    def _check_budget(self, t0: float, stage: str, timings: dict[str, float], started: float) -> None:
+        now = self.clock()
+        timings[stage] = round((now - started) * 1000.0, 3)
+        spent = (now - t0) * 1000.0
+        if spent > self.budget_ms:
+            raise _Degrade(TIMEOUT, f"{spent:.1f} ms spent after stage {stage!r}, budget {self.budget_ms:g} ms")
+
+    def _model_scores(self, text, cands, docs, user_id, query_image, t0, timings):
+        from rerank.model_features import HistoryInput, build_request_features
+
+        art = self.model
+        spec = art.feature_spec
+        align = art.alignment
+        s = self.clock()
+        try:
+            if text:
+                qvec = np.asarray(self.text_encoder.encode([text]), dtype=np.float32)[0]
+            else:
+                if self.image_encoder is None or align is None:
+                    raise ConfigError("an image-only query needs an image encoder and a model with a text-image alignment")
+                qvec = np.asarray(align.project(np.asarray(self.image_encoder.encode([query_image]), dtype=np.float32)), dtype=np.float32)[0]
+        except ConfigError:
+            raise
+        except Exception as e:  # an encoder failure must not break the caller's search
+            raise _Degrade(ENCODER_ERROR, f"{type(e).__name__}: {e}") from e
+        self._check_budget(t0, "encode", timings, s)
+
+        s = self.clock()
+        need = [c.id for c in cands if F.TEXT_VEC not in (docs.get(c.id) or {})]
+        if need:
+            try:
+                fetched = self.engine.get(self.index, need, fields=[F.TEXT_VEC, F.IMAGE_VEC, *spec.cat_fields])
+            except EngineError as e:
+                raise _Degrade(ENGINE_ERROR, f"fetching vectors of {len(need)} hits: {e}") from e
+            docs = {**docs, **{i: {**(docs.get(i) or {}), **d} for i, d in fetched.items()}}
+        self._check_budget(t0, "fetch", timings, s)
+
+        s = self.clock()
+        hist = None
+        if user_id is not None and self.history is not None:
+            try:
+                hist = HistoryInput.from_profile(self.history.get_profile(user_id))
+            except HistoryError as e:
+                raise _Degrade(HISTORY_ERROR, f"profile of user {user_id!r}: {e}") from e
+            except EngineError as e:  # history vectors are read from the engine
+                raise _Degrade(ENGINE_ERROR, f"history vectors of user {user_id!r}: {e}") from e
+        self._check_budget(t0, "history", timings, s)
+
+        s = self.clock()
+        try:
+            req = build_request_features(
+                qvec, cands, docs, spec, history=hist, project=align.project if align is not None else None,
+                text_dim=art.text_encoder.dim, image_dim=art.image_encoder.dim if art.image_encoder else None,
+            )
+            scored = art.ranker.score(req)
+            scores = np.asarray(scored.scores, dtype=np.float64)
+            if scores.shape != (len(cands),) or not np.isfinite(scores).all():
+                raise FusionRankError(f"model returned {scores.shape} scores with non-finite values for {len(cands)} candidates")
+        except Exception as e:  # fail open on any model failure
+            raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e
+        self._check_budget(t0, "model", timings, s)
+        return scores.tolist(), scored.explain
+
+    @staticmethod
+    def _render(inp: _Input, ranked: Sequence[RankedHit]) -> list[Any]:
+        pos = {i: k for k, i in enumerate(inp.ids)}
+        out = []
+        for h in ranked:
+            orig = inp.raw[pos[h.id]]
+            if inp.kind == "hits":
+                out.append(replace(orig, score=h.score))
+            else:
+                d = copy.deepcopy(dict(orig))
+                d["_score"] = h.score
+                d["_previous_score"] = orig.get("_score")
+                d["_explanation"] = copy.deepcopy(dict(h.explanation))
+                out.append(d)
+        return out
+
+
+__all__ = ["DEFAULT_BUDGET_MS", "REASONS", "RankedHit", "RankedHits", "Reranker", "candidates_from_hits"]

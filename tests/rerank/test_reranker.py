@@ -1,0 +1,244 @@
+"""The drop-in rerank call over a real LocalEngine, the real MiniLM encoder and a real (untrained) FusionRanker artifact.
+
+Ranking quality is not the subject here (the model is untrained): these tests check the call's
+mechanics — shapes, orders as permutations of the input, no mutation, explanations, fail-open.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from indexing import fields as F
+from indexing.engines.base import BulkAction, Hit
+from indexing.errors import ConfigError
+from rerank.model import MODALITIES
+from rerank.reranker import RankedHit, RankedHits, Reranker
+
+pytestmark = pytest.mark.slow
+
+INDEX = "products"
+IMAGE_DIM = 8
+TITLES = [
+    "black running shoes for men", "red summer dress", "blue denim jeans", "white cotton t-shirt",
+    "black leather handbag", "brown leather belt", "green hiking backpack", "black sports socks",
+    "grey wool sweater", "navy blue casual shirt",
+]
+ARTICLES = ["Shoes", "Dresses", "Jeans", "Tshirts", "Handbags", "Belts", "Backpacks", "Socks", "Sweaters", "Shirts"]
+
+
+class CountingEngine:
+    """A thin wrapper around the real LocalEngine that counts ``get`` requests (measuring, not mocking)."""
+
+    def __init__(self, inner):
+        self.inner, self.get_calls = inner, []
+
+    def get(self, index, ids, *, fields=None):
+        self.get_calls.append(list(ids))
+        return self.inner.get(index, ids, fields=fields)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from indexing.encoders import get_text_encoder
+    from indexing.engines import create_engine
+    from mappings import load_mapping
+    from rerank.artifacts import EncoderRef, load_artifact, save_artifact
+    from rerank.history import EngineVectorSource, HistoryStore, ProfileService
+    from rerank.history.store import upgrade
+    from rerank.model import RankerConfig, build_ranker
+    from rerank.model_features import FeatureSpec
+
+    d = tmp_path_factory.mktemp("reranker")
+    text = get_text_encoder("minilm")
+    engine = create_engine("local", path=d / "engine")
+    engine.create_index(INDEX, load_mapping("products-v1", text_dim=text.dim, image_dim=IMAGE_DIM))
+    vecs = text.encode(TITLES)
+    actions = [
+        BulkAction.index(f"p{i}", {F.ID: f"p{i}", F.TITLE: t, F.ARTICLE_TYPE: ARTICLES[i], F.TEXT_VEC: vecs[i].tolist()})
+        for i, t in enumerate(TITLES)
+    ]
+    assert engine.bulk(INDEX, actions).ok
+    engine.refresh(INDEX)
+
+    spec = FeatureSpec(history_k=6)
+    cfg = RankerConfig(text_dim=text.dim, first_stage_dim=spec.first_stage_dim, n_cat_fields=len(spec.cat_fields),
+                       hash_buckets=spec.hash_buckets, history_k=spec.history_k, d_model=16, hidden=32, heads=2)
+    path = save_artifact(d / "model", build_ranker(cfg, device="cpu", seed=0), feature_spec=spec,
+                         text_encoder=EncoderRef(text.model_id, text.dim), image_encoder=None)
+    art = load_artifact(path, mapping=engine.get_mapping(INDEX), device="cpu")
+
+    url = f"sqlite:///{d / 'history.sqlite3'}"
+    upgrade(url)
+    store = HistoryStore(url)
+    now = datetime.now(timezone.utc)
+    store.insert_events([
+        {"event_id": f"e{i}", "user_id": "u1", "product_id": p, "type": ev, "ts": now - timedelta(hours=i + 1)}
+        for i, (p, ev) in enumerate([("p0", "purchase"), ("p7", "click"), ("p4", "view")])
+    ])
+    history = ProfileService(store, EngineVectorSource(engine, INDEX), ttl_s=0)
+    return engine, text, art, history, d
+
+
+def _bm25_response(engine, query="black leather shoes", size=8):
+    hits = engine.bm25_search(INDEX, query, size=size, source=[F.ID, F.TITLE])
+    assert len(hits) >= 3
+    return {
+        "took": 3, "timed_out": False,
+        "hits": {"total": {"value": len(hits), "relation": "eq"}, "max_score": hits[0].score,
+                 "hits": [{"_index": INDEX, "_id": h.id, "_score": h.score, "_source": dict(h.source or {})} for h in hits]},
+    }
+
+
+def _reranker(world, **kw):
+    engine, text, art, history, _ = world
+    return Reranker(kw.pop("engine", engine), INDEX, kw.pop("model", art), text_encoder=text, history=kw.pop("history", history), **kw)
+
+
+def test_opensearch_response_stays_a_response_reordered_with_explanations(world):
+    engine = world[0]
+    resp = _bm25_response(engine)
+    before = copy.deepcopy(resp)
+    out = _reranker(world, budget_ms=10_000).rerank("black leather shoes", resp, user_id="u1")
+    assert resp == before  # input not mutated
+    assert out is not resp and out["took"] == 3 and out["hits"]["total"] == resp["hits"]["total"]
+    assert out["fusionrank"]["degraded"] is None and out["fusionrank"]["model_version"]
+    hits = out["hits"]["hits"]
+    assert sorted(h["_id"] for h in hits) == sorted(h["_id"] for h in resp["hits"]["hits"])
+    scores = [h["_score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    assert out["hits"]["max_score"] == scores[0]
+    prev = {h["_id"]: h["_score"] for h in resp["hits"]["hits"]}
+    for h in hits:
+        assert h["_previous_score"] == prev[h["_id"]]
+        assert h["_source"] == next(x["_source"] for x in resp["hits"]["hits"] if x["_id"] == h["_id"])
+        ex = h["_explanation"]
+        assert set(ex) == {"gates", "history_top", "first_stage"}
+        assert set(ex["gates"]) == set(MODALITIES) and ex["gates"]["image"] == 0  # no alignment in this model: images masked
+        assert abs(sum(ex["gates"].values()) - 1) < 1e-3
+        assert {t["product_id"] for t in ex["history_top"]} <= {"p0", "p7", "p4"}
+        assert ex["first_stage"]["bm25"]["score"] == prev[h["_id"]]
+    assert any(h["_explanation"]["history_top"] for h in hits)  # u1's history is attended to
+    assert all(h["_score"] != h["_previous_score"] for h in hits)  # the model's scores, not the BM25 ones
+
+
+def test_list_of_dicts_and_list_of_hits_keep_their_kind(world):
+    engine = world[0]
+    r = _reranker(world, budget_ms=10_000)
+    dicts = [{"_id": h["_id"], "_score": h["_score"]} for h in _bm25_response(engine)["hits"]["hits"]]
+    out = r.rerank("black shoes", dicts, top_k=3)
+    assert isinstance(out, RankedHits) and out.degraded is None and len(out) == 3
+    assert all(isinstance(h, dict) and {"_id", "_score", "_previous_score", "_explanation"} <= set(h) for h in out)
+    assert all(isinstance(h, RankedHit) for h in out.hits) and [h.rank for h in out.hits] == [1, 2, 3]
+    assert [h["_id"] for h in out] == out.ids and set(out.ids) <= {d["_id"] for d in dicts}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.hits[0].score = 0.0  # type: ignore[misc]
+
+    hits = [Hit(d["_id"], d["_score"]) for d in dicts]
+    out2 = r.rerank("black shoes", hits)
+    assert all(isinstance(h, Hit) for h in out2) and sorted(h.id for h in out2) == sorted(h.id for h in hits)
+    assert [h.score for h in out2] == [h.score for h in out2.hits] == sorted((h.score for h in out2.hits), reverse=True)
+    prev = {h.id: (h.score, i + 1) for i, h in enumerate(hits)}
+    assert all((h.previous_score, h.previous_rank) == prev[h.id] for h in out2.hits)
+
+
+def test_vectors_are_fetched_in_one_request(world):
+    counting = CountingEngine(world[0])
+    r = _reranker(world, engine=counting, budget_ms=10_000)
+    resp = _bm25_response(world[0])
+    out = r.rerank("black leather shoes", resp)
+    assert out["fusionrank"]["degraded"] is None
+    assert len(counting.get_calls) == 1 and sorted(counting.get_calls[0]) == sorted(h["_id"] for h in resp["hits"]["hits"])
+
+
+def test_noop_keeps_first_stage_order(world):
+    engine, text, *_ = world
+    resp = _bm25_response(engine)
+    out = Reranker.noop(engine, INDEX, text_encoder=text).rerank("black leather shoes", resp)
+    assert [h["_id"] for h in out["hits"]["hits"]] == [h["_id"] for h in resp["hits"]["hits"]]
+    assert [h["_score"] for h in out["hits"]["hits"]] == [h["_score"] for h in resp["hits"]["hits"]]
+    assert out["fusionrank"]["degraded"] is None and out["fusionrank"]["reranker"] == "noop"
+
+
+def _assert_first_stage(out, resp, reason):
+    assert out["fusionrank"]["degraded"] == reason
+    assert [h["_id"] for h in out["hits"]["hits"]] == [h["_id"] for h in resp["hits"]["hits"]]
+    assert all(h["_score"] == h["_previous_score"] for h in out["hits"]["hits"])
+
+
+def test_budget_exceeded_degrades_to_first_stage_order(world, caplog):
+    ticks = itertools.count()
+    r = _reranker(world, budget_ms=50, clock=lambda: next(ticks) * 0.03)  # every clock read jumps 30 ms
+    resp = _bm25_response(world[0])
+    out = r.rerank("black leather shoes", resp)
+    _assert_first_stage(out, resp, "timeout")
+    assert r.stats["degraded:timeout"] == 1 and r.stats["calls"] == 1
+    assert "degraded" in caplog.text
+    lst = r.rerank("black leather shoes", [{"_id": "p1", "_score": 2.0}, {"_id": "p0", "_score": 1.0}])
+    assert lst.degraded == "timeout" and lst.ids == ["p1", "p0"]
+
+
+def test_model_error_degrades(world):
+    from rerank.model_features import FeatureSpec
+
+    art = world[2]
+    broken = dataclasses.replace(art, feature_spec=FeatureSpec(history_k=6, hash_buckets=10**7))  # category ids past the embedding table
+    r = _reranker(world, model=broken, budget_ms=10_000)
+    resp = _bm25_response(world[0])
+    _assert_first_stage(r.rerank("black leather shoes", resp), resp, "model_error")
+    assert r.stats["degraded:model_error"] == 1
+
+
+def test_history_store_error_degrades_and_unknown_user_is_cold_start(world, tmp_path):
+    from rerank.history import EngineVectorSource, HistoryStore, ProfileService
+    from rerank.history.store import upgrade
+
+    engine = world[0]
+    url = f"sqlite:///{tmp_path / 'h.sqlite3'}"
+    upgrade(url)
+    store = HistoryStore(url)
+    store.close()
+    (tmp_path / "h.sqlite3").unlink()  # the database disappears under the service: a real SQL failure
+    r = _reranker(world, history=ProfileService(store, EngineVectorSource(engine, INDEX), ttl_s=0), budget_ms=10_000)
+    resp = _bm25_response(engine)
+    _assert_first_stage(r.rerank("black leather shoes", resp, user_id="u1"), resp, "history_error")
+    assert r.stats["degraded:history_error"] == 1
+
+    ok = _reranker(world, budget_ms=10_000).rerank("black leather shoes", resp, user_id="nobody-ever")
+    assert ok["fusionrank"]["degraded"] is None
+    assert all(h["_explanation"]["history_top"] == [] and h["_explanation"]["gates"]["history"] == 0 for h in ok["hits"]["hits"])
+
+
+def test_bad_arguments_raise(world):
+    r = _reranker(world)
+    resp = _bm25_response(world[0])
+    with pytest.raises(ConfigError, match="empty query"):
+        r.rerank("  ", resp)
+    with pytest.raises(TypeError, match="query must be a string"):
+        r.rerank(None, resp)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="hits.hits"):
+        r.rerank("shoes", {"took": 1})
+    with pytest.raises(TypeError):
+        r.rerank("shoes", "p1,p2")
+    with pytest.raises(TypeError):
+        r.rerank("shoes", [{"_id": "p1", "_score": "high"}])
+    with pytest.raises(TypeError, match="top_k"):
+        r.rerank("shoes", resp, top_k="3")  # type: ignore[arg-type]
+    assert r.stats["calls"] == 0
+
+
+def test_search_retrieves_and_reranks(world):
+    r = _reranker(world, budget_ms=10_000)
+    out = r.search("black shoes", user_id="u1", size=4)
+    assert isinstance(out, RankedHits) and out.degraded is None and 0 < len(out) <= 4
+    assert all(isinstance(h, Hit) and h.source and h.source[F.ID] == h.id for h in out)
+    assert [h.rank for h in out.hits] == list(range(1, len(out) + 1))
+    assert all("knn_text" in h.explanation["first_stage"] or "bm25" in h.explanation["first_stage"] for h in out.hits)
+    assert set(out.timings) >= {"encode", "fetch", "history", "model", "total"}

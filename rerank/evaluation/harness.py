@@ -34,9 +34,10 @@ from indexing.engines.base import Filters, SearchEngine
 from indexing.errors import ConfigError
 from rerank.evaluation.data import Qrels, Query, file_sha256, read_event_users, read_qrels, read_queries
 from rerank.evaluation.splits import DEFAULT_SEED, assign, load_or_create_splits
-from rerank.evaluation.systems import DEFAULT_SYSTEMS, SYSTEMS, EvalContext, EvalItem, NotApplicable, candidates_for_pool
+from rerank.evaluation.systems import DEFAULT_SYSTEMS, SYSTEMS, EvalContext, EvalItem, FusionInputs, NotApplicable, candidates_for_pool
 from rerank.metrics import GAIN_DESCRIPTIONS, MetricSpec, gain_mapping, has_positive_gain, map_gains, mean_metrics, query_metrics
 from rerank.retrieval import LISTS, FirstStage, RetrievalConfig, Retriever, fuse_first_stage
+from rerank.train import DatasetSpec
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,31 @@ def cached_index(
 
 
 # --------------------------------------------------------------------------- helpers
+def transform_id(fn: Callable[[np.ndarray], np.ndarray] | None, dim: int) -> str | None:
+    """A content identifier of a query-vector transform (``query_to_image_space``), for cache keys.
+
+    An :class:`~rerank.alignment.Alignment`'s bound method is identified by its weights; any other
+    callable by its outputs on fixed seeded probe vectors of dimension ``dim`` (two transforms that
+    agree on them are treated as the same). ``None`` (no knn_image list for text queries) stays None."""
+    if fn is None:
+        return None
+    owner = getattr(fn, "__self__", None)
+    head = getattr(owner, "head", None)
+    if head is not None and hasattr(head, "state_dict"):
+        h = hashlib.sha256()
+        for k, v in sorted(head.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().numpy().tobytes())
+        return "alignment:" + h.hexdigest()[:16]
+    probes = np.random.default_rng(0).standard_normal((3, dim)).astype(np.float32)
+    try:
+        outs = [np.round(np.asarray(fn(p), dtype=np.float64).reshape(-1), 5) for p in probes]
+    except Exception as e:  # a transform that cannot take the probes: identify it by name (noted in the key)
+        log.warning("query_to_image_space cannot be probed (%s); keying trained models by its name", e)
+        return f"callable:{getattr(fn, '__qualname__', repr(fn))}"
+    return "probe:" + hashlib.sha256(b"".join(o.tobytes() for o in outs)).hexdigest()[:16]
+
+
 def dataset_name(queries: Path) -> str:
     """``homedepot`` / ``fashion/bench/dev``: the queries' folder below a ``data`` folder, else its name."""
     parts = Path(queries).resolve().parent.parts
@@ -315,7 +341,7 @@ def evaluate(
         if Path(req.train_queries).resolve() == Path(req.queries).resolve():
             raise ConfigError("--train-queries is the evaluated --queries file: evaluate on queries the models never saw")
         info["train"] = {"queries": str(req.train_queries), "train": len(train_q), "validation": len(valid_q)}
-        if req.train_events is not None:  # read for validation; the baselines use no history (the fusion models will)
+        if req.train_events is not None:  # the baselines use no history; the fusion systems train on these events
             tev = read_event_users(req.train_events)
             info["train"]["events"] = {"users": len(tev.products_by_user), "events": tev.events}
     else:
@@ -375,6 +401,8 @@ def evaluate(
         vq_keep, _ = _eval_queries(valid_q, train_qrels, req.gain)
         ctx.train_items, _ = build_items(t_retriever, tq_keep, train_qrels, gain=req.gain, mode=req.mode, top_n=req.top_n, progress=req.progress, desc="first stage (training)")
         ctx.valid_items, _ = build_items(t_retriever, vq_keep, train_qrels, gain=req.gain, mode=req.mode, top_n=req.top_n, progress=req.progress, desc="first stage (validation)")
+        q2i_id = transform_id(query_to_image_space, int(text_enc.dim))
+        lists_ran = sorted({n for it in (*ctx.train_items, *ctx.valid_items) for n in it.stage.lists})
         ctx.train_key = _key(
             t_idx.key,
             req.mode,
@@ -384,8 +412,42 @@ def evaluate(
             sorted(q.id for q in vq_keep),
             file_sha256(req.train_qrels or req.qrels),
             file_sha256(req.train_queries or req.queries),
+            q2i_id,  # the knn_image list for text queries (its features) depends on the alignment
+            lists_ran,
         )
-        info["training"] = {"queries": len(ctx.train_items), "validation_queries": len(ctx.valid_items)}
+        info["training"] = {"queries": len(ctx.train_items), "validation_queries": len(ctx.valid_items),
+                            "lists": lists_ran, "query_to_image_space": q2i_id}
+        eval_queries_by_id = {q.id: q for q in eval_q}
+
+        def rebuild_stages(q2i: Callable[[np.ndarray], np.ndarray] | None) -> dict[str, FirstStage]:
+            again, _ = build_items(Retriever(idx.engine, idx.alias, text_encoder=text_enc, query_to_image_space=q2i, config=cfg),
+                                   [eval_queries_by_id[it.query_id] for it in items], qrels, gain=req.gain, mode=req.mode,
+                                   top_n=req.top_n, progress=req.progress, desc="first stage (with the model's alignment)")
+            return {it.query_id: it.stage for it in again}
+
+        if req.train_catalog is not None and Path(req.train_catalog).resolve() != Path(req.catalog).resolve():
+            t_spec = DatasetSpec(Path(req.train_catalog), Path(req.train_queries or req.queries), Path(req.train_qrels or req.qrels),
+                                 gain=req.gain, events=req.train_events, images_root=req.train_images_root, name=f"{dataset}-train", mode=req.mode)
+        elif req.train_queries is not None:
+            t_spec = DatasetSpec(Path(req.catalog), Path(req.train_queries), Path(req.train_qrels),  # type: ignore[arg-type]
+                                 gain=req.gain, events=req.train_events or req.events, images_root=req.images_root, name=f"{dataset}-train", mode=req.mode)
+        else:
+            t_spec = DatasetSpec(Path(req.catalog), Path(req.queries), Path(req.qrels), gain=req.gain, events=req.events,
+                                 images_root=req.images_root, name=dataset, mode=req.mode)
+        ctx.fusion = FusionInputs(
+            data_dir=data_dir,
+            indexer=indexer,
+            dataset=t_spec,
+            encode_queries=retriever.encode_queries,
+            fetch_fields=lambda ids, names: idx.engine.get(idx.alias, list(ids), fields=list(names)),
+            rebuild_stages=rebuild_stages,
+            events=req.events,
+            text_model=req.text_model,
+            text_backend=req.text_backend,
+            image_model=req.image_model,
+            mapping=req.mapping,
+            top_n=req.top_n,
+        )
 
     results: dict[str, SystemResult] = {}
     skipped: dict[str, str] = {}
@@ -405,11 +467,11 @@ def evaluate(
         info["note"] = ("rerank mode: each system reorders the judged products of a query (judged@10 is 1 whenever a query has 10 "
                         "or more; recall@100 is 1 unless a query has over 100 judged products)")
     else:
-        info["note"] = (f"retrieve mode: single lists and hybrids rank the whole catalog (top {req.top_n}); random, lambdamart "
-                        f"and cross_encoder reorder the hybrid_rrf top {req.top_n} (cross_encoder its first {req.rerank_depth}); "
+        info["note"] = (f"retrieve mode: single lists and hybrids rank the whole catalog (top {req.top_n}); random, lambdamart, "
+                        f"the fusion systems and cross_encoder reorder the hybrid_rrf top {req.top_n} (cross_encoder its first {req.rerank_depth}); "
                         "unjudged products count as irrelevant, judged@10 says how many of the top 10 were judged")
     info["seconds"] = round(time.perf_counter() - t0, 1)
     return EvalReport(dataset, req.mode, len(items), split_name, req.gain, results, skipped, info)
 
 
-__all__ = ["CachedIndex", "EvalReport", "EvalRequest", "MODES", "SystemResult", "build_items", "cached_index", "dataset_name", "evaluate", "index_key", "score_runs"]
+__all__ = ["CachedIndex", "EvalReport", "EvalRequest", "MODES", "SystemResult", "build_items", "cached_index", "dataset_name", "evaluate", "index_key", "score_runs", "transform_id"]

@@ -16,16 +16,27 @@ The pool is what a system may reorder, identical for every system:
 
 Trainable systems (``lambdamart``, ``cross_encoder``) are trained on :attr:`EvalContext.train_items`
 (the training split, or the ``--train-*`` files), validated on :attr:`EvalContext.valid_items`, and
-cached by a content hash of what they were trained on (:mod:`rerank.evaluation.trainers`).
+cached by a content hash of what they were trained on (:mod:`rerank.evaluation.trainers`); the hash
+includes the first-stage lists that ran and an identifier of ``query_to_image_space`` (the knn_image
+list for text queries), so a model fitted without a list's features is never reused with it.
+
+The fusion systems (``fusion``, the ablations ``fusion_no_image`` / ``fusion_no_history`` /
+``fusion_text_only`` and one per strategy ``fusion_concat`` / ``fusion_weighted`` /
+``fusion_attention``) train the :class:`~rerank.model.FusionRanker` with :func:`rerank.train.train_ranker`
+on the same training split (:class:`FusionInputs`), one training per distinct config, cached under
+``<data_dir>/eval-models/fusion-<key>/`` (``fusion`` and ``fusion_attention`` share one).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from indexing.registry import Registry
 from rerank.fusion import ListSignal
@@ -72,6 +83,31 @@ class EvalContext:
     progress: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # per system, shown in the report
+    fusion: "FusionInputs | None" = None  # what the fusion systems need beyond the items (set by the harness)
+
+
+@dataclass(frozen=True)
+class FusionInputs:
+    """What the harness hands the fusion systems: how to train (``rerank.train.train_ranker`` on
+    ``dataset``: the harness's training split, or the ``--train-*`` files) and how to score its items.
+
+    ``encode_queries(texts) -> (n, Dt)``; ``fetch_fields(ids, field_names) -> {id: source}`` from the
+    evaluated index; ``rebuild_stages(query_to_image_space) -> {query_id: FirstStage}`` re-runs the
+    first stage of the evaluated queries with a model's own alignment (so its ``knn_image`` features
+    are the ones it was trained on); ``events``: the evaluated queries' events file (user histories)."""
+
+    data_dir: Path
+    indexer: Callable[[Any, Any], Any]
+    dataset: Any  # rerank.train.DatasetSpec
+    encode_queries: Callable[[Sequence[str]], Any]
+    fetch_fields: Callable[[Sequence[str], Sequence[str]], Mapping[str, Mapping[str, Any]]]
+    rebuild_stages: Callable[[Any], Mapping[str, FirstStage]] | None = None
+    events: Path | None = None
+    text_model: str = "minilm"
+    text_backend: str = "torch"
+    image_model: str = "efficientnet_lite0"
+    mapping: str = "products-v1"
+    top_n: int = 200
 
 
 class System:
@@ -250,9 +286,183 @@ class CrossEncoderSystem(System):
         return [run]
 
 
+# --------------------------------------------------------------------------- the fusion ranker
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads, restoring the previous count after (on a busy 2-core
+    machine 2 threads contend and run 10-100x slower than 1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+#: ``fusion_options`` keys passed to :class:`rerank.train.TrainConfig` (the rest are refused)
+FUSION_TRAIN_OPTIONS = ("loss", "epochs", "batch_size", "lr", "weight_decay", "patience", "max_minutes", "max_train_candidates",
+                        "d_model", "hidden", "history_k")
+
+
+def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use_history: bool, use_product: bool = True) -> Any:
+    """The :class:`rerank.train.TrainConfig` a fusion system trains with: the harness's seed, top N,
+    device and encoders, one torch thread, ``ctx.options["fusion_options"]`` (e.g. ``max_minutes``)."""
+    from indexing.errors import ConfigError
+    from rerank.train import TrainConfig
+
+    opts = dict(ctx.options.get("fusion_options", {}))
+    bad = sorted(set(opts) - set(FUSION_TRAIN_OPTIONS))
+    if bad:
+        raise ConfigError(f"unknown fusion_options {bad}; valid: {', '.join(FUSION_TRAIN_OPTIONS)}")
+    fi = ctx.fusion
+    assert fi is not None
+    return TrainConfig(
+        strategy=strategy, use_image=use_image, use_history=use_history, use_product=use_product, seed=ctx.seed, top_n=fi.top_n,
+        device=ctx.device, threads=1, text_model=fi.text_model, text_backend=fi.text_backend, image_model=fi.image_model,
+        mapping=fi.mapping, progress=ctx.progress, **opts,
+    )
+
+
+def fusion_cache_dir(ctx: EvalContext, config: Any) -> Path | None:
+    """``<cache_dir>/fusion-<key>``: the key hashes the training inputs (``ctx.train_key``), the events
+    file and the whole training config (strategy and ablation flags included), so each ablation and
+    strategy is its own training and ``fusion`` / ``fusion_attention`` (the same config) share one."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    if ctx.cache_dir is None:
+        return None
+    from rerank.evaluation.data import file_sha256
+
+    fi = ctx.fusion
+    assert fi is not None
+    ev = fi.dataset.events
+    cfg = {k: v for k, v in asdict(config).items() if k != "progress"}
+    body = json.dumps([ctx.train_key, "fusion", cfg, file_sha256(ev) if ev else None], sort_keys=True, default=str)
+    return Path(ctx.cache_dir) / f"fusion-{hashlib.sha256(body.encode()).hexdigest()[:16]}"
+
+
+class _FusionSystem(System):
+    """The trained :class:`~rerank.model.FusionRanker` (``rerank.train``), one training per config.
+
+    ``--model NAME=DIR`` scores with a given artifact. Otherwise trained on the harness's training
+    split (or the ``--train-*`` files) and cached under ``<data_dir>/eval-models/fusion-<key>/``.
+    Scored per query over the pool (rerank mode: the judged products; retrieve mode: the hybrid_rrf top
+    N, as lambdamart), with one torch thread."""
+
+    trainable = True
+    strategy, use_image, use_history = "attention", True, True
+
+    def artifact(self, ctx: EvalContext) -> Any:
+        from indexing.encoders import image_encoder_info, text_encoder_info
+        from rerank.artifacts import CONFIG_FILE, load_artifact
+        from rerank.train import train_ranker
+
+        fi = ctx.fusion
+        if fi is None:
+            raise NotApplicable("the fusion systems need the harness's training inputs (run them through rerank.evaluation.harness.evaluate)")
+        ids = dict(text_model_id=text_encoder_info(fi.text_model, backend=fi.text_backend).model_id,
+                   image_model_id=image_encoder_info(fi.image_model).model_id)
+        given = ctx.model_dirs.get(self.name)
+        if given is not None:
+            return load_artifact(given, device=ctx.device, **ids)
+        config = fusion_train_config(ctx, strategy=self.strategy, use_image=self.use_image, use_history=self.use_history)
+        d = fusion_cache_dir(ctx, config)
+        if d is not None and (d / CONFIG_FILE).is_file():
+            log.info("%s: using the cached model %s", self.name, d)
+            return load_artifact(d, device=ctx.device, **ids)
+        if d is None:
+            raise NotApplicable("the fusion systems need a cache directory for their trained model")
+        with torch_threads(1):
+            res = train_ranker([fi.dataset], out=d, data_dir=fi.data_dir, indexer=fi.indexer, config=config)
+        log.info("%s trained: best validation NDCG@10 %s (%s)", self.name, res.report.get("best_validation_ndcg@10"), res.report.get("stopped"))
+        return load_artifact(d, device=ctx.device, **ids)
+
+    def runs(self, ctx: EvalContext) -> list[Run]:
+        from indexing import fields as F
+        from rerank.model_features import CAT_FIELDS, HistoryInput, build_request_features
+        from rerank.train import histories, read_events
+
+        art = self.artifact(ctx)
+        fi = ctx.fusion
+        assert fi is not None
+        spec = art.feature_spec
+        cands: dict[str, Sequence[Candidate]] = {it.query_id: it.pool_candidates.candidates for it in ctx.items}
+        image_list = "knn_image as the harness ran it" if KNN_IMAGE in spec.lists else "no knn_image features"
+        if art.alignment is not None and KNN_IMAGE in spec.lists and fi.rebuild_stages is not None:
+            try:
+                q2i = art.alignment.query_to_image_space
+                q2i(np.zeros(art.alignment.text_dim, dtype=np.float32))
+            except Exception as e:  # an MLP alignment has no query map: knn_image stays as the harness ran it
+                log.warning("%s: the model's alignment gives no query map (%s); using the harness's first stage", self.name, e)
+            else:
+                stages = fi.rebuild_stages(q2i)
+                image_list = "knn_image re-run with the model's alignment"
+                cands = {it.query_id: candidates_for_pool(stages[it.query_id], it.pool).candidates for it in ctx.items}
+        hist: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[float, ...]]] = {}
+        if fi.events is not None and art.ranker.config.use_history:
+            evs, _bad = read_events(fi.events)
+            hist = histories(evs, spec.history_k)
+        need = {c.id for cs in cands.values() for c in cs}
+        for it in ctx.items:
+            if it.user_id and it.user_id in hist:
+                need.update(hist[it.user_id][0])
+        docs: dict[str, Mapping[str, Any]] = {}
+        wanted = [F.TEXT_VEC, F.IMAGE_VEC, *CAT_FIELDS]
+        ordered = sorted(need)
+        for s in range(0, len(ordered), 1000):
+            docs.update(fi.fetch_fields(ordered[s : s + 1000], wanted))
+        qvecs = fi.encode_queries([it.query for it in ctx.items]) if ctx.items else []
+        project = art.alignment.project if art.alignment is not None else None
+        image_dim = art.image_encoder.dim if art.image_encoder is not None else None
+        requests = []
+        with_history = 0
+        for i, it in enumerate(ctx.items):
+            h = None
+            if it.user_id and it.user_id in hist:
+                with_history += 1
+                pids, evts, ages = hist[it.user_id]
+                h = HistoryInput(pids, tuple((docs.get(p) or {}).get(F.TEXT_VEC) for p in pids),
+                                 tuple((docs.get(p) or {}).get(F.IMAGE_VEC) for p in pids), evts, ages)
+            requests.append(build_request_features(qvecs[i], list(cands[it.query_id]), docs, spec, history=h, project=project,
+                                                   text_dim=art.text_encoder.dim, image_dim=image_dim))
+        run: Run = {}
+        with torch_threads(1):
+            for s in range(0, len(requests), 16):
+                for it, scored in zip(ctx.items[s : s + 16], art.ranker.score_requests(requests[s : s + 16])):
+                    scores = dict(zip(scored.ids, (float(x) for x in scored.scores)))
+                    run[it.query_id] = sorted(it.pool, key=lambda d: (-scores.get(d, float("-inf")), d))
+        rep = art.report or {}
+        ctx.notes.setdefault(self.name, f"fusion ranker ({art.ranker.config.strategy}, {rep.get('ablation', 'given')}), "
+                                        f"artifact {art.version}, best validation NDCG@10 {rep.get('best_validation_ndcg@10', 'n/a')}; {image_list}; "
+                                        f"{with_history} of {len(ctx.items)} queries with a user history")
+        return [run]
+
+
+def _fusion(name: str, strategy: str = "attention", use_image: bool = True, use_history: bool = True, doc: str = "") -> type[_FusionSystem]:
+    cls = type(f"Fusion_{name}", (_FusionSystem,), {"name": name, "strategy": strategy, "use_image": use_image,
+                                                    "use_history": use_history, "__doc__": doc})
+    SYSTEMS.register(name)(cls)
+    return cls
+
+
+_fusion("fusion", doc="The fusion ranker, attention fusion, every input.")
+_fusion("fusion_no_image", use_image=False, doc="Ablation: the same model family retrained without product photos (and the knn_image list).")
+_fusion("fusion_no_history", use_history=False, doc="Ablation: retrained without the user's history.")
+_fusion("fusion_text_only", use_image=False, use_history=False, doc="Ablation: retrained without photos and without history.")
+for _s in ("concat", "weighted", "attention"):
+    _fusion(f"fusion_{_s}", strategy=_s, doc=f"The fusion ranker with {_s} fusion, every input.")
+FUSION_SYSTEMS = ("fusion", "fusion_no_image", "fusion_no_history", "fusion_text_only", "fusion_concat", "fusion_weighted", "fusion_attention")
+
+
 __all__ = [
     "DEFAULT_SYSTEMS",
     "EvalContext",
+    "FUSION_SYSTEMS",
+    "FusionInputs",
     "EvalItem",
     "NotApplicable",
     "Run",
@@ -260,4 +470,7 @@ __all__ = [
     "System",
     "candidates_for_pool",
     "complete",
+    "fusion_cache_dir",
+    "fusion_train_config",
+    "torch_threads",
 ]

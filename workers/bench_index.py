@@ -11,8 +11,9 @@ overhead rather than hiding it.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
-import os
+import uuid
 import tempfile
 import time
 from pathlib import Path
@@ -85,15 +86,24 @@ def run_index_bench(
 
         raw_before = raw_run()
 
-        bench_settings = settings.model_copy(update={"data_dir": tmp_path / "data", "index_alias": "bench"})
+        if via == "celery":
+            # running workers write where their own settings say: a fresh alias in the shared data dir, removed after
+            alias = f"bench-index-{uuid.uuid4().hex[:12]}"
+            bench_settings = settings.model_copy(update={"index_alias": alias})
+        else:
+            alias = "bench"
+            bench_settings = settings.model_copy(update={"data_dir": tmp_path / "data", "index_alias": alias})
+        job = dataclasses.replace(job, index=alias)
         engine = build_engine(bench_settings)
-        if via == "celery" and settings.engine == "local":
-            # workers write the LocalEngine under their own data dir; point them at ours
-            os.environ["FUSIONRANK_DATA_DIR"] = str(bench_settings.data_dir)
         t = time.perf_counter()
-        summary = run_index_job(engine, bench_settings, job, via=via, progress=False)
-        pipeline_s = time.perf_counter() - t
-        engine.close()
+        try:
+            summary = run_index_job(engine, bench_settings, job, via=via, progress=False)
+            pipeline_s = time.perf_counter() - t
+        finally:
+            if via == "celery":
+                for index in engine.get_alias(alias):
+                    engine.delete_index(index)
+            engine.close()
         # the raw encoders again after the pipeline: on a shared machine the load drifts, so the overhead is
         # taken against the faster of the two raw runs (which overstates it rather than hides it)
         raw_after = raw_run()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -14,25 +13,16 @@ DEMO_SYSTEMS = ("random", "bm25", "knn_text", "hybrid_minmax", "hybrid_rrf", "la
 EXAMPLE_QUERIES = ("black casual shoes for men", "women's red handbag")
 
 
-@dataclass(frozen=True)
-class DemoData:
-    name: str
-    catalog: Path
-    images_root: Path
-    queries: Path
-    qrels: Path
-    events: Path | None
-    gain: str
-    synthetic: bool
+def demo_data(settings, *, synthetic: bool, synthetic_size: int):
+    """``(DatasetSpec, synthetic)``: the fashion benchmark from the shared data folder, or a catalog generated in the data dir."""
+    from rerank.train import DatasetSpec
 
-
-def demo_data(settings, *, synthetic: bool, synthetic_size: int) -> DemoData:
-    """The fashion benchmark from the shared data folder, or a synthetic catalog made in the data dir."""
     fashion = settings.fashion_dir
     if fashion is not None and not synthetic:
         bench = fashion / "bench"
-        return DemoData("fashion/bench/dev", bench / "catalog.csv", fashion, bench / "dev" / "queries.tsv",
-                        bench / "dev" / "qrels.tsv", bench / "dev" / "events.csv", "identity", False)
+        spec = DatasetSpec(catalog=bench / "catalog.csv", queries=bench / "dev" / "queries.tsv", qrels=bench / "dev" / "qrels.tsv",
+                           gain="identity", events=bench / "dev" / "events.csv", images_root=fashion, name="fashion/bench/dev")
+        return spec, False
     from indexing.synthetic import make_synthetic_catalog, make_synthetic_queries
 
     out = settings.data_dir / f"synthetic-{synthetic_size}"
@@ -40,7 +30,7 @@ def demo_data(settings, *, synthetic: bool, synthetic_size: int) -> DemoData:
     if not catalog.is_file():
         make_synthetic_catalog(out, n=synthetic_size, seed=0)
     queries, qrels = make_synthetic_queries(out)
-    return DemoData("synthetic", catalog, out, queries, qrels, None, "identity", True)
+    return DatasetSpec(catalog=catalog, queries=queries, qrels=qrels, gain="identity", images_root=out, name="synthetic"), True
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -65,12 +55,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         say = (lambda *a, **k: None) if as_json else typer.echo
         out: dict = {"steps": {}}
 
-        data = demo_data(settings, synthetic=synthetic, synthetic_size=synthetic_size)
-        if data.synthetic:
+        data, is_synthetic = demo_data(settings, synthetic=synthetic, synthetic_size=synthetic_size)
+        if is_synthetic:
             say(f"[1/5] no ../shared/data/fashion found (or --synthetic): generated a synthetic catalog of drawn products in {data.catalog.parent}")
         else:
             say(f"[1/5] catalog: {data.catalog} (real products and photos; see ../shared/data/README.md)")
-        out["steps"]["data"] = {"dataset": data.name, "catalog": str(data.catalog), "synthetic": data.synthetic}
+        out["steps"]["data"] = {"dataset": data.name, "catalog": str(data.catalog), "synthetic": is_synthetic}
 
         def indexer(engine, job):
             return run_index_job(engine, settings, job, via="inline", progress=show)
@@ -131,7 +121,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             typer.echo(f"plot: {plot}")
         typer.echo(
             "Labels are derived from catalog metadata (not human judges); queries are template-made."
-            if not data.synthetic else "Synthetic data: the labels come from generated metadata."
+            if not is_synthetic else "Synthetic data: the labels come from generated metadata."
         )
         typer.echo("Not yet in this build: the multimodal fusion reranker (text-image alignment, personalization); "
                    "the table shows the first-stage baselines it will be compared against.")

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-DEMO_SYSTEMS = ("random", "bm25", "knn_text", "hybrid_minmax", "hybrid_rrf", "lambdamart")
+DEMO_SYSTEMS = ("random", "bm25", "knn_text", "hybrid_minmax", "hybrid_rrf", "lambdamart", "fusion")
 EXAMPLE_QUERIES = ("black casual shoes for men", "women's red handbag")
 
 

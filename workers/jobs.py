@@ -23,6 +23,10 @@ class NoWorkerError(FusionRankError):
     """No Celery worker consumes the queue a job needs."""
 
 
+class JobTimeoutError(FusionRankError):
+    """A job through Celery did not finish within its time limit."""
+
+
 def prepare(engine: "SearchEngine", settings: "Settings", job: IndexJob, *, limit: int | None = None):
     """Scan the catalog, make sure the alias has a generation with matching dimensions, plan the batches."""
     from indexing.catalog import scan_catalog
@@ -49,6 +53,7 @@ def run_index_job(
     progress: bool | None = None,
     timeout_s: float | None = None,
     on_batch: Callable[[BatchResult], None] | None = None,
+    stall_s: float = 20.0,
 ) -> IndexSummary:
     """Index ``job.catalog`` (its first ``limit`` rows) into ``job.index``; returns the job summary."""
     from tqdm import tqdm
@@ -68,7 +73,7 @@ def run_index_job(
         if via == "inline":
             results = run_batches(engine, job, batches, dups, on_batch=progress_cb, encoders=enc)
         elif via == "celery":
-            results = _run_celery(settings, job, batches, dups, on_batch=progress_cb, timeout_s=timeout_s)
+            results = _run_celery(settings, job, batches, dups, on_batch=progress_cb, timeout_s=timeout_s, stall_s=stall_s)
             engine.refresh(job.index)
         else:
             raise ConfigError(f"unknown --via {via!r}; valid: inline, celery")
@@ -77,39 +82,94 @@ def run_index_job(
     return summarize(index, via, rows, results, time.perf_counter() - t0)
 
 
-def _run_celery(settings: "Settings", job: IndexJob, batches, dups, *, on_batch, timeout_s: float | None) -> list[BatchResult]:
-    from celery import group
+def _run_celery(
+    settings: "Settings", job: IndexJob, batches, dups, *, on_batch, timeout_s: float | None, stall_s: float = 20.0,
+    require_worker: bool = True,
+) -> list[BatchResult]:
+    """Dispatch one task per batch and collect the results as they come.
+
+    Kombu's Redis transport takes a message off the queue before it records it as unacknowledged, so a
+    worker killed in between loses that message for good (no visibility timeout brings it back). So when
+    no result has arrived for ``stall_s`` seconds and no worker holds a task (nothing active, nothing
+    reserved), the batches still missing are sent again. Batches are idempotent: a duplicate only finds
+    its products unchanged, and the first result per batch is the one counted.
+    """
+    from celery.exceptions import TimeoutError as CeleryTimeout
+    from celery.result import ResultSet
 
     from workers.celery_app import create_app
 
     app = create_app(settings)  # the caller's settings, not whatever the module-level app was built from
-    consumers = app.control.inspect(timeout=2.0).active_queues() or {}
-    if not any(q.get("name") == "embed" for qs in consumers.values() for q in qs):
+    consumers = (app.control.inspect(timeout=2.0).active_queues() or {}) if require_worker else {}
+    if require_worker and not any(q.get("name") == "embed" for qs in consumers.values() for q in qs):
         raise NoWorkerError(
             f"no Celery worker consumes the 'embed' queue on {_safe(settings.broker_url)}; "
             "start one with: fusionrank worker --queues embed,index"
         )
-    sigs = [app.signature("fusionrank.index_batch", args=(job.to_dict(), s, e, [d for d in dups if s <= d < e])) for s, e in batches]
-    res = group(sigs, app=app).apply_async()
-    by_id = {r.id: i for i, r in enumerate(res.results)}
+
+    def send(i: int):
+        s, e = batches[i]
+        r = app.send_task("fusionrank.index_batch", args=(job.to_dict(), s, e, [d for d in dups if s <= d < e]))
+        by_id[r.id] = i
+        handles[i].append(r)
+        return r
+
+    by_id: dict[str, int] = {}
+    handles: dict[int, list] = {i: [] for i in range(len(batches))}
+    for i in range(len(batches)):
+        send(i)
     done: dict[int, BatchResult] = {}
+    failed: dict[int, BaseException] = {}
 
     def cb(task_id: str, value) -> None:
         i = by_id[task_id]
+        if i in done or i in failed:
+            return  # a duplicate of a re-sent batch: the first result counts
         if isinstance(value, dict):
             done[i] = BatchResult.from_dict(value)
             on_batch(done[i])
+        else:  # the task failed after its retries
+            failed[i] = value
 
-    res.join_native(timeout=timeout_s, propagate=False, callback=cb)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while len(done) + len(failed) < len(batches):
+        missing = [i for i in range(len(batches)) if i not in done and i not in failed]
+        wait = stall_s if deadline is None else max(0.0, min(stall_s, deadline - time.monotonic()))
+        try:
+            ResultSet([r for i in missing for r in handles[i]], app=app).join_native(timeout=wait, propagate=False, callback=cb)
+        except CeleryTimeout:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeoutError(
+                    f"{len(missing)} of {len(batches)} batches unfinished after {timeout_s} s; "
+                    "the products already written stay written: run the job again to finish (unchanged products are skipped)"
+                ) from None
+            if _workers_hold_tasks(app):
+                continue  # slow, not lost
+            still = [i for i in missing if i not in done and i not in failed]
+            if not still:
+                continue
+            log.warning("re-sending %d batch(es) that no worker holds (lost with a killed worker?): %s",
+                        len(still), [batches[i] for i in still])
+            for i in still:
+                send(i)
     out = []
     for i, (s, e) in enumerate(batches):
         if i in done:
             out.append(done[i])
-        else:  # the task failed after its retries: every row of its range is reported, none silently lost
-            err = res.results[i].result
-            reason = f"batch failed after retries: {err!r}"
+        else:  # failed after its retries: every row of its range is reported, none silently lost
+            reason = f"batch failed after retries: {failed[i]!r}"
             out.append(BatchResult(s, e, 0, 0, tuple(ItemError(r, None, reason) for r in range(s, e)), 0.0))
     return out
+
+
+def _workers_hold_tasks(app) -> bool:
+    """True when some worker has a task running or reserved. No answer at all counts as holding nothing:
+    a batch sent again then waits in the queue for the next worker."""
+    insp = app.control.inspect(timeout=2.0)
+    active, reserved = insp.active(), insp.reserved()
+    if active is None and reserved is None:
+        return False
+    return any((active or {}).values()) or any((reserved or {}).values())
 
 
 def _safe(url: str) -> str:

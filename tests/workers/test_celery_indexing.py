@@ -140,6 +140,45 @@ def test_celery_job_survives_a_killed_worker(celery_env, shared_data, tmp_path, 
     assert np.all(cos > 0.999), cos
 
 
+def test_a_batch_the_broker_lost_is_sent_again(celery_env, shared_data):
+    """Kombu's Redis transport pops a message before recording it as unacknowledged: a worker killed in
+    between loses it for good. Here the batches are queued with no worker running, one message is removed
+    from the broker (that same state), then a worker starts: the job notices that no worker holds the
+    missing batch and sends it again."""
+    import redis
+
+    from workers.jobs import _run_celery, prepare
+    from indexing.pipeline import summarize
+
+    settings = load_settings()
+    job = _job(shared_data)
+    engine = build_engine(settings)
+    rows, batches, dups, _, index = prepare(engine, settings, job, limit=48)
+    client = redis.Redis.from_url(settings.broker_url)
+    out: dict = {}
+    t = threading.Thread(
+        target=lambda: out.update(results=_run_celery(settings, job, batches, dups, on_batch=lambda r: None, timeout_s=240,
+                                                       stall_s=3, require_worker=False)),
+        daemon=True,
+    )
+    t.start()
+    deadline = time.monotonic() + 30
+    while client.llen("embed") < len(batches) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.llen("embed") == len(batches), "every batch is queued before a worker runs"
+    assert client.rpop("embed") is not None  # lost: neither queued nor unacknowledged
+    worker = Worker(celery_env, "late")
+    try:
+        t.join(timeout=240)
+    finally:
+        worker.kill()
+    assert not t.is_alive(), "the job finished"
+    summary = summarize(index, "celery", rows, out["results"], 1.0)
+    assert summary.failed == 0 and summary.indexed + summary.unchanged == 48 == rows
+    engine.refresh("products")
+    assert engine.count("products") == 48
+
+
 def test_celery_job_without_a_worker_says_how_to_start_one(celery_env, shared_data):
     from workers.jobs import NoWorkerError
 

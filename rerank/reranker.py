@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BUDGET_MS = 50.0
 #: degraded reasons (the values of ``"fusionrank": {"degraded": ...}`` and ``RankedHits.degraded``)
 TIMEOUT, MODEL_ERROR, ENCODER_ERROR, HISTORY_ERROR, ENGINE_ERROR = "timeout", "model_error", "encoder_error", "history_error", "engine_error"
-REASONS = (TIMEOUT, MODEL_ERROR, ENCODER_ERROR, HISTORY_ERROR, ENGINE_ERROR)
+OVERLOADED = "overloaded"  # the micro-batch queue was full
+REASONS = (TIMEOUT, MODEL_ERROR, ENCODER_ERROR, HISTORY_ERROR, ENGINE_ERROR, OVERLOADED)
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,8 @@ class Reranker:
         budget_ms: float = DEFAULT_BUDGET_MS,
         clock: Callable[[], float] = time.perf_counter,
         retrieval: RetrievalConfig | None = None,
+        micro_batch: bool | None = None,
+        micro_batch_options: Mapping[str, Any] | None = None,
     ):
         if not isinstance(index, str) or not index:
             raise ConfigError("index must be a non-empty string")
@@ -192,11 +195,83 @@ class Reranker:
         )
         self._lock = threading.Lock()
         self._stats: dict[str, int] = {"calls": 0, "degraded": 0}
+        self.batcher = None
+        if model is not None and (micro_batch or (micro_batch is None and getattr(model.ranker.device, "type", "cpu") == "cuda")):
+            from rerank.batching import MicroBatcher
+
+            self.batcher = MicroBatcher(model.ranker, **dict(micro_batch_options or {}))
+
+    def close(self) -> None:
+        """Stop the micro-batcher's thread, if any (the engine and stores belong to the caller)."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     @classmethod
     def noop(cls, engine: Any, index: str, *, text_encoder: Any | None = None, image_encoder: Any | None = None, **kw: Any) -> "Reranker":
         """Keeps the first-stage order (baseline, kill switch); same call and return shapes."""
         return cls(engine, index, None, text_encoder=text_encoder, image_encoder=image_encoder, **kw)
+
+    @classmethod
+    def from_settings(cls, settings: Any | None = None, *, engine: Any | None = None, history: bool = True) -> "Reranker":
+        """The served reranker, wired from settings (``workers.settings.Settings``; read from the
+        environment when ``None``): the configured engine and index alias, the model artifact at
+        ``settings.effective_model_dir`` (checked against the index mapping and the configured text
+        encoder), the text encoder (and the image encoder when the model has one), the history store at
+        ``settings.effective_sql_url`` behind a :class:`~rerank.history.ProfileService`, and
+        ``settings.rerank_budget_ms``.
+
+        Raises :class:`ModelArtifactError` when there is no model (``fusionrank demo`` or
+        ``fusionrank train --out DIR`` make one; ``FUSIONRANK_MODEL_DIR`` points at it),
+        :class:`IndexNotFoundError` when the index is missing, and :class:`NotMigratedError` when the
+        history database is not migrated (``fusionrank db upgrade``). ``history=False`` serves without
+        personalization.
+        """
+        from indexing.encoders import get_image_encoder, get_text_encoder
+        from indexing.errors import ModelArtifactError
+        from rerank.artifacts import CONFIG_FILE, load_artifact
+        from workers.composition import build_engine
+        from workers.settings import load_settings
+
+        settings = settings if settings is not None else load_settings()
+        model_dir = settings.effective_model_dir
+        if not (model_dir / CONFIG_FILE).is_file():
+            raise ModelArtifactError(
+                f"no fusion model at {model_dir}: run `fusionrank demo` (trains and installs one there) or "
+                "`fusionrank train ... --out DIR` and set FUSIONRANK_MODEL_DIR=DIR"
+            )
+        engine = engine if engine is not None else build_engine(settings)
+        index = settings.index_alias
+        text = get_text_encoder(settings.text_model, backend=settings.text_backend, device=settings.device)
+        model = load_artifact(model_dir, mapping=engine.get_mapping(index), text_model_id=text.model_id, device=settings.device)
+        image = get_image_encoder(settings.image_model, device=settings.device) if model.image_encoder is not None else None
+        if image is not None and image.model_id != model.image_encoder.model_id:
+            raise ModelArtifactError(f"{model_dir}: trained on image encoder {model.image_encoder.model_id!r}, configured {image.model_id!r}")
+        profiles = None
+        if history:
+            from rerank.history import EngineVectorSource, HistoryStore, ProfileService
+
+            store = HistoryStore(settings.effective_sql_url)
+            profiles = ProfileService(store, EngineVectorSource(engine, index))
+        r = cls(engine, index, model, text_encoder=text, image_encoder=image, history=profiles, budget_ms=settings.rerank_budget_ms)
+        r.warm_up()
+        log.info("reranker ready: model %s from %s over %s index %r", model.version, model_dir, settings.engine, index)
+        return r
+
+    def warm_up(self) -> None:
+        """One untimed pass through the encoder and the model (lazy initialisation, kernels), so that the
+        first real call is not the slow one. Not counted in :attr:`stats`."""
+        if self.model is None:
+            return
+        from rerank.model_features import build_request_features
+
+        art = self.model
+        qvec = np.asarray(self.text_encoder.encode(["warm up"]), dtype=np.float32)[0]
+        cand = candidates_from_hits(["__warm_up__"], [1.0])
+        doc = {"__warm_up__": {F.TEXT_VEC: qvec.tolist()}}
+        req = build_request_features(qvec, cand, doc, art.feature_spec, history=None,
+                                     project=art.alignment.project if art.alignment is not None else None,
+                                     text_dim=art.text_encoder.dim, image_dim=art.image_encoder.dim if art.image_encoder else None)
+        self._forward(req, self.clock())
 
     @property
     def name(self) -> str:
@@ -343,14 +418,30 @@ class Reranker:
                 qvec, cands, docs, spec, history=hist, project=align.project if align is not None else None,
                 text_dim=art.text_encoder.dim, image_dim=art.image_encoder.dim if art.image_encoder else None,
             )
-            scored = art.ranker.score(req)
+            scored = self._forward(req, t0)
             scores = np.asarray(scored.scores, dtype=np.float64)
             if scores.shape != (len(cands),) or not np.isfinite(scores).all():
                 raise FusionRankError(f"model returned {scores.shape} scores with non-finite values for {len(cands)} candidates")
+        except _Degrade:
+            raise
         except Exception as e:  # fail open on any model failure
             raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e
         self._check_budget(t0, "model", timings, s)
         return scores.tolist(), scored.explain
+
+    def _forward(self, req: Any, t0: float) -> Any:
+        """One request's forward pass: directly, or through the micro-batcher (waiting at most the budget left)."""
+        if self.batcher is None:
+            return self.model.ranker.score(req)
+        from rerank.batching import Overloaded
+
+        left_s = max(self.budget_ms / 1000.0 - (self.clock() - t0), 0.0)
+        try:
+            return self.batcher.score(req, timeout_s=left_s)
+        except Overloaded as e:
+            raise _Degrade(OVERLOADED, str(e)) from e
+        except TimeoutError as e:
+            raise _Degrade(TIMEOUT, f"no micro-batch result within the {left_s * 1000:.1f} ms left of the budget") from e
 
     @staticmethod
     def _render(inp: _Input, ranked: Sequence[RankedHit]) -> list[Any]:
@@ -369,4 +460,4 @@ class Reranker:
         return out
 
 
-__all__ = ["DEFAULT_BUDGET_MS", "REASONS", "RankedHit", "RankedHits", "Reranker", "candidates_from_hits"]
+__all__ = ["DEFAULT_BUDGET_MS", "OVERLOADED", "REASONS", "RankedHit", "RankedHits", "Reranker", "candidates_from_hits"]

@@ -73,10 +73,14 @@ class Settings(BaseSettings):
     text_backend: Literal["torch", "onnx-int8"] = "torch"
     image_model: str = "efficientnet_lite0"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    model_dir: Path | None = Field(None, description="fusion model artifact the rerank call serves; default: data_dir/models/current (written by `fusionrank demo`)")
+    rerank_budget_ms: float = Field(50.0, gt=0, description="time budget of one rerank call before it fails open to the first-stage order")
 
     # service
     api_key: SecretStr | None = None
     admin_api_key: SecretStr | None = None
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest accepted HTTP request body (413 above)")
+    max_candidates: int = Field(1000, ge=1, description="most documents/hits one rerank request may carry (422 above)")
 
     @field_validator("engine")
     @classmethod
@@ -97,6 +101,10 @@ class Settings(BaseSettings):
     @property
     def effective_sql_url(self) -> str:
         return self.sql_url or f"sqlite:///{self.data_dir / 'history.sqlite3'}"
+
+    @property
+    def effective_model_dir(self) -> Path:
+        return self.model_dir or self.data_dir / "models" / "current"
 
     @property
     def fashion_dir(self) -> Path | None:

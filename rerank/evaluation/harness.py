@@ -470,6 +470,8 @@ def evaluate(
         info["note"] = (f"retrieve mode: single lists and hybrids rank the whole catalog (top {req.top_n}); random, lambdamart, "
                         f"the fusion systems and cross_encoder reorder the hybrid_rrf top {req.top_n} (cross_encoder its first {req.rerank_depth}); "
                         "unjudged products count as irrelevant, judged@10 says how many of the top 10 were judged")
+    if ctx.artifacts:
+        info["artifacts"] = dict(ctx.artifacts)
     info["seconds"] = round(time.perf_counter() - t0, 1)
     return EvalReport(dataset, req.mode, len(items), split_name, req.gain, results, skipped, info)
 

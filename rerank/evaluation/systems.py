@@ -83,6 +83,7 @@ class EvalContext:
     progress: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # per system, shown in the report
+    artifacts: dict[str, str] = field(default_factory=dict)  # per system: the model directory it scored with
     fusion: "FusionInputs | None" = None  # what the fusion systems need beyond the items (set by the harness)
 
 
@@ -387,6 +388,7 @@ class _FusionSystem(System):
         from rerank.train import histories, read_events
 
         art = self.artifact(ctx)
+        ctx.artifacts[self.name] = str(art.path)
         fi = ctx.fusion
         assert fi is not None
         spec = art.feature_spec

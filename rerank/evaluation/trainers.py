@@ -268,6 +268,18 @@ class CrossEncoderModel:
         model.to(device).eval()
         return cls(model, tok, device, meta)
 
+    @classmethod
+    def from_base(cls, device: str = "cpu") -> "CrossEncoderModel":
+        """The architecture with all-MiniLM-L6-v2 weights and a fresh (untrained) head: same cost per
+        pair as a trained one, for latency benchmarks only."""
+        torch, transformers = _torch()
+        base = base_model_dir()
+        torch.manual_seed(0)
+        tok = transformers.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1, local_files_only=True)
+        model.to(device).eval()
+        return cls(model, tok, device, {"kind": "cross_encoder", "trained": False, "hyper": dict(cls.hyper)})
+
     @staticmethod
     def training_pairs(ctx: EvalContext, hyper: Mapping[str, Any]) -> list[tuple[str, str, float]]:
         """(query text, product id, gain) pairs; deterministic in the seed."""

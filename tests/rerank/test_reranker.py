@@ -242,3 +242,138 @@ def test_search_retrieves_and_reranks(world):
     assert [h.rank for h in out.hits] == list(range(1, len(out) + 1))
     assert all("knn_text" in h.explanation["first_stage"] or "bm25" in h.explanation["first_stage"] for h in out.hits)
     assert set(out.timings) >= {"encode", "fetch", "history", "model", "total"}
+
+
+# ---------------------------------------------------------------- micro-batching (the CUDA path, forced on the CPU)
+class GatedRanker:
+    """The real ranker behind a gate: its forward pass waits until the test opens it (measuring, not mocking)."""
+
+    def __init__(self, inner):
+        import threading
+
+        self.inner, self.gate, self.calls = inner, threading.Event(), []
+
+    def score_requests(self, requests):
+        self.gate.wait(10)
+        self.calls.append(len(requests))
+        return self.inner.score_requests(requests)
+
+
+def test_micro_batched_concurrent_calls_share_forward_passes_and_match_direct_scores(world):
+    import threading
+
+    from rerank.batching import MicroBatcher
+
+    direct = _reranker(world, budget_ms=10_000)
+    batched = _reranker(world, budget_ms=10_000, micro_batch=True)
+    gated = GatedRanker(world[2].ranker)
+    batched.batcher.close()
+    batched.batcher = MicroBatcher(gated, max_batch=8, max_wait_ms=50)
+    queries = ["black leather shoes", "red dress", "blue jeans", "leather belt", "wool sweater", "casual shirt"]
+    resps = {q: _bm25_response(world[0], q, size=5) if q == "black leather shoes" else
+             {"hits": {"hits": [{"_id": f"p{i}", "_score": float(10 - i)} for i in range(10)]}} for q in queries}
+    want = {q: direct.rerank(q, resps[q], user_id="u1") for q in queries}
+    got, barrier = {}, threading.Barrier(len(queries))
+
+    def call(q):
+        barrier.wait()
+        got[q] = batched.rerank(q, resps[q], user_id="u1")
+
+    threads = [threading.Thread(target=call, args=(q,)) for q in queries]
+    for t in threads:
+        t.start()
+    import time
+
+    time.sleep(0.3)  # every call is queued or waiting behind the gate
+    gated.gate.set()
+    for t in threads:
+        t.join(30)
+    batched.close()
+    assert sum(gated.calls) == len(queries) and len(gated.calls) < len(queries)  # fewer passes than requests
+    for q in queries:
+        assert got[q]["fusionrank"]["degraded"] is None
+        assert [h["_id"] for h in got[q]["hits"]["hits"]] == [h["_id"] for h in want[q]["hits"]["hits"]]
+        assert [h["_score"] for h in got[q]["hits"]["hits"]] == pytest.approx([h["_score"] for h in want[q]["hits"]["hits"]], abs=1e-5)
+    assert batched.batcher.stats["requests"] == len(queries) and batched.batcher.stats["largest_batch"] >= 2
+
+
+def test_a_full_micro_batch_queue_fails_open_as_overloaded(world):
+    import threading
+
+    from rerank.batching import MicroBatcher, Overloaded
+
+    gated = GatedRanker(world[2].ranker)
+    r = _reranker(world, budget_ms=10_000, micro_batch=True)
+    r.batcher.close()
+    r.batcher = MicroBatcher(gated, max_batch=1, max_wait_ms=0, max_queue=1)
+    resp = _bm25_response(world[0])
+    first = threading.Thread(target=r.rerank, args=("black leather shoes", resp))
+    first.start()  # taken by the worker, waits at the gate
+    import time
+
+    deadline = time.time() + 10
+    while r.batcher.stats["queued"] and time.time() < deadline:
+        time.sleep(0.01)
+    second = threading.Thread(target=r.rerank, args=("black leather shoes", resp))
+    second.start()  # fills the queue
+    while not r.batcher.stats["queued"] and time.time() < deadline:
+        time.sleep(0.01)
+    out = r.rerank("black leather shoes", resp)
+    _assert_first_stage(out, resp, "overloaded")
+    assert r.stats["degraded:overloaded"] == 1
+    with pytest.raises(Overloaded, match="queue full"):
+        r.batcher.submit(object())
+    gated.gate.set()
+    first.join(30)
+    second.join(30)
+    r.close()
+
+
+def test_micro_batch_wait_past_the_budget_is_a_timeout(world):
+    from rerank.batching import MicroBatcher
+
+    gated = GatedRanker(world[2].ranker)
+    r = _reranker(world, budget_ms=2_000, micro_batch=True)
+    r.batcher.close()
+    r.batcher = MicroBatcher(gated, max_batch=4, max_wait_ms=1)
+    resp = _bm25_response(world[0])
+    out = r.rerank("black leather shoes", resp)  # the gate stays shut: no result within the budget
+    _assert_first_stage(out, resp, "timeout")
+    gated.gate.set()
+    r.close()
+
+
+# ---------------------------------------------------------------- wiring from settings, install, benchmark
+def test_from_settings_serves_the_installed_model_and_refuses_without_one(world, tmp_path):
+    from indexing.errors import ModelArtifactError
+    from workers.deploy import install_model
+    from workers.settings import load_settings
+
+    engine, text, art, _history, d = world
+    settings = load_settings(data_dir=str(tmp_path), index_alias=INDEX, device="cpu")
+    with pytest.raises(ModelArtifactError, match="fusionrank demo"):
+        Reranker.from_settings(settings, engine=engine)
+    model_dir, version = install_model(settings, art.path)
+    assert version == art.version.replace(":", "-") and (tmp_path / "models" / "current").resolve() == model_dir.resolve()
+    assert install_model(settings, art.path)[0] == model_dir  # idempotent
+    with pytest.raises(Exception, match="not migrated|no history database"):
+        Reranker.from_settings(settings, engine=engine)  # the history DB of this data dir was never migrated
+    r = Reranker.from_settings(settings, engine=engine, history=False)
+    assert r.model.version == art.version and r.budget_ms == settings.rerank_budget_ms and r.batcher is None  # CPU: no micro-batching
+    resp = _bm25_response(engine)
+    out = r.rerank("black leather shoes", resp)
+    assert out["fusionrank"]["degraded"] is None and out["fusionrank"]["model_version"] == art.version
+    assert sorted(h["_id"] for h in out["hits"]["hits"]) == sorted(h["_id"] for h in resp["hits"]["hits"])
+
+
+def test_bench_rerank_reports_latency_and_the_cross_encoder_ratio(world):
+    from rerank.bench_rerank import bench_rerank
+    from rerank.evaluation.trainers import CrossEncoderModel
+
+    r = _reranker(world, budget_ms=10_000)
+    res = bench_rerank(r, ["black shoes", "red dress", "leather bag"], ["u1", None], candidates=8, requests=6, warmup=1,
+                       cross_encoder=CrossEncoderModel.from_base("cpu"), ce_requests=2)
+    assert res["requests"] == 6 and res["degraded"] == 0 and 1 <= res["candidates_per_request"] <= 8
+    assert 0 < res["p50_ms"] <= res["p99_ms"] and set(res["stages_p50_ms"]) >= {"encode", "fetch", "history", "model", "total"}
+    assert res["cross_encoder_requests"] == 2 and res["cross_encoder_p50_ms"] > 0
+    assert res["speedup"] == pytest.approx(res["cross_encoder_p50_ms"] / res["p50_ms"], rel=0.01)

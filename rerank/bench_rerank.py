@@ -1,0 +1,116 @@
+"""``fusionrank bench rerank``: latency of the drop-in rerank call against the cross-encoder baseline.
+
+Each request is one query with its first-stage candidates (the hybrid retrieval's top ``candidates``,
+prepared before the clock starts) handed to :meth:`Reranker.rerank` as an OpenSearch response whose
+``_source`` holds no vectors, so the timed call does what it does in production: encode the query,
+fetch the candidates' vectors by id (one request), look up the user's profile in the history store,
+build the features and run one forward pass. Users cycle through the given ones, so profile lookups
+are mostly cache misses (cold: SQL + vector fetch).
+
+The cross-encoder (:class:`rerank.evaluation.trainers.CrossEncoderModel`, MiniLM with a 1-logit head)
+scores the same candidates' texts for a subset of the same requests in the same run; its latency does
+not depend on its weights, so an untrained head is used unless a trained directory is given. Both run
+with the same torch thread count. ``speedup`` = cross-encoder p50 / rerank p50.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from indexing import fields as F
+
+log = logging.getLogger(__name__)
+
+SOURCE_FIELDS = [F.ID, F.TITLE, F.BRAND, F.CATEGORY]
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if xs else float("nan")
+
+
+def first_stage_responses(reranker: Any, queries: Sequence[str], candidates: int) -> list[dict[str, Any]]:
+    """OpenSearch-shaped responses of the hybrid first stage (no vectors in ``_source``)."""
+    out = []
+    for q in queries:
+        cs = reranker.retriever.retrieve(q, top_n=candidates, with_source=True)
+        hits = [{"_index": reranker.index, "_id": c.id, "_score": float(c.score),
+                 "_source": {k: v for k, v in (c.source or {}).items() if k in SOURCE_FIELDS}} for c in cs.candidates]
+        out.append({"took": 0, "timed_out": False, "hits": {"total": {"value": len(hits), "relation": "eq"},
+                                                           "max_score": hits[0]["_score"] if hits else None, "hits": hits}})
+    return out
+
+
+def _doc_text(src: dict[str, Any]) -> str:
+    from rerank.evaluation.trainers import doc_text
+
+    return doc_text(src)
+
+
+def bench_rerank(
+    reranker: Any,
+    queries: Sequence[str],
+    users: Sequence[str | None],
+    *,
+    candidates: int = 100,
+    requests: int = 200,
+    warmup: int = 10,
+    cross_encoder: Any | None = None,
+    ce_requests: int = 20,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Time ``requests`` rerank calls (after ``warmup``) and ``ce_requests`` cross-encoder passes."""
+    from tqdm import tqdm
+
+    if not queries:
+        raise ValueError("bench_rerank needs at least one query")
+    n_distinct = min(len(queries), requests + warmup)
+    responses = first_stage_responses(reranker, queries[:n_distinct], candidates)
+    sizes = [len(r["hits"]["hits"]) for r in responses]
+    totals, stages = [], {}
+    degraded = 0
+    for i in tqdm(range(warmup + requests), desc="rerank", unit="req", disable=not progress):
+        k = i % n_distinct
+        u = users[i % len(users)] if users else None
+        t = time.perf_counter()
+        out = reranker.rerank(queries[k], responses[k], user_id=u)
+        ms = (time.perf_counter() - t) * 1000.0
+        if i < warmup:
+            continue
+        totals.append(ms)
+        fr = out["fusionrank"]
+        degraded += fr["degraded"] is not None
+        for st, v in fr["timings_ms"].items():
+            stages.setdefault(st, []).append(v)
+    res: dict[str, Any] = {
+        "requests": requests,
+        "candidates_per_request": round(float(np.mean(sizes)), 1),
+        "p50_ms": round(percentile(totals, 50), 3),
+        "p99_ms": round(percentile(totals, 99), 3),
+        "mean_ms": round(float(np.mean(totals)), 3),
+        "stages_p50_ms": {k: round(percentile(v, 50), 3) for k, v in stages.items()},
+        "degraded": degraded,
+        "users": len(set(users)) if users else 0,
+        "model_version": reranker.model.version if reranker.model is not None else None,
+        "micro_batch": reranker.batcher is not None,
+    }
+    if cross_encoder is not None and ce_requests > 0:
+        ce_ms = []
+        for i in tqdm(range(min(ce_requests, n_distinct) + 1), desc="cross_encoder", unit="req", disable=not progress):
+            k = i % n_distinct
+            hits = responses[k]["hits"]["hits"]
+            docs = [_doc_text(h["_source"]) for h in hits]
+            t = time.perf_counter()
+            cross_encoder.score([queries[k]] * len(docs), docs)
+            if i:  # the first pass warms up
+                ce_ms.append((time.perf_counter() - t) * 1000.0)
+        res["cross_encoder_requests"] = len(ce_ms)
+        res["cross_encoder_p50_ms"] = round(percentile(ce_ms, 50), 3)
+        res["speedup"] = round(res["cross_encoder_p50_ms"] / res["p50_ms"], 2) if res["p50_ms"] > 0 else None
+    return res
+
+
+__all__ = ["bench_rerank", "first_stage_responses", "percentile"]

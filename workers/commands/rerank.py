@@ -1,0 +1,63 @@
+"""``fusionrank bench rerank``: latency of the drop-in rerank call vs the cross-encoder, one JSON object."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def bench_inputs(settings, limit: int) -> tuple[list[str], list[str | None]]:
+    """Queries and users: the simulated shoppers' personal queries of the fashion benchmark when present
+    (each with its user, so every call looks a profile up), else the demo's example queries, no user."""
+    from rerank.evaluation.data import read_queries
+
+    fashion = settings.fashion_dir
+    if fashion is not None and (fashion / "bench" / "dev" / "personal_queries.tsv").is_file():
+        qs = read_queries(fashion / "bench" / "dev" / "personal_queries.tsv").queries[:limit]
+        return [q.text for q in qs], [q.user_id or None for q in qs]
+    from workers.commands.demo import EXAMPLE_QUERIES
+
+    return list(EXAMPLE_QUERIES), [None]
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    @bench.command("rerank")
+    def bench_rerank_cmd(
+        requests: int = typer.Option(200, "--requests", min=1, help="Timed rerank calls (after --warmup)."),
+        warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed calls first."),
+        candidates: int = typer.Option(100, "--candidates", min=1, max=1000, help="First-stage candidates per request."),
+        ce_requests: int = typer.Option(20, "--ce-requests", min=0, help="Cross-encoder passes over the same candidates (0: skip)."),
+        cross_encoder: Optional[Path] = typer.Option(None, "--cross-encoder", help="A trained cross_encoder directory (default: untrained head; same cost)."),
+        threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads for both models."),
+        budget_ms: float = typer.Option(1000.0, "--budget-ms", min=1.0, help="The rerank call's time budget (large: measure, do not fail open)."),
+        micro_batch: Optional[bool] = typer.Option(None, "--micro-batch/--no-micro-batch", help="Force the micro-batcher on/off (default: on for CUDA)."),
+        as_json: bool = typer.Option(True, "--json/--no-json", help="Print one JSON object (the default)."),
+    ) -> None:
+        """Rerank latency (query encoding, vector fetch, profile lookup, model) p50/p99 vs the cross-encoder p50."""
+        import torch
+
+        from indexing.encoders import resolve_device
+        from rerank.bench_rerank import bench_rerank
+        from rerank.evaluation.trainers import CrossEncoderModel
+        from rerank.reranker import Reranker
+        from workers.settings import load_settings
+
+        settings = load_settings(rerank_budget_ms=budget_ms)
+        torch.set_num_threads(threads)
+        served = Reranker.from_settings(settings)
+        reranker = Reranker(served.engine, served.index, served.model, text_encoder=served.text_encoder, image_encoder=served.image_encoder,
+                            history=served.history, budget_ms=budget_ms, micro_batch=micro_batch) if micro_batch is not None else served
+        queries, users = bench_inputs(settings, requests + warmup)
+        device = resolve_device(settings.device)
+        ce = None
+        if ce_requests:
+            ce = CrossEncoderModel.load(cross_encoder, device) if cross_encoder else CrossEncoderModel.from_base(device)
+        res = bench_rerank(reranker, queries, users, candidates=candidates, requests=requests, warmup=warmup, cross_encoder=ce,
+                           ce_requests=ce_requests, progress=sys.stderr.isatty())
+        res.update({"threads": threads, "device": device, "engine": settings.engine, "cross_encoder_trained": cross_encoder is not None,
+                    "note": "users are simulated shoppers (fashion benchmark); each call encodes the query, fetches 100 candidates' vectors and the user's profile"})
+        typer.echo(json.dumps(res) if as_json else json.dumps(res, indent=1))

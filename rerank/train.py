@@ -62,6 +62,30 @@ class DatasetSpec:
     name: str | None = None
     mode: str = "rerank"
 
+    @classmethod
+    def parse(cls, text: str) -> "DatasetSpec":
+        """``catalog=C,queries=Q,qrels=R[,events=E][,images_root=D][,gain=G][,mode=M][,name=N]`` (the
+        ``fusionrank train --dataset`` form); paths as given, ``images_root`` defaults to the catalog's folder."""
+        fields: dict[str, str] = {}
+        for part in text.split(","):
+            key, sep, value = part.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or not key or not value.strip():
+                raise ConfigError(f"dataset {text!r}: expected comma-separated KEY=VALUE items, got {part!r}")
+            if key not in {"catalog", "queries", "qrels", "events", "images_root", "gain", "mode", "name"}:
+                raise ConfigError(f"dataset {text!r}: unknown key {key!r}; keys: catalog, queries, qrels, events, images_root, gain, mode, name")
+            fields[key] = value.strip()
+        missing = [k for k in ("catalog", "queries", "qrels") if k not in fields]
+        if missing:
+            raise ConfigError(f"dataset {text!r}: missing {', '.join(missing)}")
+        catalog = Path(fields["catalog"])
+        return cls(
+            catalog=catalog, queries=Path(fields["queries"]), qrels=Path(fields["qrels"]), gain=fields.get("gain", "identity"),
+            events=Path(fields["events"]) if "events" in fields else None,
+            images_root=Path(fields["images_root"]) if "images_root" in fields else catalog.parent,
+            name=fields.get("name"), mode=fields.get("mode", "rerank"),
+        )
+
     def check(self) -> None:
         from rerank.metrics import gain_mapping
 

@@ -109,3 +109,37 @@ def test_cli_train_command_is_registered_and_refuses_a_missing_file(tmp_path):
     res = runner.invoke(app, ["train", "--catalog", str(tmp_path / "c.csv"), "--queries", str(tmp_path / "q.tsv"),
                               "--qrels", str(tmp_path / "r.tsv"), "--out", str(tmp_path / "m")])
     assert res.exit_code != 0
+
+
+def test_dataset_spec_parse_reads_the_cli_form_and_names_what_is_wrong(tmp_path):
+    d = DatasetSpec.parse(f"catalog={tmp_path}/c.csv,queries={tmp_path}/q.tsv,qrels={tmp_path}/r.tsv,gain=minus1,name=hd,events={tmp_path}/e.csv")
+    assert d.catalog == tmp_path / "c.csv" and d.images_root == tmp_path and d.gain == "minus1" and d.name == "hd"
+    assert d.events == tmp_path / "e.csv" and d.mode == "rerank"
+    with pytest.raises(ConfigError, match="missing qrels"):
+        DatasetSpec.parse("catalog=c.csv,queries=q.tsv")
+    with pytest.raises(ConfigError, match="unknown key 'colour'"):
+        DatasetSpec.parse("catalog=c.csv,queries=q.tsv,qrels=r.tsv,colour=red")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        DatasetSpec.parse("catalog=c.csv,queries.tsv")
+
+
+@pytest.mark.slow
+def test_cli_trains_one_model_on_several_datasets(shared_data, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tests.rerank.evaldata import build_fashion_slice
+    from workers.cli import app
+
+    a = build_fashion_slice(shared_data, tmp_path / "a", n_queries=30, judged_per_query=6, others=10, seed=0)
+    b = build_fashion_slice(shared_data, tmp_path / "b", n_queries=30, judged_per_query=6, others=10, seed=1)
+    args = ["train", "--out", str(tmp_path / "model"), "--max-minutes", "0.2", "--epochs", "2", "--threads", "1", "--no-progress", "--json"]
+    for name, sl in (("first", a), ("second", b)):
+        args += ["--dataset", f"catalog={sl.catalog},queries={sl.queries},qrels={sl.qrels},images_root={sl.images_root},name={name}"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output.strip().splitlines()[-1])
+    assert set(rep["datasets"]) == {"first", "second"}
+    assert all(v["train_queries"] > 10 for v in rep["datasets"].values())
+    assert (tmp_path / "model" / "config.json").is_file()

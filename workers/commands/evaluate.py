@@ -32,6 +32,32 @@ def _model_dirs(values: list[str], systems: list[str]) -> dict[str, Path]:
     return out
 
 
+def parse_fusion_options(items: list[str]) -> dict:
+    """``["max_minutes=2", "loss=lambda"]`` -> ``{"max_minutes": 2.0, "loss": "lambda"}`` (numbers parsed; keys
+    checked by the harness against :data:`rerank.evaluation.systems.FUSION_TRAIN_OPTIONS`)."""
+    from indexing.errors import ConfigError
+    from rerank.evaluation.systems import FUSION_TRAIN_OPTIONS
+
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--fusion-option takes KEY=VALUE, got {item!r}")
+        if key not in FUSION_TRAIN_OPTIONS:
+            raise ConfigError(f"unknown --fusion-option {key!r}; valid: {', '.join(FUSION_TRAIN_OPTIONS)}")
+        raw = raw.strip()
+        for conv in (int, float):
+            try:
+                out[key] = conv(raw)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = raw
+    return out
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
@@ -55,6 +81,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         top_n: int = typer.Option(200, "--top-n", min=1, max=10_000, help="retrieve mode: candidates per list and fused pool size."),
         rerank_depth: int = typer.Option(100, "--rerank-depth", min=1, max=10_000, help="retrieve mode: how deep the cross-encoder reorders the pool."),
         ce_pairs: int = typer.Option(3000, "--ce-pairs", min=1, help="cross_encoder: (query, product) training pairs (1 epoch; CPU cost grows linearly)."),
+        fusion_option: list[str] = typer.Option([], "--fusion-option", help="Training option of the fusion systems, KEY=VALUE (repeatable): "
+                                                "max_minutes, epochs, patience, loss (softmax|lambda), lr, batch_size, d_model, hidden, history_k, ..."),
         seed: int = typer.Option(13, "--seed", help="Seed of the splits, the random baseline and training."),
         dataset: Optional[str] = typer.Option(None, "--dataset", help="Name shown in the report (default: from the queries path)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
@@ -96,7 +124,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             image_model=settings.image_model,
             device=settings.device,
             mapping=settings.mapping,
-            options={"ce_max_pairs": ce_pairs},
+            options={"ce_max_pairs": ce_pairs, "fusion_options": parse_fusion_options(fusion_option)},
             progress=show,
         )
 

@@ -13,9 +13,11 @@ import typer
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
-        catalog: Path = typer.Option(..., "--catalog", help="Catalog file the queries are judged against."),
-        queries: Path = typer.Option(..., "--queries", help="Queries TSV: query_id, query, user_id."),
-        qrels: Path = typer.Option(..., "--qrels", help="TREC qrels: query_id 0 product_id grade."),
+        catalog: Optional[Path] = typer.Option(None, "--catalog", help="Catalog file the queries are judged against."),
+        queries: Optional[Path] = typer.Option(None, "--queries", help="Queries TSV: query_id, query, user_id."),
+        qrels: Optional[Path] = typer.Option(None, "--qrels", help="TREC qrels: query_id 0 product_id grade."),
+        dataset: list[str] = typer.Option([], "--dataset", help="Another training dataset (repeatable): catalog=C,queries=Q,qrels=R"
+                                           "[,events=E][,images_root=D][,gain=identity|minus1][,mode=rerank|retrieve][,name=N]."),
         out: Path = typer.Option(..., "--out", help="Artifact directory to write (config.json + weights.safetensors + training_report.json)."),
         events: Optional[Path] = typer.Option(None, "--events", help="Events CSV of the queries' users (history)."),
         images_root: Optional[Path] = typer.Option(None, "--images-root", help="Folder image paths are relative to (default: the catalog's folder)."),
@@ -43,7 +45,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         settings = load_settings()
         show = sys.stderr.isatty() if progress is None else progress
-        ds = DatasetSpec(catalog=catalog, queries=queries, qrels=qrels, gain=gain, events=events, images_root=images_root or catalog.parent)
+        given = (catalog, queries, qrels)
+        if any(given) and not all(given):
+            raise typer.BadParameter("--catalog, --queries and --qrels go together (or describe each dataset with --dataset)")
+        datasets = [DatasetSpec(catalog=catalog, queries=queries, qrels=qrels, gain=gain, events=events, images_root=images_root or catalog.parent)] if all(given) else []
+        datasets += [DatasetSpec.parse(d) for d in dataset]
+        if not datasets:
+            raise typer.BadParameter("no training data: give --catalog/--queries/--qrels and/or --dataset")
         cfg = TrainConfig(
             strategy=strategy,
             loss=loss,
@@ -68,7 +76,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         def indexer(engine, job):
             return run_index_job(engine, settings, job, via="inline", progress=show)
 
-        result = train_ranker([ds], out=out, data_dir=settings.data_dir, indexer=indexer, config=cfg)
+        result = train_ranker(datasets, out=out, data_dir=settings.data_dir, indexer=indexer, config=cfg)
         rep = result.report
         if as_json:
             typer.echo(json.dumps({k: v for k, v in rep.items() if k != "history"}, default=str))

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_TEXT_CHARS = 20_000
 #: OpenSearch refuses document ids longer than 512 bytes
 MAX_ID_BYTES = 512
+#: limit on the characters of an image reference (path or URL); longer ones are a row error
+MAX_IMAGE_REF_CHARS = 4096
 #: the CSV/JSONL readers remember the byte offset of every N-th row
 CHECKPOINT_EVERY = 1024
 #: a CSV record longer than this is malformed (typically an unterminated quote swallowing the file)
@@ -581,8 +583,8 @@ def _to_product(
                     out[target] = x
         image = _text(rec.get(fm.image)) if fm.image else ""
         if image:
-            if len(image) > 4096:
-                raise _Bad(f"image: reference too long ({len(image)} characters)")
+            if len(image) > MAX_IMAGE_REF_CHARS:
+                raise _Bad(f"image: reference too long ({len(image)} characters, limit {MAX_IMAGE_REF_CHARS})")
             try:
                 check_image_ref(image, images_root)
             except ImageError as e:

@@ -10,7 +10,19 @@ names the cause, so that the bulk pipeline records it against the product and go
 - ``unreachable``: a URL that cannot be fetched (no retries: a dead host must not stall a batch);
 - ``too large``: more bytes than ``max_bytes``;
 - ``decompression bomb``: more pixels than ``max_pixels`` (checked from the header, before decoding);
-- ``not an image`` / ``corrupt or truncated``: the bytes do not decode completely.
+- ``not an image`` / ``corrupt or truncated``: the bytes do not decode completely, or are in a format
+  outside :data:`ALLOWED_FORMATS` (no EPS/PostScript, which PIL would hand to Ghostscript, nor other
+  rarely used decoders);
+- ``not a regular file``: a directory, FIFO or device node (checked again on the opened descriptor, so
+  a file replaced by a symlink or a FIFO after the check is not followed or waited on; O_NOFOLLOW guards
+  the last path component only).
+
+Paths are resolved once, in :func:`resolve_image_path` (``resolve()`` then ``is_relative_to`` the
+resolved root), and opened only in :func:`fetch_image_bytes`. Decoding is bounded: the pixel count is
+read from the header and refused above ``max_pixels`` before any pixel data is decompressed, so memory
+stays under about ``max_pixels`` x 8 bytes (RGBA decode plus RGB copy) and PIL's own
+``DecompressionBombWarning``/``Error`` also count as refusals; PNG text chunks are bounded by PIL
+(``PngImagePlugin.MAX_TEXT_CHUNK``).
 
 With ``images_root=None`` the current directory is the root.
 """
@@ -22,6 +34,7 @@ import io
 import logging
 import os
 import socket
+import stat
 import urllib.error
 import urllib.request
 import warnings
@@ -39,6 +52,9 @@ DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 #: default timeout of one URL fetch, in seconds (no retries)
 DEFAULT_URL_TIMEOUT_S = 5.0
 URL_SCHEMES = ("http", "https")
+#: image formats PIL may decode (everything else is "not an image"); JPEG covers camera files PIL reads as MPO.
+#: Only names of PIL open plugins that ship with Pillow (an unknown name makes ``Image.open`` fail).
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 def is_url(ref: str) -> bool:
@@ -131,14 +147,27 @@ def fetch_image_bytes(
     if is_url(ref):
         return _fetch_url(ref, max_bytes, timeout_s)
     path = resolve_image_path(ref, images_root)
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ImageError(f"image {ref!r} is too large: {size} bytes (limit {max_bytes})")
+    # the one place an image path is opened: O_NOFOLLOW (the resolved path has no symlink left, so one
+    # appearing now is a swap), O_NONBLOCK (a FIFO swapped in must not hang the batch), then fstat
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ImageError(f"image {ref!r} cannot be read: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"image path {ref!r} is not a regular file")
+        if st.st_size > max_bytes:
+            raise ImageError(f"image {ref!r} is too large: {st.st_size} bytes (limit {max_bytes})")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1  # owned by f now
             data = f.read(max_bytes + 1)
     except OSError as e:
         raise ImageError(f"image {ref!r} cannot be read: {e.strerror or e}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
     if len(data) > max_bytes:  # the file grew under us
         raise ImageError(f"image {ref!r} is too large: more than {max_bytes} bytes")
     return data
@@ -155,7 +184,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: s
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             w, h = img.size
             if w <= 0 or h <= 0:
                 raise ImageError(f"{source} is corrupt: size {w}x{h}")
@@ -167,7 +196,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: s
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{source} refused as a decompression bomb: {e}") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{source} is not an image (unrecognized format, {len(data)} bytes)") from None
+        raise ImageError(
+            f"{source} is not an image (unrecognized or refused format, {len(data)} bytes; accepted: {', '.join(ALLOWED_FORMATS)})"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{source} is corrupt or truncated: {e}") from None
     try:

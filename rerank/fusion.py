@@ -157,9 +157,13 @@ def minmax_normalize(scores: Sequence[float]) -> list[float]:
     lo, hi = min(scores), max(scores)
     if hi == lo:
         return [SINGLE_RESULT_SCORE] * len(scores)
+    span = hi - lo
+    if not math.isfinite(span):  # scores near +-1.8e308: the span overflows; halve everything first (same ratios)
+        lo, span = lo / 2, hi / 2 - lo / 2
+        scores = [s / 2 for s in scores]
     out = []
     for s in scores:
-        v = (s - lo) / (hi - lo)
+        v = min((s - lo) / span, 1.0)
         out.append(max(v, MIN_SCORE))
     return out
 

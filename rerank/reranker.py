@@ -45,6 +45,7 @@ from indexing import fields as F
 from indexing.engines.base import Filters, Hit, check_size
 from indexing.errors import ConfigError, EngineError, FusionRankError, HistoryError
 from rerank.fusion import ListSignal
+from rerank.limits import check_query_text
 from rerank.retrieval import BM25, LISTS, Candidate, RetrievalConfig, Retriever
 
 log = logging.getLogger(__name__)
@@ -328,7 +329,8 @@ class Reranker:
     def _check_args(query: Any, user_id: Any, top_k: Any, query_image: Any) -> str:
         if not isinstance(query, str):
             raise TypeError(f"query must be a string, got {type(query).__name__}")
-        if not query.strip() and query_image is None:
+        query = check_query_text(query)  # length and NUL rules (ConfigError naming the limit)
+        if not query and query_image is None:
             raise ConfigError("empty query: give a query text or a query image")
         if user_id is not None and (not isinstance(user_id, str) or not user_id):
             raise TypeError(f"user_id must be a non-empty string or None, got {user_id!r}")

@@ -29,6 +29,7 @@ from indexing import fields as F
 from indexing.engines.base import Filters, Hit, SearchEngine, check_size
 from indexing.errors import ConfigError
 from rerank.fusion import FUSION_METHODS, FusedDoc, ListSignal, fuse
+from rerank.limits import check_query_text
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +191,7 @@ class Retriever:
         lists: Sequence[str] | None = None,
     ) -> FirstStage:
         """Run every requested list; returns the raw hits and why any list was skipped."""
-        if not isinstance(query, str):
-            raise ConfigError(f"query must be a string, got {type(query).__name__}")
-        text = query.strip()
+        text = check_query_text(query)  # ConfigError: not a string, NUL, longer than MAX_QUERY_CHARS
         if not text and query_image is None:
             raise ConfigError("empty query: give a query text or a query image")
         k = check_size(self.config.per_list if per_list is None else per_list, "per_list")

@@ -138,6 +138,10 @@ class Settings(BaseSettings):
         out["effective_sql_url"] = redact_url(self.effective_sql_url)
         return out
 
+    def __repr_args__(self):  # repr()/str() show the redacted values (URL passwords included)
+        red = self.redacted()
+        return [(k, red.get(k)) for k in type(self).model_fields]
+
     def opensearch_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``OpenSearchEngine`` (secrets unwrapped only here)."""
         auth = None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -79,6 +80,10 @@ class EvalRequest:
     mapping: str = "products-v1"
     options: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = False
+    #: query subsets reported beside the whole: name -> regular expression searched in the query text (case-insensitive)
+    subsets: Mapping[str, str] = field(default_factory=dict)
+    #: more datasets the fusion systems train on (their train and validation splits), e.g. simulated shoppers
+    train_also: tuple[DatasetSpec, ...] = ()
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -95,6 +100,13 @@ class EvalRequest:
         for name, p in (("catalog", self.catalog), ("queries", self.queries), ("qrels", self.qrels)):
             if not Path(p).is_file():
                 raise ConfigError(f"--{name} file not found: {p}")
+        for name, rx in self.subsets.items():
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise ConfigError(f"--subset {name}: bad regular expression {rx!r}: {e}") from None
+        for d in self.train_also:
+            d.check()
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,7 @@ class SystemResult:
     runs: int
     seconds: float
     note: str | None = None
+    subsets: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # subset name -> metrics
 
 
 @dataclass(frozen=True)
@@ -126,7 +139,8 @@ class EvalReport:
             "gain": self.gain,
             "gain_mapping": GAIN_DESCRIPTIONS.get(self.gain, self.gain),
             "systems": {
-                n: {**{k: round(v, 6) for k, v in r.metrics.items()}, "runs": r.runs, "seconds": round(r.seconds, 2), **({"note": r.note} if r.note else {})}
+                n: {**{k: round(v, 6) for k, v in r.metrics.items()}, "runs": r.runs, "seconds": round(r.seconds, 2), **({"note": r.note} if r.note else {}),
+                    **({"subsets": {s: {k: round(v, 6) for k, v in m.items()} for s, m in r.subsets.items()}} if r.subsets else {})}
                 for n, r in self.systems.items()
             },
             "skipped_systems": dict(self.skipped),
@@ -442,6 +456,7 @@ def evaluate(
             fetch_fields=lambda ids, names: idx.engine.get(idx.alias, list(ids), fields=list(names)),
             rebuild_stages=rebuild_stages,
             events=req.events,
+            also=tuple(req.train_also),
             text_model=req.text_model,
             text_backend=req.text_backend,
             image_model=req.image_model,
@@ -449,6 +464,11 @@ def evaluate(
             top_n=req.top_n,
         )
 
+    subset_items = {n: [it for it in items if re.search(rx, it.query, flags=re.IGNORECASE)] for n, rx in req.subsets.items()}
+    if subset_items:
+        info["subsets"] = {n: {"pattern": req.subsets[n], "queries": len(v)} for n, v in subset_items.items()}
+    if req.train_also:
+        info["train_also"] = [d.name or str(d.queries) for d in req.train_also]
     results: dict[str, SystemResult] = {}
     skipped: dict[str, str] = {}
     for name in req.systems:
@@ -461,7 +481,8 @@ def evaluate(
             log.warning("system %s skipped: %s", name, e)
             continue
         m = score_runs(runs, items, spec)
-        results[name] = SystemResult(name, m, len(runs), time.perf_counter() - ts, ctx.notes.get(name))
+        subs = {n: score_runs(runs, v, spec) for n, v in subset_items.items() if v}
+        results[name] = SystemResult(name, m, len(runs), time.perf_counter() - ts, ctx.notes.get(name), subs)
         log.info("%s: %s", name, {k: round(v, 4) for k, v in m.items()})
     if req.mode == "rerank":
         info["note"] = ("rerank mode: each system reorders the judged products of a query (judged@10 is 1 whenever a query has 10 "

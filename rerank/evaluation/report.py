@@ -25,6 +25,12 @@ def format_table(report: EvalReport) -> str:
         lines.append(f"{r.name:<{name_w}}  {cells}  {r.seconds:>8.1f}")
     for n, why in report.skipped.items():
         lines.append(f"{n:<{name_w}}  {'n/a':>10}  ({why})")
+    for sub, meta in (report.info.get("subsets") or {}).items():
+        lines.append("")
+        lines.append(f"subset {sub!r} ({meta['queries']} queries matching /{meta['pattern']}/), NDCG@10:")
+        for r in sorted(rows, key=lambda r: (-r.subsets.get(sub, {}).get("ndcg@10", 0.0), r.name)):
+            if sub in r.subsets:
+                lines.append(f"  {r.name:<{name_w}}  {r.subsets[sub]['ndcg@10']:>10.4f}")
     notes = [(r.name, r.note) for r in rows if r.note]
     if notes:
         lines.append("")

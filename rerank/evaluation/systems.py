@@ -109,6 +109,7 @@ class FusionInputs:
     image_model: str = "efficientnet_lite0"
     mapping: str = "products-v1"
     top_n: int = 200
+    also: tuple[Any, ...] = ()  # more DatasetSpecs the fusion systems train on (their train/validation splits)
 
 
 class System:
@@ -342,7 +343,9 @@ def fusion_cache_dir(ctx: EvalContext, config: Any) -> Path | None:
     assert fi is not None
     ev = fi.dataset.events
     cfg = {k: v for k, v in asdict(config).items() if k != "progress"}
-    body = json.dumps([ctx.train_key, "fusion", cfg, file_sha256(ev) if ev else None], sort_keys=True, default=str)
+    also = [[file_sha256(p) if p is not None and Path(p).is_file() else None for p in (d.catalog, d.queries, d.qrels, d.events)]
+            + [d.gain, d.mode, str(d.images_root)] for d in fi.also]
+    body = json.dumps([ctx.train_key, "fusion", cfg, file_sha256(ev) if ev else None, *([also] if also else [])], sort_keys=True, default=str)
     return Path(ctx.cache_dir) / f"fusion-{hashlib.sha256(body.encode()).hexdigest()[:16]}"
 
 
@@ -378,7 +381,7 @@ class _FusionSystem(System):
         if d is None:
             raise NotApplicable("the fusion systems need a cache directory for their trained model")
         with torch_threads(1):
-            res = train_ranker([fi.dataset], out=d, data_dir=fi.data_dir, indexer=fi.indexer, config=config)
+            res = train_ranker([fi.dataset, *fi.also], out=d, data_dir=fi.data_dir, indexer=fi.indexer, config=config)
         log.info("%s trained: best validation NDCG@10 %s (%s)", self.name, res.report.get("best_validation_ndcg@10"), res.report.get("stopped"))
         return load_artifact(d, device=ctx.device, **ids)
 

@@ -58,6 +58,19 @@ def parse_fusion_options(items: list[str]) -> dict:
     return out
 
 
+def parse_subsets(items: list[str]) -> dict[str, str]:
+    """``["colour=\\b(red|blue)\\b"]`` -> ``{"colour": "\\b(red|blue)\\b"}`` (the regex is checked by the harness)."""
+    from indexing.errors import ConfigError
+
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, rx = item.partition("=")
+        if not sep or not name.strip() or not rx:
+            raise ConfigError(f"--subset takes NAME=REGEX, got {item!r}")
+        out[name.strip()] = rx
+    return out
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
@@ -81,6 +94,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         top_n: int = typer.Option(200, "--top-n", min=1, max=10_000, help="retrieve mode: candidates per list and fused pool size."),
         rerank_depth: int = typer.Option(100, "--rerank-depth", min=1, max=10_000, help="retrieve mode: how deep the cross-encoder reorders the pool."),
         ce_pairs: int = typer.Option(3000, "--ce-pairs", min=1, help="cross_encoder: (query, product) training pairs (1 epoch; CPU cost grows linearly)."),
+        subset: list[str] = typer.Option([], "--subset", help="Also report a query subset, NAME=REGEX on the query text (repeatable), "
+                                          "e.g. colour='\\b(black|white|red)\\b'."),
+        train_also: list[str] = typer.Option([], "--train-also", help="Another dataset the fusion systems train on (repeatable; same form "
+                                              "as `fusionrank train --dataset`): catalog=C,queries=Q,qrels=R[,events=E][,gain=G][,mode=M]."),
         fusion_option: list[str] = typer.Option([], "--fusion-option", help="Training option of the fusion systems, KEY=VALUE (repeatable): "
                                                 "max_minutes, epochs, patience, loss (softmax|lambda), lr, batch_size, d_model, hidden, history_k, ..."),
         seed: int = typer.Option(13, "--seed", help="Seed of the splits, the random baseline and training."),
@@ -91,6 +108,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Evaluate baselines on a catalog + queries + graded qrels (NDCG@10, MRR@10, Recall@100, judged@10)."""
         from rerank.evaluation.harness import EvalRequest, evaluate
+        from rerank.train import DatasetSpec
         from rerank.evaluation.report import format_table, plot_ndcg
         from workers.jobs import run_index_job
         from workers.settings import load_settings
@@ -125,6 +143,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             device=settings.device,
             mapping=settings.mapping,
             options={"ce_max_pairs": ce_pairs, "fusion_options": parse_fusion_options(fusion_option)},
+            subsets=parse_subsets(subset),
+            train_also=tuple(DatasetSpec.parse(d) for d in train_also),
             progress=show,
         )
 

@@ -1,0 +1,68 @@
+"""API-key auth: ``X-API-Key: <key>`` or ``Authorization: Bearer <key>`` (what OpenSearch ML Commons' Cohere
+connector sends). Keys are ``settings.api_key`` / ``settings.admin_api_key``; compared in constant time;
+never logged or echoed. ``require_key`` accepts the API key or the admin key; ``require_admin_key`` only
+the admin key. With auth disabled (``fusionrank serve --no-auth``) both let every request through.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import HTTPException, Request
+
+HEADER_HINT = "send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'"
+
+
+def presented_key(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key.strip()
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return None
+
+
+def _matches(given: str, secret) -> bool:
+    if secret is None:
+        return False
+    want = secret.get_secret_value()
+    return bool(want) and hmac.compare_digest(given.encode("utf-8"), want.encode("utf-8"))
+
+
+def _state(request: Request):
+    return request.app.state.fusionrank
+
+
+def require_key(request: Request) -> None:
+    st = _state(request)
+    if not st.auth_enabled:
+        return
+    given = presented_key(request)
+    if given is None:
+        raise HTTPException(401, f"missing API key: {HEADER_HINT}", headers={"WWW-Authenticate": "Bearer"})
+    s = st.settings
+    ok = _matches(given, s.api_key) | _matches(given, s.admin_api_key)  # both compared: no early exit
+    if not ok:
+        raise HTTPException(401, "invalid API key (X-API-Key or Authorization: Bearer)", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_admin_key(request: Request) -> None:
+    st = _state(request)
+    if not st.auth_enabled:
+        return
+    given = presented_key(request)
+    if given is None:
+        raise HTTPException(401, f"missing admin API key: {HEADER_HINT}", headers={"WWW-Authenticate": "Bearer"})
+    admin = st.settings.admin_api_key
+    if admin is None or not admin.get_secret_value():
+        _matches(given, st.settings.api_key)
+        raise HTTPException(403, "admin endpoints are disabled: no admin key configured (FUSIONRANK_ADMIN_API_KEY)")
+    if not _matches(given, admin):
+        raise HTTPException(401, "invalid admin API key: this endpoint needs the admin key (X-API-Key or Authorization: Bearer)",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+__all__ = ["presented_key", "require_admin_key", "require_key"]

@@ -1,0 +1,261 @@
+"""``fusionrank bench serve``: loopback load on a real uvicorn server.
+
+The server runs in a **subprocess** (``uvicorn --factory workers.commands.serve:app_factory``, one worker,
+``OMP_NUM_THREADS=1``, access log off) so that the load generator does not share its GIL; it loads its model
+the production way (``Reranker.from_settings``). Each request is ``POST /rerank`` with an OpenSearch-shaped
+response of ``candidates`` hits (``_source`` without vectors: the reranker fetches them by id, as it would
+behind a real OpenSearch) and a user id with history. Levels run one after another with a thread pool of
+``c`` workers sharing one keep-alive ``httpx.Client``.
+
+``http_overhead_ms`` = HTTP p50 at concurrency 1 minus the p50 of the in-process ``Reranker.rerank`` on the
+same requests (measured in this process before the server starts).
+
+With ``synthetic=True`` a small world is built in a temporary data dir first: a generated catalog (text only:
+no photos, to keep it quick), indexed inline with the configured text encoder, an **untrained** FusionRanker
+artifact of the default size, and a SQLite history store with simulated events. Otherwise the configured
+settings are served (``fusionrank demo`` installs a model).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from indexing.errors import ConfigError, FusionRankError
+
+log = logging.getLogger(__name__)
+
+N_USERS = 20
+
+
+def _pct(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    k = min(len(s) - 1, max(0, int(round(q / 100.0 * (len(s) - 1)))))
+    return s[k]
+
+
+def build_synthetic_world(data_dir: Path, *, size: int = 300, seed: int = 0, text_backend: str | None = None) -> dict[str, str]:
+    """Write a servable world under ``data_dir``; returns the FUSIONRANK_* environment that serves it."""
+    from indexing.encoders import text_encoder_info
+    from indexing.engines import create_engine
+    from indexing.pipeline import IndexJob
+    from indexing.synthetic import make_synthetic_catalog
+    from rerank.artifacts import EncoderRef, save_artifact
+    from rerank.history import HistoryStore, upgrade
+    from rerank.model import RankerConfig, build_ranker
+    from rerank.model_features import FeatureSpec
+    from workers.jobs import run_index_job
+    from workers.settings import load_settings
+
+    text_backend = text_backend or load_settings().text_backend  # FUSIONRANK_TEXT_BACKEND=onnx-int8 benchmarks the int8 encoder
+    env = {"FUSIONRANK_DATA_DIR": str(data_dir), "FUSIONRANK_ENGINE": "local", "FUSIONRANK_TEXT_BACKEND": text_backend,
+           "FUSIONRANK_DEVICE": "cpu", "FUSIONRANK_SQL_URL": f"sqlite:///{data_dir / 'history.sqlite3'}",
+           "FUSIONRANK_MODEL_DIR": str(data_dir / "models" / "current"), "FUSIONRANK_INDEX_ALIAS": "products"}
+    settings = load_settings(data_dir=data_dir, engine="local", text_backend=text_backend, device="cpu",
+                             sql_url=env["FUSIONRANK_SQL_URL"], model_dir=Path(env["FUSIONRANK_MODEL_DIR"]), index_alias="products")
+    catalog = make_synthetic_catalog(data_dir / "catalog", n=size, seed=seed, without_image_fraction=1.0)
+    engine = create_engine("local", path=data_dir / "engine")
+    try:
+        job = IndexJob(catalog=str(catalog), index=settings.index_alias, images_root=str(catalog.parent),
+                       text_model=settings.text_model, text_backend=text_backend, image_model=settings.image_model, device="cpu")
+        summary = run_index_job(engine, settings, job, via="inline", progress=False)
+        if not engine.count(settings.index_alias):
+            raise FusionRankError(f"synthetic index is empty: {summary}")
+        ids = [d["product_id"] for d in engine.iter_documents(settings.index_alias, batch_size=500)]
+    finally:
+        engine.close()
+    text = text_encoder_info(settings.text_model, backend=text_backend)
+    spec = FeatureSpec()
+    cfg = RankerConfig(text_dim=text.dim, first_stage_dim=spec.first_stage_dim, n_cat_fields=len(spec.cat_fields),
+                       hash_buckets=spec.hash_buckets, history_k=spec.history_k)
+    save_artifact(settings.effective_model_dir, build_ranker(cfg, device="cpu", seed=seed), feature_spec=spec,
+                  text_encoder=EncoderRef(text.model_id, text.dim), image_encoder=None,
+                  extra={"note": "untrained (bench serve --synthetic)"})
+    upgrade(settings.effective_sql_url)
+    rnd = random.Random(seed)
+    now = datetime.now(timezone.utc)
+    with HistoryStore(settings.effective_sql_url) as store:
+        store.insert_events([
+            {"event_id": f"bench-{u}-{k}", "user_id": f"bench-u{u}", "product_id": rnd.choice(ids),
+             "type": rnd.choice(("view", "click", "add_to_cart", "purchase")), "ts": now - timedelta(hours=k + 1)}
+            for u in range(N_USERS) for k in range(30)
+        ])
+    return env
+
+
+def make_requests(engine: Any, index: str, n: int, candidates: int, *, users: Sequence[str | None], seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` /rerank bodies: queries made from product titles; BM25 hits padded with other products to ``candidates``."""
+    rnd = random.Random(seed)
+    docs = []
+    for d in engine.iter_documents(index, batch_size=1000):
+        docs.append((d["product_id"], d.get("title") or ""))
+        if len(docs) >= max(candidates, 2000):
+            break
+    if len(docs) < candidates:
+        raise ConfigError(f"the index {index!r} holds {len(docs)} products; {candidates} candidates per request need at least as many")
+    out = []
+    for _ in range(n):
+        words = [w for w in rnd.choice(docs)[1].split() if len(w) > 2] or ["shirt"]
+        q = " ".join(rnd.sample(words, min(len(words), rnd.randint(1, 3))))
+        hits = engine.bm25_search(index, q, size=candidates, source=["product_id", "title"])
+        seen = {h.id for h in hits}
+        rows = [{"_index": index, "_id": h.id, "_score": float(h.score), "_source": dict(h.source or {})} for h in hits]
+        low = min((r["_score"] for r in rows), default=1.0)
+        for pid, title in rnd.sample(docs, len(docs)):
+            if len(rows) >= candidates:
+                break
+            if pid not in seen:
+                rows.append({"_index": index, "_id": pid, "_score": low * 0.5, "_source": {"product_id": pid, "title": title}})
+                seen.add(pid)
+        resp = {"took": 5, "timed_out": False,
+                "hits": {"total": {"value": len(rows), "relation": "eq"}, "max_score": rows[0]["_score"], "hits": rows}}
+        out.append({"query": q, "response": resp, "user_id": rnd.choice(users)})
+    return out
+
+
+def _in_process(reranker: Any, bodies: Sequence[dict[str, Any]]) -> tuple[float, int, dict[str, float]]:
+    """p50 (ms), degraded count, and the median time of each stage (ms) of ``Reranker.rerank`` on ``bodies``."""
+    for b in bodies[:3]:  # warm-up
+        reranker.rerank(b["query"], b["response"], user_id=b["user_id"])
+    lat, degraded, stages = [], 0, {}
+    for b in bodies:
+        t = time.perf_counter()
+        out = reranker.rerank(b["query"], b["response"], user_id=b["user_id"])
+        lat.append((time.perf_counter() - t) * 1000.0)
+        degraded += out["fusionrank"]["degraded"] is not None
+        for k, v in out["fusionrank"].get("timings_ms", {}).items():
+            stages.setdefault(k, []).append(v)
+    return statistics.median(lat), degraded, {k: round(statistics.median(v), 2) for k, v in stages.items()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "workers.commands.serve:app_factory", "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1", "--no-access-log", "--log-level", "warning"]
+    with open(log_path, "wb") as logf:
+        return subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parents[2]))
+
+
+def _wait_ready(client: Any, proc: subprocess.Popen, log_path: Path, timeout_s: float = 600.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise FusionRankError(f"the server exited with {proc.returncode}: {log_path.read_text(errors='replace')[-2000:]}")
+        try:
+            r = client.get("/readyz")
+            if r.status_code == 200:
+                return
+            if r.json().get("status") == "failed":
+                raise FusionRankError(f"the server could not load its model: {r.json().get('detail')}")
+        except Exception as e:
+            if isinstance(e, FusionRankError):
+                raise
+        time.sleep(0.2)
+    raise FusionRankError(f"the server was not ready after {timeout_s:.0f} s")
+
+
+def _level(client: Any, bodies: Sequence[dict[str, Any]], c: int, headers: dict[str, str]) -> dict[str, Any]:
+    def one(b: dict[str, Any]) -> tuple[float, int, bool]:
+        t = time.perf_counter()
+        r = client.post("/rerank", json=b, headers=headers)
+        ms = (time.perf_counter() - t) * 1000.0
+        deg = r.status_code == 200 and r.json()["fusionrank"]["degraded"] is not None
+        return ms, r.status_code, deg
+
+    with ThreadPoolExecutor(max_workers=c) as pool:
+        list(pool.map(one, bodies[: max(2 * c, 4)]))  # warm-up: connections and threads
+        t0 = time.perf_counter()
+        res = list(pool.map(one, bodies))
+        wall = time.perf_counter() - t0
+    lat = [r[0] for r in res]
+    return {"rps": round(len(res) / wall, 1), "p50_ms": round(_pct(lat, 50), 2), "p99_ms": round(_pct(lat, 99), 2),
+            "requests": len(res), "errors": sum(r[1] != 200 for r in res), "degraded": sum(r[2] for r in res)}
+
+
+def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, requests: int = 300, candidates: int = 100,
+                    levels: Sequence[int] = (1, 8, 32), seed: int = 0, settings: Any = None) -> dict[str, Any]:
+    import httpx
+
+    from rerank.reranker import Reranker
+    from workers.settings import load_settings
+
+    tmp = Path(tempfile.mkdtemp(prefix="fusionrank-bench-serve-"))
+    proc = None
+    try:
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        if synthetic:
+            t = time.perf_counter()
+            env.update(build_synthetic_world(tmp / "data", size=synthetic_size, seed=seed))
+            log.info("synthetic world built in %.1f s", time.perf_counter() - t)
+            settings = load_settings(**{k[len("FUSIONRANK_"):].lower(): v for k, v in env.items()
+                                        if k.startswith("FUSIONRANK_") and k[len("FUSIONRANK_"):].lower() in (
+                                            "data_dir", "engine", "text_backend", "device", "sql_url", "model_dir", "index_alias")})
+            users: list[str | None] = [f"bench-u{u}" for u in range(N_USERS)]
+        else:
+            settings = settings or load_settings()
+            users = [None]
+        key = secrets.token_urlsafe(24)
+        env["FUSIONRANK_API_KEY"] = key  # only the child gets it; never printed
+        env["FUSIONRANK_SERVE_NO_AUTH"] = "0"
+
+        reranker = Reranker.from_settings(settings)
+        bodies = make_requests(reranker.engine, reranker.index, requests, candidates, users=users, seed=seed)
+        inproc_p50, inproc_degraded, stages = _in_process(reranker, bodies)
+        version = reranker.model.version if reranker.model is not None else None
+        if hasattr(reranker.engine, "close"):
+            reranker.engine.close()
+        del reranker
+
+        port = _free_port()
+        log_path = tmp / "server.log"
+        proc = _start_server(env, port, log_path)
+        headers = {"X-API-Key": key}
+        limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0, limits=limits) as client:
+            _wait_ready(client, proc, log_path)
+            out_levels = {str(c): _level(client, bodies, c, headers) for c in levels}
+        first = out_levels[str(levels[0])] if levels else None
+        return {
+            "levels": out_levels,
+            "http_overhead_ms": round(first["p50_ms"] - inproc_p50, 2) if first and levels[0] == 1 else None,
+            "in_process_p50_ms": round(inproc_p50, 2),
+            "in_process_degraded": inproc_degraded,
+            "in_process_stages_ms": stages,
+            "candidates": candidates, "requests_per_level": requests, "synthetic": synthetic,
+            "model_version": version, "budget_ms": settings.rerank_budget_ms, "cpu_count": os.cpu_count(),
+            "server": "uvicorn, 1 worker, subprocess, OMP_NUM_THREADS=" + env["OMP_NUM_THREADS"] + ", access log off",
+            "text_backend": settings.text_backend,
+        }
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["build_synthetic_world", "make_requests", "run_serve_bench"]

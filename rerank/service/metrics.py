@@ -1,0 +1,49 @@
+"""Prometheus metrics of one app, in its own :class:`CollectorRegistry` (several apps can live in one process).
+
+* ``fusionrank_requests_total{endpoint, status}`` — requests by route template and HTTP status;
+* ``fusionrank_request_seconds{endpoint}`` — latency histogram;
+* ``fusionrank_degraded_total{reason}`` — rerank calls that failed open to the first-stage order;
+* ``fusionrank_model_info{version}`` — 1 for the served model version (``none`` for the noop reranker).
+
+Labels are route templates (``/v1/rerank``), never raw paths, headers or bodies: no key can end up here.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+#: latency buckets (seconds): fine around the 50 ms budget
+BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("fusionrank_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("fusionrank_request_seconds", "HTTP request latency by endpoint", ["endpoint"], buckets=BUCKETS, registry=self.registry)
+        self.degraded = Counter("fusionrank_degraded", "rerank calls that failed open to the first-stage order, by reason", ["reason"], registry=self.registry)
+        self.model_info = Gauge("fusionrank_model_info", "the served fusion model version (value 1)", ["version"], registry=self.registry)
+        self._lock = threading.Lock()
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        self.latency.labels(endpoint=endpoint).observe(seconds)
+
+    def count_degraded(self, reason: str | None) -> None:
+        if reason:
+            self.degraded.labels(reason=reason).inc()
+
+    def set_model(self, version: str | None) -> None:
+        with self._lock:
+            self.model_info.clear()
+            self.model_info.labels(version=version or "none").set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+__all__ = ["BUCKETS", "CONTENT_TYPE", "ServiceMetrics"]

@@ -1,0 +1,178 @@
+"""Request and response bodies of the HTTP service (pydantic; they make the OpenAPI schema at ``/openapi.json``).
+
+Responses are rendered directly as JSON by the endpoints (no per-response pydantic pass: 100 hits with
+explanations would cost milliseconds); the models here document them, and the schema-fuzz test checks that
+real responses conform.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_QUERY_CHARS = 4096
+MAX_ID_CHARS = 256
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(..., description="what is wrong with the request, or why it cannot be served")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready", "loading", "failed"]
+    model_version: Optional[str] = None
+    detail: Optional[str] = None
+
+
+class FusionrankBlock(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    degraded: Optional[str] = Field(None, description="null, or why the call failed open to the first-stage order")
+    model_version: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------- Cohere rerank (/v1/rerank)
+class CohereDocument(BaseModel):
+    text: str = Field(..., max_length=100_000)
+    id: Optional[str] = Field(None, min_length=1, max_length=MAX_ID_CHARS, description="product id: its indexed vectors are used")
+
+
+class CohereRerankRequest(BaseModel):
+    """What OpenSearch ML Commons' ``connector.pre_process.cohere.rerank`` sends (query, documents, top_n), plus
+    the optional fusionrank fields ``user_id`` (personalization) and ``product_ids`` (one per document)."""
+
+    query: str = Field(..., max_length=MAX_QUERY_CHARS)
+    documents: list[Union[str, CohereDocument]]
+    top_n: Optional[int] = Field(None, ge=1, description="keep the best top_n results (default: all)")
+    model: Optional[str] = Field(None, max_length=256, description="accepted and ignored (the served model answers)")
+    return_documents: bool = False
+    user_id: Optional[str] = Field(None, min_length=1, max_length=MAX_ID_CHARS)
+    product_ids: Optional[list[Optional[str]]] = Field(None, description="product id of each document (same length as documents)")
+
+
+class CohereResultDocument(BaseModel):
+    text: str
+
+
+class CohereResult(BaseModel):
+    index: int = Field(..., ge=0, description="position of the document in the request")
+    relevance_score: float = Field(..., ge=0.0, le=1.0)
+    document: Optional[CohereResultDocument] = None
+
+
+class CohereMeta(BaseModel):
+    api_version: dict[str, str]
+
+
+class CohereRerankResponse(BaseModel):
+    id: str
+    results: list[CohereResult]
+    meta: CohereMeta
+    fusionrank: FusionrankBlock
+
+
+# ----------------------------------------------------------------------------- OpenSearch-shaped (/rerank)
+class RerankRequest(BaseModel):
+    """Give either ``response`` (a whole OpenSearch search response) or ``hits`` (a list of ``{_id, _score, _source?}``)."""
+
+    query: str = Field(..., max_length=MAX_QUERY_CHARS)
+    response: Optional[dict[str, Any]] = Field(None, description="an OpenSearch search response (hits.hits is reranked)")
+    hits: Optional[list[dict[str, Any]]] = Field(None, description="first-stage hits: {_id, _score, _source?}")
+    user_id: Optional[str] = Field(None, min_length=1, max_length=MAX_ID_CHARS)
+    top_k: Optional[int] = Field(None, ge=1, le=10_000)
+    image: Optional[str] = Field(None, description="query image, base64 (optionally a data: URL)")
+
+
+class RerankHits(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    hits: list[dict[str, Any]]
+    max_score: Optional[float] = None
+
+
+class RerankResponse(BaseModel):
+    """The given OpenSearch response (or ``{"hits": {"hits": [...]}}`` for a list of hits), reordered, with
+    ``_score`` the model score, ``_previous_score`` the first-stage one and ``_explanation`` per hit."""
+
+    model_config = ConfigDict(extra="allow")
+    hits: RerankHits
+    fusionrank: FusionrankBlock
+
+
+# ----------------------------------------------------------------------------- /search
+class RangeModel(BaseModel):
+    gte: Optional[float] = None
+    lte: Optional[float] = None
+    gt: Optional[float] = None
+    lt: Optional[float] = None
+
+
+class FiltersModel(BaseModel):
+    terms: dict[str, Union[str, list[str]]] = Field(default_factory=dict, description='e.g. {"gender": ["Men", "Unisex"]}')
+    ranges: dict[str, RangeModel] = Field(default_factory=dict, description='e.g. {"price": {"lte": 50}}')
+
+
+class SearchRequest(BaseModel):
+    query: str = Field("", max_length=MAX_QUERY_CHARS)
+    user_id: Optional[str] = Field(None, min_length=1, max_length=MAX_ID_CHARS)
+    size: int = Field(10, ge=1, le=100)
+    filters: Optional[FiltersModel] = None
+    image: Optional[str] = Field(None, description="query image, base64 (optionally a data: URL)")
+
+
+class SearchHit(BaseModel):
+    id: str
+    score: float
+    rank: int
+    previous_rank: int
+    previous_score: float
+    source: dict[str, Any]
+    explanation: dict[str, Any]
+
+
+class SearchResponse(BaseModel):
+    hits: list[SearchHit]
+    fusionrank: FusionrankBlock
+
+
+# ----------------------------------------------------------------------------- /events
+class EventsRequest(BaseModel):
+    events: list[dict[str, Any]] = Field(
+        ..., description="each {event_id?, user_id, product_id, type: view|click|add_to_cart|purchase, ts?}; bad events are rejected one by one"
+    )
+
+
+class EventError(BaseModel):
+    row: int
+    reason: str
+
+
+class EventsResponse(BaseModel):
+    stored: int
+    duplicates: int
+    rejected: int
+    errors: list[EventError]
+
+
+# ----------------------------------------------------------------------------- admin
+class ReloadResponse(BaseModel):
+    status: Literal["reloaded"]
+    model_version: Optional[str] = None
+
+
+class ReindexRequest(BaseModel):
+    mapping: Optional[str] = Field(None, max_length=200)
+    text_model: Optional[str] = Field(None, max_length=200)
+    text_backend: Optional[Literal["torch", "onnx-int8"]] = None
+    image_model: Optional[str] = Field(None, max_length=200)
+    images_root: Optional[str] = Field(None, max_length=4096)
+    batch_size: int = Field(256, ge=1, le=10_000)
+
+
+class ReindexAccepted(BaseModel):
+    status: Literal["queued"]
+    task_id: str
+    job_id: str

@@ -1,0 +1,155 @@
+"""What the HTTP service serves: :class:`ServiceState` (``request.app.state.fusionrank``).
+
+Built once per process: :meth:`ServiceState.from_settings` wires engine, model, encoders and history
+through :meth:`rerank.reranker.Reranker.from_settings`; :meth:`ServiceState.loading` makes an empty
+state that :meth:`ServiceState.load` fills later (``fusionrank serve`` loads in the background so that
+``/healthz`` answers at once and ``/readyz`` turns 200 only when the model is in memory).
+Tests build one directly from parts (:meth:`ServiceState.from_reranker`).
+
+:meth:`ServiceState.reload` swaps in a freshly loaded reranker (``POST /admin/reload``); requests in
+flight finish on the old one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from indexing.errors import ConfigError
+from rerank.service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+
+def _submit_reindex_celery(settings: Any, params: dict[str, Any]) -> dict[str, str]:
+    """Queue a ``fusionrank.reindex.start`` task on the admin queue; ``{"task_id", "job_id"}``."""
+    from workers.celery_app import create_app as create_celery  # the process edge: lazily
+
+    job_id = uuid.uuid4().hex
+    kwargs = {
+        "job_id": job_id, "alias": settings.index_alias, "mapping": params.get("mapping") or settings.mapping,
+        "text_model": params.get("text_model") or settings.text_model,
+        "text_backend": params.get("text_backend") or settings.text_backend,
+        "image_model": params.get("image_model") or settings.image_model,
+        "images_root": params.get("images_root"), "batch_size": int(params.get("batch_size") or 256),
+    }
+    celery = create_celery(settings)
+    res = celery.send_task("fusionrank.reindex.start", kwargs=kwargs, retry=True, retry_policy={"max_retries": 1, "interval_start": 0.2})
+    return {"task_id": res.id, "job_id": job_id}
+
+
+@dataclass
+class ServiceState:
+    """Shared state of one app. ``reranker``/``engine``/... are ``None`` until :attr:`ready`."""
+
+    settings: Any  # workers.settings.Settings
+    engine: Any = None
+    index: str | None = None
+    reranker: Any = None  # rerank.reranker.Reranker
+    history_store: Any = None  # rerank.history.HistoryStore | None
+    profiles: Any = None  # rerank.history.ProfileService | None
+    images_root: Path | None = None
+    image_encoder: Any = None
+    ready: bool = False
+    auth_enabled: bool = True
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
+    error: str | None = None  # why loading failed
+    #: ``(settings, params) -> {"task_id", "job_id"}``; queues a reindex (default: Celery admin queue)
+    submit_reindex: Callable[[Any, dict[str, Any]], dict[str, str]] = _submit_reindex_celery
+    #: ``(settings) -> Reranker``; how :meth:`reload` (and :meth:`load`) build the reranker
+    loader: Callable[[Any], Any] | None = None
+    #: called with the exception when the background load at start-up fails (``fusionrank serve`` stops the server)
+    on_load_error: Callable[[BaseException], None] | None = None
+    #: most reranker calls running at once (default: the CPU count; ``FUSIONRANK_SERVE_MAX_CONCURRENT``)
+    max_concurrent: int = field(default_factory=lambda: int(os.environ.get("FUSIONRANK_SERVE_MAX_CONCURRENT") or os.cpu_count() or 1))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    gate: threading.BoundedSemaphore = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1:
+            raise ConfigError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
+        self.gate = threading.BoundedSemaphore(self.max_concurrent)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def loading(cls, settings: Any, *, auth: bool = True, images_root: Path | None = None, loader: Callable[[Any], Any] | None = None) -> "ServiceState":
+        """An empty, not-ready state; :meth:`load` fills it."""
+        return cls(settings=settings, auth_enabled=auth, images_root=images_root, loader=loader)
+
+    @classmethod
+    def from_settings(cls, settings: Any = None, *, auth: bool = True, images_root: Path | None = None) -> "ServiceState":
+        """Load everything now (``Reranker.from_settings``); raises what loading raises."""
+        if settings is None:
+            from workers.settings import load_settings
+
+            settings = load_settings()
+        st = cls.loading(settings, auth=auth, images_root=images_root)
+        st.load()
+        return st
+
+    @classmethod
+    def from_reranker(cls, settings: Any, reranker: Any, *, auth: bool = True, images_root: Path | None = None) -> "ServiceState":
+        """A ready state around an already built reranker (tests, benchmarks)."""
+        st = cls(settings=settings, auth_enabled=auth, images_root=images_root, loader=lambda s: reranker)
+        st._install(reranker)
+        return st
+
+    # ------------------------------------------------------------------ (re)loading
+    def _build(self) -> Any:
+        if self.loader is not None:
+            return self.loader(self.settings)
+        from rerank.reranker import Reranker
+
+        return Reranker.from_settings(self.settings)
+
+    def _install(self, reranker: Any) -> None:
+        profiles = reranker.history
+        with self._lock:
+            self.reranker = reranker
+            self.engine, self.index = reranker.engine, reranker.index
+            self.profiles = profiles
+            self.history_store = getattr(profiles, "store", None) if profiles is not None else None
+            self.image_encoder = reranker.image_encoder
+            if self.images_root is None and self.settings is not None:
+                self.images_root = getattr(self.settings, "fashion_dir", None)
+            self.error = None
+            self.ready = True
+        self.metrics.set_model(self.model_version)
+
+    def load(self) -> None:
+        """Build the reranker (once, at start-up) and mark the state ready; records and re-raises a failure."""
+        try:
+            self._install(self._build())
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            raise
+        log.info("service ready: model %s, index %r", self.model_version, self.index)
+
+    def reload(self) -> str | None:
+        """Load the model again from settings and swap it in; returns the new model version."""
+        old = self.model_version
+        self._install(self._build())
+        log.info("model reloaded: %s -> %s", old, self.model_version)
+        return self.model_version
+
+    @property
+    def model_version(self) -> str | None:
+        r = self.reranker
+        return None if r is None or r.model is None else r.model.version
+
+    def check_auth_config(self) -> None:
+        """Refuse to serve with auth enabled but no API key configured."""
+        key = getattr(self.settings, "api_key", None)
+        if self.auth_enabled and (key is None or not key.get_secret_value()):
+            raise ConfigError(
+                "no API key configured: set FUSIONRANK_API_KEY (and FUSIONRANK_ADMIN_API_KEY for /admin), "
+                "or start with `fusionrank serve --no-auth` for local development only"
+            )
+
+
+__all__ = ["ServiceState"]

@@ -1,0 +1,91 @@
+"""``fusionrank serve`` (the HTTP rerank service, uvicorn) and ``fusionrank bench serve`` (its loopback load test).
+
+The model, encoders, engine and history store are loaded once per process at start-up, in the background:
+``/healthz`` answers at once, ``/readyz`` turns 200 when loading is done. A load failure stops the server
+(exit status 1) with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+log = logging.getLogger(__name__)
+NO_AUTH_ENV = "FUSIONRANK_SERVE_NO_AUTH"
+IMAGES_ROOT_ENV = "FUSIONRANK_SERVE_IMAGES_ROOT"
+
+
+def app_factory():
+    """``uvicorn --factory workers.commands.serve:app_factory`` (and ``--workers N``): settings from the environment."""
+    from rerank.service.app import create_app
+    from rerank.service.state import ServiceState
+    from workers.settings import load_settings
+
+    root = os.environ.get(IMAGES_ROOT_ENV)
+    state = ServiceState.loading(load_settings(), auth=os.environ.get(NO_AUTH_ENV) != "1", images_root=Path(root) if root else None)
+    return create_app(state)
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    @app.command("serve")
+    def serve_cmd(
+        host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
+        port: int = typer.Option(8000, "--port", min=0, max=65535),
+        no_auth: bool = typer.Option(False, "--no-auth", help="Serve without API keys: local development only."),
+        workers: int = typer.Option(1, "--workers", min=1, max=64, help="uvicorn worker processes (each loads its own model)."),
+        images_root: Optional[Path] = typer.Option(None, "--images-root", help="Folder the products' image paths are relative to (default: the fashion data folder)."),
+        log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical | error | warning | info | debug."),
+    ) -> None:
+        """Serve the rerank HTTP API (Cohere-compatible /v1/rerank, /rerank, /search, /events, /metrics)."""
+        import uvicorn
+
+        from indexing.errors import ConfigError
+        from rerank.service.app import create_app
+        from rerank.service.state import ServiceState
+        from workers.settings import load_settings
+
+        settings = load_settings()
+        state = ServiceState.loading(settings, auth=not no_auth, images_root=images_root.resolve() if images_root else None)
+        try:
+            state.check_auth_config()
+        except ConfigError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        if workers > 1:
+            os.environ[NO_AUTH_ENV] = "1" if no_auth else "0"
+            if images_root:
+                os.environ[IMAGES_ROOT_ENV] = str(images_root.resolve())
+            uvicorn.run("workers.commands.serve:app_factory", factory=True, host=host, port=port, workers=workers, log_level=log_level)
+            return
+        server = uvicorn.Server(uvicorn.Config(create_app(state), host=host, port=port, workers=1, log_level=log_level))
+        state.on_load_error = lambda e: setattr(server, "should_exit", True)
+        server.run()
+        if state.error:
+            typer.echo(f"error: the service could not load its model: {state.error}", err=True)
+            raise typer.Exit(1)
+
+    @bench.command("serve")
+    def bench_serve_cmd(
+        as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+        synthetic: bool = typer.Option(False, "--synthetic", help="Serve a small generated catalog with an untrained model (runs anywhere)."),
+        synthetic_size: int = typer.Option(300, "--synthetic-size", min=100, help="Products in the generated catalog."),
+        requests_n: int = typer.Option(300, "--requests", min=1, help="Requests per concurrency level."),
+        candidates: int = typer.Option(100, "--candidates", min=1, max=10_000, help="Hits per /rerank request."),
+        levels: str = typer.Option("1,8,32", "--concurrency", help="Comma-separated concurrency levels."),
+        seed: int = typer.Option(0, "--seed"),
+    ) -> None:
+        """Loopback load on a real uvicorn server: POST /rerank with an OpenSearch response of N hits, at each
+        concurrency level: rps, p50, p99; plus the HTTP overhead over the in-process call."""
+        from rerank.service.bench import run_serve_bench
+
+        lv = tuple(int(x) for x in levels.split(",") if x.strip())
+        if not lv or min(lv) < 1:
+            raise typer.BadParameter("--concurrency takes positive integers, e.g. 1,8,32")
+        result = run_serve_bench(synthetic=synthetic, synthetic_size=synthetic_size, requests=requests_n,
+                                 candidates=candidates, levels=lv, seed=seed)
+        typer.echo(json.dumps(result, indent=None if as_json else 2))

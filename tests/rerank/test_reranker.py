@@ -50,11 +50,9 @@ def world(tmp_path_factory):
     from indexing.encoders import get_text_encoder
     from indexing.engines import create_engine
     from mappings import load_mapping
-    from rerank.artifacts import EncoderRef, load_artifact, save_artifact
     from rerank.history import EngineVectorSource, HistoryStore, ProfileService
     from rerank.history.store import upgrade
-    from rerank.model import RankerConfig, build_ranker
-    from rerank.model_features import FeatureSpec
+    from tests.service.world import untrained_artifact
 
     d = tmp_path_factory.mktemp("reranker")
     text = get_text_encoder("minilm")
@@ -68,12 +66,7 @@ def world(tmp_path_factory):
     assert engine.bulk(INDEX, actions).ok
     engine.refresh(INDEX)
 
-    spec = FeatureSpec(history_k=6)
-    cfg = RankerConfig(text_dim=text.dim, first_stage_dim=spec.first_stage_dim, n_cat_fields=len(spec.cat_fields),
-                       hash_buckets=spec.hash_buckets, history_k=spec.history_k, d_model=16, hidden=32, heads=2)
-    path = save_artifact(d / "model", build_ranker(cfg, device="cpu", seed=0), feature_spec=spec,
-                         text_encoder=EncoderRef(text.model_id, text.dim), image_encoder=None)
-    art = load_artifact(path, mapping=engine.get_mapping(INDEX), device="cpu")
+    art = untrained_artifact(d / "model", engine, INDEX, text)
 
     url = f"sqlite:///{d / 'history.sqlite3'}"
     upgrade(url)

@@ -79,11 +79,8 @@ def build_world(tmp_dir: Path | str) -> World:
     from indexing.engines import create_engine
     from indexing.engines.base import BulkAction
     from mappings import load_mapping
-    from rerank.artifacts import EncoderRef, load_artifact, save_artifact
     from rerank.history import EngineVectorSource, HistoryStore, ProfileService
     from rerank.history.store import upgrade
-    from rerank.model import RankerConfig, build_ranker
-    from rerank.model_features import FeatureSpec
     from rerank.reranker import Reranker
 
     d = Path(tmp_dir)
@@ -103,12 +100,7 @@ def build_world(tmp_dir: Path | str) -> World:
     assert engine.bulk(INDEX, actions).ok
     engine.refresh(INDEX)
 
-    spec = FeatureSpec(history_k=6)
-    cfg = RankerConfig(text_dim=text.dim, first_stage_dim=spec.first_stage_dim, n_cat_fields=len(spec.cat_fields),
-                       hash_buckets=spec.hash_buckets, history_k=spec.history_k, d_model=16, hidden=32, heads=2)
-    path = save_artifact(d / "model", build_ranker(cfg, device="cpu", seed=0), feature_spec=spec,
-                         text_encoder=EncoderRef(text.model_id, text.dim), image_encoder=None)
-    art = load_artifact(path, mapping=engine.get_mapping(INDEX), device="cpu")
+    art = untrained_artifact(d / "model", engine, INDEX, text)
 
     url = f"sqlite:///{d / 'history.sqlite3'}"
     upgrade(url)
@@ -128,3 +120,17 @@ def service_world(tmp_path_factory) -> World:
     w = build_world(tmp_path_factory.mktemp("service-world"))
     yield w
     w.store.close()
+
+
+def untrained_artifact(out, engine, index, text):
+    """A small real (untrained, seeded) FusionRanker artifact, saved and loaded back against ``index``."""
+    from rerank.artifacts import EncoderRef, load_artifact, save_artifact
+    from rerank.model import RankerConfig, build_ranker
+    from rerank.model_features import FeatureSpec
+
+    spec = FeatureSpec(history_k=6)
+    cfg = RankerConfig(text_dim=text.dim, first_stage_dim=spec.first_stage_dim, n_cat_fields=len(spec.cat_fields),
+                       hash_buckets=spec.hash_buckets, history_k=spec.history_k, d_model=16, hidden=32, heads=2)
+    path = save_artifact(out, build_ranker(cfg, device="cpu", seed=0), feature_spec=spec,
+                         text_encoder=EncoderRef(text.model_id, text.dim), image_encoder=None)
+    return load_artifact(path, mapping=engine.get_mapping(index), device="cpu")

@@ -136,8 +136,17 @@ def test_retrieve_mode_baselines_beat_random_and_share_the_index(fashion_slice, 
     def no_indexing(engine, job):
         raise AssertionError("the catalog was indexed twice")
 
-    rep2 = evaluate(_req(fashion_slice, mode="retrieve", split="all", systems=("bm25",)), data_dir=eval_dir, indexer=no_indexing)
+    rep2 = evaluate(_req(fashion_slice, mode="retrieve", split="all", systems=("bm25",), subsets={"black": r"\bblack\b", "none": "^zzz$"}),
+                    data_dir=eval_dir, indexer=no_indexing)
     assert rep2.systems["bm25"].metrics == rep.systems["bm25"].metrics
+    # a subset is scored on its own queries: every matching query, no other, same metric definitions
+    n_black = rep2.info["subsets"]["black"]["queries"]
+    assert 0 < n_black < rep2.queries and rep2.info["subsets"]["none"]["queries"] == 0
+    assert set(rep2.systems["bm25"].subsets) == {"black"}
+    assert 0.0 <= rep2.systems["bm25"].subsets["black"]["ndcg@10"] <= 1.0
+    assert "subset 'black'" in format_table(rep2)
+    with pytest.raises(ConfigError, match="bad regular expression"):
+        _req(fashion_slice, subsets={"broken": "("}).check()
     table = format_table(rep)
     assert "hybrid_rrf" in table and "n/a" in table
     png = plot_ndcg(rep, eval_dir / "ndcg.png")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -42,6 +42,26 @@ def first_stage_responses(reranker: Any, queries: Sequence[str], candidates: int
         out.append({"took": 0, "timed_out": False, "hits": {"total": {"value": len(hits), "relation": "eq"},
                                                            "max_score": hits[0]["_score"] if hits else None, "hits": hits}})
     return out
+
+
+def time_rerank_calls(reranker: Any, calls: Iterable[tuple[str, Any, str | None]], *, warmup: int = 0) -> tuple[list[float], int, dict[str, list[float]]]:
+    """Time ``reranker.rerank(query, response, user_id=user)`` for each call, the first ``warmup``
+    untimed: ``(milliseconds per call, degraded calls, {stage: [its timings_ms]})``."""
+    totals: list[float] = []
+    stages: dict[str, list[float]] = {}
+    degraded = 0
+    for i, (query, response, user) in enumerate(calls):
+        t = time.perf_counter()
+        out = reranker.rerank(query, response, user_id=user)
+        ms = (time.perf_counter() - t) * 1000.0
+        if i < warmup:
+            continue
+        totals.append(ms)
+        fr = out["fusionrank"]
+        degraded += fr["degraded"] is not None
+        for st, v in fr.get("timings_ms", {}).items():
+            stages.setdefault(st, []).append(v)
+    return totals, degraded, stages
 
 
 def _doc_text(src: dict[str, Any]) -> str:
@@ -70,21 +90,9 @@ def bench_rerank(
     n_distinct = min(len(queries), requests + warmup)
     responses = first_stage_responses(reranker, queries[:n_distinct], candidates)
     sizes = [len(r["hits"]["hits"]) for r in responses]
-    totals, stages = [], {}
-    degraded = 0
-    for i in tqdm(range(warmup + requests), desc="rerank", unit="req", disable=not progress):
-        k = i % n_distinct
-        u = users[i % len(users)] if users else None
-        t = time.perf_counter()
-        out = reranker.rerank(queries[k], responses[k], user_id=u)
-        ms = (time.perf_counter() - t) * 1000.0
-        if i < warmup:
-            continue
-        totals.append(ms)
-        fr = out["fusionrank"]
-        degraded += fr["degraded"] is not None
-        for st, v in fr["timings_ms"].items():
-            stages.setdefault(st, []).append(v)
+    calls = [(queries[i % n_distinct], responses[i % n_distinct], users[i % len(users)] if users else None)
+             for i in range(warmup + requests)]
+    totals, degraded, stages = time_rerank_calls(reranker, tqdm(calls, desc="rerank", unit="req", disable=not progress), warmup=warmup)
     res: dict[str, Any] = {
         "requests": requests,
         "candidates_per_request": round(float(np.mean(sizes)), 1),
@@ -113,4 +121,4 @@ def bench_rerank(
     return res
 
 
-__all__ = ["bench_rerank", "first_stage_responses", "percentile"]
+__all__ = ["bench_rerank", "first_stage_responses", "percentile", "time_rerank_calls"]

@@ -36,26 +36,31 @@ def _state(request: Request):
     return request.app.state.fusionrank
 
 
-def require_key(request: Request) -> None:
-    st = _state(request)
-    if not st.auth_enabled:
-        return
+def _given_key(request: Request, what: str) -> str | None:
+    """The presented key; None when auth is disabled; 401 naming ``what`` when no key was sent."""
+    if not _state(request).auth_enabled:
+        return None
     given = presented_key(request)
     if given is None:
-        raise HTTPException(401, f"missing API key: {HEADER_HINT}", headers={"WWW-Authenticate": "Bearer"})
-    s = st.settings
+        raise HTTPException(401, f"missing {what}: {HEADER_HINT}", headers={"WWW-Authenticate": "Bearer"})
+    return given
+
+
+def require_key(request: Request) -> None:
+    given = _given_key(request, "API key")
+    if given is None:
+        return
+    s = _state(request).settings
     ok = _matches(given, s.api_key) | _matches(given, s.admin_api_key)  # both compared: no early exit
     if not ok:
         raise HTTPException(401, "invalid API key (X-API-Key or Authorization: Bearer)", headers={"WWW-Authenticate": "Bearer"})
 
 
 def require_admin_key(request: Request) -> None:
-    st = _state(request)
-    if not st.auth_enabled:
-        return
-    given = presented_key(request)
+    given = _given_key(request, "admin API key")
     if given is None:
-        raise HTTPException(401, f"missing admin API key: {HEADER_HINT}", headers={"WWW-Authenticate": "Bearer"})
+        return
+    st = _state(request)
     admin = st.settings.admin_api_key
     if admin is None or not admin.get_secret_value():
         _matches(given, st.settings.api_key)

@@ -130,16 +130,11 @@ def make_requests(engine: Any, index: str, n: int, candidates: int, *, users: Se
 
 def _in_process(reranker: Any, bodies: Sequence[dict[str, Any]]) -> tuple[float, int, dict[str, float]]:
     """p50 (ms), degraded count, and the median time of each stage (ms) of ``Reranker.rerank`` on ``bodies``."""
-    for b in bodies[:3]:  # warm-up
-        reranker.rerank(b["query"], b["response"], user_id=b["user_id"])
-    lat, degraded, stages = [], 0, {}
-    for b in bodies:
-        t = time.perf_counter()
-        out = reranker.rerank(b["query"], b["response"], user_id=b["user_id"])
-        lat.append((time.perf_counter() - t) * 1000.0)
-        degraded += out["fusionrank"]["degraded"] is not None
-        for k, v in out["fusionrank"].get("timings_ms", {}).items():
-            stages.setdefault(k, []).append(v)
+    from rerank.bench_rerank import time_rerank_calls
+
+    warm = list(bodies[:3])
+    calls = [(b["query"], b["response"], b["user_id"]) for b in [*warm, *bodies]]
+    lat, degraded, stages = time_rerank_calls(reranker, calls, warmup=len(warm))
     return statistics.median(lat), degraded, {k: round(statistics.median(v), 2) for k, v in stages.items()}
 
 

@@ -110,7 +110,9 @@ def make_engine(url: str | URL, *, echo: bool = False) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(u, echo=echo, connect_args={"connect_timeout": 10}, pool_size=5, max_overflow=10)
+    # pre-ping: a pooled connection cut by a database restart is noticed and replaced at checkout, so the
+    # store recovers by itself when PostgreSQL comes back (tested by `fusionrank drill`'s postgres_down)
+    return create_engine(u, echo=echo, connect_args={"connect_timeout": 10}, pool_size=5, max_overflow=10, pool_pre_ping=True)
 
 
 # --------------------------------------------------------------------------- errors

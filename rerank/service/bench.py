@@ -23,7 +23,6 @@ import os
 import random
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,8 +48,11 @@ def _pct(xs: Sequence[float], q: float) -> float:
     return s[k]
 
 
-def build_synthetic_world(data_dir: Path, *, size: int = 300, seed: int = 0, text_backend: str | None = None) -> dict[str, str]:
-    """Write a servable world under ``data_dir``; returns the FUSIONRANK_* environment that serves it."""
+def build_synthetic_world(data_dir: Path, *, size: int = 300, seed: int = 0, text_backend: str | None = None,
+                          sql_url: str | None = None) -> dict[str, str]:
+    """Write a servable world under ``data_dir``; returns the FUSIONRANK_* environment that serves it.
+
+    ``sql_url``: the history store (migrated here; default: a SQLite file in ``data_dir``)."""
     from indexing.encoders import text_encoder_info
     from indexing.engines import create_engine
     from indexing.pipeline import IndexJob
@@ -64,10 +66,9 @@ def build_synthetic_world(data_dir: Path, *, size: int = 300, seed: int = 0, tex
 
     text_backend = text_backend or load_settings().text_backend  # FUSIONRANK_TEXT_BACKEND=onnx-int8 benchmarks the int8 encoder
     env = {"FUSIONRANK_DATA_DIR": str(data_dir), "FUSIONRANK_ENGINE": "local", "FUSIONRANK_TEXT_BACKEND": text_backend,
-           "FUSIONRANK_DEVICE": "cpu", "FUSIONRANK_SQL_URL": f"sqlite:///{data_dir / 'history.sqlite3'}",
+           "FUSIONRANK_DEVICE": "cpu", "FUSIONRANK_SQL_URL": sql_url or f"sqlite:///{data_dir / 'history.sqlite3'}",
            "FUSIONRANK_MODEL_DIR": str(data_dir / "models" / "current"), "FUSIONRANK_INDEX_ALIAS": "products"}
-    settings = load_settings(data_dir=data_dir, engine="local", text_backend=text_backend, device="cpu",
-                             sql_url=env["FUSIONRANK_SQL_URL"], model_dir=Path(env["FUSIONRANK_MODEL_DIR"]), index_alias="products")
+    settings = world_settings(env)
     catalog = make_synthetic_catalog(data_dir / "catalog", n=size, seed=seed, without_image_fraction=1.0)
     engine = create_engine("local", path=data_dir / "engine")
     try:
@@ -96,6 +97,15 @@ def build_synthetic_world(data_dir: Path, *, size: int = 300, seed: int = 0, tex
             for u in range(N_USERS) for k in range(30)
         ])
     return env
+
+
+def world_settings(env: dict[str, str], **overrides: Any) -> Any:
+    """The settings that serve a world from the ``FUSIONRANK_*`` variables :func:`build_synthetic_world` returned."""
+    from workers.settings import load_settings
+
+    keys = ("data_dir", "engine", "text_backend", "device", "sql_url", "model_dir", "index_alias")
+    given = {k[len("FUSIONRANK_"):].lower(): v for k, v in env.items() if k.startswith("FUSIONRANK_")}
+    return load_settings(**{k: given[k] for k in keys if k in given}, **overrides)
 
 
 def make_requests(engine: Any, index: str, n: int, candidates: int, *, users: Sequence[str | None], seed: int = 0) -> list[dict[str, Any]]:
@@ -136,12 +146,6 @@ def _in_process(reranker: Any, bodies: Sequence[dict[str, Any]]) -> tuple[float,
     calls = [(b["query"], b["response"], b["user_id"]) for b in [*warm, *bodies]]
     lat, degraded, stages = time_rerank_calls(reranker, calls, warmup=len(warm))
     return statistics.median(lat), degraded, {k: round(statistics.median(v), 2) for k, v in stages.items()}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_server(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
@@ -192,6 +196,7 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
     import httpx
 
     from rerank.reranker import Reranker
+    from rerank.service.drill_services import free_port
     from workers.settings import load_settings
 
     tmp = Path(tempfile.mkdtemp(prefix="fusionrank-bench-serve-"))
@@ -203,9 +208,7 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
             t = time.perf_counter()
             env.update(build_synthetic_world(tmp / "data", size=synthetic_size, seed=seed))
             log.info("synthetic world built in %.1f s", time.perf_counter() - t)
-            settings = load_settings(**{k[len("FUSIONRANK_"):].lower(): v for k, v in env.items()
-                                        if k.startswith("FUSIONRANK_") and k[len("FUSIONRANK_"):].lower() in (
-                                            "data_dir", "engine", "text_backend", "device", "sql_url", "model_dir", "index_alias")})
+            settings = world_settings(env)
             users: list[str | None] = [f"bench-u{u}" for u in range(N_USERS)]
         else:
             settings = settings or load_settings()
@@ -222,7 +225,7 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
             reranker.engine.close()
         del reranker
 
-        port = _free_port()
+        port = free_port()
         log_path = tmp / "server.log"
         proc = _start_server(env, port, log_path)
         headers = {"X-API-Key": key}
@@ -253,4 +256,4 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["build_synthetic_world", "make_requests", "run_serve_bench"]
+__all__ = ["build_synthetic_world", "make_requests", "run_serve_bench", "world_settings"]

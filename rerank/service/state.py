@@ -26,10 +26,26 @@ from rerank.service.metrics import ServiceMetrics
 log = logging.getLogger(__name__)
 
 
-def _submit_reindex_celery(settings: Any, params: dict[str, Any]) -> dict[str, str]:
-    """Queue a ``fusionrank.reindex.start`` task on the admin queue; ``{"task_id", "job_id"}``."""
+_CELERY: dict[str, Any] = {}  # broker URL -> the Celery app that queues on it (one per process: one connection pool)
+_CELERY_LOCK = threading.Lock()
+
+
+def _celery_for(settings: Any) -> Any:
     from workers.celery_app import create_app as create_celery  # the process edge: lazily
 
+    with _CELERY_LOCK:
+        app = _CELERY.get(settings.broker_url)
+        if app is None:
+            app = _CELERY[settings.broker_url] = create_celery(settings)
+        return app
+
+
+def _submit_reindex_celery(settings: Any, params: dict[str, Any]) -> dict[str, str]:
+    """Queue a ``fusionrank.reindex.start`` task on the admin queue; ``{"task_id", "job_id"}``.
+
+    The job reports through its job row in the SQL store, not a Celery result, so the task is sent with
+    ``ignore_result``: no result-backend subscription per request (with Redis down, that subscription alone
+    retried for 20 s before failing the request)."""
     job_id = uuid.uuid4().hex
     kwargs = {
         "job_id": job_id, "alias": settings.index_alias, "mapping": params.get("mapping") or settings.mapping,
@@ -38,8 +54,8 @@ def _submit_reindex_celery(settings: Any, params: dict[str, Any]) -> dict[str, s
         "image_model": params.get("image_model") or settings.image_model,
         "images_root": params.get("images_root"), "batch_size": int(params.get("batch_size") or 256),
     }
-    celery = create_celery(settings)
-    res = celery.send_task("fusionrank.reindex.start", kwargs=kwargs, retry=True, retry_policy={"max_retries": 1, "interval_start": 0.2})
+    res = _celery_for(settings).send_task("fusionrank.reindex.start", kwargs=kwargs, ignore_result=True, retry=True,
+                                          retry_policy={"max_retries": 1, "interval_start": 0.2})
     return {"task_id": res.id, "job_id": job_id}
 
 

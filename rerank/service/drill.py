@@ -21,12 +21,18 @@ drill that was running when it was sent. The drills, in order:
                        back.
 ``model_raises``       the model's scoring call made to raise (injected), then restored.
 ``hostile_input``      malformed, oversized and wrong requests, each answered 4xx; an unknown shopper (cold start).
+``access``             every route of the app without a key, with a wrong key, and (admin routes) with the user key:
+                       401/403 everywhere but health, readiness and the page's static files.
 ``load``               ``load_seconds`` of the mixed load alone; RSS sampled each second.
 
 Expected refusals are the documented answers to a dependency that is down: 503 from ``/admin/reindex`` while
 the broker is down, from ``/events`` while PostgreSQL is down (refused, never accepted and dropped), from
 ``/search`` while the engine is down (no first stage to fall back to). Every other 5xx is unexpected. A rerank
 that fails open answers 200 with ``fusionrank.degraded`` set; those counts are read from ``/metrics``.
+
+Secrets: the API and admin keys and the OpenSearch password of the ``opensearch_refused`` drill (in its URL) are
+watched for in every log record (a handler on the root logger), every response body and ``/metrics``; the report
+gives the counts (``secrets_seen``), which must be 0.
 
 ``lost`` counts what was accepted and is not there afterwards: events answered 200 that are not in the database
 at the end, and reindex tasks answered 202 that are not in the broker's queue after its restart (no worker runs
@@ -56,7 +62,9 @@ from indexing.errors import FusionRankError
 
 log = logging.getLogger(__name__)
 
-DRILLS = ("baseline", "redis_down", "postgres_down", "engine_down", "opensearch_refused", "model_raises", "hostile_input", "load")
+DRILLS = ("baseline", "redis_down", "postgres_down", "engine_down", "opensearch_refused", "model_raises", "hostile_input", "access", "load")
+#: what answers without a key
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/static/{file}"})
 #: (drill, endpoint, status): the documented answers to a dependency that is down
 EXPECTED_REFUSALS = {
     ("redis_down", "/admin/reindex", 503), ("postgres_down", "/events", 503),
@@ -77,6 +85,25 @@ class Rec:
     detail: str | None = None  # the error message of a 5xx or transport failure
     t0: float = 0.0  # monotonic send and answer times: a request in flight while a fault was on may meet it
     t1: float = 0.0
+
+
+class SecretWatch(logging.Handler):
+    """Counts log records whose text (message, arguments, traceback) contains one of ``secrets``."""
+
+    def __init__(self, secrets_: Sequence[str]):
+        super().__init__(logging.DEBUG)
+        self.secrets = [x for x in secrets_ if x]
+        self.hits = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += logging.Formatter().formatException(record.exc_info)
+        except Exception:
+            text = str(record.msg)
+        if any(x in text for x in self.secrets):
+            self.hits += 1
 
 
 def rss_bytes() -> int:
@@ -103,6 +130,8 @@ class Traffic:
         self.accepted_events: dict[str, str] = {}  # event id -> drill it was accepted in
         self.accepted_tasks: dict[str, str] = {}  # reindex task id -> drill
         self.faults: list[tuple[str, float, float]] = []  # (drill, from, to): when a dependency was down
+        self.secrets: list[str] = [api_key, admin_key]  # no response may carry one (an error echoing a header, say)
+        self.secrets_in_responses = 0
         self._lock = threading.Lock()
 
     @contextmanager
@@ -124,12 +153,14 @@ class Traffic:
         return httpx.Client(base_url=self.base_url, timeout=30.0, headers={"X-API-Key": self.api_key})
 
     def send(self, client: Any, endpoint: str, *, json_body: Any = None, content: bytes | None = None,
-             headers: dict[str, str] | None = None, record: bool = True) -> tuple[int, Any]:
+             headers: dict[str, str] | None = None, record: bool = True, method: str = "POST") -> tuple[int, Any]:
         drill = self.drill
         t0 = time.monotonic()
         try:
-            r = client.post(endpoint, json=json_body, content=content, headers=headers)
+            r = client.request(method, endpoint, json=json_body, content=content, headers=headers)
             status = r.status_code
+            if any(x in r.text for x in self.secrets):
+                self.secrets_in_responses += 1
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
         except Exception as e:  # a transport failure is recorded, not raised: the drill goes on
             log.warning("%s during %s: %s: %s", endpoint, drill, type(e).__name__, e)
@@ -238,6 +269,9 @@ class DrillRun:
         self.hold_s, self.load_s, self.clients, self.size, self.seed = hold_s, load_s, clients, size, seed
         self.say = progress or (lambda msg: log.info("%s", msg))
         self.drills: list[Drill] = []
+        self.api_key, self.admin_key, self.os_password = (secrets.token_urlsafe(24) for _ in range(3))
+        self.watch = SecretWatch([self.api_key, self.admin_key, self.os_password])
+        self.secrets_in_metrics = 0
 
     # ------------------------------------------------------------------ set-up
     def run(self) -> dict[str, Any]:
@@ -246,6 +280,7 @@ class DrillRun:
         tmp = Path(tempfile.mkdtemp(prefix="fusionrank-drill-"))
         pg = redis = server = load = None
         t_start = time.monotonic()
+        logging.getLogger().addHandler(self.watch)
         try:
             self.say("starting a private PostgreSQL and Redis")
             pg = PrivatePostgres().init()
@@ -269,6 +304,7 @@ class DrillRun:
             self._count_lost()
             return self._report(time.monotonic() - t_start)
         finally:
+            logging.getLogger().removeHandler(self.watch)
             if load is not None:
                 load.stop()
             if server is not None:
@@ -287,9 +323,8 @@ class DrillRun:
 
         self.say(f"building a synthetic world of {self.size} products (real MiniLM vectors, untrained model)")
         env = build_synthetic_world(tmp / "data", size=self.size, seed=self.seed, sql_url=sql_url)
-        api_key, admin_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         # a budget far above this machine's latency under load: a degraded answer then means a broken dependency
-        settings = world_settings(env, api_key=api_key, admin_api_key=admin_key, broker_url=broker_url, rerank_budget_ms=5000.0)
+        settings = world_settings(env, api_key=self.api_key, admin_api_key=self.admin_key, broker_url=broker_url, rerank_budget_ms=5000.0)
         self.settings = settings
         reranker = Reranker.from_settings(settings)
         self.reranker = reranker
@@ -299,9 +334,11 @@ class DrillRun:
         bodies = make_requests(reranker.engine, reranker.index, 50, 100, users=users, seed=self.seed)
         pids = [d["product_id"] for d in reranker.engine.iter_documents(reranker.index, batch_size=500)]
         port = free_port()
-        server = _Server(create_app(state), port)
+        self.app = create_app(state)
+        server = _Server(self.app, port)
         server.start()
-        traffic = Traffic(f"http://127.0.0.1:{port}", api_key, admin_key)
+        traffic = Traffic(f"http://127.0.0.1:{port}", self.api_key, self.admin_key)
+        traffic.secrets.append(self.os_password)
         self.users = users
         return server, traffic, Load(traffic, bodies, users, pids, self.clients, self.seed)
 
@@ -310,6 +347,7 @@ class DrillRun:
         with self.traffic.client() as c:
             r = c.get("/metrics")
             r.raise_for_status()
+            self.secrets_in_metrics += sum(x in r.text for x in self.watch.secrets)
             return degraded_counts(r.text)
 
     def _probe(self, endpoint: str, body: Any = None, *, admin: bool = False) -> tuple[int, Any]:
@@ -378,7 +416,7 @@ class DrillRun:
         from rerank.service.drill_services import free_port
 
         r = self.reranker
-        url = f"http://127.0.0.1:{free_port()}"
+        url = f"http://fusionrank:{self.os_password}@127.0.0.1:{free_port()}"  # its password must show up nowhere
         dead = OpenSearchEngine(url, timeout_s=2.0)
         with self.traffic.fault("opensearch_refused"):
             self.state._install(Reranker(dead, r.index, r.model, text_encoder=r.text_encoder, image_encoder=r.image_encoder,
@@ -440,6 +478,34 @@ class DrillRun:
         return Drill("hostile_input", extra={"cases": len(bodies), "wrong_answers": sorted(set(wrong))},
                      notes="each hostile request got its 4xx naming the problem (bad events rejected one by one with 200); "
                            "an unknown shopper is a cold start (200)")
+
+    def _drill_access(self) -> Drill:
+        import httpx
+
+        t = self.traffic
+        wrong: list[str] = []
+        routes = 0
+        who = [("no key", {}, {401}), ("wrong key", {"X-API-Key": "not-" + secrets.token_urlsafe(8)}, {401}),
+               ("wrong bearer", {"Authorization": "Bearer not-" + secrets.token_urlsafe(8)}, {401})]
+        with httpx.Client(base_url=t.base_url, timeout=30.0) as c:  # no default key
+            for route, ops in self.app.openapi()["paths"].items():  # every documented route
+                if route in PUBLIC_PATHS:
+                    continue
+                routes += 1
+                path = re.sub(r"\{[^}]+\}", "x", route)
+                cases = who + ([("user key on an admin route", {"X-API-Key": t.api_key}, {401, 403})] if path.startswith("/admin") else [])
+                for method in sorted(m.upper() for m in ops):
+                    for what, headers, ok in cases:
+                        status, _ = t.send(c, path, method=method, headers=headers, json_body={} if method == "POST" else None)
+                        if status not in ok:
+                            wrong.append(f"{method} {route} with {what}: HTTP {status}")
+            for path in ("/healthz", "/readyz", "/", "/static/app.js"):
+                status, _ = t.send(c, path, method="GET")
+                if status != 200:
+                    wrong.append(f"GET {path} (public): HTTP {status}")
+        return Drill("access", extra={"routes": routes, "wrong_answers": wrong},
+                     notes="every route but health, readiness and the page without a key, with a wrong key and a wrong bearer "
+                           "token: 401; admin routes with the user key: 401")
 
     def _drill_load(self) -> Drill:
         warm = max(1.0, 0.2 * self.load_s)
@@ -509,6 +575,7 @@ class DrillRun:
         return {
             "drills": out,
             "events": {"accepted": self.events_accepted, "stored": self.events_stored},
+            "secrets_seen": {"logs": self.watch.hits, "responses": self.traffic.secrets_in_responses, "metrics": self.secrets_in_metrics},
             "reindex_tasks": {"accepted": self.tasks_accepted, "queued": self.tasks_queued},
             "seconds": round(seconds, 1), "hold_s": self.hold_s, "products": self.size,
             "model": "untrained FusionRanker (synthetic world)", "users": "simulated shoppers",

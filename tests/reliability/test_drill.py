@@ -80,6 +80,8 @@ def test_drill_loses_nothing_and_recovers(tmp_path: Path) -> None:
         assert drills[name]["answers"].get("/search 200", 0) > 0 and drills[name]["answers"].get("/rerank 200", 0) > 0, name
     assert drills["baseline"]["failed"] == 0 and drills["baseline"]["degraded"] == {}
     assert drills["hostile_input"]["wrong_answers"] == []
+    assert drills["access"]["routes"] >= 8 and drills["access"]["wrong_answers"] == []
+    assert report["secrets_seen"] == {"logs": 0, "responses": 0, "metrics": 0}
 
     load = drills["load"]
     assert load["failed"] == 0 and load["degraded"] == {}

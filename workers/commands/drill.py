@@ -28,4 +28,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         bad = {k: v for k, v in report["drills"].items() if v["lost"] or v["unexpected_5xx"] or v["transport_errors"] or v.get("recovered") is False}
         if bad:
             typer.echo(f"drill failed: {sorted(bad)} lost something, answered an unexpected 5xx or did not recover", err=True)
+        if any(report["secrets_seen"].values()):
+            typer.echo(f"drill failed: a key or password showed up in {report['secrets_seen']}", err=True)
+        if bad or any(report["secrets_seen"].values()):
             raise typer.Exit(1)

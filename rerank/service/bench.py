@@ -1,6 +1,6 @@
 """``fusionrank bench serve``: loopback load on a real uvicorn server.
 
-The server runs in a **subprocess** (``uvicorn --factory workers.commands.serve:app_factory``, one worker,
+The server runs in a **subprocess** (``uvicorn --factory workers.commands.serve:app_factory``, ``server_workers`` processes,
 ``OMP_NUM_THREADS=1``, access log off) so that the load generator does not share its GIL; it loads its model
 the production way (``Reranker.from_settings``). Each request is ``POST /rerank`` with an OpenSearch-shaped
 response of ``candidates`` hits (``_source`` without vectors: the reranker fetches them by id, as it would
@@ -148,22 +148,31 @@ def _in_process(reranker: Any, bodies: Sequence[dict[str, Any]]) -> tuple[float,
     return statistics.median(lat), degraded, {k: round(statistics.median(v), 2) for k, v in stages.items()}
 
 
-def _start_server(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
+def _start_server(env: dict[str, str], port: int, log_path: Path, workers: int = 1) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "workers.commands.serve:app_factory", "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1", "--no-access-log", "--log-level", "warning"]
+           "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
     with open(log_path, "wb") as logf:
         return subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parents[2]))
 
 
-def _wait_ready(client: Any, proc: subprocess.Popen, log_path: Path, timeout_s: float = 600.0) -> None:
+def _wait_ready(client: Any, proc: subprocess.Popen, log_path: Path, timeout_s: float = 600.0, workers: int = 1) -> None:
+    """Until ``/readyz`` answered 200 ``10 * workers`` times in a row (each worker process loads its own model and
+    the kernel spreads connections over them; one 200 only says that one worker is ready)."""
+    import httpx
+
     t0 = time.monotonic()
+    streak = 0
     while time.monotonic() - t0 < timeout_s:
         if proc.poll() is not None:
             raise FusionRankError(f"the server exited with {proc.returncode}: {log_path.read_text(errors='replace')[-2000:]}")
         try:
-            r = client.get("/readyz")
-            if r.status_code == 200:
+            with httpx.Client(base_url=client.base_url, timeout=10.0) as c:  # a new connection: it may land on another worker
+                r = c.get("/readyz")
+            streak = streak + 1 if r.status_code == 200 else 0
+            if streak >= 10 * workers:
                 return
+            if r.status_code == 200:
+                continue
             if r.json().get("status") == "failed":
                 raise FusionRankError(f"the server could not load its model: {r.json().get('detail')}")
         except Exception as e:
@@ -192,7 +201,7 @@ def _level(client: Any, bodies: Sequence[dict[str, Any]], c: int, headers: dict[
 
 
 def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, requests: int = 300, candidates: int = 100,
-                    levels: Sequence[int] = (1, 8, 32), seed: int = 0, settings: Any = None) -> dict[str, Any]:
+                    levels: Sequence[int] = (1, 8, 32), seed: int = 0, settings: Any = None, server_workers: int = 1) -> dict[str, Any]:
     import httpx
 
     from rerank.reranker import Reranker
@@ -227,11 +236,11 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
 
         port = free_port()
         log_path = tmp / "server.log"
-        proc = _start_server(env, port, log_path)
+        proc = _start_server(env, port, log_path, server_workers)
         headers = {"X-API-Key": key}
         limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0, limits=limits) as client:
-            _wait_ready(client, proc, log_path)
+            _wait_ready(client, proc, log_path, workers=server_workers)
             out_levels = {str(c): _level(client, bodies, c, headers) for c in levels}
         first = out_levels[str(levels[0])] if levels else None
         return {
@@ -242,7 +251,8 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
             "in_process_stages_ms": stages,
             "candidates": candidates, "requests_per_level": requests, "synthetic": synthetic,
             "model_version": version, "budget_ms": settings.rerank_budget_ms, "cpu_count": os.cpu_count(),
-            "server": "uvicorn, 1 worker, subprocess, OMP_NUM_THREADS=" + env["OMP_NUM_THREADS"] + ", access log off",
+            "server": f"uvicorn, {server_workers} worker process(es), subprocess, OMP_NUM_THREADS=" + env["OMP_NUM_THREADS"] + ", access log off",
+            "server_workers": server_workers,
             "text_backend": settings.text_backend,
         }
     finally:

@@ -19,7 +19,7 @@ def test_serve_refuses_to_start_without_an_api_key():
 @pytest.mark.slow
 def test_bench_serve_synthetic_tiny():
     r = CliRunner().invoke(app, ["bench", "serve", "--synthetic", "--synthetic-size", "100", "--requests", "12",
-                                 "--candidates", "50", "--concurrency", "1,4", "--json"])
+                                 "--candidates", "50", "--concurrency", "1,4", "--server-workers", "2", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
     assert set(out["levels"]) == {"1", "4"}
@@ -29,3 +29,4 @@ def test_bench_serve_synthetic_tiny():
     assert isinstance(out["http_overhead_ms"], float)
     assert out["in_process_p50_ms"] > 0 and out["candidates"] == 50 and out["synthetic"] is True
     assert out["model_version"] and "encode" in out["in_process_stages_ms"]
+    assert out["server_workers"] == 2  # no request met a worker still loading: errors == 0 above

@@ -78,6 +78,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         candidates: int = typer.Option(100, "--candidates", min=1, max=10_000, help="Hits per /rerank request."),
         levels: str = typer.Option("1,8,32", "--concurrency", help="Comma-separated concurrency levels."),
         seed: int = typer.Option(0, "--seed"),
+        server_workers: int = typer.Option(1, "--server-workers", min=1, max=64, help="uvicorn worker processes of the server under load."),
     ) -> None:
         """Loopback load on a real uvicorn server: POST /rerank with an OpenSearch response of N hits, at each
         concurrency level: rps, p50, p99; plus the HTTP overhead over the in-process call."""
@@ -87,5 +88,5 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         if not lv or min(lv) < 1:
             raise typer.BadParameter("--concurrency takes positive integers, e.g. 1,8,32")
         result = run_serve_bench(synthetic=synthetic, synthetic_size=synthetic_size, requests=requests_n,
-                                 candidates=candidates, levels=lv, seed=seed)
+                                 candidates=candidates, levels=lv, seed=seed, server_workers=server_workers)
         typer.echo(json.dumps(result, indent=None if as_json else 2))

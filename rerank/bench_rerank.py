@@ -102,6 +102,10 @@ def bench_rerank(
         "stages_p50_ms": {k: round(percentile(v, 50), 3) for k, v in stages.items()},
         "degraded": degraded,
         "users": len(set(users)) if users else 0,
+        # how many different query texts the timed calls used: with as many as calls, no query repeats (the
+        # reranker keeps no query-embedding cache, so every call encodes its query either way)
+        "distinct_queries": len({queries[i % n_distinct] for i in range(warmup, warmup + requests)}),
+        "text_backend": getattr(reranker.text_encoder, "backend", None),
         "model_version": reranker.model.version if reranker.model is not None else None,
         "micro_batch": reranker.batcher is not None,
     }

@@ -47,9 +47,10 @@ import shutil
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -118,6 +119,29 @@ def check_name(name: str, what: str = "index") -> str:
             f"not starting with - _ + or ., at most 255 bytes"
         )
     return name
+
+
+#: parsed stored sources kept for get_arrays() (per engine instance); about 1 KB each for a typical product
+SOURCE_CACHE_SIZE = 20_000
+_JSON_ATOMS = (str, int, float, bool, type(None))
+
+
+def array_getter(engine: Any) -> Callable[..., dict[str, dict[str, Any]]]:
+    """``engine.get_arrays`` when the engine offers it (:class:`LocalEngine`: vectors as numpy rows, no list
+    round trip) *and* it comes from the same class as its ``get``; otherwise ``engine.get``.
+
+    The second condition keeps wrappers honest: a subclass or instance that overrides ``get`` (to count
+    calls or inject faults) is read through that ``get``, never around it; wrappers that delegate other
+    attributes with ``__getattr__`` define no ``get_arrays`` on their class and get ``get`` too."""
+
+    def owner(name: str) -> Any:
+        return next((k for k in type(engine).__mro__ if name in vars(k)), None)
+
+    inst = getattr(engine, "__dict__", {})
+    fast = owner("get_arrays")
+    if fast is not None and fast is owner("get") and "get" not in inst and "get_arrays" not in inst:
+        return engine.get_arrays
+    return engine.get
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -431,6 +455,10 @@ class LocalEngine:
         self._alias_key: tuple[int, int, int] | None = None
         self._aliases: dict[str, str] = {}
         self._analyzer = QueryAnalyzer()
+        # parsed stored sources for get_arrays(), keyed by (index uuid, sequence number): a sequence number is
+        # never reused and its document never changes, so an entry can never go stale (no invalidation needed)
+        self._source_cache: OrderedDict[tuple[str, int], dict[str, Any]] = OrderedDict()
+        self._source_cache_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LocalEngine({str(self.root)!r}, faiss_threshold={self.faiss_threshold!r})"
@@ -853,23 +881,56 @@ class LocalEngine:
         log.debug("merged %d vector segments of %s into %d rows", len(old), h.name, data.rows)
 
     # ------------------------------------------------------------------ reads
-    def _sources(self, st: _State, addrs: list[Any], seqs: np.ndarray, fields: Sequence[str] | None) -> list[dict[str, Any]]:
-        """Stored sources of documents (vectors added from the snapshot), projected on ``fields``."""
+    def _sources(self, st: _State, addrs: list[Any], seqs: np.ndarray, fields: Sequence[str] | None, *, arrays: bool = False) -> list[dict[str, Any]]:
+        """Stored sources of documents (vectors added from the snapshot), projected on ``fields``.
+
+        Vectors are lists of floats, or with ``arrays=True`` read-only float32 rows of one gathered copy."""
         want_vectors = list(st.vectors) if fields is None else [f for f in fields if f in st.vectors]
         out = []
-        for addr in addrs:
-            src = json.loads(st.searcher.doc(addr).get_first(SOURCE_FIELD))
-            out.append(src if fields is None else {f: src[f] for f in fields if f in src})
+        if arrays and fields is not None:
+            out = self._cached_sources(st, addrs, seqs, fields)
+        else:
+            for addr in addrs:
+                src = json.loads(st.searcher.doc(addr).get_first(SOURCE_FIELD))
+                out.append(src if fields is None else {f: src[f] for f in fields if f in src})
         for f in want_vectors:
             vf = st.vectors[f]
             if vf.n == 0 or seqs.size == 0:
                 continue
             pos = np.searchsorted(vf.seqs, seqs)
             pos[pos == vf.n] = 0
-            has = vf.seqs[pos] == seqs
-            for i in np.flatnonzero(has).tolist():
-                out[i][f] = vf.matrix[pos[i]].tolist()
+            has = np.flatnonzero(vf.seqs[pos] == seqs)
+            if arrays:
+                rows = vf.matrix[pos[has]]  # one gather (a copy: callers never see the snapshot's buffer)
+                rows.flags.writeable = False
+                for k, i in enumerate(has.tolist()):
+                    out[i][f] = rows[k]
+            else:
+                for i in has.tolist():
+                    out[i][f] = vf.matrix[pos[i]].tolist()
         return out
+
+    def _cached_sources(self, st: _State, addrs: list[Any], seqs: np.ndarray, fields: Sequence[str]) -> list[dict[str, Any]]:
+        """Sources projected on ``fields`` through the parsed-source cache (LRU, ``SOURCE_CACHE_SIZE`` entries).
+        Values that are not str/number/bool/None are deep-copied, so callers never share the cached objects."""
+        uid = st.handle.uuid
+        keys = [(uid, s) for s in seqs.tolist()]
+        cache = self._source_cache
+        with self._source_cache_lock:
+            got = [cache.get(k) for k in keys]
+            for k, src in zip(keys, got):
+                if src is not None:
+                    cache.move_to_end(k)
+        miss = [i for i, src in enumerate(got) if src is None]
+        if miss:
+            for i in miss:
+                got[i] = json.loads(st.searcher.doc(addrs[i]).get_first(SOURCE_FIELD))
+            with self._source_cache_lock:
+                for i in miss:
+                    cache[keys[i]] = got[i]
+                while len(cache) > SOURCE_CACHE_SIZE:
+                    cache.popitem(last=False)
+        return [{f: (v if type(v) in _JSON_ATOMS else copy.deepcopy(v)) for f in fields if f in src for v in (src[f],)} for src in got]
 
     def _lookup(self, st: _State, ids: Sequence[str]) -> tuple[list[Any], list[str], np.ndarray]:
         """Doc addresses, ids and sequence numbers of those ``ids`` that the snapshot holds."""
@@ -891,6 +952,19 @@ class LocalEngine:
         st = self._state(index)
         addrs, found, seqs = self._lookup(st, ids)
         return dict(zip(found, self._sources(st, addrs, seqs, fields)))
+
+    def get_arrays(self, index: str, ids: Sequence[str], *, fields: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """:meth:`get` with the vectors as read-only float32 numpy rows instead of lists of floats (the same
+        values: ``list(row)`` equals what :meth:`get` gives). For in-process readers such as the reranker,
+        which would turn the lists straight back into arrays; not part of the engine protocol.
+
+        With ``fields`` given, parsed sources are kept in a small per-instance LRU keyed by (index uuid,
+        sequence number); a write gives the document a new sequence number, so a cached entry is never stale."""
+        if isinstance(ids, str):
+            raise ConfigError("get_arrays() takes a sequence of ids, not one string")
+        st = self._state(index)
+        addrs, found, seqs = self._lookup(st, ids)
+        return dict(zip(found, self._sources(st, addrs, seqs, fields, arrays=True)))
 
     def iter_documents(self, index: str, *, batch_size: int = 1000) -> Iterator[dict[str, Any]]:
         """Every document's source (vectors included; ``product_id`` set from the id when absent), in write

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime
 import numpy as np
 
 from indexing import fields
+from indexing.engines.local import array_getter
 from indexing.errors import ConfigError, DimensionError
 from rerank.history.ingest import IngestSummary, import_events_file, record_events
 from rerank.history.models import EVENT_TYPES
@@ -213,7 +214,8 @@ class EngineVectorSource:
     def get_vectors(self, ids: Sequence[str]) -> dict[str, tuple[np.ndarray | None, np.ndarray | None]]:
         if not ids:
             return {}
-        docs = self.engine.get(self.index, list(ids), fields=[fields.TEXT_VEC, fields.IMAGE_VEC])
+        getter = array_getter(self.engine)
+        docs = getter(self.index, list(ids), fields=[fields.TEXT_VEC, fields.IMAGE_VEC])
         return {
             pid: (
                 _as_vec(doc.get(fields.TEXT_VEC), self.text_dim, f"{fields.TEXT_VEC} of {pid!r}"),

@@ -296,3 +296,13 @@ def test_cuda_encoders_agree_with_cpu(text_torch, image_enc, rows, shared_data):
     photos = _photos(rows, shared_data, "Sports Shoes", 8)
     gpu_image = get_image_encoder(device="cuda")
     assert ((gpu_image.encode(photos) * image_enc.encode(photos)).sum(axis=1) > 0.999).all()
+
+
+def test_onnx_threads_follow_omp_num_threads(monkeypatch):
+    from indexing.encoders import onnx_intra_op_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert onnx_intra_op_threads() == 0  # onnxruntime's own default
+    for raw, want in (("1", 1), (" 3 ", 3), ("0", 0), ("-2", 0), ("", 0), ("many", 0)):
+        monkeypatch.setenv("OMP_NUM_THREADS", raw)
+        assert onnx_intra_op_threads() == want

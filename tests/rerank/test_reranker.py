@@ -133,6 +133,15 @@ def test_list_of_dicts_and_list_of_hits_keep_their_kind(world):
     assert [h["_id"] for h in out] == out.ids and set(out.ids) <= {d["_id"] for d in dicts}
     with pytest.raises(dataclasses.FrozenInstanceError):
         out.hits[0].score = 0.0  # type: ignore[misc]
+    for item, ranked in zip(out, out.hits):  # the items and .hits carry equal explanations, not shared ones
+        assert item["_explanation"] == dict(ranked.explanation)
+        assert item["_explanation"]["gates"] is not ranked.explanation["gates"]
+        assert item["_explanation"]["first_stage"] is not ranked.explanation["first_stage"]
+    with_src = [{"_id": "p1", "_score": 2.0, "_source": {"title": "a", "tags": ["x"]}}, {"_id": "p2", "_score": 1.0}]
+    out3 = r.rerank("black shoes", with_src)
+    first = next(h for h in out3 if h["_id"] == "p1")
+    first["_source"]["tags"].append("y")  # the output is a deep copy: the caller's input is untouched
+    assert with_src[0]["_source"] == {"title": "a", "tags": ["x"]} and "_explanation" not in with_src[0]
 
     hits = [Hit(d["_id"], d["_score"]) for d in dicts]
     out2 = r.rerank("black shoes", hits)
@@ -370,3 +379,4 @@ def test_bench_rerank_reports_latency_and_the_cross_encoder_ratio(world):
     assert 0 < res["p50_ms"] <= res["p99_ms"] and set(res["stages_p50_ms"]) >= {"encode", "fetch", "history", "model", "total"}
     assert res["cross_encoder_requests"] == 2 and res["cross_encoder_p50_ms"] > 0
     assert res["speedup"] == pytest.approx(res["cross_encoder_p50_ms"] / res["p50_ms"], rel=0.01)
+    assert res["distinct_queries"] == 3 and res["text_backend"] == "torch"  # 6 calls cycle over 3 queries

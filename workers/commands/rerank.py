@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -32,7 +33,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         candidates: int = typer.Option(100, "--candidates", min=1, max=1000, help="First-stage candidates per request."),
         ce_requests: int = typer.Option(20, "--ce-requests", min=0, help="Cross-encoder passes over the same candidates (0: skip)."),
         cross_encoder: Optional[Path] = typer.Option(None, "--cross-encoder", help="A trained cross_encoder directory (default: untrained head; same cost)."),
-        threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads for both models."),
+        threads: int = typer.Option(1, "--threads", min=1, help="CPU threads for both models (torch; onnxruntime too, via OMP_NUM_THREADS)."),
         budget_ms: float = typer.Option(1000.0, "--budget-ms", min=1.0, help="The rerank call's time budget (large: measure, do not fail open)."),
         micro_batch: Optional[bool] = typer.Option(None, "--micro-batch/--no-micro-batch", help="Force the micro-batcher on/off (default: on for CUDA)."),
         as_json: bool = typer.Option(True, "--json/--no-json", help="Print one JSON object (the default)."),
@@ -48,6 +49,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         settings = load_settings(rerank_budget_ms=budget_ms)
         torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the onnx-int8 text encoder when it loads (below)
         served = Reranker.from_settings(settings)
         reranker = Reranker(served.engine, served.index, served.model, text_encoder=served.text_encoder, image_encoder=served.image_encoder,
                             history=served.history, budget_ms=budget_ms, micro_batch=micro_batch) if micro_batch is not None else served

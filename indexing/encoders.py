@@ -616,6 +616,32 @@ def _get_image(name: str, device: str) -> ImageEncoder:
         return enc
 
 
+#: product-search texts that a stand-in query encoder must encode like the reference one (:func:`check_agreement`)
+PROBE_TEXTS = (
+    "black casual shoes for men", "women's red handbag", "blue denim jeans", "white cotton t-shirt", "heels",
+    "navy blue formal shirt for men", "green sports backpack", "gold earrings", "kids watches", "grey melange sweatshirt",
+    "cordless drill", "outdoor ceiling fan with light", "vinyl plank flooring", "kitchen faucet brushed nickel",
+    "2x4 lumber 8 ft", "led light bulbs 60w", "pink kurta for women", "brown leather belt", "sunglasses", "yellow raincoat",
+)
+MIN_AGREEMENT = 0.995
+
+
+def check_agreement(reference: "TextEncoder", stand_in: "TextEncoder", *, min_cosine: float = MIN_AGREEMENT) -> float:
+    """The smallest cosine between the two encoders' vectors of :data:`PROBE_TEXTS`; ConfigError below ``min_cosine``.
+
+    Lets queries be encoded by a cheaper backend of the same model (the int8 export of MiniLM) against an index
+    and a fusion model built with the full-precision one, only where the vectors really agree."""
+    if reference.dim != stand_in.dim:
+        raise ConfigError(f"query encoder {stand_in.model_id!r} has {stand_in.dim} dimensions, the index's {reference.model_id!r} has {reference.dim}")
+    a = _l2_normalize(np.asarray(reference.encode(list(PROBE_TEXTS)), dtype=np.float64))
+    b = _l2_normalize(np.asarray(stand_in.encode(list(PROBE_TEXTS)), dtype=np.float64))
+    worst = float(np.min(np.sum(a * b, axis=1)))
+    if not worst >= min_cosine:
+        raise ConfigError(f"query encoder {stand_in.model_id!r} disagrees with the index's {reference.model_id!r}: "
+                          f"smallest cosine on {len(PROBE_TEXTS)} probe texts {worst:.4f} < {min_cosine}")
+    return worst
+
+
 def get_text_encoder(name: str = "minilm", *, backend: str = "torch", device: str = "auto") -> TextEncoder:
     """The text encoder ``name`` (loaded on first use, then shared within the process)."""
     return _get_text(name, backend, device)

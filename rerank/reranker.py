@@ -179,16 +179,21 @@ class Reranker:
         retrieval: RetrievalConfig | None = None,
         micro_batch: bool | None = None,
         micro_batch_options: Mapping[str, Any] | None = None,
+        stands_in_for: str | None = None,
     ):
+        """``stands_in_for``: the model id of the encoder that ``text_encoder`` replaces for queries, once
+        :func:`indexing.encoders.check_agreement` showed they agree (an int8 query encoder over a model and an index
+        built with the full-precision one; see ``Reranker.from_settings`` and ``query_text_backend``)."""
         if not isinstance(index, str) or not index:
             raise ConfigError("index must be a non-empty string")
         if not (isinstance(budget_ms, (int, float)) and budget_ms > 0):
             raise ConfigError(f"budget_ms must be > 0, got {budget_ms!r}")
         if model is not None and text_encoder is None:
             raise ConfigError("a fusion model needs the text encoder it was trained with (text_encoder=)")
-        if model is not None and text_encoder is not None and getattr(text_encoder, "model_id", None) not in (None, model.text_encoder.model_id):
+        if model is not None and text_encoder is not None and getattr(text_encoder, "model_id", None) not in (None, model.text_encoder.model_id) \
+                and stands_in_for != model.text_encoder.model_id:
             raise ConfigError(f"text encoder {text_encoder.model_id!r} differs from the model's {model.text_encoder.model_id!r}")
-        self.engine, self.index, self.model = engine, index, model
+        self.engine, self.index, self.model, self.stands_in_for = engine, index, model, stands_in_for
         self.text_encoder, self.image_encoder, self.history = text_encoder, image_encoder, history
         self.budget_ms, self.clock = float(budget_ms), clock
         align = model.alignment if model is not None else None
@@ -229,7 +234,7 @@ class Reranker:
         history database is not migrated (``fusionrank db upgrade``). ``history=False`` serves without
         personalization.
         """
-        from indexing.encoders import get_image_encoder, get_text_encoder
+        from indexing.encoders import check_agreement, get_image_encoder, get_text_encoder
         from indexing.errors import ModelArtifactError
         from rerank.artifacts import CONFIG_FILE, load_artifact
         from workers.composition import build_engine
@@ -246,6 +251,13 @@ class Reranker:
         index = settings.index_alias
         text = get_text_encoder(settings.text_model, backend=settings.text_backend, device=settings.device)
         model = load_artifact(model_dir, mapping=engine.get_mapping(index), text_model_id=text.model_id, device=settings.device)
+        qb = getattr(settings, "query_text_backend", None)
+        stands_in_for = None
+        if qb and qb != settings.text_backend:  # a cheaper query encoder, only where it encodes like the index's
+            query_text = get_text_encoder(settings.text_model, backend=qb, device=settings.device)
+            worst = check_agreement(text, query_text)
+            log.info("queries encoded by %s (smallest cosine to %s on probe texts: %.4f)", query_text.model_id, text.model_id, worst)
+            text, stands_in_for = query_text, text.model_id
         image = get_image_encoder(settings.image_model, device=settings.device) if model.image_encoder is not None else None
         if image is not None and image.model_id != model.image_encoder.model_id:
             raise ModelArtifactError(f"{model_dir}: trained on image encoder {model.image_encoder.model_id!r}, configured {image.model_id!r}")
@@ -255,7 +267,8 @@ class Reranker:
 
             store = HistoryStore(settings.effective_sql_url)
             profiles = ProfileService(store, EngineVectorSource(engine, index))
-        r = cls(engine, index, model, text_encoder=text, image_encoder=image, history=profiles, budget_ms=settings.rerank_budget_ms)
+        r = cls(engine, index, model, text_encoder=text, image_encoder=image, history=profiles, budget_ms=settings.rerank_budget_ms,
+                stands_in_for=stands_in_for)
         r.warm_up()
         log.info("reranker ready: model %s from %s over %s index %r", model.version, model_dir, settings.engine, index)
         return r

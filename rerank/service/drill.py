@@ -420,7 +420,7 @@ class DrillRun:
         dead = OpenSearchEngine(url, timeout_s=2.0)
         with self.traffic.fault("opensearch_refused"):
             self.state._install(Reranker(dead, r.index, r.model, text_encoder=r.text_encoder, image_encoder=r.image_encoder,
-                                         history=r.history, budget_ms=r.budget_ms))
+                                         history=r.history, budget_ms=r.budget_ms, stands_in_for=r.stands_in_for))
             try:
                 self._hold(lambda: self._probe("/search", self._search_body()))
             finally:

@@ -306,3 +306,30 @@ def test_onnx_threads_follow_omp_num_threads(monkeypatch):
     for raw, want in (("1", 1), (" 3 ", 3), ("0", 0), ("-2", 0), ("", 0), ("many", 0)):
         monkeypatch.setenv("OMP_NUM_THREADS", raw)
         assert onnx_intra_op_threads() == want
+
+
+class _FixedEncoder:
+    """Vectors from a function of the text (a stand-in for a real encoder in the agreement check)."""
+
+    def __init__(self, model_id: str, dim: int, fn):
+        self.model_id, self.dim, self.fn = model_id, dim, fn
+
+    def encode(self, texts):
+        return np.stack([self.fn(t) for t in texts])
+
+
+def _seeded(t: str, dim: int = 16) -> np.ndarray:
+    return np.random.default_rng(abs(hash(t)) % 2**32).normal(size=dim)
+
+
+def test_a_query_encoder_must_agree_with_the_index_encoder_on_probe_texts():
+    from indexing.encoders import PROBE_TEXTS, check_agreement
+
+    ref = _FixedEncoder("ref", 16, _seeded)
+    close = _FixedEncoder("int8", 16, lambda t: _seeded(t) + 0.01 * _seeded(t + "noise"))
+    assert 0.995 <= check_agreement(ref, close) < 1.0
+    other = _FixedEncoder("other", 16, lambda t: _seeded(t + "other"))
+    with pytest.raises(ConfigError, match=rf"disagrees.*{len(PROBE_TEXTS)} probe texts"):
+        check_agreement(ref, other)
+    with pytest.raises(ConfigError, match="dimensions"):
+        check_agreement(ref, _FixedEncoder("wide", 32, lambda t: _seeded(t, 32)))

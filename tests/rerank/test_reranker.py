@@ -368,6 +368,21 @@ def test_from_settings_serves_the_installed_model_and_refuses_without_one(world,
     assert sorted(h["_id"] for h in out["hits"]["hits"]) == sorted(h["_id"] for h in resp["hits"]["hits"])
 
 
+def test_from_settings_encodes_queries_with_the_int8_backend_when_asked(world, tmp_path):
+    from workers.deploy import install_model
+    from workers.settings import load_settings
+
+    engine, text, art, _history, _d = world
+    settings = load_settings(data_dir=str(tmp_path), index_alias=INDEX, device="cpu", query_text_backend="onnx-int8")
+    install_model(settings, art.path)
+    r = Reranker.from_settings(settings, engine=engine, history=False)  # the agreement check passed at start-up
+    assert r.text_encoder.backend == "onnx-int8" and r.text_encoder.model_id != text.model_id
+    resp = _bm25_response(engine)
+    out = r.rerank("black leather shoes", resp)
+    assert out["fusionrank"]["degraded"] is None
+    assert sorted(h["_id"] for h in out["hits"]["hits"]) == sorted(h["_id"] for h in resp["hits"]["hits"])
+
+
 def test_bench_rerank_reports_latency_and_the_cross_encoder_ratio(world):
     from rerank.bench_rerank import bench_rerank
     from rerank.evaluation.trainers import CrossEncoderModel

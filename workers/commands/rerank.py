@@ -52,7 +52,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the onnx-int8 text encoder when it loads (below)
         served = Reranker.from_settings(settings)
         reranker = Reranker(served.engine, served.index, served.model, text_encoder=served.text_encoder, image_encoder=served.image_encoder,
-                            history=served.history, budget_ms=budget_ms, micro_batch=micro_batch) if micro_batch is not None else served
+                            history=served.history, budget_ms=budget_ms, micro_batch=micro_batch,
+                            stands_in_for=served.stands_in_for) if micro_batch is not None else served
         queries, users = bench_inputs(settings, requests + warmup)
         device = resolve_device(settings.device)
         ce = None

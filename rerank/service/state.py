@@ -81,15 +81,19 @@ class ServiceState:
     loader: Callable[[Any], Any] | None = None
     #: called with the exception when the background load at start-up fails (``fusionrank serve`` stops the server)
     on_load_error: Callable[[BaseException], None] | None = None
-    #: most reranker calls running at once (default: the CPU count; ``FUSIONRANK_SERVE_MAX_CONCURRENT``)
-    max_concurrent: int = field(default_factory=lambda: int(os.environ.get("FUSIONRANK_SERVE_MAX_CONCURRENT") or os.cpu_count() or 1))
+    #: most reranker calls running at once in this process (``FUSIONRANK_SERVE_MAX_CONCURRENT``); default: 1 for a CPU
+    #: model (Python holds the GIL for most of a call: two at once only stretch both past the budget; scale with
+    #: ``--workers``), 32 for a micro-batched (CUDA) model, whose batches fill from concurrent calls
+    max_concurrent: int | None = field(default_factory=lambda: int(os.environ["FUSIONRANK_SERVE_MAX_CONCURRENT"]) if os.environ.get("FUSIONRANK_SERVE_MAX_CONCURRENT") else None)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     gate: threading.BoundedSemaphore = field(init=False, repr=False)
+    gate_size: int = field(init=False, default=1)
 
     def __post_init__(self) -> None:
-        if self.max_concurrent < 1:
+        if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ConfigError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
-        self.gate = threading.BoundedSemaphore(self.max_concurrent)
+        self.gate_size = self.max_concurrent or 1
+        self.gate = threading.BoundedSemaphore(self.gate_size)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -125,7 +129,10 @@ class ServiceState:
 
     def _install(self, reranker: Any) -> None:
         profiles = reranker.history
+        n = self.max_concurrent or (32 if getattr(reranker, "batcher", None) is not None else 1)
         with self._lock:
+            if n != self.gate_size:  # calls in flight release the gate they took
+                self.gate, self.gate_size = threading.BoundedSemaphore(n), n
             self.reranker = reranker
             self.engine, self.index = reranker.engine, reranker.index
             self.profiles = profiles

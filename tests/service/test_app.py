@@ -324,3 +324,18 @@ def test_failed_load_is_reported(service_world):
         assert failed.wait(10)
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["status"] == "failed" and "/nowhere" in r.json()["detail"]
+
+
+def test_reranker_calls_per_process_default_to_one_on_the_cpu_and_32_when_micro_batched(service_world, monkeypatch):
+    from rerank.reranker import Reranker
+
+    monkeypatch.delenv("FUSIONRANK_SERVE_MAX_CONCURRENT", raising=False)
+    assert service_world.state().gate_size == 1  # CPU model: calls queue at the gate instead of sharing the GIL
+    r = service_world.reranker
+    batched = Reranker(r.engine, r.index, r.model, text_encoder=r.text_encoder, history=r.history, micro_batch=True)
+    try:
+        assert service_world.state(reranker=batched).gate_size == 32
+    finally:
+        batched.close()
+    monkeypatch.setenv("FUSIONRANK_SERVE_MAX_CONCURRENT", "3")
+    assert service_world.state().gate_size == 3

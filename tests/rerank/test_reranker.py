@@ -254,8 +254,10 @@ class GatedRanker:
         import threading
 
         self.inner, self.gate, self.calls = inner, threading.Event(), []
+        self.entered = threading.Event()  # set when a forward pass reached the gate
 
     def score_requests(self, requests):
+        self.entered.set()
         self.gate.wait(10)
         self.calls.append(len(requests))
         return self.inner.score_requests(requests)
@@ -313,9 +315,8 @@ def test_a_full_micro_batch_queue_fails_open_as_overloaded(world):
     first.start()  # taken by the worker, waits at the gate
     import time
 
+    assert gated.entered.wait(10)  # the worker holds the first request: the queue is empty again
     deadline = time.time() + 10
-    while r.batcher.stats["queued"] and time.time() < deadline:
-        time.sleep(0.01)
     second = threading.Thread(target=r.rerank, args=("black leather shoes", resp))
     second.start()  # fills the queue
     while not r.batcher.stats["queued"] and time.time() < deadline:

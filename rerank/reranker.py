@@ -31,7 +31,6 @@ the baseline and the kill switch.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import threading
@@ -42,7 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from indexing import fields as F
-from indexing.engines.base import Filters, Hit, check_size
+from indexing.engines.base import Filters, Hit, check_size, copy_json
 from indexing.engines.local import array_getter
 from indexing.errors import ConfigError, EngineError, FusionRankError, HistoryError
 from rerank.fusion import ListSignal
@@ -315,8 +314,8 @@ class Reranker:
             ranked = ranked[:top_k]
         items = self._render(inp, ranked)
         if inp.kind == "opensearch":
-            resp = {k: _copy_json(v) for k, v in hits_or_opensearch_response.items() if k != "hits"}
-            inner = {k: _copy_json(v) for k, v in hits_or_opensearch_response["hits"].items() if k != "hits"}
+            resp = {k: copy_json(v) for k, v in hits_or_opensearch_response.items() if k != "hits"}
+            inner = {k: copy_json(v) for k, v in hits_or_opensearch_response["hits"].items() if k != "hits"}
             inner["hits"] = items
             inner["max_score"] = max((h.score for h in ranked), default=None)
             resp["hits"] = inner
@@ -476,30 +475,12 @@ class Reranker:
             if inp.kind == "hits":
                 out.append(replace(orig, score=h.score))
             else:
-                d = _copy_json(dict(orig))
+                d = copy_json(dict(orig))
                 d["_score"] = h.score
                 d["_previous_score"] = orig.get("_score")
-                d["_explanation"] = dict(h.explanation) if share_explanation else _copy_json(dict(h.explanation))
+                d["_explanation"] = dict(h.explanation) if share_explanation else copy_json(dict(h.explanation))
                 out.append(d)
         return out
-
-
-_ATOMS = (str, int, float, bool, type(None))
-
-
-def _copy_json(x: Any) -> Any:
-    """A deep copy of JSON-shaped data (dicts, lists, tuples, str/number/bool/None leaves), several times faster
-    than :func:`copy.deepcopy` on hit sources; anything else inside is handed to ``copy.deepcopy``."""
-    t = type(x)
-    if t in _ATOMS:
-        return x
-    if t is dict:
-        return {k: (v if type(v) in _ATOMS else _copy_json(v)) for k, v in x.items()}
-    if t is list:
-        return [v if type(v) in _ATOMS else _copy_json(v) for v in x]
-    if t is tuple:
-        return tuple(v if type(v) in _ATOMS else _copy_json(v) for v in x)
-    return copy.deepcopy(x)
 
 
 __all__ = ["DEFAULT_BUDGET_MS", "OVERLOADED", "REASONS", "RankedHit", "RankedHits", "Reranker", "candidates_from_hits"]

@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from indexing import fields as F
-from indexing.engines.base import BulkAction, BulkItemResult, BulkSummary, Filters, Hit, as_query_vector, check_size
+from indexing.engines.base import BulkAction, BulkItemResult, BulkSummary, Filters, Hit, as_query_vector, check_size, copy_json
 from indexing.engines.local_schema import (
     ID_FIELD,
     SEQ_FIELD,
@@ -123,7 +123,6 @@ def check_name(name: str, what: str = "index") -> str:
 
 #: parsed stored sources kept for get_arrays() (per engine instance); about 1 KB each for a typical product
 SOURCE_CACHE_SIZE = 20_000
-_JSON_ATOMS = (str, int, float, bool, type(None))
 
 
 def array_getter(engine: Any) -> Callable[..., dict[str, dict[str, Any]]]:
@@ -930,7 +929,7 @@ class LocalEngine:
                     cache[keys[i]] = got[i]
                 while len(cache) > SOURCE_CACHE_SIZE:
                     cache.popitem(last=False)
-        return [{f: (v if type(v) in _JSON_ATOMS else copy.deepcopy(v)) for f in fields if f in src for v in (src[f],)} for src in got]
+        return [{f: copy_json(src[f]) for f in fields if f in src} for src in got]
 
     def _lookup(self, st: _State, ids: Sequence[str]) -> tuple[list[Any], list[str], np.ndarray]:
         """Doc addresses, ids and sequence numbers of those ``ids`` that the snapshot holds."""

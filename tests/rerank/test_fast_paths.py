@@ -204,7 +204,7 @@ def test_explain_all_equals_explain_per_candidate(history):
 
 # --------------------------------------------------------------------------- reranker helpers
 def test_copy_json_is_a_deep_copy():
-    from rerank.reranker import _copy_json
+    from indexing.engines.base import copy_json as _copy_json
 
     src = {"_id": "a", "_score": 1.5, "_source": {"title": "x", "tags": ["a", {"b": [1, 2.0, None, True]}], "t": (1, [2])},
            "inner_hits": {"h": {"hits": {"hits": [{"_id": "c"}]}}}, "obj": {1, 2}}

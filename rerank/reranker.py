@@ -445,9 +445,7 @@ class Reranker:
         except Exception as e:  # fail open on any model failure
             raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e
         self._check_budget(t0, "model", timings, s)
-        explain_all = getattr(scored, "explain_all", None)  # one vectorized pass (ScoredRequest); else per candidate
-        explain = explain_all() if explain_all is not None else [scored.explain(i) for i in range(len(cands))]
-        return scores.tolist(), explain
+        return scores.tolist(), scored.explain_all()  # every candidate's explanation in one vectorized pass
 
     def _forward(self, req: Any, t0: float) -> Any:
         """One request's forward pass: directly, or through the micro-batcher (waiting at most the budget left)."""

@@ -7,7 +7,6 @@ boundary (tests/contract/opensearch_fake.py; its answers are validated against t
 from __future__ import annotations
 
 import logging
-import socket
 
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from indexing.errors import (
 )
 from indexing.opensearch_spec import load_spec
 from mappings import load_mapping
+from rerank.service.drill_services import free_port  # a local port nothing listens on
 from tests.contract.opensearch_fake import FakeOpenSearchServer, error_body
 
 DIM = 8
@@ -47,12 +47,6 @@ def engine(server) -> OpenSearchEngine:
 
 def _docs(n: int) -> list[BulkAction]:
     return [BulkAction.index(str(i), {F.ID: str(i), F.TITLE: f"shirt {i}", F.TEXT_VEC: np.full(DIM, i, np.float32)}) for i in range(n)]
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_it_is_the_registered_opensearch_engine_and_satisfies_the_protocol(server):
@@ -118,7 +112,7 @@ def test_a_bulk_request_refused_as_a_whole_is_a_bulk_error(engine, server):
 
 # --------------------------------------------------------------------------- errors
 def test_connection_refused_names_the_url_without_the_password():
-    port = _closed_port()
+    port = free_port()
     eng = OpenSearchEngine(f"http://admin:s3cr3t-pw@127.0.0.1:{port}", timeout_s=2)
     with pytest.raises(EngineUnavailableError) as e:
         eng.index_exists("products")

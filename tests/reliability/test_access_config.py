@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from typer.testing import CliRunner
 
 from indexing.engines.opensearch import OpenSearchEngine
 from indexing.errors import EngineUnavailableError
+from rerank.service.drill_services import free_port  # a local port nothing listens on
 from workers.cli import app
 from workers.composition import build_engine
 from workers.settings import load_settings
@@ -25,13 +25,6 @@ REPO = Path(__file__).resolve().parents[2]
 PW = "Pw-0f-the-cluster"  # set as FUSIONRANK_OPENSEARCH_PASSWORD
 URL_PW = "url-Pw-42"  # embedded in FUSIONRANK_OPENSEARCH_URL
 LOGGER = "indexing.engines.opensearch"
-
-
-def _closed_port() -> int:
-    """A local TCP port with nothing listening (bound then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _opensearch_env(monkeypatch, url: str) -> None:
@@ -81,7 +74,7 @@ def test_config_command_hides_every_form_of_the_password(monkeypatch):
 
 
 def test_failed_connection_errors_name_the_host_not_the_password(monkeypatch):
-    port = _closed_port()
+    port = free_port()
     _opensearch_env(monkeypatch, f"http://admin:{URL_PW}@127.0.0.1:{port}")
     eng = build_engine(load_settings())
     for call in (lambda: eng.bm25_search("products", "shoes"), lambda: eng.get("products", ["1"])):

@@ -41,8 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from indexing import fields as F
-from indexing.engines.base import Filters, Hit, check_size, copy_json
-from indexing.engines.local import array_getter
+from indexing.engines.base import Filters, Hit, array_getter, check_size, copy_json
 from indexing.errors import ConfigError, EngineError, FusionRankError, HistoryError
 from rerank.fusion import ListSignal
 from rerank.limits import check_query_text

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -33,6 +33,24 @@ def copy_json(x: Any) -> Any:
     if t is tuple:
         return tuple(v if type(v) in JSON_ATOMS else copy_json(v) for v in x)
     return copy.deepcopy(x)
+
+
+def array_getter(engine: Any) -> Callable[..., dict[str, dict[str, Any]]]:
+    """``engine.get_arrays`` when the engine offers it (:class:`LocalEngine`: vectors as numpy rows, no list
+    round trip) *and* it comes from the same class as its ``get``; otherwise ``engine.get``.
+
+    The second condition keeps wrappers honest: a subclass or instance that overrides ``get`` (to count
+    calls or inject faults) is read through that ``get``, never around it; wrappers that delegate other
+    attributes with ``__getattr__`` define no ``get_arrays`` on their class and get ``get`` too."""
+
+    def owner(name: str) -> Any:
+        return next((k for k in type(engine).__mro__ if name in vars(k)), None)
+
+    inst = getattr(engine, "__dict__", {})
+    fast = owner("get_arrays")
+    if fast is not None and fast is owner("get") and "get" not in inst and "get_arrays" not in inst:
+        return engine.get_arrays
+    return engine.get
 
 
 # --------------------------------------------------------------------------- filters

@@ -50,7 +50,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -123,24 +123,6 @@ def check_name(name: str, what: str = "index") -> str:
 
 #: parsed stored sources kept for get_arrays() (per engine instance); about 1 KB each for a typical product
 SOURCE_CACHE_SIZE = 20_000
-
-
-def array_getter(engine: Any) -> Callable[..., dict[str, dict[str, Any]]]:
-    """``engine.get_arrays`` when the engine offers it (:class:`LocalEngine`: vectors as numpy rows, no list
-    round trip) *and* it comes from the same class as its ``get``; otherwise ``engine.get``.
-
-    The second condition keeps wrappers honest: a subclass or instance that overrides ``get`` (to count
-    calls or inject faults) is read through that ``get``, never around it; wrappers that delegate other
-    attributes with ``__getattr__`` define no ``get_arrays`` on their class and get ``get`` too."""
-
-    def owner(name: str) -> Any:
-        return next((k for k in type(engine).__mro__ if name in vars(k)), None)
-
-    inst = getattr(engine, "__dict__", {})
-    fast = owner("get_arrays")
-    if fast is not None and fast is owner("get") and "get" not in inst and "get_arrays" not in inst:
-        return engine.get_arrays
-    return engine.get
 
 
 # --------------------------------------------------------------------------- snapshots

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime
 import numpy as np
 
 from indexing import fields
-from indexing.engines.local import array_getter
+from indexing.engines.base import array_getter
 from indexing.errors import ConfigError, DimensionError
 from rerank.history.ingest import IngestSummary, import_events_file, record_events
 from rerank.history.models import EVENT_TYPES

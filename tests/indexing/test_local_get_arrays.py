@@ -9,7 +9,8 @@ import pytest
 import mappings
 from indexing import fields as F
 from indexing.engines.base import BulkAction
-from indexing.engines.local import LocalEngine, array_getter
+from indexing.engines.base import array_getter
+from indexing.engines.local import LocalEngine
 from indexing.errors import ConfigError
 
 TD, IMG = 8, 4

@@ -153,23 +153,22 @@ class Traffic:
         return httpx.Client(base_url=self.base_url, timeout=30.0, headers={"X-API-Key": self.api_key})
 
     def send(self, client: Any, endpoint: str, *, json_body: Any = None, content: bytes | None = None,
-             headers: dict[str, str] | None = None, record: bool = True, method: str = "POST") -> tuple[int, Any]:
+             headers: dict[str, str] | None = None, method: str = "POST") -> tuple[int, Any]:
         drill = self.drill
         t0 = time.monotonic()
         try:
             r = client.request(method, endpoint, json=json_body, content=content, headers=headers)
             status = r.status_code
-            if any(x in r.text for x in self.secrets):
-                self.secrets_in_responses += 1
+            leaked = any(x in r.text for x in self.secrets)
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
         except Exception as e:  # a transport failure is recorded, not raised: the drill goes on
             log.warning("%s during %s: %s: %s", endpoint, drill, type(e).__name__, e)
-            status, body = 0, {"detail": f"{type(e).__name__}: {e}"}
+            status, body, leaked = 0, {"detail": f"{type(e).__name__}: {e}"}, False
         degraded = body.get("fusionrank", {}).get("degraded") if status == 200 and isinstance(body, dict) and endpoint in ("/search", "/rerank") else None
         detail = str(body.get("detail") if isinstance(body, dict) else body)[:300] if status == 0 or status >= 500 else None
         with self._lock:
-            if record:
-                self.recs.append(Rec(drill, endpoint, status, degraded, detail, t0, time.monotonic()))
+            self.recs.append(Rec(drill, endpoint, status, degraded, detail, t0, time.monotonic()))
+            self.secrets_in_responses += leaked
             if endpoint == "/events" and status == 200 and isinstance(json_body, dict):
                 n = len(json_body["events"])
                 if body.get("stored", 0) + body.get("duplicates", 0) == n:
@@ -287,7 +286,7 @@ class DrillRun:
             pg.start()
             redis = PrivateRedis()
             redis.start()
-            self.pg, self.redis, self.tmp = pg, redis, tmp
+            self.pg, self.redis = pg, redis
             server, traffic, load = self._serve(tmp, pg.url, redis.url)
             self.traffic, self.load = traffic, load
             load.start()
@@ -339,7 +338,6 @@ class DrillRun:
         server.start()
         traffic = Traffic(f"http://127.0.0.1:{port}", self.api_key, self.admin_key)
         traffic.secrets.append(self.os_password)
-        self.users = users
         return server, traffic, Load(traffic, bodies, users, pids, self.clients, self.seed)
 
     # ------------------------------------------------------------------ helpers

@@ -6,8 +6,10 @@ An artifact directory holds:
   architecture (:class:`~rerank.model.RankerConfig`: strategy, sizes, ablation flags), the feature
   spec (:class:`~rerank.model_features.FeatureSpec`), the encoders the inputs come from (model ids and
   dimensions: ``text`` for ``text_vec`` and queries, ``image`` for the raw ``image_vec``), and the
-  alignment's metadata (or null when the model was trained without images);
-* ``weights.safetensors``: the ranker's tensors (``ranker.*``) and the alignment's (``alignment.*``);
+  alignment's metadata (or null when the model was trained without images), and the colour head's
+  (:mod:`rerank.colour`; null when the catalog had no colours);
+* ``weights.safetensors``: the ranker's tensors (``ranker.*``), the alignment's (``alignment.*``) and the
+  colour head's (``colour.*``);
 * ``training_report.json``: what :mod:`rerank.train` measured (optional).
 
 :func:`load_artifact` refuses (``ModelArtifactError`` naming both sides) an artifact whose encoder
@@ -63,6 +65,7 @@ class ModelArtifact:
     image_encoder: EncoderRef | None
     config: Mapping[str, Any]
     report: Mapping[str, Any]
+    colour: Any | None = None  # rerank.colour.ColourModel
 
     @property
     def version(self) -> str:
@@ -77,6 +80,7 @@ def save_artifact(
     text_encoder: EncoderRef,
     image_encoder: EncoderRef | None,
     alignment: Any | None = None,
+    colour: Any | None = None,
     report: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -91,6 +95,10 @@ def save_artifact(
     tensors = {f"ranker.{k}": v.detach().cpu().contiguous() for k, v in ranker.state_dict().items()}
     if alignment is not None:
         tensors.update({f"alignment.{k}": v.detach().cpu().contiguous() for k, v in alignment.head.state_dict().items()})
+    if colour is not None:
+        import torch
+
+        tensors.update({f"colour.{k}": torch.from_numpy(v.copy()).contiguous() for k, v in colour.tensors().items()})
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -105,6 +113,7 @@ def save_artifact(
         "features": feature_spec.to_dict(),
         "encoders": {"text": text_encoder.to_dict(), "image": image_encoder.to_dict() if image_encoder else None},
         "alignment": alignment.meta() if alignment is not None else None,
+        "colour": colour.meta() if colour is not None else None,
         **dict(extra or {}),
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
@@ -188,7 +197,13 @@ def load_artifact(
         tensors = load_file(str(d / WEIGHTS_FILE))
     except (OSError, SafetensorError) as e:
         raise ModelArtifactError(f"{d}: cannot read {WEIGHTS_FILE}: {e}") from None
-    ranker = FusionRanker(RankerConfig.from_dict(config["ranker"]))
+    rcfg, spec = RankerConfig.from_dict(config["ranker"]), FeatureSpec.from_dict(config["features"])
+    if rcfg.first_stage_dim != spec.first_stage_dim:
+        raise ModelArtifactError(
+            f"{d}: the ranker takes {rcfg.first_stage_dim} first-stage inputs, but its feature spec {spec.to_dict()} gives "
+            f"{spec.first_stage_dim} with this version of the code (an artifact of another feature layout): retrain it"
+        )
+    ranker = FusionRanker(rcfg)
     state = {k[len("ranker.") :]: v for k, v in tensors.items() if k.startswith("ranker.")}
     try:
         ranker.load_state_dict(state)
@@ -198,18 +213,24 @@ def load_artifact(
     if config.get("alignment"):
         a_state = {k[len("alignment.") :]: v for k, v in tensors.items() if k.startswith("alignment.")}
         alignment = Alignment.from_meta(config["alignment"], a_state)
+    colour = None
+    if config.get("colour"):
+        from rerank.colour import ColourModel
+
+        colour = ColourModel.from_meta(config["colour"], {k[len("colour.") :]: v for k, v in tensors.items() if k.startswith("colour.")})
     ranker = ranker.to(resolve_device(device)).eval()
     enc = config["encoders"]
     report = json.loads((d / REPORT_FILE).read_text()) if (d / REPORT_FILE).is_file() else {}
     return ModelArtifact(
         d,
         ranker,
-        FeatureSpec.from_dict(config["features"]),
+        spec,
         alignment,
         EncoderRef(enc["text"]["model_id"], int(enc["text"]["dim"])),
         EncoderRef(enc["image"]["model_id"], int(enc["image"]["dim"])) if enc.get("image") else None,
         config,
         report,
+        colour,
     )
 
 

@@ -11,6 +11,13 @@ The cross-encoder (:class:`rerank.evaluation.trainers.CrossEncoderModel`, MiniLM
 scores the same candidates' texts for a subset of the same requests in the same run; its latency does
 not depend on its weights, so an untrained head is used unless a trained directory is given. Both run
 with the same torch thread count. ``speedup`` = cross-encoder p50 / rerank p50.
+
+``aligned_cache``: the reranker's aligned-photo cache (:class:`rerank.alignment.AlignedCache`) after the run,
+warm-up calls included: ``misses`` rows were projected (a product's photo seen for the first time, the
+candidates' and the history items' alike), ``hits`` were not; ``null`` for a model without images or a
+reranker built with ``aligned_cache_size=0``. The timed calls cycle over ``distinct_queries`` queries, so
+after the first round their candidates' photos are cached: a service sees the same once its traffic has
+touched the catalog (a product's aligned vector is kept until evicted or its photo changes).
 """
 
 from __future__ import annotations
@@ -108,6 +115,7 @@ def bench_rerank(
         "text_backend": getattr(reranker.text_encoder, "backend", None),
         "model_version": reranker.model.version if reranker.model is not None else None,
         "micro_batch": reranker.batcher is not None,
+        "aligned_cache": reranker.aligned_cache.stats if reranker.aligned_cache is not None else None,
     }
     if cross_encoder is not None and ce_requests > 0:
         ce_ms = []

@@ -21,6 +21,13 @@ the first stage knows). Masked inputs are replaced by zeros with
 
 Ablations (``use_image`` / ``use_history`` / ``use_product``) mask a modality for every request: the
 same architecture, retrained without that input.
+
+Inference (eval mode) runs some layers in an algebraically folded form that costs fewer and smaller
+operations for the N candidates of a request: what depends on the query alone is computed once per
+request (``_query_item_folded``, the product and query-context layers), the DIN layer is one matmul per
+request (``_din_logits_folded``) and the modality attention projects no token (``_attend_folded``). The
+same function up to float rounding (tested within 1e-5 against the literal form); training runs the
+literal form.
 """
 
 from __future__ import annotations
@@ -102,9 +109,13 @@ def _mlp(i: int, h: int, o: int, dropout: float) -> nn.Sequential:
 
 
 class _Fusion(nn.Module):
-    """``forward(emb (B,N,M,d), mask (B,N,M), gates (B,N,M), qctx (B,N,d)) -> (h (B,N,out_dim), gates)``."""
+    """``forward(emb (B,N,M,d), mask (B,N,M), gates (B,N,M), qctx (B,N,d)) -> (h (B,N,out_dim), gates)``.
+
+    ``reads_gates``: whether ``forward`` uses the query gates it is given (at inference they are not computed
+    for a strategy that does not; ``gates`` is then None)."""
 
     out_dim: int
+    reads_gates: bool = True
 
 
 @FUSION_STRATEGIES.register("concat")
@@ -139,6 +150,8 @@ class AttentionFusion(_Fusion):
     """The query context attends over the modality tokens (masked ones excluded); the attention weights
     are the gates; the attended vector plus the gated sum go to the head."""
 
+    reads_gates = False  # the attention weights replace the query gates
+
     def __init__(self, d: int, m: int, cfg: RankerConfig):
         super().__init__()
         self.kind = nn.Parameter(torch.randn(m, d) * 0.02)
@@ -149,14 +162,41 @@ class AttentionFusion(_Fusion):
     def forward(self, emb, mask, gates, qctx):
         b, n, m, d = emb.shape
         tokens = (emb + self.kind).reshape(b * n, m, d)
-        q = qctx.reshape(b * n, 1, d)
         kpm = ~mask.reshape(b * n, m)
         kpm = kpm & ~kpm.all(-1, keepdim=True)  # a padded candidate (nothing present) attends to all: no NaN
-        out, w = self.attn(q, tokens, tokens, key_padding_mask=kpm, need_weights=True, average_attn_weights=True)
+        if self.training:
+            out, w = self.attn(qctx.reshape(b * n, 1, d), tokens, tokens, key_padding_mask=kpm, need_weights=True, average_attn_weights=True)
+        else:
+            out, w = self._attend_folded(qctx.reshape(b * n, d), tokens, kpm)
         att_gates = w.reshape(b, n, m)
         gated = (att_gates.unsqueeze(-1) * emb).sum(dim=2)
         h = torch.cat([self.norm(out.reshape(b, n, d)), gated, mask.to(emb.dtype), qctx], dim=-1)
         return h, att_gates
+
+    def _attend_folded(self, q, tokens, kpm):
+        """``self.attn(q, tokens, tokens)`` (one query per row, head-averaged weights) for inference, with the key
+        and value projections moved to the other side of the dot products.
+
+        Per head, ``(Wq q + bq) . (Wk x + bk) / sqrt(dh) = (Wk^T (Wq q + bq) / sqrt(dh)) . x + c`` where ``c`` does not
+        depend on the token, so it cancels in the softmax; and as a head's weights sum to 1, the value projection
+        of the weighted token mean equals the weighted mean of the value projections. So no token is projected:
+        the (rows * M, d) x (d, 2d) key/value matmul becomes a per-row (d,) x (d, heads) one, and torch's
+        general attention code (mask merging, head reshapes) is skipped. The same function up to float rounding
+        (tested within 1e-5); training keeps ``nn.MultiheadAttention``."""
+        attn = self.attn
+        x, m, d = tokens.shape
+        h = attn.num_heads
+        dh = d // h
+        wq, wk, wv = attn.in_proj_weight.split(d)
+        bv = attn.in_proj_bias[2 * d :]
+        qp = Fn.linear(q, wq, attn.in_proj_bias[:d]) * dh**-0.5  # (X, d): the scaled query projection, heads side by side
+        u = torch.bmm(qp.reshape(x, h, dh).transpose(0, 1), wk.reshape(h, dh, d))  # (h, X, d): Wk_h^T q_h
+        logits = torch.bmm(tokens, u.permute(1, 2, 0)).masked_fill(kpm.unsqueeze(-1), float("-inf"))  # (X, M, h)
+        w = torch.softmax(logits, dim=1)
+        z = torch.bmm(w.transpose(1, 2), tokens)  # (X, h, d): each head's weighted token mean
+        o = torch.bmm(z.transpose(0, 1), wv.reshape(h, dh, d).transpose(1, 2))  # (h, X, dh)
+        out = Fn.linear(o.transpose(0, 1).reshape(x, d) + bv, attn.out_proj.weight, attn.out_proj.bias)
+        return out, w.mean(-1)
 
 
 # --------------------------------------------------------------------------- the ranker
@@ -213,37 +253,55 @@ class FusionRanker(nn.Module):
         hk = self.hist_key(torch.cat([ht, hi, ht_m.unsqueeze(-1).to(ht.dtype), hi_m.unsqueeze(-1).to(ht.dtype), self.event_emb(ev), age], -1))  # (B,K,d)
         ck = self.cand_key(torch.cat([cand_t, cand_a, cand_tm.unsqueeze(-1).to(cand_t.dtype), cand_am.unsqueeze(-1).to(cand_t.dtype)], -1))  # (B,N,d)
         k = hk.shape[1]
-        hke = hk.unsqueeze(1).expand(b, n, k, -1)
-        cke = ck.unsqueeze(2).expand(b, n, k, -1)
         if self.training:
+            hke = hk.unsqueeze(1).expand(b, n, k, -1)
+            cke = ck.unsqueeze(2).expand(b, n, k, -1)
             logits = self.din(torch.cat([hke, cke, hke * cke, hke - cke], -1)).squeeze(-1)  # (B,N,K)
         else:
-            logits = self._din_logits_split(hk, ck)
+            logits = self._din_logits_folded(hk, ck)
         valid = hmask.unsqueeze(1).expand(b, n, k)
         logits = logits.masked_fill(~valid, float("-inf"))
         has = valid.any(-1, keepdim=True)
         w = torch.softmax(torch.where(has, logits, torch.zeros_like(logits)), dim=-1)
         w = torch.where(valid, w, torch.zeros_like(w))
-        pooled = (w.unsqueeze(-1) * hke).sum(2)
+        # the attention-weighted sum of the history keys: one (N, K) x (K, d) matmul at inference
+        pooled = (w.unsqueeze(-1) * hke).sum(2) if self.training else torch.bmm(w, hk)
         emb = self.hist_out(torch.cat([pooled, ck, pooled * ck], -1))
         return emb, w, has.squeeze(-1)
 
-    def _din_logits_split(self, hk, ck):
+    def _din_logits_folded(self, hk, ck):
         """The DIN logits ``din([h, c, h*c, h-c])`` of every (candidate, history item) pair, for inference.
 
-        The first linear layer is split by its four input blocks, ``W1 h + W2 c + W3 (h*c) + W4 (h-c) + b =
-        (W1+W4) h + (W2-W4) c + W3 (h*c) + b``, so only the ``h*c`` block runs over all N*K pairs (d inputs
-        instead of 4d) and the ``(B, N, K, 4d)`` concatenation is never built: about a quarter of the work of
-        the largest matmul of the model. The same function up to float rounding (|delta score| ~1e-6; tested
-        within 1e-5); training keeps the literal form."""
-        lin1, act, drop, lin2 = self.din[0], self.din[1], self.din[2], self.din[3]
-        d = hk.shape[-1]
+        The first linear layer is split by its four input blocks and, per history item ``h``, folded into one
+        linear map of the candidate key: ``W1 h + W2 c + W3 (h*c) + W4 (h-c) + b = (W3 diag(h) + W2 - W4) c +
+        ((W1 + W4) h + b)``. The K maps side by side make one (d x K*hidden) matrix, so a single matmul of the N
+        candidate keys (bias added by the same call) gives every pair's pre-activation: the ``(B, N, K, 4d)``
+        concatenation and the ``(B, N, K, d)`` products and sums are never built. The same function up to float
+        rounding (|delta score| ~1e-6; tested within 1e-5); training keeps the literal form."""
+        lin1, act, lin2 = self.din[0], self.din[1], self.din[3]  # din[2] is a Dropout(0): the identity
+        b, k, d = hk.shape
+        n = ck.shape[1]
         w1, w2, w3, w4 = lin1.weight.split(d, dim=1)
-        per_hist = Fn.linear(hk, w1 + w4)  # (B,K,h)
-        per_cand = Fn.linear(ck, w2 - w4, lin1.bias)  # (B,N,h)
-        pre = Fn.linear(hk.unsqueeze(1) * ck.unsqueeze(2), w3)  # (B,N,K,h)
-        pre = pre + per_hist.unsqueeze(1) + per_cand.unsqueeze(2)
-        return lin2(drop(act(pre))).squeeze(-1)
+        # per_item[b, j, i, :] = w3[:, j] * hk[b, i, j] + (w2 - w4)[:, j]: item i's map, laid out as (B, d, K, hidden)
+        per_item = torch.addcmul((w2 - w4).T.unsqueeze(1), w3.T.unsqueeze(1), hk.transpose(1, 2).unsqueeze(-1))
+        per_item_bias = Fn.linear(hk, w1 + w4, lin1.bias).reshape(b, 1, -1)  # (B, 1, K*hidden)
+        pre = torch.baddbmm(per_item_bias, ck, per_item.reshape(b, d, -1))  # (B, N, K*hidden)
+        return Fn.linear(act(pre).reshape(b, n, k, -1), lin2.weight, lin2.bias).squeeze(-1)  # (B, N, K)
+
+    def _query_item_folded(self, mlp, q, v, cos):
+        """``mlp(cat([q * v, v, cos]))`` of every candidate row ``v`` (B, N, Dt) with its request's query ``q`` (B, Dt),
+        for inference.
+
+        The first linear layer is folded per request: ``W1 (q*v) + W2 v + w3 cos + b = (W1 diag(q) + W2) v + w3 cos
+        + b``, one (hidden x Dt) matrix per request, so the ``(B, N, 2Dt+1)`` concatenation and the ``q * v`` product
+        are never built and the matmul has Dt inputs instead of 2Dt+1 (half the work of the model's largest
+        per-candidate matmuls, text and image). The same function up to float rounding; training keeps the literal form."""
+        lin1, act, lin2 = mlp[0], mlp[1], mlp[3]  # mlp[2]: Dropout, the identity at inference
+        dt = v.shape[-1]
+        w_qv, w_v, w_cos = lin1.weight.split((dt, dt, 1), dim=1)
+        per_request = torch.addcmul(w_v, w_qv, q.unsqueeze(1))  # (B, hidden, Dt)
+        pre = torch.baddbmm(torch.addcmul(lin1.bias, cos, w_cos.T), v, per_request.transpose(1, 2))  # (B, N, hidden)
+        return lin2(act(pre))
 
     def forward(self, x: Mapping[str, Any]) -> RankerOutput:
         """``x``: :func:`rerank.model_features.collate` tensors. Returns scores ``(B, N)`` and the explain parts."""
@@ -257,20 +315,39 @@ class FusionRanker(nn.Module):
             am = torch.zeros_like(am)
         t = _masked(x["cand_text"], tm)
         a = _masked(x["cand_image"], am)
-        e_text = self.text_proj(torch.cat([qn * t, t, _cos(qn, t) * tm.unsqueeze(-1)], -1))
-        if not self.training and not bool(am.any()):
-            # inference shortcut: no candidate has an (aligned) photo, so the image embedding is masked out
-            # below (``_masked(emb, mask)``) whatever it holds; skipping its MLP gives the same scores exactly.
-            # (Not in training: the MLP's dropout would draw different random numbers.)
-            e_img = torch.zeros(b, n, c.d_model, dtype=q.dtype, device=q.device)
-        else:
+        if self.training:
+            e_text = self.text_proj(torch.cat([qn * t, t, _cos(qn, t) * tm.unsqueeze(-1)], -1))
             e_img = self.image_proj(torch.cat([qn * a, a, _cos(qn, a) * am.unsqueeze(-1)], -1))
+            cos_t, cos_a = _cos(qn, t) * tm.unsqueeze(-1), _cos(qn, a) * am.unsqueeze(-1)
+        else:
+            # inference: the query is the same for all N candidates of a request, so what depends on it alone
+            # (its normalized vector, the folded first layers, its context vector) is computed once per request
+            q_unit = Fn.normalize(q, dim=-1).unsqueeze(-1)  # (B, Dt, 1)
+            cos_t = torch.bmm(Fn.normalize(t, dim=-1), q_unit) * tm.unsqueeze(-1)
+            e_text = self._query_item_folded(self.text_proj, q, t, cos_t)
+            if bool(am.any()):
+                cos_a = torch.bmm(Fn.normalize(a, dim=-1), q_unit) * am.unsqueeze(-1)
+                e_img = self._query_item_folded(self.image_proj, q, a, cos_a)
+            else:
+                # shortcut: no candidate has an (aligned) photo, so the image embedding is masked out below
+                # (``_masked(emb, mask)``) whatever it holds and every image cosine is 0: the same scores exactly
+                cos_a = torch.zeros(b, n, 1, dtype=q.dtype, device=q.device)
+                e_img = torch.zeros(b, n, c.d_model, dtype=q.dtype, device=q.device)
         fs = torch.where(x["cand_mask"].unsqueeze(-1), x["first_stage"], torch.zeros((), dtype=q.dtype, device=q.device))
         e_fs = self.fs_proj(fs)
-        qctx = self.q_ctx(qn)
         cats = torch.where(x["cand_mask"].unsqueeze(-1), x["cats"], torch.zeros_like(x["cats"]))
         cat_vec = self.cat_emb(cats).reshape(b, n, -1)
-        e_prod = self.product_proj(torch.cat([cat_vec, qctx], -1))
+        if self.training:
+            qctx = self.q_ctx(qn)
+            e_prod = self.product_proj(torch.cat([cat_vec, qctx], -1))
+        else:
+            q_ctx = self.q_ctx(q)  # (B, d): one context vector per request
+            qctx = q_ctx.unsqueeze(1).expand(b, n, -1)
+            lin1, act, lin2 = self.product_proj[0], self.product_proj[1], self.product_proj[3]
+            w_cat, w_q = lin1.weight.split((cat_vec.shape[-1], q_ctx.shape[-1]), dim=1)
+            # the query-context block of the first layer is a per-request bias (one row, not N)
+            pre = torch.baddbmm(Fn.linear(q_ctx, w_q, lin1.bias).unsqueeze(1), cat_vec, w_cat.T.expand(b, -1, -1))
+            e_prod = lin2(act(pre))
         pm = (cats > 0).any(-1) & x["cand_mask"]
         if not c.use_product:
             pm = torch.zeros_like(pm)
@@ -283,14 +360,15 @@ class FusionRanker(nn.Module):
         mask = torch.stack([tm, am, fm, pm, hm], -1)  # (B,N,M) in MODALITIES order
         emb = torch.stack([e_text, e_img, e_fs, e_prod, e_hist], 2)
         emb = _masked(emb, mask)
-        logits = self.gate(q).unsqueeze(1).expand(b, n, -1).masked_fill(~mask, float("-inf"))
-        # a padded candidate has no modality: give it uniform logits (its score is -inf anyway)
-        logits = torch.where(fm.unsqueeze(-1), logits, torch.zeros_like(logits))
-        gates = torch.softmax(logits, -1)
-        gates = torch.where(mask, gates, torch.zeros_like(gates))
+        gates = None
+        if self.training or self.fusion.reads_gates:
+            logits = self.gate(q).unsqueeze(1).expand(b, n, -1).masked_fill(~mask, float("-inf"))
+            # a padded candidate has no modality: give it uniform logits (its score is -inf anyway)
+            logits = torch.where(fm.unsqueeze(-1), logits, torch.zeros_like(logits))
+            gates = torch.softmax(logits, -1)
+            gates = torch.where(mask, gates, torch.zeros_like(gates))
         h, gates = self.fusion(emb, mask, gates, qctx)
         gates = torch.where(mask, gates, torch.zeros_like(gates))
-        cos_t, cos_a = _cos(qn, t) * tm.unsqueeze(-1), _cos(qn, a) * am.unsqueeze(-1)
         wide_in = torch.cat([fs, cos_t, cos_a, tm.unsqueeze(-1).to(q.dtype), am.unsqueeze(-1).to(q.dtype)], -1)
         scores = (self.head(h) + self.wide(wide_in)).squeeze(-1).masked_fill(~fm, float("-inf"))
         return RankerOutput(scores, gates, hw)
@@ -345,25 +423,27 @@ class ScoredRequest:
 
     def explain_all(self, *, top: int = 3) -> list[dict[str, Any]]:
         """``[self.explain(i, top=top) for i in range(len(self.ids))]`` with one argsort over all candidates
-        instead of one per candidate (the same dicts, value for value; the serving path uses this)."""
+        instead of one per candidate and the rounding done by numpy on whole arrays (the same dicts, value for
+        value; the serving path uses this).
+
+        ``np.round(x, 6)`` equals ``round(x, 6)`` for these values because they are float32: ``x * 1e6`` is exact
+        in float64 (a 24-bit mantissa times 15625 * 2**6), so both round the same exact number half to even and
+        divide it by 10**6 correctly rounded."""
         n = len(self.ids)
-        gates = self.gates.astype(np.float64).tolist()  # float32 -> float64 is exact: the same values float() gives
+        gates = np.round(self.gates[:n].astype(np.float64), 6).tolist()  # float32 -> float64 is exact: the values float() gives
         mods = MODALITIES
-        if self.history_weights.size:
-            w = self.history_weights[:n]
-            order = np.argsort(-w, axis=-1, kind="stable")[:, :top]
-            top_w = np.take_along_axis(w, order, axis=-1).astype(np.float64)
-            order_l, top_l = order.tolist(), top_w.tolist()
-        else:
-            order_l, top_l = [[] for _ in range(n)], [[] for _ in range(n)]
         hist_ids = self.hist_ids
-        out = []
-        for i in range(n):
-            out.append({
-                "gates": {m: round(g, 6) for m, g in zip(mods, gates[i])},
-                "history_top": [{"product_id": hist_ids[j], "weight": round(wj, 6)} for j, wj in zip(order_l[i], top_l[i]) if wj > 0],
-            })
-        return out
+        if not self.history_weights.size:
+            return [{"gates": dict(zip(mods, g)), "history_top": []} for g in gates]
+        w = self.history_weights[:n]
+        order = np.argsort(-w, axis=-1, kind="stable")[:, :top]
+        top_w = np.take_along_axis(w, order, axis=-1).astype(np.float64)
+        order_l, kept_l, top_l = order.tolist(), (top_w > 0).tolist(), np.round(top_w, 6).tolist()
+        return [
+            {"gates": dict(zip(mods, g)),
+             "history_top": [{"product_id": hist_ids[j], "weight": wj} for j, kept, wj in zip(o, k, t) if kept]}
+            for g, o, k, t in zip(gates, order_l, kept_l, top_l)
+        ]
 
 
 def build_ranker(config: RankerConfig, *, device: str = "auto", seed: int | None = None) -> FusionRanker:

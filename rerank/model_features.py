@@ -7,7 +7,9 @@ One request (a query, its N candidates, the user's profile) becomes a :class:`Re
   candidate's text vector and its *aligned* image vector (``Alignment.project`` of the raw
   ``image_vec``; Da = Dt), masked when the product has no photo;
 * ``first_stage`` (N, F): :func:`first_stage_inputs` of the retrieval signals (per list: log-scaled
-  score, per-query normalized score, reciprocal rank, missing flag; then lists present / lists);
+  score, per-query normalized score, reciprocal rank, missing flag; then lists present / lists), and,
+  when the spec has ``colour``, the :data:`rerank.colour.COLOUR_FEATURES` (query colour against the
+  photo's colour as the colour head reads it, and against the colour field);
 * ``cats`` (N, C) int64: hashed buckets of the product's categorical fields (0 = missing);
 * ``hist_text`` (K, Dt) / ``hist_image`` (K, Da) with masks, ``hist_event`` (K,) int (event type index + 1,
   0 = padding), ``hist_age`` (K,) ``log1p(age in days)``, ``hist_mask`` (K,): the user's last K products.
@@ -40,6 +42,11 @@ EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
 SECONDS_PER_DAY = 86_400.0
 
 ImageProject = Callable[[np.ndarray], np.ndarray]
+#: a projection that also gets the products' ids, row for row (:class:`rerank.alignment.AlignedCache`)
+KeyedImageProject = Callable[[Sequence[str], np.ndarray], np.ndarray]
+#: a document key holding the colour head's probabilities of the product's photo, computed ahead (training
+#: projects every photo once and replaces the raw ``image_vec`` the head would read)
+PHOTO_COLOUR = "_photo_colour"
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class FeatureSpec:
     cat_fields: tuple[str, ...] = CAT_FIELDS
     hash_buckets: int = 4096
     history_k: int = 20
+    colour: bool = False  # the colour inputs of rerank.colour follow the first-stage signals (the model carries the colour head)
 
     def __post_init__(self) -> None:
         bad = [l for l in self.lists if l not in LISTS]
@@ -62,7 +70,9 @@ class FeatureSpec:
 
     @property
     def first_stage_dim(self) -> int:
-        return len(self.lists) * len(PER_LIST) + 1
+        from rerank.colour import COLOUR_FEATURES
+
+        return len(self.lists) * len(PER_LIST) + 1 + (len(COLOUR_FEATURES) if self.colour else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -164,9 +174,14 @@ def _vec_rows(values: Sequence[Any], dim: int, what: str) -> tuple[np.ndarray, n
     return out, mask
 
 
-def _project(raw: np.ndarray, mask: np.ndarray, project: ImageProject | None, out_dim: int) -> np.ndarray:
+def _project(raw: np.ndarray, mask: np.ndarray, ids: Sequence[str], project: ImageProject | None, cache: KeyedImageProject | None,
+             out_dim: int) -> np.ndarray:
     aligned = np.zeros((len(raw), out_dim), dtype=np.float32)
-    if project is not None and mask.any():
+    if not mask.any():
+        return aligned
+    if cache is not None:
+        aligned[mask] = cache([i for i, m in zip(ids, mask) if m], raw[mask])
+    elif project is not None:
         aligned[mask] = np.asarray(project(raw[mask]), dtype=np.float32)
     return aligned
 
@@ -196,16 +211,17 @@ class HistoryInput:
         )
 
 
-def history_arrays(history: HistoryInput | None, spec: FeatureSpec, *, text_dim: int, image_dim: int, project: ImageProject | None, aligned_dim: int) -> dict[str, Any]:
+def history_arrays(history: HistoryInput | None, spec: FeatureSpec, *, text_dim: int, image_dim: int, project: ImageProject | None, aligned_dim: int,
+                   aligned_cache: KeyedImageProject | None = None) -> dict[str, Any]:
     """The ``hist_*`` arrays (K = spec.history_k rows; the newest K items, padding masked)."""
     k = spec.history_k
     h = history or HistoryInput()
     n = min(len(h.product_ids), k)
     text, tmask = _vec_rows(list(h.text[:n]) + [None] * (k - n), text_dim, "history text vector")
     raw, imask = _vec_rows(list(h.image[:n]) + [None] * (k - n), image_dim, "history image vector")
-    if project is None:
+    if project is None and aligned_cache is None:
         imask[:] = False
-    image = _project(raw, imask, project, aligned_dim)
+    image = _project(raw, imask, h.product_ids[:n], project, aligned_cache, aligned_dim)
     event = np.zeros(k, dtype=np.int64)
     age = np.zeros(k, dtype=np.float32)
     for i in range(n):
@@ -233,14 +249,20 @@ def build_request_features(
     *,
     history: HistoryInput | None = None,
     project: ImageProject | None = None,
+    aligned_cache: KeyedImageProject | None = None,
     text_dim: int | None = None,
     image_dim: int | None = None,
+    colour: Any | None = None,
 ) -> RequestFeatures:
     """Features of one request from its candidates (with first-stage signals) and their documents.
 
     ``docs[id]`` holds ``text_vec`` / ``image_vec`` (raw, as indexed) and the categorical fields; a
     missing document or vector is masked. ``project`` maps raw image vectors into the text space (the
-    alignment); without it every image is masked."""
+    alignment); ``aligned_cache`` (a :class:`rerank.alignment.AlignedCache` around that projection, called
+    with the product ids of the candidates and of the history items) is used instead of it when given.
+    Without either, every image is masked. ``colour`` (a :class:`rerank.colour.ColourModel`) is needed
+    when ``spec.colour``: it reads the raw photos (or ``docs[id][PHOTO_COLOUR]`` when given) and the colour
+    fields."""
     q = np.asarray(query_vec, dtype=np.float32).reshape(-1)
     dt = int(text_dim or q.shape[0])
     if q.shape[0] != dt:
@@ -251,11 +273,14 @@ def build_request_features(
     raw_img = [d.get(F.IMAGE_VEC) if d else None for d in dl]
     di = image_dim or next((len(v) for v in raw_img if v is not None), 1)
     raw, imask = _vec_rows(raw_img, di, F.IMAGE_VEC)
-    if project is None:
+    if project is None and aligned_cache is None:
         imask[:] = False
-    image = _project(raw, imask, project, dt)
-    hist = history_arrays(history, spec, text_dim=dt, image_dim=di, project=project, aligned_dim=dt)
+    image = _project(raw, imask, ids, project, aligned_cache, dt)
+    hist = history_arrays(history, spec, text_dim=dt, image_dim=di, project=project, aligned_dim=dt, aligned_cache=aligned_cache)
     hist_ids = hist.pop("hist_ids")
+    first_stage = first_stage_inputs(candidates, spec.lists)
+    if spec.colour:
+        first_stage = np.hstack([first_stage, colour_inputs(q, dl, raw, imask, colour)])
     return RequestFeatures(
         ids=ids,
         query=q,
@@ -263,11 +288,33 @@ def build_request_features(
         cand_text_mask=tmask,
         cand_image=image,
         cand_image_mask=imask,
-        first_stage=first_stage_inputs(candidates, spec.lists),
+        first_stage=first_stage,
         cats=hash_categories(dl, spec),
         hist_ids=hist_ids,
         **hist,
     )
+
+
+def colour_inputs(query_vec: np.ndarray, docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarray, image_mask: np.ndarray,
+                  colour: Any | None) -> np.ndarray:
+    """The ``(n, len(COLOUR_FEATURES))`` colour columns: the colour head reads each photo (``raw_image`` rows
+    where ``image_mask``; a document's precomputed ``PHOTO_COLOUR`` wins), the query and the colour fields."""
+    if colour is None:
+        raise ConfigError("the feature spec has colour inputs but no colour head was given (the model artifact carries it)")
+    n = len(docs)
+    probs = np.zeros((n, len(colour.names)), dtype=np.float32)
+    mask = np.asarray(image_mask, dtype=bool).copy()
+    given = [i for i, d in enumerate(docs) if mask[i] and d and d.get(PHOTO_COLOUR) is not None]
+    if given:
+        probs[given] = np.stack([np.asarray(docs[i][PHOTO_COLOUR], dtype=np.float32) for i in given])
+    done = set(given)
+    rest = [int(i) for i in np.flatnonzero(mask) if i not in done]
+    if rest:
+        if raw_image.shape[1] != colour.image_dim:
+            mask[rest] = False  # no raw photo vector of the head's dimension: the photo is not read
+        else:
+            probs[rest] = colour.photo_probs(raw_image[rest])
+    return colour.features(query_vec, probs, mask, [d.get(F.COLOUR) if d else None for d in docs])
 
 
 def collate(requests: Sequence[RequestFeatures]) -> dict[str, np.ndarray]:
@@ -306,8 +353,11 @@ __all__ = [
     "EVENT_TYPES",
     "FeatureSpec",
     "HistoryInput",
+    "KeyedImageProject",
+    "PHOTO_COLOUR",
     "RequestFeatures",
     "build_request_features",
+    "colour_inputs",
     "collate",
     "first_stage_inputs",
     "hash_categories",

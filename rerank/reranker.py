@@ -27,6 +27,13 @@ vectors do the same. Degraded calls log a warning and are counted in :attr:`Rera
 (``{"calls": n, "degraded": n, "degraded:<reason>": n}``). Bad arguments still raise
 (:class:`ConfigError` / :class:`TypeError`). ``Reranker.noop(...)`` keeps the first-stage order always:
 the baseline and the kill switch.
+
+Aligned photos are cached: a candidate's (or history item's) aligned image vector does not depend on the
+query, so the reranker keeps the model alignment's output per product in a bounded LRU
+(:class:`rerank.alignment.AlignedCache`, ``aligned_cache_size`` entries, default 50 000; 0 turns it off),
+keyed by the product id and a hash of the raw vector's bytes (a new photo is a new key, never a stale
+vector); only the rows it has not seen are projected, in one batch. :attr:`Reranker.aligned_cache` ``.stats``
+counts hits and misses.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import numpy as np
 from indexing import fields as F
 from indexing.engines.base import Filters, Hit, array_getter, check_size, copy_json
 from indexing.errors import ConfigError, EngineError, FusionRankError, HistoryError
+from rerank.alignment import DEFAULT_ALIGNED_CACHE_SIZE, AlignedCache
 from rerank.fusion import ListSignal
 from rerank.limits import check_query_text
 from rerank.retrieval import BM25, LISTS, Candidate, RetrievalConfig, Retriever
@@ -178,14 +186,18 @@ class Reranker:
         micro_batch: bool | None = None,
         micro_batch_options: Mapping[str, Any] | None = None,
         stands_in_for: str | None = None,
+        aligned_cache_size: int = DEFAULT_ALIGNED_CACHE_SIZE,
     ):
         """``stands_in_for``: the model id of the encoder that ``text_encoder`` replaces for queries, once
         :func:`indexing.encoders.check_agreement` showed they agree (an int8 query encoder over a model and an index
-        built with the full-precision one; see ``Reranker.from_settings`` and ``query_text_backend``)."""
+        built with the full-precision one; see ``Reranker.from_settings`` and ``query_text_backend``).
+        ``aligned_cache_size``: entries of the aligned-photo cache (see the module doc; 0: no cache)."""
         if not isinstance(index, str) or not index:
             raise ConfigError("index must be a non-empty string")
         if not (isinstance(budget_ms, (int, float)) and budget_ms > 0):
             raise ConfigError(f"budget_ms must be > 0, got {budget_ms!r}")
+        if isinstance(aligned_cache_size, bool) or not isinstance(aligned_cache_size, int) or aligned_cache_size < 0:
+            raise ConfigError(f"aligned_cache_size must be an int >= 0, got {aligned_cache_size!r}")
         if model is not None and text_encoder is None:
             raise ConfigError("a fusion model needs the text encoder it was trained with (text_encoder=)")
         if model is not None and text_encoder is not None and getattr(text_encoder, "model_id", None) not in (None, model.text_encoder.model_id) \
@@ -201,6 +213,8 @@ class Reranker:
         )
         self._lock = threading.Lock()
         self._stats: dict[str, int] = {"calls": 0, "degraded": 0}
+        # per reranker, hence per model: a reloaded model (a new alignment) comes with a new reranker
+        self.aligned_cache = AlignedCache(align.project, aligned_cache_size) if align is not None and aligned_cache_size else None
         self.batcher = None
         if model is not None and (micro_batch or (micro_batch is None and getattr(model.ranker.device, "type", "cpu") == "cuda")):
             from rerank.batching import MicroBatcher
@@ -284,7 +298,8 @@ class Reranker:
         doc = {"__warm_up__": {F.TEXT_VEC: qvec.tolist()}}
         req = build_request_features(qvec, cand, doc, art.feature_spec, history=None,
                                      project=art.alignment.project if art.alignment is not None else None,
-                                     text_dim=art.text_encoder.dim, image_dim=art.image_encoder.dim if art.image_encoder else None)
+                                     text_dim=art.text_encoder.dim, image_dim=art.image_encoder.dim if art.image_encoder else None,
+                                     colour=art.colour)
         self._forward(req, self.clock())
 
     @property
@@ -432,8 +447,8 @@ class Reranker:
         s = self.clock()
         try:
             req = build_request_features(
-                qvec, cands, docs, spec, history=hist, project=align.project if align is not None else None,
-                text_dim=art.text_encoder.dim, image_dim=art.image_encoder.dim if art.image_encoder else None,
+                qvec, cands, docs, spec, history=hist, project=align.project if align is not None else None, aligned_cache=self.aligned_cache,
+                text_dim=art.text_encoder.dim, image_dim=art.image_encoder.dim if art.image_encoder else None, colour=art.colour,
             )
             scored = self._forward(req, t0)
             scores = np.asarray(scored.scores, dtype=np.float64)

@@ -41,7 +41,7 @@ import numpy as np
 from indexing import fields as F
 from indexing.errors import CatalogError, ConfigError
 from rerank.metrics import ndcg_at_k
-from rerank.model_features import CAT_FIELDS, FeatureSpec, HistoryInput, RequestFeatures, build_request_features
+from rerank.model_features import CAT_FIELDS, PHOTO_COLOUR, FeatureSpec, HistoryInput, RequestFeatures, build_request_features
 from rerank.retrieval import KNN_IMAGE, LISTS
 
 log = logging.getLogger(__name__)
@@ -106,12 +106,17 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     patience: int = 6
+    # early stopping waits for this many epochs: on a small validation split (the fashion benchmark's 30 queries) the
+    # curve is noisy, and patience alone once stopped the no-image ablation at epoch 7 on its epoch-1 best (0.855,
+    # where a run of the same model had reached 0.917 by epoch 21), which made the ablation comparison a coin toss
+    min_epochs: int = 15
     seed: int = 13
     max_minutes: float = 10.0
     max_train_candidates: int = 128  # per training request (a seeded sample, all of it when smaller)
     use_image: bool = True
     use_history: bool = True
     use_product: bool = True
+    use_colour: bool = True  # the colour head and the query-colour inputs (rerank.colour), when the catalog has colours
     d_model: int = 64
     hidden: int = 128
     history_k: int = 20
@@ -135,7 +140,7 @@ class TrainConfig:
         FUSION_STRATEGIES.get(self.strategy)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
-        if self.epochs < 1 or self.batch_size < 1 or self.max_train_candidates < 2 or self.max_minutes <= 0:
+        if self.epochs < 1 or self.batch_size < 1 or self.max_train_candidates < 2 or self.max_minutes <= 0 or self.min_epochs < 0:
             raise ConfigError(f"epochs, batch_size >= 1, max_train_candidates >= 2 and max_minutes > 0 needed, got {self}")
 
     @property
@@ -294,6 +299,7 @@ def prepare_dataset(
     feature_spec: FeatureSpec,
     config: TrainConfig,
     parts: Sequence[str] = ("train", "validation"),
+    colour: Any | None = None,
 ) -> PreparedDataset:
     """Index (cached), split, first stage, features of one dataset's queries of ``parts``.
 
@@ -333,14 +339,17 @@ def prepare_dataset(
     for u in users:
         need.update(hist.get(u, ((), (), ()))[0])
     docs = _fetch_docs(idx.engine, idx.alias, sorted(need))
-    # project every photo once (frozen alignment); features then carry aligned vectors (identity projection)
+    # project every photo once (frozen alignment); features then carry aligned vectors (identity projection),
+    # and the colour head's reading of the raw photo (it needs the raw vector, which the projection replaces)
     if alignment is not None:
         with_img = [i for i, d in docs.items() if d.get(F.IMAGE_VEC) is not None]
         for s in range(0, len(with_img), 2048):
             chunk = with_img[s : s + 2048]
-            proj = alignment.project(np.asarray([docs[i][F.IMAGE_VEC] for i in chunk], dtype=np.float32))
-            for i, v in zip(chunk, proj):
-                docs[i] = {**docs[i], F.IMAGE_VEC: v}
+            raw = np.asarray([docs[i][F.IMAGE_VEC] for i in chunk], dtype=np.float32)
+            proj = alignment.project(raw)
+            probs = colour.photo_probs(raw) if colour is not None else [None] * len(chunk)
+            for i, v, p in zip(chunk, proj, probs):
+                docs[i] = {**docs[i], F.IMAGE_VEC: v, PHOTO_COLOUR: p}
     else:
         docs = {i: {k: v for k, v in d.items() if k != F.IMAGE_VEC} for i, d in docs.items()}
     identity = (lambda x: x) if alignment is not None else None
@@ -365,7 +374,8 @@ def prepare_dataset(
                 pids, evs, ages = hist[it.user_id]
                 h = HistoryInput(pids, tuple((docs.get(p) or {}).get(F.TEXT_VEC) for p in pids), tuple((docs.get(p) or {}).get(F.IMAGE_VEC) for p in pids), evs, ages)
                 with_history += 1
-            feats = build_request_features(qvecs[it.query_id], cands, docs, feature_spec, history=h, project=identity, text_dim=dt, image_dim=dt)
+            feats = build_request_features(qvecs[it.query_id], cands, docs, feature_spec, history=h, project=identity, text_dim=dt, image_dim=dt,
+                                           colour=colour)
             out[part].append(Example(feats, gains, dict(it.gains), it.query_id, name))
     held = [p for p in parts if p != "train"]
     info = {
@@ -381,6 +391,7 @@ def prepare_dataset(
         "requests_with_history": with_history,
         "bad_event_lines": len(bad_events),
         "knn_image_list": "runs (alignment)" if q2i is not None else "skipped",
+        "colour_inputs": feature_spec.colour,
     }
     log.info("%s: %s", name, info)
     return PreparedDataset(name, out.get("train", []), [e for p in held for e in out[p]], info)
@@ -465,7 +476,7 @@ def fit(
             best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
         else:
             bad += 1
-            if bad >= config.patience:
+            if bad >= config.patience and epoch >= config.min_epochs:
                 stopped = f"early stopping: no validation gain for {config.patience} epochs"
                 break
         if time.perf_counter() - t0 > config.max_minutes * 60:
@@ -529,6 +540,34 @@ def _alignment_for(config: TrainConfig, datasets: Sequence[DatasetSpec], *, data
     return al
 
 
+def _colour_for(config: TrainConfig, datasets: Sequence[DatasetSpec], *, data_dir: Path, text_encoder: Any, indexer: Callable[[Any, Any], Any]) -> Any | None:
+    """The colour head (:mod:`rerank.colour`) trained on the photographed products of the datasets' indexes
+    whose colour field is filled; None (logged) when they have fewer than two such colours (e.g. Home Depot)."""
+    from rerank.colour import ColourConfig, train_colour_model
+    from rerank.evaluation.harness import cached_index
+
+    ids: list[str] = []
+    vecs: list[Any] = []
+    colours: list[Any] = []
+    for ds in datasets:
+        if ds.images_root is None:
+            continue
+        idx = cached_index(Path(ds.catalog), Path(ds.images_root), data_dir=data_dir, indexer=indexer, text_model=config.text_model,
+                           text_backend=config.text_backend, image_model=config.image_model, device=config.device, mapping=config.mapping)
+        for d in idx.engine.iter_documents(idx.alias):
+            if d.get(F.IMAGE_VEC) is not None and d.get(F.COLOUR):
+                ids.append(str(d.get(F.ID)))
+                vecs.append(d[F.IMAGE_VEC])
+                colours.append(d[F.COLOUR])
+    try:
+        if not ids:
+            raise ConfigError("no photographed product has a colour field")
+        return train_colour_model(np.asarray(vecs, dtype=np.float32), colours, ids, text_encoder=text_encoder, config=ColourConfig(seed=config.seed))
+    except ConfigError as e:
+        log.info("no colour head: %s", e)
+        return None
+
+
 class _InfoOnly:
     """An image 'encoder' standing for the real one when every photo's features are known already."""
 
@@ -564,9 +603,12 @@ def train_ranker(
         alignment = _alignment_for(config, datasets, data_dir=data_dir, text_encoder=text_encoder, indexer=indexer)
     if not config.use_image:
         alignment = None
+    # the no-image ablation keeps the colour head for its text inputs (query colours, the colour field); it never sees a photo
+    colour = _colour_for(config, datasets, data_dir=data_dir, text_encoder=text_encoder, indexer=indexer) if config.use_colour else None
     lists = LISTS if config.use_image else tuple(l for l in LISTS if l != KNN_IMAGE)
-    fspec = FeatureSpec(lists=lists, history_k=config.history_k)
-    prepared = [prepare_dataset(ds, data_dir=data_dir, indexer=indexer, text_encoder=text_encoder, alignment=alignment, feature_spec=fspec, config=config) for ds in datasets]
+    fspec = FeatureSpec(lists=lists, history_k=config.history_k, colour=colour is not None)
+    prepared = [prepare_dataset(ds, data_dir=data_dir, indexer=indexer, text_encoder=text_encoder, alignment=alignment, feature_spec=fspec, config=config,
+                                colour=colour) for ds in datasets]
     train = [e for p in prepared for e in p.train]
     valid = {p.name: p.validation for p in prepared}
     rcfg = RankerConfig(
@@ -589,6 +631,7 @@ def train_ranker(
         "train_config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "datasets": {p.name: p.info for p in prepared},
         "alignment": alignment.report if alignment is not None else None,
+        "colour": colour.report if colour is not None else None,
         **fit_report,
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
@@ -599,6 +642,7 @@ def train_ranker(
         text_encoder=EncoderRef.of(text_encoder_info(config.text_model, backend=config.text_backend)),
         image_encoder=EncoderRef.of(img_info),
         alignment=alignment,
+        colour=colour,
         report=report,
         extra={"ablation": config.ablation},
     )

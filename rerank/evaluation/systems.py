@@ -305,7 +305,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 #: ``fusion_options`` keys passed to :class:`rerank.train.TrainConfig` (the rest are refused)
 FUSION_TRAIN_OPTIONS = ("loss", "epochs", "batch_size", "lr", "weight_decay", "patience", "max_minutes", "max_train_candidates",
-                        "d_model", "hidden", "history_k")
+                        "d_model", "hidden", "history_k", "use_colour", "min_epochs")
 
 
 def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use_history: bool, use_product: bool = True) -> Any:
@@ -362,6 +362,7 @@ class _FusionSystem(System):
 
     def artifact(self, ctx: EvalContext) -> Any:
         from indexing.encoders import image_encoder_info, text_encoder_info
+        from indexing.errors import ModelArtifactError
         from rerank.artifacts import CONFIG_FILE, load_artifact
         from rerank.train import train_ranker
 
@@ -376,8 +377,13 @@ class _FusionSystem(System):
         config = fusion_train_config(ctx, strategy=self.strategy, use_image=self.use_image, use_history=self.use_history)
         d = fusion_cache_dir(ctx, config)
         if d is not None and (d / CONFIG_FILE).is_file():
-            log.info("%s: using the cached model %s", self.name, d)
-            return load_artifact(d, device=ctx.device, **ids)
+            try:
+                art = load_artifact(d, device=ctx.device, **ids)
+            except ModelArtifactError as e:  # e.g. cached by an older version with another feature layout
+                log.warning("%s: the cached model %s cannot be used (%s); training it again", self.name, d, e)
+            else:
+                log.info("%s: using the cached model %s", self.name, d)
+                return art
         if d is None:
             raise NotApplicable("the fusion systems need a cache directory for their trained model")
         with torch_threads(1):
@@ -433,7 +439,7 @@ class _FusionSystem(System):
                 h = HistoryInput(pids, tuple((docs.get(p) or {}).get(F.TEXT_VEC) for p in pids),
                                  tuple((docs.get(p) or {}).get(F.IMAGE_VEC) for p in pids), evts, ages)
             requests.append(build_request_features(qvecs[i], list(cands[it.query_id]), docs, spec, history=h, project=project,
-                                                   text_dim=art.text_encoder.dim, image_dim=image_dim))
+                                                   text_dim=art.text_encoder.dim, image_dim=image_dim, colour=art.colour))
         run: Run = {}
         with torch_threads(1):
             for s in range(0, len(requests), 16):

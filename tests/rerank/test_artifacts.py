@@ -83,3 +83,32 @@ def test_broken_artifacts_are_refused(tmp_path):
     model = build_ranker(RankerConfig(text_dim=TD, d_model=16, hidden=32, heads=2), device="cpu")
     with pytest.raises(ModelArtifactError, match="not a model artifact"):
         save_artifact(other, model, feature_spec=SPEC, text_encoder=TEXT, image_encoder=None)
+
+
+def test_the_colour_head_travels_in_the_artifact(tmp_path):
+    from rerank.colour import ColourModel
+
+    rng = np.random.default_rng(3)
+    head = ColourModel(["Black", "Red", "Blue"], rng.normal(size=(3, TD)), rng.normal(size=(3, 48)), rng.normal(size=3), temperature=25.0,
+                       report={"heldout_accuracy": 0.7})
+    spec = FeatureSpec(colour=True)
+    cfg = RankerConfig(text_dim=TD, first_stage_dim=spec.first_stage_dim, n_cat_fields=len(spec.cat_fields), history_k=spec.history_k,
+                       d_model=16, hidden=32, heads=2)
+    save_artifact(tmp_path / "m", build_ranker(cfg, device="cpu", seed=1), feature_spec=spec, text_encoder=TEXT, image_encoder=IMAGE,
+                  alignment=_alignment(), colour=head)
+    art = load_artifact(tmp_path / "m", device="cpu")
+    x = rng.normal(size=(4, 48)).astype(np.float32)
+    assert art.colour.names == head.names and art.colour.temperature == 25.0 and art.colour.report == {"heldout_accuracy": 0.7}
+    assert np.allclose(art.colour.photo_probs(x), head.photo_probs(x), atol=1e-6) and art.feature_spec.colour is True
+    _save(tmp_path / "plain")
+    assert load_artifact(tmp_path / "plain", device="cpu").colour is None  # an artifact without one
+
+
+def test_an_artifact_of_another_feature_layout_is_refused_by_name(tmp_path):
+    """A cached model trained when the colour inputs had another width must not reach a matmul shape error."""
+    _save(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["features"]["colour"] = True  # the spec now asks for more first-stage inputs than the ranker was built with
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelArtifactError, match="first-stage inputs.*retrain"):
+        load_artifact(tmp_path / "m", device="cpu")

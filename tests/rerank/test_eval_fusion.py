@@ -133,6 +133,16 @@ def test_fusion_strategy_system_in_retrieve_mode(train_slice, data_dir):
     r = rep.systems["fusion_concat"]
     assert 0.0 <= r.metrics["ndcg@10"] <= 1.0 and r.metrics["ndcg@10"] >= rep.systems["random"].metrics["ndcg@10"]
     assert "fusion ranker (concat, full)" in r.note
+    # a cached model that this code cannot load (another feature layout) is trained again, not a crash
+    cached = Path(rep.info["artifacts"]["fusion_concat"])
+    cfg = json.loads((cached / "config.json").read_text())
+    cfg["ranker"]["first_stage_dim"] += 1
+    (cached / "config.json").write_text(json.dumps(cfg))
+    again = evaluate(_req(train_slice, mode="retrieve", systems=("fusion_concat",), top_n=50, limit_queries=8, options={"fusion_options": FAST}),
+                     data_dir=data_dir, indexer=_indexer(data_dir))
+    fresh = json.loads((cached / "config.json").read_text())
+    assert again.info["artifacts"]["fusion_concat"] == str(cached) and fresh["artifact_version"] != cfg["artifact_version"]
+    assert fresh["ranker"]["first_stage_dim"] == cfg["ranker"]["first_stage_dim"] - 1
 
 
 def test_unknown_fusion_option_is_refused(small_slice, data_dir):
@@ -152,6 +162,11 @@ def test_fusion_with_photos_uses_its_alignment_for_the_image_list(shared_data, t
     assert cfgs["full"]["ranker"]["use_image"] is True and cfgs["full"]["alignment"] is not None
     assert "knn_image" in cfgs["full"]["features"]["lists"] and "knn_image" not in cfgs["no_image"]["features"]["lists"]
     assert cfgs["no_image"]["alignment"] is None
+    # the colour head reads the photos' colours (trained on the slice's products whose colour field is filled); the
+    # no-image ablation keeps its text inputs (query colours, the colour field) and never reads a photo
+    for ablation in ("full", "no_image"):
+        assert cfgs[ablation]["features"]["colour"] is True and len(cfgs[ablation]["colour"]["names"]) >= 2, ablation
+    assert cfgs["full"]["colour"]["report"]["train_products"] > 0
     assert "knn_image re-run with the model's alignment" in rep.systems["fusion"].note
     assert "no knn_image features" in rep.systems["fusion_no_image"].note
 

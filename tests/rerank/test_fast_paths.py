@@ -2,8 +2,9 @@
 
 Each optimization of the serving path is checked against a reference: the per-row feature builders
 (copied here as they were), the literal forward pass (training mode with dropout 0: no inference
-shortcut, the literal DIN concatenation), per-candidate ``explain``, ``copy.deepcopy`` and
-``LocalEngine.get``. Speed itself is measured by ``fusionrank bench rerank``, not asserted here.
+shortcut, none of the folded layers, the literal DIN concatenation and ``nn.MultiheadAttention``),
+per-candidate ``explain``, ``copy.deepcopy``, ``LocalEngine.get`` and, for the aligned-photo cache, the
+projection itself. Speed itself is measured by ``fusionrank bench rerank``, not asserted here.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-from indexing.errors import DimensionError
+from indexing.errors import ConfigError, DimensionError
+from rerank.alignment import AlignedCache, Alignment, AlignmentConfig, build_head
 from rerank.fusion import ListSignal
-from rerank.model import STRATEGIES, RankerConfig, build_ranker
+from rerank.model import STRATEGIES, RankerConfig, ScoredRequest, build_ranker
 from rerank.model_features import (
+    ARRAY_FIELDS,
     FeatureSpec,
     HistoryInput,
     _vec_rows,
@@ -33,6 +37,10 @@ from rerank.retrieval import Candidate
 SPEC = FeatureSpec(history_k=5)
 TD, ID = 24, 40
 PROJ = np.random.default_rng(3).normal(size=(ID, TD)).astype(np.float32)
+
+
+def _project(x):
+    return x @ PROJ
 
 
 # --------------------------------------------------------------------------- references (the code before)
@@ -112,7 +120,7 @@ def test_hash_categories_matches_the_uncached_hash():
 
 
 # --------------------------------------------------------------------------- the model's inference path
-def _request(n, *, seed, history, photos):
+def _request(n, *, seed, history, photos, aligned_cache=None):
     rng = np.random.default_rng(seed)
     cands, docs = [], {}
     for i in range(n):
@@ -131,7 +139,7 @@ def _request(n, *, seed, history, photos):
                          tuple(["view", "click", "add_to_cart", "purchase"][j % 4] for j in range(k)),
                          tuple(float(rng.random() * 86_400 * 30) for _ in range(k)))
     return build_request_features(rng.normal(size=TD), cands, docs, SPEC, history=h,
-                                  project=lambda x: x @ PROJ, text_dim=TD, image_dim=ID)
+                                  project=_project, aligned_cache=aligned_cache, text_dim=TD, image_dim=ID)
 
 
 def _ranker(strategy, **kw):
@@ -164,6 +172,21 @@ def test_inference_forward_equals_the_literal_forward(strategy, history, photos)
                            torch.argsort(fast.scores[b, : len(r)], descending=True, stable=True))
     assert (fast.history_weights.sum() > 0) == history
     assert not m.training  # score_requests leaves the mode as found (below)
+
+
+@pytest.mark.parametrize("ablation", [{"use_image": False}, {"use_history": False}, {"use_product": False}])
+def test_inference_forward_equals_the_literal_forward_in_ablations(ablation):
+    m = _ranker("attention", **ablation)
+    reqs = [_request(n, seed=s, history=True, photos=True) for s, n in enumerate((30, 9))]
+    x = to_torch(collate(reqs))
+    with torch.no_grad():
+        m.train()
+        ref = m(x)
+        m.eval()
+        fast = m(x)
+    valid = x["cand_mask"]
+    assert torch.allclose(fast.scores[valid], ref.scores[valid], atol=1e-5, rtol=0)
+    assert torch.allclose(fast.gates, ref.gates, atol=1e-6, rtol=0)
 
 
 def test_score_requests_restores_training_mode_and_keeps_eval_mode():
@@ -200,6 +223,114 @@ def test_explain_all_equals_explain_per_candidate(history):
     assert scored.explain_all() == [scored.explain(i) for i in range(25)]
     assert scored.explain_all(top=1) == [scored.explain(i, top=1) for i in range(25)]
     assert any(e["history_top"] for e in scored.explain_all()) == history
+
+
+def test_explain_all_rounds_like_round_on_ties_and_edge_values():
+    """``np.round`` in ``explain_all`` against ``round`` in ``explain``: float32 values whose ``x * 1e6`` is a
+    half-integer (0.5078125 = 65/128 -> 507812.5), tiny, subnormal and 1.0."""
+    edge = [0.5078125, 0.5234375, 1.5e-6, 2.5e-6, 5e-7, 1e-45, 0.9999995, 1.0, 0.0, 3.0517578125e-05]
+    rng = np.random.default_rng(0)
+    gates = np.array([edge[i:i + 5] for i in range(0, len(edge), 5)] + rng.random((6, 5)).tolist(), dtype=np.float32)
+    hw = np.concatenate([gates, np.zeros((len(gates), 2), dtype=np.float32)], axis=1)
+    n = len(gates)
+    scored = ScoredRequest(tuple(f"p{i}" for i in range(n)), np.zeros(n, np.float32), gates, hw, tuple(f"h{j}" for j in range(7)))
+    assert scored.explain_all(top=7) == [scored.explain(i, top=7) for i in range(n)]
+    assert scored.explain_all()[0]["gates"]["text"] == round(0.5078125, 6) == 0.507812
+
+
+# --------------------------------------------------------------------------- the aligned-photo cache
+def _alignment():
+    torch.manual_seed(0)
+    return Alignment(build_head(ID, TD), image_dim=ID, text_dim=TD, config=AlignmentConfig())
+
+
+class CountingProjection:
+    """A real projection, counting the rows it is asked for (measuring, not mocking)."""
+
+    def __init__(self, inner):
+        self.inner, self.batches = inner, []
+
+    def __call__(self, x):
+        self.batches.append(len(x))
+        return self.inner(x)
+
+
+def test_aligned_cache_projects_only_unseen_rows_and_never_serves_a_stale_photo():
+    project = CountingProjection(_alignment().project)
+    cache = AlignedCache(project, max_entries=100)
+    rng = np.random.default_rng(1)
+    raw = rng.normal(size=(6, ID)).astype(np.float32)
+    ids = [f"p{i}" for i in range(6)]
+    first = cache(ids[:4], raw[:4])
+    assert project.batches == [4] and np.allclose(first, project.inner(raw[:4]), atol=1e-6, rtol=0)
+    both = cache(ids, raw)  # 4 seen, 2 new: one batch of 2
+    assert project.batches == [4, 2] and np.array_equal(both[:4], first)
+    assert np.allclose(both, project.inner(raw), atol=1e-6, rtol=0)
+    assert cache.stats == {"hits": 4, "misses": 6, "entries": 6, "max_entries": 100}
+
+    reindexed = raw.copy()
+    reindexed[2] = rng.normal(size=ID)  # product p2 got a new photo: a new key, the new vector
+    got = cache(ids, reindexed)
+    assert project.batches == [4, 2, 1]
+    assert np.allclose(got[2], project.inner(reindexed[2:3])[0], atol=1e-6, rtol=0) and not np.allclose(got[2], both[2])
+    assert np.array_equal(np.delete(got, 2, axis=0), np.delete(both, 2, axis=0))
+    cache(["another"], raw[:1])  # the same photo under another id is another entry
+    assert project.batches == [4, 2, 1, 1] and cache.stats["entries"] == 8
+    with pytest.raises(ConfigError):
+        AlignedCache(project, max_entries=0)
+
+
+def test_aligned_cache_keeps_the_most_recently_used_entries():
+    project = CountingProjection(_alignment().project)
+    cache = AlignedCache(project, max_entries=3)
+    raw = np.random.default_rng(2).normal(size=(4, ID)).astype(np.float32)
+    cache(["a", "b", "c"], raw[:3])
+    cache(["a"], raw[:1])  # a is now more recent than b
+    cache(["d"], raw[3:])  # evicts b, the least recently used
+    assert cache.stats["entries"] == 3 and project.batches == [3, 1]
+    cache(["a", "c", "d"], raw[[0, 2, 3]])
+    assert project.batches == [3, 1]
+    cache(["b"], raw[1:2])
+    assert project.batches == [3, 1, 1]
+
+
+def test_aligned_cache_is_thread_safe():
+    align = _alignment()
+    cache = AlignedCache(align.project, max_entries=40)
+    raw = np.random.default_rng(3).normal(size=(60, ID)).astype(np.float32)
+    want = align.project(raw)
+    errors = []
+
+    def work(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(40):
+            rows = rng.choice(60, size=int(rng.integers(1, 20)), replace=False)
+            got = cache([f"p{i}" for i in rows], raw[rows])
+            if not np.allclose(got, want[rows], atol=1e-6, rtol=0):
+                errors.append(rows)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and cache.stats["entries"] <= 40 and cache.stats["hits"] > 0
+
+
+@pytest.mark.parametrize("history", [True, False])
+def test_features_through_the_aligned_cache_equal_the_projected_ones(history):
+    """The candidates' and the history items' photos go through the cache (keyed by their product ids)."""
+    project = CountingProjection(_project)
+    cache = AlignedCache(project, max_entries=1000)
+    plain = _request(40, seed=5, history=history, photos=True)
+    cached = _request(40, seed=5, history=history, photos=True, aligned_cache=cache)
+    for name in ARRAY_FIELDS:
+        assert np.allclose(getattr(cached, name), getattr(plain, name), atol=1e-5, rtol=0), name
+    photos = int(plain.cand_image_mask.sum()) + int(plain.hist_image_mask.sum())
+    assert photos and cache.stats["misses"] == sum(project.batches) == photos and len(project.batches) == 1 + history
+    again = _request(40, seed=5, history=history, photos=True, aligned_cache=cache)
+    assert np.array_equal(again.cand_image, cached.cand_image) and np.array_equal(again.hist_image, cached.hist_image)
+    assert sum(project.batches) == photos and cache.stats["hits"] == photos
 
 
 # --------------------------------------------------------------------------- reranker helpers

@@ -246,6 +246,66 @@ def test_search_retrieves_and_reranks(world):
     assert set(out.timings) >= {"encode", "fetch", "history", "model", "total"}
 
 
+# ---------------------------------------------------------------- the aligned-photo cache
+def test_aligned_photo_cache_gives_the_uncached_scores_and_sees_a_new_photo(world, tmp_path):
+    import numpy as np
+    import torch
+
+    from mappings import load_mapping
+    from rerank.alignment import Alignment, AlignmentConfig, build_head
+    from rerank.artifacts import EncoderRef, load_artifact, save_artifact
+    from rerank.history import EngineVectorSource, ProfileService
+    from rerank.model import RankerConfig, build_ranker
+    from rerank.model_features import FeatureSpec
+
+    engine, text, _art, history, _d = world
+    index = "products_with_photos"
+    engine.create_index(index, load_mapping("products-v1", text_dim=text.dim, image_dim=IMAGE_DIM))
+    rng = np.random.default_rng(0)
+    vecs = text.encode(TITLES)
+
+    def doc(i, photo):
+        d = {F.ID: f"p{i}", F.TITLE: TITLES[i], F.ARTICLE_TYPE: ARTICLES[i], F.TEXT_VEC: vecs[i].tolist()}
+        return BulkAction.index(f"p{i}", {**d, F.IMAGE_VEC: photo.tolist()} if photo is not None else d)
+
+    assert engine.bulk(index, [doc(i, rng.normal(size=IMAGE_DIM) if i != 3 else None) for i in range(len(TITLES))]).ok  # p3: no photo
+    engine.refresh(index)
+    spec = FeatureSpec(history_k=6)
+    cfg = RankerConfig(text_dim=text.dim, first_stage_dim=spec.first_stage_dim, n_cat_fields=len(spec.cat_fields),
+                       hash_buckets=spec.hash_buckets, history_k=spec.history_k, d_model=16, hidden=32, heads=2)
+    torch.manual_seed(0)
+    align = Alignment(build_head(IMAGE_DIM, text.dim), image_dim=IMAGE_DIM, text_dim=text.dim, config=AlignmentConfig())
+    path = save_artifact(tmp_path / "model", build_ranker(cfg, device="cpu", seed=0), feature_spec=spec, alignment=align,
+                         text_encoder=EncoderRef(text.model_id, text.dim), image_encoder=EncoderRef("img", IMAGE_DIM))
+    art = load_artifact(path, mapping=engine.get_mapping(index), device="cpu")
+    profiles = ProfileService(history.store, EngineVectorSource(engine, index), ttl_s=0)
+    cached = Reranker(engine, index, art, text_encoder=text, history=profiles, budget_ms=10_000)
+    plain = Reranker(engine, index, art, text_encoder=text, history=profiles, budget_ms=10_000, aligned_cache_size=0)
+    hits = [{"_id": f"p{i}", "_score": float(10 - i)} for i in range(len(TITLES))]
+
+    def rerank(r):
+        out = r.rerank("black leather shoes", hits, user_id="u1")
+        assert out.degraded is None and any(h.explanation["gates"]["image"] > 0 for h in out.hits)
+        return out.ids, {h.id: h.score for h in out.hits}
+
+    assert plain.aligned_cache is None
+    want_ids, want = rerank(plain)
+    got_ids, got = rerank(cached)
+    assert got_ids == want_ids and got == pytest.approx(want, abs=1e-5)
+    # 9 candidates' photos projected; u1's history (p0, p7, p4) shares their entries (same product, same vector)
+    assert cached.aligned_cache.stats == {"hits": 3, "misses": 9, "entries": 9, "max_entries": 50_000}
+    again_ids, again = rerank(cached)  # answered from the cache (scores move by ~1e-7: the history ages grew a little)
+    assert again_ids == got_ids and again == pytest.approx(got, abs=1e-5)
+    assert cached.aligned_cache.stats["hits"] == 3 + 12 and cached.aligned_cache.stats["misses"] == 9
+
+    assert engine.bulk(index, [doc(1, rng.normal(size=IMAGE_DIM))]).ok  # p1 reindexed with a new photo
+    engine.refresh(index)
+    after_ids, after = rerank(cached)
+    assert cached.aligned_cache.stats["misses"] == 10  # only p1's new photo is projected
+    assert after == pytest.approx(rerank(plain)[1], abs=1e-5)
+    assert abs(after["p1"] - got["p1"]) > 1e-4  # the new photo's vector, not the stale one
+
+
 # ---------------------------------------------------------------- micro-batching (the CUDA path, forced on the CPU)
 class GatedRanker:
     """The real ranker behind a gate: its forward pass waits until the test opens it (measuring, not mocking)."""
@@ -397,3 +457,4 @@ def test_bench_rerank_reports_latency_and_the_cross_encoder_ratio(world):
     assert res["cross_encoder_requests"] == 2 and res["cross_encoder_p50_ms"] > 0
     assert res["speedup"] == pytest.approx(res["cross_encoder_p50_ms"] / res["p50_ms"], rel=0.01)
     assert res["distinct_queries"] == 3 and res["text_backend"] == "torch"  # 6 calls cycle over 3 queries
+    assert res["aligned_cache"] is None  # a model without an alignment has no photos to cache

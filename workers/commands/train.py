@@ -26,11 +26,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         loss: str = typer.Option("softmax", "--loss", help="Listwise loss: softmax | lambda."),
         epochs: int = typer.Option(40, "--epochs", min=1, help="Most epochs (early stopping on validation NDCG@10)."),
         patience: int = typer.Option(6, "--patience", min=1, help="Epochs without validation gain before stopping."),
+        min_epochs: int = typer.Option(15, "--min-epochs", min=0, help="Early stopping waits for this many epochs (a small validation split is noisy)."),
         seed: int = typer.Option(13, "--seed", help="Seed of the splits (same as fusionrank eval) and of training."),
         max_minutes: float = typer.Option(10.0, "--max-minutes", min=0.01, help="Time budget of the training loop."),
         no_image: bool = typer.Option(False, "--no-image", help="Ablation: no photo input (image modality and knn_image list off)."),
         no_history: bool = typer.Option(False, "--no-history", help="Ablation: no user-history input."),
         text_only: bool = typer.Option(False, "--text-only", help="Ablation: text and first-stage inputs only (= --no-image --no-history)."),
+        no_colour: bool = typer.Option(False, "--no-colour", help="No colour head (the photo's colour read against the query's; on by default when the catalog has colours)."),
         align_catalog: Optional[Path] = typer.Option(None, "--align-catalog", help="(title, photo) pairs for the text-image alignment (default: --catalog); e.g. fashion/products.csv for full titles."),
         align_images_root: Optional[Path] = typer.Option(None, "--align-images-root", help="Images root of --align-catalog (default: its folder)."),
         alignment: Optional[Path] = typer.Option(None, "--alignment", help="Use this trained alignment directory instead of training one."),
@@ -57,10 +59,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             loss=loss,
             epochs=epochs,
             patience=patience,
+            min_epochs=min_epochs,
             seed=seed,
             max_minutes=max_minutes,
             use_image=not (no_image or text_only),
             use_history=not (no_history or text_only),
+            use_colour=not no_colour,
             device=settings.device,
             threads=threads,
             text_model=settings.text_model,
@@ -85,6 +89,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             typer.echo(f"artifact: {result.artifact}")
             if al:
                 typer.echo(f"alignment: held-out text->image recall@10 {al['recall_at_10']:.3f} (chance {al['chance_recall_at_10']:.3f})")
+            col = rep.get("colour") or {}
+            if col.get("heldout_accuracy") is not None:
+                typer.echo(f"colour head: {col['colours']} colours, held-out accuracy {col['heldout_accuracy']:.3f} "
+                           f"(top 3 {col['heldout_top3_accuracy']:.3f}; majority colour {col['majority_accuracy']:.3f})")
             typer.echo(
                 f"validation NDCG@10 {rep['best_validation_ndcg@10']:.4f} (untrained {rep['untrained_validation_ndcg@10']:.4f}); "
                 f"best epoch {rep['best_epoch']} of {rep['epochs_run']}; {rep['stopped']}"

@@ -149,6 +149,18 @@ def _ranker(strategy, **kw):
     return build_ranker(cfg, device="cpu", seed=1)
 
 
+def _literal_and_inference(m, reqs):
+    """The ranker's outputs on ``reqs`` in train mode (dropout 0: the literal code) and in eval mode (the folded
+    inference code), and the candidate mask; the ranker is left in eval mode."""
+    x = to_torch(collate(reqs))
+    with torch.no_grad():
+        m.train()
+        ref = m(x)
+        m.eval()
+        fast = m(x)
+    return ref, fast, x["cand_mask"]
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("history,photos", [(True, True), (True, False), (False, True), (False, False)])
 def test_inference_forward_equals_the_literal_forward(strategy, history, photos):
@@ -156,13 +168,7 @@ def test_inference_forward_equals_the_literal_forward(strategy, history, photos)
     split DIN layer); train mode with dropout 0 runs the literal code. Same scores (1e-5), same order."""
     m = _ranker(strategy)
     reqs = [_request(n, seed=s, history=history, photos=photos) for s, n in enumerate((40, 17, 1))]
-    x = to_torch(collate(reqs))
-    with torch.no_grad():
-        m.train()
-        ref = m(x)
-        m.eval()
-        fast = m(x)
-    valid = x["cand_mask"]
+    ref, fast, valid = _literal_and_inference(m, reqs)
     assert torch.equal(torch.isinf(ref.scores), torch.isinf(fast.scores))
     assert torch.allclose(fast.scores[valid], ref.scores[valid], atol=1e-5, rtol=0)
     assert torch.allclose(fast.gates, ref.gates, atol=1e-6, rtol=0)
@@ -178,13 +184,7 @@ def test_inference_forward_equals_the_literal_forward(strategy, history, photos)
 def test_inference_forward_equals_the_literal_forward_in_ablations(ablation):
     m = _ranker("attention", **ablation)
     reqs = [_request(n, seed=s, history=True, photos=True) for s, n in enumerate((30, 9))]
-    x = to_torch(collate(reqs))
-    with torch.no_grad():
-        m.train()
-        ref = m(x)
-        m.eval()
-        fast = m(x)
-    valid = x["cand_mask"]
+    ref, fast, valid = _literal_and_inference(m, reqs)
     assert torch.allclose(fast.scores[valid], ref.scores[valid], atol=1e-5, rtol=0)
     assert torch.allclose(fast.gates, ref.gates, atol=1e-6, rtol=0)
 

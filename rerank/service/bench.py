@@ -1,11 +1,20 @@
 """``fusionrank bench serve``: loopback load on a real uvicorn server.
 
-The server runs in a **subprocess** (``uvicorn --factory workers.commands.serve:app_factory``, ``server_workers`` processes,
-``OMP_NUM_THREADS=1``, access log off) so that the load generator does not share its GIL; it loads its model
-the production way (``Reranker.from_settings``). Each request is ``POST /rerank`` with an OpenSearch-shaped
-response of ``candidates`` hits (``_source`` without vectors: the reranker fetches them by id, as it would
-behind a real OpenSearch) and a user id with history. Levels run one after another with a thread pool of
-``c`` workers sharing one keep-alive ``httpx.Client``.
+The server runs in a **subprocess**, started the way it is deployed: ``fusionrank serve --workers N`` (``server_workers``
+processes; uvloop and httptools when installed; ``OMP_NUM_THREADS=1``; access log off), so that the load generator
+does not share its GIL; it loads its model the production way (``Reranker.from_settings``). Each request is
+``POST /rerank`` with an OpenSearch-shaped response of ``candidates`` hits (``_source`` without vectors: the reranker
+fetches them by id, as it would behind a real OpenSearch) and a user id with history. Levels run one after another
+with a thread pool of ``c`` workers in a closed loop.
+
+The load generator runs on the same cores as the server, so it is kept lean: each worker thread has its own
+keep-alive ``http.client`` connection, the bodies are serialized to bytes once before the levels (the same bytes
+``httpx``'s ``json=`` sent), and responses are parsed with orjson when installed. Until 2026-11-26 it was one shared
+``httpx.Client`` with ``json=`` per request and ``Response.json()``: ~4-5 ms of client CPU per request against
+~1.5-2 ms now, CPU the server lost at high concurrency (2 cores). The server does the same work per request as
+before; a request is timed from before its bytes are sent to after its whole response is read. The server was
+started with ``uvicorn --factory workers.commands.serve:app_factory --workers N`` until then: with N > 1 its
+connections kept Nagle's algorithm on (see :func:`workers.commands.serve.tcp_nodelay`), +40 ms per request.
 
 ``http_overhead_ms`` = HTTP p50 at concurrency 1 minus the p50 of the in-process ``Reranker.rerank`` on the
 same requests (measured in this process before the server starts).
@@ -18,6 +27,8 @@ settings are served (``fusionrank demo`` installs a model).
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import os
 import random
@@ -27,13 +38,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import urlsplit
 
 from indexing.errors import ConfigError, FusionRankError
+
+try:  # parses the ~50 KB responses in ~0.1 ms (the stdlib: ~0.5 ms), CPU the server under load would otherwise lose
+    import orjson
+except ImportError:  # pragma: no cover
+    orjson = None
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +166,18 @@ def _in_process(reranker: Any, bodies: Sequence[dict[str, Any]]) -> tuple[float,
     return statistics.median(lat), degraded, {k: round(statistics.median(v), 2) for k, v in stages.items()}
 
 
+def _server_stack() -> str:
+    """What uvicorn's ``auto`` loop and HTTP parser pick here (the server subprocess uses the same environment)."""
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"{loop} + {http}"
+
+
 def _start_server(env: dict[str, str], port: int, log_path: Path, workers: int = 1) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "workers.commands.serve:app_factory", "--host", "127.0.0.1",
-           "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "workers.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+           "--no-access-log", "--log-level", "warning"]
     with open(log_path, "wb") as logf:
         return subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parents[2]))
 
@@ -182,19 +209,62 @@ def _wait_ready(client: Any, proc: subprocess.Popen, log_path: Path, timeout_s: 
     raise FusionRankError(f"the server was not ready after {timeout_s:.0f} s")
 
 
-def _level(client: Any, bodies: Sequence[dict[str, Any]], c: int, headers: dict[str, str]) -> dict[str, Any]:
-    def one(b: dict[str, Any]) -> tuple[float, int, bool]:
-        t = time.perf_counter()
-        r = client.post("/rerank", json=b, headers=headers)
-        ms = (time.perf_counter() - t) * 1000.0
-        deg = r.status_code == 200 and r.json()["fusionrank"]["degraded"] is not None
-        return ms, r.status_code, deg
+def encode_bodies(bodies: Sequence[dict[str, Any]]) -> list[bytes]:
+    """The request bodies as the bytes httpx's ``json=`` sent (compact, UTF-8, no NaN), serialized once before the load."""
+    return [json.dumps(b, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8") for b in bodies]
 
-    with ThreadPoolExecutor(max_workers=c) as pool:
-        list(pool.map(one, bodies[: max(2 * c, 4)]))  # warm-up: connections and threads
-        t0 = time.perf_counter()
-        res = list(pool.map(one, bodies))
-        wall = time.perf_counter() - t0
+
+def _loads(data: bytes) -> Any:
+    return orjson.loads(data) if orjson is not None else json.loads(data)
+
+
+def _level(base_url: str, bodies: Sequence[bytes], c: int, headers: dict[str, str]) -> dict[str, Any]:
+    """``c`` threads in a closed loop, each on its own keep-alive ``http.client`` connection (the load generator shares
+    the server's cores: httpx cost ~4-5 ms of CPU per request here, http.client with pre-encoded bodies about a
+    third of that). A request is timed from before its bytes are sent to after the whole response body is read; the
+    response is parsed (orjson when installed) for ``fusionrank.degraded``."""
+    u = urlsplit(base_url)
+    hdrs = {**headers, "Content-Type": "application/json", "Connection": "keep-alive"}
+    local = threading.local()
+    opened: list[http.client.HTTPConnection] = []
+    lock = threading.Lock()
+
+    def connection() -> http.client.HTTPConnection:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60.0)
+            with lock:
+                opened.append(conn)
+        return conn
+
+    def one(body: bytes) -> tuple[float, int, bool]:
+        t = time.perf_counter()
+        for attempt in (0, 1):  # a keep-alive connection the server closed in between: reconnect once (timed)
+            conn = connection()
+            try:
+                conn.request("POST", "/rerank", body=body, headers=hdrs)
+                r = conn.getresponse()
+                data = r.read()
+                break
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
+                conn.close()
+                if attempt:
+                    raise
+        ms = (time.perf_counter() - t) * 1000.0
+        if r.will_close:
+            conn.close()
+        deg = r.status == 200 and _loads(data)["fusionrank"]["degraded"] is not None
+        return ms, r.status, deg
+
+    try:
+        with ThreadPoolExecutor(max_workers=c) as pool:
+            list(pool.map(one, bodies[: max(2 * c, 4)]))  # warm-up: connections and threads
+            t0 = time.perf_counter()
+            res = list(pool.map(one, bodies))
+            wall = time.perf_counter() - t0
+    finally:
+        for conn in opened:
+            conn.close()
     lat = [r[0] for r in res]
     return {"rps": round(len(res) / wall, 1), "p50_ms": round(_pct(lat, 50), 2), "p99_ms": round(_pct(lat, 99), 2),
             "requests": len(res), "errors": sum(r[1] != 200 for r in res), "degraded": sum(r[2] for r in res)}
@@ -238,10 +308,11 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
         log_path = tmp / "server.log"
         proc = _start_server(env, port, log_path, server_workers)
         headers = {"X-API-Key": key}
-        limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0, limits=limits) as client:
+        base_url = f"http://127.0.0.1:{port}"
+        payloads = encode_bodies(bodies)
+        with httpx.Client(base_url=base_url, timeout=60.0) as client:
             _wait_ready(client, proc, log_path, workers=server_workers)
-            out_levels = {str(c): _level(client, bodies, c, headers) for c in levels}
+        out_levels = {str(c): _level(base_url, payloads, c, headers) for c in levels}
         first = out_levels[str(levels[0])] if levels else None
         return {
             "levels": out_levels,
@@ -251,7 +322,8 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
             "in_process_stages_ms": stages,
             "candidates": candidates, "requests_per_level": requests, "synthetic": synthetic,
             "model_version": version, "budget_ms": settings.rerank_budget_ms, "cpu_count": os.cpu_count(),
-            "server": f"uvicorn, {server_workers} worker process(es), subprocess, OMP_NUM_THREADS=" + env["OMP_NUM_THREADS"] + ", access log off",
+            "server": f"fusionrank serve (uvicorn, {_server_stack()}), {server_workers} worker process(es), subprocess, "
+                      f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, access log off",
             "server_workers": server_workers,
             "text_backend": settings.text_backend,
         }

@@ -1,0 +1,274 @@
+"""The service's process edge, without a model: JSON rendering (orjson and the stdlib agree), TCP_NODELAY on the
+sockets of ``fusionrank serve --workers N``, the serve options, and the ``bench serve`` load generator's client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from rerank.service import app as A
+from rerank.service import bench as B
+from workers.commands import serve as S
+
+# ----------------------------------------------------------------------------- JSON rendering
+CASES = [
+    {"a": 1, "b": [1.5, "x", None, True], "c": {"d": "é ü 漢字 \u2028"}},
+    {"score": np.float32(0.1), "n": np.int64(7), "ok": np.bool_(True), "v": np.arange(3, dtype=np.float32), "h": np.float16(1.5)},
+    {"m": np.arange(6, dtype=np.float64).reshape(2, 3), "strided": np.arange(6)[::2], "t": (1, 2), "s": {3}},
+    {1: "int key", 2.5: "float key", None: "none key", True: "bool key"},
+    {"big": 2**70, "neg": -(2**65)},
+]
+NON_FINITE = [
+    {"x": float("nan"), "y": [float("inf"), -float("inf")], "z": {"w": np.float32("nan")}, "fine": 1.25},
+    {"arr": np.array([1.0, np.nan, np.inf]), "t": (float("nan"),)},
+]
+
+
+def _stdlib_reference(content):
+    """The pre-orjson rendering of FastJSON (the semantics to keep)."""
+    try:
+        s = json.dumps(content, default=A._plain, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except ValueError:
+        s = json.dumps(A._finite(json.loads(json.dumps(content, default=A._plain))), allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    return s.encode("utf-8")
+
+
+@pytest.mark.parametrize("content", CASES + NON_FINITE)
+def test_dumps_gives_the_stdlib_values(content):
+    out = A.dumps(content)
+    assert isinstance(out, bytes)
+    assert json.loads(out) == json.loads(_stdlib_reference(content))
+    assert A.FastJSON(content).body == out
+
+
+@pytest.mark.parametrize("content", NON_FINITE)
+def test_non_finite_floats_become_null(content):
+    text = A.dumps(content).decode("utf-8")
+    assert "NaN" not in text and "Infinity" not in text and "null" in text
+    assert json.loads(text)  # strict JSON
+
+
+def test_numpy_float32_keeps_its_python_value_and_text_is_utf8():
+    out = A.dumps({"s": np.float32(0.1), "t": "漢字"})
+    assert json.loads(out)["s"] == float(np.float32(0.1))  # .item(), as with the stdlib (not orjson's float32 shortcut)
+    assert "漢字".encode("utf-8") in out  # not \u-escaped
+
+
+def test_dumps_without_orjson(monkeypatch):
+    monkeypatch.setattr(A, "orjson", None)
+    for content in CASES + NON_FINITE:
+        assert A.dumps(content) == _stdlib_reference(content)
+
+
+def test_unserializable_is_still_an_error():
+    with pytest.raises(TypeError):
+        A.dumps({"x": object()})
+
+
+# ----------------------------------------------------------------------------- TCP_NODELAY (serve --workers N)
+def _transport_nodelay(listener: socket.socket) -> int:
+    """TCP_NODELAY of a connection accepted by an asyncio server on ``listener`` (what a uvicorn worker does)."""
+    async def main() -> int:
+        got: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class P(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                got.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(P, sock=listener)
+        port = listener.getsockname()[1]
+        _, w = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await asyncio.wait_for(got, 10)
+        finally:
+            w.close()
+            server.close()
+
+    return asyncio.run(main())
+
+
+def _uvicorn_style_listener() -> socket.socket:
+    sock = socket.socket(family=socket.AF_INET)  # as uvicorn's Config.bind_socket: the object's proto is 0
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def test_tcp_nodelay_listener_gives_nodelay_connections():
+    sock = S.tcp_nodelay(_uvicorn_style_listener())
+    assert sock.proto == socket.IPPROTO_TCP
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    sock.listen(8)
+    assert _transport_nodelay(sock) == 1
+
+
+def test_tcp_nodelay_leaves_other_sockets_alone():
+    a, b = socket.socketpair(socket.AF_UNIX)
+    try:
+        assert S.tcp_nodelay(a) is a
+    finally:
+        a.close()
+        b.close()
+
+
+def test_serve_passes_loop_http_and_access_log(monkeypatch):
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    seen = {}
+    monkeypatch.setenv("FUSIONRANK_API_KEY", "k" * 24)
+    monkeypatch.setenv(S.NO_AUTH_ENV, "0")  # serve sets it for its workers; restored afterwards
+    monkeypatch.setattr(S, "run_workers", lambda config: seen.setdefault("config", config))
+    r = CliRunner().invoke(app, ["serve", "--port", "0", "--workers", "2", "--loop", "asyncio", "--http", "h11", "--no-access-log"])
+    assert r.exit_code == 0, r.output
+    cfg = seen["config"]
+    assert (cfg.workers, cfg.loop, cfg.http, cfg.access_log) == (2, "asyncio", "h11", False)
+    assert cfg.factory and cfg.app == "workers.commands.serve:app_factory"
+
+
+# ----------------------------------------------------------------------------- the load generator's client
+class _Recorder(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    seen: list = []
+    close_every = 0
+
+    def do_POST(self):  # noqa: N802
+        n = int(self.headers["Content-Length"])
+        body = self.rfile.read(n)
+        type(self).seen.append((self.path, self.headers.get("X-API-Key"), self.headers.get("Content-Type"), body))
+        k = len(type(self).seen)
+        degraded = "timeout" if k % 3 == 0 else None
+        out = json.dumps({"hits": {"hits": []}, "fusionrank": {"degraded": degraded}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        if self.close_every and k % self.close_every == 0:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("close_every", [0, 4])
+def test_level_sends_the_same_bodies_and_counts(close_every):
+    handler = type("H", (_Recorder,), {"seen": [], "close_every": close_every})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        bodies = [{"query": f"q{i} é", "response": {"hits": {"hits": [{"_id": str(i), "_score": 1.5}]}}, "user_id": None} for i in range(10)]
+        payloads = B.encode_bodies(bodies)
+        out = B._level(f"http://127.0.0.1:{server.server_address[1]}", payloads, 3, {"X-API-Key": "secret"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    warm = max(2 * 3, 4)
+    assert out["requests"] == 10 and out["errors"] == 0 and out["rps"] > 0
+    assert 0 < out["p50_ms"] <= out["p99_ms"]
+    assert len(handler.seen) == warm + 10
+    assert all(p == "/rerank" and k == "secret" and ct == "application/json" for p, k, ct, _ in handler.seen)
+    # what httpx's json= sent: compact UTF-8 JSON of the same bodies
+    assert sorted(b for *_, b in handler.seen[warm:]) == sorted(
+        json.dumps(b, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for b in bodies)
+    assert 0 < out["degraded"] < 10
+
+
+def test_encode_bodies_refuses_nan():
+    with pytest.raises(ValueError):
+        B.encode_bodies([{"x": math.nan}])
+
+
+# ----------------------------------------------------------------------------- the reranker gate
+def _wait_until(cond, timeout=10.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)
+
+
+def test_fifo_gate_admits_in_arrival_order_without_barging():
+    from rerank.service.state import FifoGate
+
+    gate = FifoGate(1)
+    order: list[int] = []
+    gate.acquire()  # a call in progress
+    threads = []
+
+    def call(k: int) -> None:
+        with gate:
+            order.append(k)
+
+    for k in range(5):
+        t = threading.Thread(target=call, args=(k,))
+        t.start()
+        threads.append(t)
+        _wait_until(lambda: gate.waiting == k + 1)
+    gate.release()  # hands the permit to caller 0, not to whoever asks next
+    late = threading.Thread(target=call, args=(99,))
+    late.start()
+    for t in [*threads, late]:
+        t.join(10)
+    assert order == [0, 1, 2, 3, 4, 99]
+    assert gate.waiting == 0
+
+
+def test_fifo_gate_counts_and_refuses_extra_releases():
+    from rerank.service.state import FifoGate, ServiceState
+
+    gate = FifoGate(2)
+    gate.acquire()
+    gate.acquire()
+    assert gate.waiting == 0
+    gate.release()
+    gate.release()
+    with pytest.raises(ValueError):
+        gate.release()
+    with pytest.raises(ValueError):
+        FifoGate(0)
+    assert isinstance(ServiceState(settings=None).gate, FifoGate)
+
+
+# ----------------------------------------------------------------------------- the GC freeze after loading
+class _FakeReranker:
+    name = "fake"
+    engine = None
+    index = "products"
+    history = None
+    image_encoder = None
+    batcher = None
+    model = None
+
+
+def test_load_freezes_the_heap_only_when_asked():
+    import gc
+
+    from rerank.service.state import ServiceState
+
+    assert gc.get_freeze_count() == 0
+    try:
+        plain = ServiceState.loading(None, loader=lambda s: _FakeReranker())
+        plain.load()
+        assert plain.ready and gc.get_freeze_count() == 0  # tests and from_reranker: the GC is left alone
+        st = ServiceState.loading(None, loader=lambda s: _FakeReranker(), freeze_gc=True)
+        st.load()
+        assert st.ready and gc.get_freeze_count() > 0
+        first = st.reranker
+        st.reload()
+        assert st.reranker is not first and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

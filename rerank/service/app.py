@@ -200,19 +200,15 @@ def _state(request: Request) -> ServiceState:
     return request.app.state.fusionrank
 
 
-# The dependencies of the hot endpoints are ``async def``: a plain ``def`` dependency costs a hop to the thread pool
-# and back (and a GIL hand-over when a rerank holds it) for a few microseconds of work.
+# The dependencies of the hot endpoints (this one and the key checks of rerank.service.auth) are ``async def``: a
+# plain ``def`` dependency costs a hop to the thread pool and back (and a GIL hand-over when a rerank holds it) for a
+# few microseconds of work.
 async def require_ready(request: Request) -> ServiceState:
     st = _state(request)
     if not st.ready:
         why = f" (loading failed: {st.error})" if st.error else ""
         raise HTTPException(503, f"the service is not ready: the model is not loaded{why}; poll /readyz")
     return st
-
-
-async def require_api_key(request: Request) -> None:
-    """:func:`rerank.service.auth.require_key` on the event loop (header lookups and two constant-time compares)."""
-    require_key(request)
 
 
 def decode_query_image(b64: str | None) -> Any:
@@ -438,14 +434,14 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None) -> Fa
             return JSONResponse({"status": "failed", "detail": st.error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
-    @app.get("/metrics", dependencies=[Depends(require_api_key)], response_class=Response, tags=["probes"],
+    @app.get("/metrics", dependencies=[Depends(require_key)], response_class=Response, tags=["probes"],
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}, **_responses(401)})
     def metrics(request: Request) -> Response:
         """Prometheus metrics: requests and latency per endpoint, degraded (fail-open) calls per reason, model version."""
         return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
 
     # ------------------------------------------------------------------ rerank
-    @app.post("/v1/rerank", response_model=S.CohereRerankResponse, responses=_STD, dependencies=[Depends(require_api_key)], tags=["rerank"])
+    @app.post("/v1/rerank", response_model=S.CohereRerankResponse, responses=_STD, dependencies=[Depends(require_key)], tags=["rerank"])
     def v1_rerank(body: S.CohereRerankRequest, st: ServiceState = Depends(require_ready)):
         """Cohere rerank wire format (OpenSearch ML Commons' `connector.pre_process.cohere.rerank` /
         `connector.post_process.cohere.rerank`). `results` are sorted by `relevance_score` (sigmoid of the model
@@ -453,7 +449,7 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None) -> Fa
         (`documents[i].id` or `product_ids[i]`) use their indexed vectors; others are encoded from their text."""
         return FastJSON(cohere_rerank(st, body))
 
-    @app.post("/rerank", response_model=S.RerankResponse, responses=_STD, dependencies=[Depends(require_api_key)], tags=["rerank"])
+    @app.post("/rerank", response_model=S.RerankResponse, responses=_STD, dependencies=[Depends(require_key)], tags=["rerank"])
     def rerank(body: S.RerankRequest, st: ServiceState = Depends(require_ready)):
         """An OpenSearch search response (`response`) or a list of hits (`hits`) in, the same response reordered
         (a list comes back as `{"hits": {"hits": [...]}}`), with `_explanation` per hit and a `fusionrank` block."""
@@ -468,7 +464,7 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None) -> Fa
         st.metrics.count_degraded(out["fusionrank"].get("degraded"))
         return FastJSON(out)
 
-    @app.post("/search", response_model=S.SearchResponse, responses=_STD, dependencies=[Depends(require_api_key)], tags=["rerank"])
+    @app.post("/search", response_model=S.SearchResponse, responses=_STD, dependencies=[Depends(require_key)], tags=["rerank"])
     def search(body: S.SearchRequest, st: ServiceState = Depends(require_ready)):
         """Hybrid retrieval (BM25 + kNN text + kNN image) over the index, then the rerank; the top `size`."""
         image = decode_query_image(body.image)
@@ -485,7 +481,7 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None) -> Fa
                                                       "model_version": res.model_version, "timings_ms": dict(res.timings)}})
 
     # ------------------------------------------------------------------ events
-    @app.post("/events", response_model=S.EventsResponse, responses=_STD, dependencies=[Depends(require_api_key)], tags=["history"])
+    @app.post("/events", response_model=S.EventsResponse, responses=_STD, dependencies=[Depends(require_key)], tags=["history"])
     def events(body: S.EventsRequest, st: ServiceState = Depends(require_ready)):
         """Store user events (idempotent by `event_id`, derived from user, product, type and `ts` when absent; `ts`
         defaults to the time of arrival); bad events are rejected one by one (`errors[].row` is their position).
@@ -532,4 +528,4 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None) -> Fa
     return app
 
 
-__all__ = ["EdgeMiddleware", "FastJSON", "cohere_rerank", "create_app", "decode_query_image", "dumps", "require_api_key", "require_ready"]
+__all__ = ["EdgeMiddleware", "FastJSON", "cohere_rerank", "create_app", "decode_query_image", "dumps", "require_ready"]

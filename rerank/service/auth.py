@@ -46,7 +46,9 @@ def _given_key(request: Request, what: str) -> str | None:
     return given
 
 
-def require_key(request: Request) -> None:
+# Both checks are ``async def`` FastAPI dependencies: they run on the event loop (header lookups and constant-time
+# compares, microseconds) instead of a hop to the thread pool and back on every request.
+async def require_key(request: Request) -> None:
     given = _given_key(request, "API key")
     if given is None:
         return
@@ -56,7 +58,7 @@ def require_key(request: Request) -> None:
         raise HTTPException(401, "invalid API key (X-API-Key or Authorization: Bearer)", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_admin_key(request: Request) -> None:
+async def require_admin_key(request: Request) -> None:
     given = _given_key(request, "admin API key")
     if given is None:
         return

@@ -420,8 +420,9 @@ class AlignedCache:
 
 
 # =========================================================================== training
-def holdout_mask(ids: Sequence[str], fraction: float, seed: int) -> np.ndarray:
-    """Seeded split by product id: True = held out (``sha256(seed:id)`` below the fraction)."""
+def holdout_mask(ids: Sequence[str], fraction: float, seed: int | str) -> np.ndarray:
+    """Seeded split by product id: True = held out (``sha256(seed:id)`` below the fraction; a string seed salts a
+    split apart from another one of the same seed)."""
     lim = int(fraction * 2**32)
     return np.array([int(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()[:8], 16) < lim for i in ids], dtype=bool)
 

@@ -26,7 +26,6 @@ its names and report in ``config.json``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import Counter
@@ -172,6 +171,7 @@ def train_colour_model(image_vecs: np.ndarray, colour_values: Sequence[Any], ids
     Softmax regression (full batch, Adam, an L2 penalty) on the standardized raw image vectors; a seeded hold-out by product id
     measures accuracy against the majority colour. Raises :class:`ConfigError` with fewer than two
     colours of ``config.min_count`` examples."""
+    from rerank.alignment import holdout_mask
     from rerank.model import _torch
 
     torch = _torch()
@@ -185,8 +185,7 @@ def train_colour_model(image_vecs: np.ndarray, colour_values: Sequence[Any], ids
     y_all = np.array([index.get(v.strip().lower(), -1) if isinstance(v, str) else -1 for v in colour_values], dtype=np.int64)
     keep = y_all >= 0
     x, y, kid = x_all[keep], y_all[keep], [i for i, k in zip(ids, keep) if k]
-    lim = int(config.holdout * 2**32)
-    held = np.array([int(hashlib.sha256(f"colour:{config.seed}:{i}".encode()).hexdigest()[:8], 16) < lim for i in kid], dtype=bool)
+    held = holdout_mask(kid, config.holdout, f"colour:{config.seed}")  # by product; salted apart from the alignment's split
     tr = ~held
     t0 = time.perf_counter()
     # standardize with the training rows' statistics, folded into the final weights

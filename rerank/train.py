@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -289,6 +289,23 @@ def _fetch_docs(engine: Any, index: str, ids: Sequence[str], *, chunk: int = 100
     return out
 
 
+def _dataset_index(spec: DatasetSpec, config: TrainConfig, *, data_dir: Path, indexer: Callable[[Any, Any], Any]) -> Any:
+    """The dataset's catalog indexed with the configured encoders (the harness's cached index)."""
+    from rerank.evaluation.harness import cached_index
+
+    return cached_index(
+        Path(spec.catalog), Path(spec.images_root) if spec.images_root else None, data_dir=data_dir, indexer=indexer,
+        text_model=config.text_model, text_backend=config.text_backend, image_model=config.image_model, device=config.device, mapping=config.mapping,
+    )
+
+
+def _photo_indexes(datasets: Sequence[DatasetSpec], config: TrainConfig, *, data_dir: Path, indexer: Callable[[Any, Any], Any]) -> Iterator[Any]:
+    """The cached index of each dataset that has photos (an images root)."""
+    for ds in datasets:
+        if ds.images_root is not None:
+            yield _dataset_index(ds, config, data_dir=data_dir, indexer=indexer)
+
+
 def prepare_dataset(
     spec: DatasetSpec,
     *,
@@ -307,16 +324,13 @@ def prepare_dataset(
     parts keep every candidate (an evaluation script may ask for ``("test",)``: the result's
     ``validation`` then holds the test queries)."""
     from rerank.evaluation.data import read_qrels, read_queries
-    from rerank.evaluation.harness import _eval_queries, build_items, cached_index, dataset_name
+    from rerank.evaluation.harness import _eval_queries, build_items, dataset_name
     from rerank.evaluation.splits import load_or_create_splits
     from rerank.retrieval import RetrievalConfig, Retriever
 
     spec.check()
     name = spec.name or dataset_name(spec.queries)
-    idx = cached_index(
-        Path(spec.catalog), Path(spec.images_root) if spec.images_root else None, data_dir=data_dir, indexer=indexer,
-        text_model=config.text_model, text_backend=config.text_backend, image_model=config.image_model, device=config.device, mapping=config.mapping,
-    )
+    idx = _dataset_index(spec, config, data_dir=data_dir, indexer=indexer)
     qs = read_queries(spec.queries)
     qrels = read_qrels(spec.qrels)
     splits = load_or_create_splits(qs.queries, data_dir, name=name, seed=config.seed)
@@ -526,13 +540,7 @@ def _alignment_for(config: TrainConfig, datasets: Sequence[DatasetSpec], *, data
         return Alignment.load(cached)
     # photos already encoded in a dataset's index are read, not re-encoded
     known: dict[str, np.ndarray] = {}
-    from rerank.evaluation.harness import cached_index
-
-    for ds in datasets:
-        if ds.images_root is None:
-            continue
-        idx = cached_index(Path(ds.catalog), Path(ds.images_root), data_dir=data_dir, indexer=indexer, text_model=config.text_model,
-                           text_backend=config.text_backend, image_model=config.image_model, device=config.device, mapping=config.mapping)
+    for idx in _photo_indexes(datasets, config, data_dir=data_dir, indexer=indexer):
         known.update(vectors_from_index(idx.engine, idx.alias, [p.product_id for p in pairs if p.product_id not in known]))
     image_encoder = get_image_encoder(config.image_model, device=config.device) if len(known) < len(pairs) else _InfoOnly(info)
     al = align_catalog(catalog, root, text_encoder=text_encoder, image_encoder=image_encoder, cache_dir=data_dir, config=acfg, known_image_vectors=known, progress=config.progress)
@@ -544,16 +552,11 @@ def _colour_for(config: TrainConfig, datasets: Sequence[DatasetSpec], *, data_di
     """The colour head (:mod:`rerank.colour`) trained on the photographed products of the datasets' indexes
     whose colour field is filled; None (logged) when they have fewer than two such colours (e.g. Home Depot)."""
     from rerank.colour import ColourConfig, train_colour_model
-    from rerank.evaluation.harness import cached_index
 
     ids: list[str] = []
     vecs: list[Any] = []
     colours: list[Any] = []
-    for ds in datasets:
-        if ds.images_root is None:
-            continue
-        idx = cached_index(Path(ds.catalog), Path(ds.images_root), data_dir=data_dir, indexer=indexer, text_model=config.text_model,
-                           text_backend=config.text_backend, image_model=config.image_model, device=config.device, mapping=config.mapping)
+    for idx in _photo_indexes(datasets, config, data_dir=data_dir, indexer=indexer):
         for d in idx.engine.iter_documents(idx.alias):
             if d.get(F.IMAGE_VEC) is not None and d.get(F.COLOUR):
                 ids.append(str(d.get(F.ID)))

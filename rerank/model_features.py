@@ -241,6 +241,63 @@ def history_arrays(history: HistoryInput | None, spec: FeatureSpec, *, text_dim:
     }
 
 
+@dataclass(frozen=True, eq=False)
+class PreparedRequest:
+    """What a request's features hold before the query vector is known (:func:`prepare_request_features`):
+    everything but the ``query`` row and the colour columns that read the query; :meth:`finish` adds them.
+
+    The rerank call builds this while the query is still being encoded on another thread."""
+
+    text_dim: int
+    parts: Mapping[str, Any]  # the RequestFeatures fields except ``query`` (first_stage without the colour columns)
+    colour: Any | None = None  # the colour head, when the spec has colour inputs
+    photo_probs: np.ndarray | None = None
+    photo_mask: np.ndarray | None = None
+    colour_values: tuple[Any, ...] = ()
+
+    def finish(self, query_vec: np.ndarray) -> RequestFeatures:
+        q = np.asarray(query_vec, dtype=np.float32).reshape(-1)
+        if q.shape[0] != self.text_dim:
+            raise DimensionError(f"query vector has dimension {q.shape[0]}, expected {self.text_dim}")
+        parts = dict(self.parts)
+        if self.colour is not None:
+            parts["first_stage"] = np.hstack([parts["first_stage"], self.colour.features(q, self.photo_probs, self.photo_mask, self.colour_values)])
+        return RequestFeatures(query=q, **parts)
+
+
+def prepare_request_features(
+    candidates: Sequence[Candidate],
+    docs: Mapping[str, Mapping[str, Any] | None],
+    spec: FeatureSpec,
+    *,
+    text_dim: int,
+    history: HistoryInput | None = None,
+    project: ImageProject | None = None,
+    aligned_cache: KeyedImageProject | None = None,
+    image_dim: int | None = None,
+    colour: Any | None = None,
+) -> PreparedRequest:
+    """The query-independent part of :func:`build_request_features` (the same arguments, ``text_dim`` required);
+    ``.finish(query_vec)`` gives the :class:`RequestFeatures`."""
+    dt = int(text_dim)
+    ids = tuple(c.id for c in candidates)
+    dl = [docs.get(i) for i in ids]
+    text, tmask = _vec_rows([d.get(F.TEXT_VEC) if d else None for d in dl], dt, F.TEXT_VEC)
+    raw_img = [d.get(F.IMAGE_VEC) if d else None for d in dl]
+    di = image_dim or next((len(v) for v in raw_img if v is not None), 1)
+    raw, imask = _vec_rows(raw_img, di, F.IMAGE_VEC)
+    if project is None and aligned_cache is None:
+        imask[:] = False
+    image = _project(raw, imask, ids, project, aligned_cache, dt)
+    hist = history_arrays(history, spec, text_dim=dt, image_dim=di, project=project, aligned_dim=dt, aligned_cache=aligned_cache)
+    parts = dict(ids=ids, cand_text=text, cand_text_mask=tmask, cand_image=image, cand_image_mask=imask,
+                 first_stage=first_stage_inputs(candidates, spec.lists), cats=hash_categories(dl, spec), **hist)
+    if not spec.colour:
+        return PreparedRequest(dt, parts)
+    probs, pmask = photo_colours(dl, raw, imask, colour)
+    return PreparedRequest(dt, parts, colour, probs, pmask, tuple(d.get(F.COLOUR) if d else None for d in dl))
+
+
 def build_request_features(
     query_vec: np.ndarray,
     candidates: Sequence[Candidate],
@@ -262,43 +319,17 @@ def build_request_features(
     with the product ids of the candidates and of the history items) is used instead of it when given.
     Without either, every image is masked. ``colour`` (a :class:`rerank.colour.ColourModel`) is needed
     when ``spec.colour``: it reads the raw photos (or ``docs[id][PHOTO_COLOUR]`` when given) and the colour
-    fields."""
+    fields. The same as ``prepare_request_features(...).finish(query_vec)``."""
     q = np.asarray(query_vec, dtype=np.float32).reshape(-1)
-    dt = int(text_dim or q.shape[0])
-    if q.shape[0] != dt:
-        raise DimensionError(f"query vector has dimension {q.shape[0]}, expected {dt}")
-    ids = tuple(c.id for c in candidates)
-    dl = [docs.get(i) for i in ids]
-    text, tmask = _vec_rows([d.get(F.TEXT_VEC) if d else None for d in dl], dt, F.TEXT_VEC)
-    raw_img = [d.get(F.IMAGE_VEC) if d else None for d in dl]
-    di = image_dim or next((len(v) for v in raw_img if v is not None), 1)
-    raw, imask = _vec_rows(raw_img, di, F.IMAGE_VEC)
-    if project is None and aligned_cache is None:
-        imask[:] = False
-    image = _project(raw, imask, ids, project, aligned_cache, dt)
-    hist = history_arrays(history, spec, text_dim=dt, image_dim=di, project=project, aligned_dim=dt, aligned_cache=aligned_cache)
-    hist_ids = hist.pop("hist_ids")
-    first_stage = first_stage_inputs(candidates, spec.lists)
-    if spec.colour:
-        first_stage = np.hstack([first_stage, colour_inputs(q, dl, raw, imask, colour)])
-    return RequestFeatures(
-        ids=ids,
-        query=q,
-        cand_text=text,
-        cand_text_mask=tmask,
-        cand_image=image,
-        cand_image_mask=imask,
-        first_stage=first_stage,
-        cats=hash_categories(dl, spec),
-        hist_ids=hist_ids,
-        **hist,
-    )
+    return prepare_request_features(candidates, docs, spec, text_dim=int(text_dim or q.shape[0]), history=history, project=project,
+                                    aligned_cache=aligned_cache, image_dim=image_dim, colour=colour).finish(q)
 
 
-def colour_inputs(query_vec: np.ndarray, docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarray, image_mask: np.ndarray,
-                  colour: Any | None) -> np.ndarray:
-    """The ``(n, len(COLOUR_FEATURES))`` colour columns: the colour head reads each photo (``raw_image`` rows
-    where ``image_mask``; a document's precomputed ``PHOTO_COLOUR`` wins), the query and the colour fields."""
+def photo_colours(docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarray, image_mask: np.ndarray,
+                  colour: Any | None) -> tuple[np.ndarray, np.ndarray]:
+    """The colour head's probabilities of each photo (``raw_image`` rows where ``image_mask``; a document's
+    precomputed ``PHOTO_COLOUR`` wins) and the mask of the photos it read: the query-independent half of the
+    colour columns (:meth:`rerank.colour.ColourModel.features` reads the query)."""
     if colour is None:
         raise ConfigError("the feature spec has colour inputs but no colour head was given (the model artifact carries it)")
     n = len(docs)
@@ -314,7 +345,7 @@ def colour_inputs(query_vec: np.ndarray, docs: Sequence[Mapping[str, Any] | None
             mask[rest] = False  # no raw photo vector of the head's dimension: the photo is not read
         else:
             probs[rest] = colour.photo_probs(raw_image[rest])
-    return colour.features(query_vec, probs, mask, [d.get(F.COLOUR) if d else None for d in docs])
+    return probs, mask
 
 
 def collate(requests: Sequence[RequestFeatures]) -> dict[str, np.ndarray]:
@@ -355,9 +386,11 @@ __all__ = [
     "HistoryInput",
     "KeyedImageProject",
     "PHOTO_COLOUR",
+    "PreparedRequest",
     "RequestFeatures",
     "build_request_features",
-    "colour_inputs",
+    "photo_colours",
+    "prepare_request_features",
     "collate",
     "first_stage_inputs",
     "hash_categories",

@@ -20,13 +20,20 @@ retrieval (:class:`rerank.retrieval.Retriever`) and passes every list's signals 
 fields the model reads) of hits whose ``_source`` lacks them are fetched by id in one ``engine.get``.
 
 Fail open: each call has a time budget (``budget_ms``, default 50). The clock is read after every
-stage (encode, fetch, history, model); a stage that ran over makes the call return the first-stage
+stage (encode, fetch, history, features, model); a stage that ran over makes the call return the first-stage
 order (torch cannot be interrupted mid-call, so a late model result is discarded). A model or
 encoder error, a history-store error (:class:`HistoryError`) or an engine error while fetching
 vectors do the same. Degraded calls log a warning and are counted in :attr:`Reranker.stats`
 (``{"calls": n, "degraded": n, "degraded:<reason>": n}``). Bad arguments still raise
 (:class:`ConfigError` / :class:`TypeError`). ``Reranker.noop(...)`` keeps the first-stage order always:
 the baseline and the kill switch.
+
+The query is encoded beside the other stages: the encoder (onnxruntime or torch, both release the GIL while
+they compute) runs on a small per-reranker thread pool while the calling thread fetches the candidates' vectors
+and reads the user's profile, so on a machine with a core to spare the call costs about the longer of the two
+instead of their sum. ``timings_ms["encode"]`` is the encoder's own time; ``"fetch"``, ``"history"`` and
+``"features"`` (the model's inputs but the query) run at the same time; ``"model"`` is the rest (the query's
+inputs, the forward pass, the explanations). ``overlap_encode=False`` encodes first, on the calling thread.
 
 Aligned photos are cached: a candidate's (or history item's) aligned image vector does not depend on the
 query, so the reranker keeps the model alignment's output per product in a bounded LRU
@@ -42,6 +49,8 @@ import logging
 import math
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
@@ -187,11 +196,14 @@ class Reranker:
         micro_batch_options: Mapping[str, Any] | None = None,
         stands_in_for: str | None = None,
         aligned_cache_size: int = DEFAULT_ALIGNED_CACHE_SIZE,
+        overlap_encode: bool = True,
     ):
         """``stands_in_for``: the model id of the encoder that ``text_encoder`` replaces for queries, once
         :func:`indexing.encoders.check_agreement` showed they agree (an int8 query encoder over a model and an index
         built with the full-precision one; see ``Reranker.from_settings`` and ``query_text_backend``).
-        ``aligned_cache_size``: entries of the aligned-photo cache (see the module doc; 0: no cache)."""
+        ``aligned_cache_size``: entries of the aligned-photo cache (see the module doc; 0: no cache).
+        ``overlap_encode``: encode the query on a thread of its own while fetching and reading the profile (see the
+        module doc)."""
         if not isinstance(index, str) or not index:
             raise ConfigError("index must be a non-empty string")
         if not (isinstance(budget_ms, (int, float)) and budget_ms > 0):
@@ -215,6 +227,9 @@ class Reranker:
         self._stats: dict[str, int] = {"calls": 0, "degraded": 0}
         # per reranker, hence per model: a reloaded model (a new alignment) comes with a new reranker
         self.aligned_cache = AlignedCache(align.project, aligned_cache_size) if align is not None and aligned_cache_size else None
+        # threads start on first use; a few, so that concurrent callers do not queue behind one another's queries
+        self._encode_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fusionrank-encode") \
+            if model is not None and overlap_encode else None
         self.batcher = None
         if model is not None and (micro_batch or (micro_batch is None and getattr(model.ranker.device, "type", "cpu") == "cuda")):
             from rerank.batching import MicroBatcher
@@ -222,9 +237,11 @@ class Reranker:
             self.batcher = MicroBatcher(model.ranker, **dict(micro_batch_options or {}))
 
     def close(self) -> None:
-        """Stop the micro-batcher's thread, if any (the engine and stores belong to the caller)."""
+        """Stop the micro-batcher's and the query encoder's threads, if any (the engine and stores belong to the caller)."""
         if self.batcher is not None:
             self.batcher.close()
+        if self._encode_pool is not None:
+            self._encode_pool.shutdown(wait=False)  # calls in flight still get their queries
 
     @classmethod
     def noop(cls, engine: Any, index: str, *, text_encoder: Any | None = None, image_encoder: Any | None = None, **kw: Any) -> "Reranker":
@@ -293,7 +310,9 @@ class Reranker:
         from rerank.model_features import build_request_features
 
         art = self.model
-        qvec = np.asarray(self.text_encoder.encode(["warm up"]), dtype=np.float32)[0]
+        # through the pool when there is one: its first thread starts now, not in the first real call
+        qvec, _ = self._encode_pool.submit(self._encode_query, "warm up", None).result() if self._encode_pool is not None \
+            else self._encode_query("warm up", None)
         cand = candidates_from_hits(["__warm_up__"], [1.0])
         doc = {"__warm_up__": {F.TEXT_VEC: qvec.tolist()}}
         req = build_request_features(qvec, cand, doc, art.feature_spec, history=None,
@@ -394,32 +413,32 @@ class Reranker:
             out.append(RankedHit(c.id, float(scores[i]), r, float(c.score), c.rank, ex))
         return out, None, timings
 
-    def _check_budget(self, t0: float, stage: str, timings: dict[str, float], started: float) -> None:
+    def _check_budget(self, t0: float, stage: str, timings: dict[str, float], started: float | None) -> None:
+        """Record the stage's time (``started=None``: already recorded) and fail open if the budget is spent."""
         now = self.clock()
-        timings[stage] = round((now - started) * 1000.0, 3)
+        if started is not None:
+            timings[stage] = round((now - started) * 1000.0, 3)
         spent = (now - t0) * 1000.0
         if spent > self.budget_ms:
             raise _Degrade(TIMEOUT, f"{spent:.1f} ms spent after stage {stage!r}, budget {self.budget_ms:g} ms")
 
     def _model_scores(self, text, cands, docs, user_id, query_image, t0, timings):
-        from rerank.model_features import HistoryInput, build_request_features
+        from rerank.model_features import HistoryInput, prepare_request_features
 
         art = self.model
         spec = art.feature_spec
         align = art.alignment
-        s = self.clock()
-        try:
-            if text:
-                qvec = np.asarray(self.text_encoder.encode([text]), dtype=np.float32)[0]
-            else:
-                if self.image_encoder is None or align is None:
-                    raise ConfigError("an image-only query needs an image encoder and a model with a text-image alignment")
-                qvec = np.asarray(align.project(np.asarray(self.image_encoder.encode([query_image]), dtype=np.float32)), dtype=np.float32)[0]
-        except ConfigError:
-            raise
-        except Exception as e:  # an encoder failure must not break the caller's search
-            raise _Degrade(ENCODER_ERROR, f"{type(e).__name__}: {e}") from e
-        self._check_budget(t0, "encode", timings, s)
+        if not text and (self.image_encoder is None or align is None):
+            raise ConfigError("an image-only query needs an image encoder and a model with a text-image alignment")
+        pending: Future | None = None
+        if self._encode_pool is not None:
+            try:
+                pending = self._encode_pool.submit(self._encode_query, text, query_image)
+            except RuntimeError:  # the pool was shut down (close()): encode here
+                pending = None
+        if pending is None:
+            qvec, timings["encode"] = self._encode_query_or_degrade(text, query_image)
+            self._check_budget(t0, "encode", timings, None)
 
         s = self.clock()
         need = [c.id for c in cands if F.TEXT_VEC not in (docs.get(c.id) or {})]
@@ -445,12 +464,31 @@ class Reranker:
         self._check_budget(t0, "history", timings, s)
 
         s = self.clock()
-        try:
-            req = build_request_features(
-                qvec, cands, docs, spec, history=hist, project=align.project if align is not None else None, aligned_cache=self.aligned_cache,
+        try:  # everything the model reads but the query, while the query may still be encoding
+            prepared = prepare_request_features(
+                cands, docs, spec, history=hist, project=align.project if align is not None else None, aligned_cache=self.aligned_cache,
                 text_dim=art.text_encoder.dim, image_dim=art.image_encoder.dim if art.image_encoder else None, colour=art.colour,
             )
-            scored = self._forward(req, t0)
+        except Exception as e:  # fail open on any model failure
+            raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e
+        self._check_budget(t0, "features", timings, s)
+
+        if pending is not None:
+            left_s = max(self.budget_ms / 1000.0 - (self.clock() - t0), 0.0)
+            try:
+                qvec, timings["encode"] = pending.result(timeout=left_s)
+            except FutureTimeout as e:
+                pending.cancel()
+                raise _Degrade(TIMEOUT, f"the query was not encoded within the {left_s * 1000:.1f} ms left of the budget") from e
+            except ConfigError:  # a bad argument (e.g. a query image that is not an image) still raises
+                raise
+            except Exception as e:  # an encoder failure must not break the caller's search
+                raise _Degrade(ENCODER_ERROR, f"{type(e).__name__}: {e}") from e
+            self._check_budget(t0, "encode", timings, None)
+
+        s = self.clock()
+        try:
+            scored = self._forward(prepared.finish(qvec), t0)
             scores = np.asarray(scored.scores, dtype=np.float64)
             if scores.shape != (len(cands),) or not np.isfinite(scores).all():
                 raise FusionRankError(f"model returned {scores.shape} scores with non-finite values for {len(cands)} candidates")
@@ -460,6 +498,24 @@ class Reranker:
             raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e
         self._check_budget(t0, "model", timings, s)
         return scores.tolist(), scored.explain_all()  # every candidate's explanation in one vectorized pass
+
+    def _encode_query(self, text: str, query_image: Any) -> tuple[np.ndarray, float]:
+        """The query vector (the text's, or the image's aligned into the text space) and the milliseconds it took."""
+        s = self.clock()
+        if text:
+            qvec = np.asarray(self.text_encoder.encode([text]), dtype=np.float32)[0]
+        else:
+            align = self.model.alignment
+            qvec = np.asarray(align.project(np.asarray(self.image_encoder.encode([query_image]), dtype=np.float32)), dtype=np.float32)[0]
+        return qvec, round((self.clock() - s) * 1000.0, 3)
+
+    def _encode_query_or_degrade(self, text: str, query_image: Any) -> tuple[np.ndarray, float]:
+        try:
+            return self._encode_query(text, query_image)
+        except ConfigError:
+            raise
+        except Exception as e:  # an encoder failure must not break the caller's search
+            raise _Degrade(ENCODER_ERROR, f"{type(e).__name__}: {e}") from e
 
     def _forward(self, req: Any, t0: float) -> Any:
         """One request's forward pass: directly, or through the micro-batcher (waiting at most the budget left)."""

@@ -92,7 +92,7 @@ def _bm25_response(engine, query="black leather shoes", size=8):
 
 def _reranker(world, **kw):
     engine, text, art, history, _ = world
-    return Reranker(kw.pop("engine", engine), INDEX, kw.pop("model", art), text_encoder=text, history=kw.pop("history", history), **kw)
+    return Reranker(kw.pop("engine", engine), INDEX, kw.pop("model", art), text_encoder=kw.pop("text_encoder", text), history=kw.pop("history", history), **kw)
 
 
 def test_opensearch_response_stays_a_response_reordered_with_explanations(world):
@@ -187,6 +187,55 @@ def test_budget_exceeded_degrades_to_first_stage_order(world, caplog):
     assert lst.degraded == "timeout" and lst.ids == ["p1", "p0"]
 
 
+class _SlowOrBrokenEncoder:
+    """The real text encoder behind a delay or a failure (the encoder's own behaviour is not faked: it still encodes)."""
+
+    def __init__(self, inner, *, delay_s=0.0, fail=False):
+        self.inner, self.delay_s, self.fail = inner, delay_s, fail
+        self.model_id, self.dim = inner.model_id, inner.dim
+
+    def encode(self, texts, **kw):
+        import time
+
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("onnxruntime session lost")
+        return self.inner.encode(texts, **kw)
+
+
+def test_the_query_encoded_beside_fetch_and_profile_gives_the_same_ranking(world):
+    resp = _bm25_response(world[0])
+    together = _reranker(world, budget_ms=10_000)
+    alone = _reranker(world, budget_ms=10_000, overlap_encode=False)
+    try:
+        a = together.rerank("black leather shoes", resp, user_id="u1")
+        b = alone.rerank("black leather shoes", resp, user_id="u1")
+    finally:
+        together.close()
+    assert a["fusionrank"]["degraded"] is None and b["fusionrank"]["degraded"] is None
+    assert [h["_id"] for h in a["hits"]["hits"]] == [h["_id"] for h in b["hits"]["hits"]]
+    assert [h["_score"] for h in a["hits"]["hits"]] == pytest.approx([h["_score"] for h in b["hits"]["hits"]], abs=1e-6)
+    assert set(a["fusionrank"]["timings_ms"]) >= {"encode", "fetch", "history", "features", "model"}
+    assert together._encode_pool is not None and alone._encode_pool is None
+    # a closed reranker still answers: it encodes on the calling thread
+    c = together.rerank("black leather shoes", resp, user_id="u1")
+    assert [h["_id"] for h in c["hits"]["hits"]] == [h["_id"] for h in a["hits"]["hits"]]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_an_encoder_failure_or_a_slow_encoder_degrades_to_first_stage_order(world, overlap):
+    text = world[1]
+    resp = _bm25_response(world[0])
+    broken = _reranker(world, text_encoder=_SlowOrBrokenEncoder(text, fail=True), budget_ms=10_000, overlap_encode=overlap)
+    _assert_first_stage(broken.rerank("black leather shoes", resp, user_id="u1"), resp, "encoder_error")
+    assert broken.stats["degraded:encoder_error"] == 1
+    slow = _reranker(world, text_encoder=_SlowOrBrokenEncoder(text, delay_s=0.4), budget_ms=100, overlap_encode=overlap)
+    _assert_first_stage(slow.rerank("black leather shoes", resp, user_id="u1"), resp, "timeout")
+    assert slow.stats["degraded:timeout"] == 1
+    for r in (broken, slow):
+        r.close()
+
+
 def test_model_error_degrades(world):
     from rerank.model_features import FeatureSpec
 
@@ -243,7 +292,7 @@ def test_search_retrieves_and_reranks(world):
     assert all(isinstance(h, Hit) and h.source and h.source[F.ID] == h.id for h in out)
     assert [h.rank for h in out.hits] == list(range(1, len(out) + 1))
     assert all("knn_text" in h.explanation["first_stage"] or "bm25" in h.explanation["first_stage"] for h in out.hits)
-    assert set(out.timings) >= {"encode", "fetch", "history", "model", "total"}
+    assert set(out.timings) >= {"encode", "fetch", "history", "features", "model", "total"}
 
 
 # ---------------------------------------------------------------- the aligned-photo cache
@@ -453,7 +502,7 @@ def test_bench_rerank_reports_latency_and_the_cross_encoder_ratio(world):
     res = bench_rerank(r, ["black shoes", "red dress", "leather bag"], ["u1", None], candidates=8, requests=6, warmup=1,
                        cross_encoder=CrossEncoderModel.from_base("cpu"), ce_requests=2)
     assert res["requests"] == 6 and res["degraded"] == 0 and 1 <= res["candidates_per_request"] <= 8
-    assert 0 < res["p50_ms"] <= res["p99_ms"] and set(res["stages_p50_ms"]) >= {"encode", "fetch", "history", "model", "total"}
+    assert 0 < res["p50_ms"] <= res["p99_ms"] and set(res["stages_p50_ms"]) >= {"encode", "fetch", "history", "features", "model", "total"}
     assert res["cross_encoder_requests"] == 2 and res["cross_encoder_p50_ms"] > 0
     assert res["speedup"] == pytest.approx(res["cross_encoder_p50_ms"] / res["p50_ms"], rel=0.01)
     assert res["distinct_queries"] == 3 and res["text_backend"] == "torch"  # 6 calls cycle over 3 queries

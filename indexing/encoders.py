@@ -225,14 +225,39 @@ def onnx_intra_op_threads() -> int:
     Why: onnxruntime ignores ``OMP_NUM_THREADS``; on a small shared machine its default pool spins threads that
     compete with the serving process's other work. Measured on a shared 2-core VM: one query took ~11 ms with the
     default pool and ~6 ms with one thread."""
+    return threads_from_env(0)
+
+
+def threads_from_env(default: int = 1) -> int:
+    """``OMP_NUM_THREADS`` when it is a positive int, else ``default``."""
     import os
 
     raw = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(raw) if raw.isdigit() and int(raw) > 0 else default
+
+
+def limit_threads(n: int) -> None:
+    """Cap this process's compute threads at ``n``: torch's intra-op pool, the BLAS / OpenMP pools numpy and torch
+    have loaded (threadpoolctl: OpenBLAS reads ``OMP_NUM_THREADS`` only when numpy is imported, so setting the
+    variable later does not reach it), and onnxruntime sessions made after this call and child processes
+    (``OMP_NUM_THREADS``, see :func:`onnx_intra_op_threads`).
+
+    Why: a serving or benchmarking process that leaves numpy's BLAS at one thread per core competes with its own
+    query-encoder thread: ``bench rerank`` measured p50 14.9 ms with the default BLAS pool and 11.7 ms capped at 1
+    on this 2-core machine (same run of code, the aligned-photo projections and colour head being numpy matmuls)."""
+    import os
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"thread count must be an int >= 1, got {n!r}")
+    os.environ["OMP_NUM_THREADS"] = str(n)
     try:
-        n = int(raw)
-    except ValueError:
-        return 0
-    return n if n > 0 else 0
+        from threadpoolctl import threadpool_limits
+    except ImportError as e:  # a dependency of the project; named if an install lacks it
+        raise MissingDependencyError(f"threadpoolctl is needed to cap numpy's BLAS threads: pip install threadpoolctl ({e})") from None
+    threadpool_limits(limits=n)
+    import torch
+
+    torch.set_num_threads(n)
 
 
 class OnnxMiniLMEncoder(TextEncoder):

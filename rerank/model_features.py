@@ -137,17 +137,25 @@ def _bucket(field_name: str, value: str, buckets: int) -> int:
 def hash_categories(docs: Sequence[Mapping[str, Any] | None], spec: FeatureSpec) -> np.ndarray:
     """``(n, len(spec.cat_fields))`` bucket ids (1..buckets-1) of each product's categorical values; 0 = missing."""
     buckets, names = spec.hash_buckets, spec.cat_fields
+    blank = (None,) * len(names)
     rows = []
     for d in docs:
-        row = [0] * len(names)
-        if d:
-            for j, name in enumerate(names):
-                v = d.get(name)
-                if v is None or (isinstance(v, str) and not v.strip()):
-                    continue
-                row[j] = _bucket(name, str(v), buckets)
-        rows.append(row)
+        if not d:
+            rows.append(_bucket_row(names, blank, blank, buckets))
+            continue
+        values = tuple(map(d.get, names))
+        try:  # keyed by the values and their types (1, 1.0 and True are equal keys but hash as different strings)
+            rows.append(_bucket_row(names, values, tuple(map(type, values)), buckets))
+        except TypeError:  # an unhashable value (a list): not memoized
+            rows.append(_bucket_row.__wrapped__(names, values, (), buckets))
     return np.array(rows, dtype=np.int64).reshape(len(docs), len(names))
+
+
+@functools.lru_cache(maxsize=65_536)
+def _bucket_row(names: tuple[str, ...], values: tuple[Any, ...], types: tuple[type, ...], buckets: int) -> tuple[int, ...]:
+    """One product's bucket ids, memoized by its values (a catalog has few distinct combinations); 0 = missing
+    or blank. ``types`` is part of the key only."""
+    return tuple(0 if v is None or (isinstance(v, str) and not v.strip()) else _bucket(name, str(v), buckets) for name, v in zip(names, values))
 
 
 def _vec_rows(values: Sequence[Any], dim: int, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -160,13 +168,18 @@ def _vec_rows(values: Sequence[Any], dim: int, what: str) -> tuple[np.ndarray, n
     idx = [i for i, v in enumerate(values) if v is not None]
     if not idx:
         return out, mask
-    rows = []
-    for i in idx:
-        a = np.asarray(values[i], dtype=np.float32).reshape(-1)
-        if a.shape[0] != dim:
-            raise DimensionError(f"{what} of row {i} has dimension {a.shape[0]}, expected {dim}")
-        rows.append(a)
-    mat = np.stack(rows)
+    try:  # one conversion of all rows (numpy rows or lists of floats); the row-by-row path below names a bad row
+        mat = np.asarray([values[i] for i in idx], dtype=np.float32)
+    except (ValueError, TypeError):
+        mat = None
+    if mat is None or mat.shape != (len(idx), dim):
+        rows = []
+        for i in idx:
+            a = np.asarray(values[i], dtype=np.float32).reshape(-1)
+            if a.shape[0] != dim:
+                raise DimensionError(f"{what} of row {i} has dimension {a.shape[0]}, expected {dim}")
+            rows.append(a)
+        mat = np.stack(rows)
     ok = np.isfinite(mat).all(axis=1)  # a non-finite vector is treated as missing (masked), never fed to the model
     at = np.asarray(idx, dtype=np.intp)[ok]
     out[at] = mat[ok]
@@ -335,12 +348,14 @@ def photo_colours(docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarra
     n = len(docs)
     probs = np.zeros((n, len(colour.names)), dtype=np.float32)
     mask = np.asarray(image_mask, dtype=bool).copy()
-    given = [i for i, d in enumerate(docs) if mask[i] and d and d.get(PHOTO_COLOUR) is not None]
+    given = [i for i, d in enumerate(docs) if d and PHOTO_COLOUR in d and mask[i] and d[PHOTO_COLOUR] is not None]
     if given:
         probs[given] = np.stack([np.asarray(docs[i][PHOTO_COLOUR], dtype=np.float32) for i in given])
-    done = set(given)
-    rest = [int(i) for i in np.flatnonzero(mask) if i not in done]
-    if rest:
+        done = set(given)
+        rest = [int(i) for i in np.flatnonzero(mask) if i not in done]
+    else:  # serving: no precomputed probabilities, every photo is read
+        rest = np.flatnonzero(mask)
+    if len(rest):
         if raw_image.shape[1] != colour.image_dim:
             mask[rest] = False  # no raw photo vector of the head's dimension: the photo is not read
         else:
@@ -355,6 +370,11 @@ def collate(requests: Sequence[RequestFeatures]) -> dict[str, np.ndarray]:
         raise ConfigError("collate needs at least one request")
     b = len(requests)
     n = max(max(len(r) for r in requests), 1)
+    if b == 1 and len(requests[0]) == n:  # one request, nothing to pad: its arrays with a batch axis (views, no copies)
+        r = requests[0]
+        one = {name: getattr(r, name)[None] for name in ("query",) + CANDIDATE_FIELDS + HISTORY_FIELDS}
+        one["cand_mask"] = np.ones((1, n), dtype=bool)
+        return one
     out: dict[str, np.ndarray] = {"query": np.stack([r.query for r in requests])}
     out["cand_mask"] = np.zeros((b, n), dtype=bool)
     for i, r in enumerate(requests):

@@ -48,6 +48,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections import abc
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -140,7 +141,7 @@ def _parse(hits_or_response: Any) -> _Input:
                 raise TypeError(f"hit {i} is a {type(h).__name__}; a list must hold only Hit objects or only dicts")
             hid, score, src = h.id, h.score, h.source
         else:
-            if not isinstance(h, Mapping):
+            if type(h) is not dict and not isinstance(h, abc.Mapping):  # a plain dict skips the ABC check (per hit)
                 raise TypeError(f"hit {i} is a {type(h).__name__}, expected a dict with _id and _score")
             hid, score, src = h.get("_id"), h.get("_score"), h.get("_source")
         if not isinstance(hid, str) or not hid:
@@ -149,7 +150,7 @@ def _parse(hits_or_response: Any) -> _Input:
             raise TypeError(f"hit {hid!r} has a non-numeric score {score!r}")
         ids.append(hid)
         scores.append(float(score) if score is not None and math.isfinite(float(score)) else 0.0)
-        sources.append(src if isinstance(src, Mapping) else None)
+        sources.append(src if type(src) is dict or isinstance(src, abc.Mapping) else None)
     if len(set(ids)) != len(ids):
         raise ConfigError("duplicate hit ids in the input")
     return _Input(kind, ids, scores, sources, list(items))
@@ -408,7 +409,7 @@ class Reranker:
         out = []
         for r, i in enumerate(order, 1):
             c = cands[i]
-            ex = dict(explain[i])
+            ex = explain[i]  # a fresh dict per call (ScoredRequest.explain_all)
             ex["first_stage"] = _first_stage_explain(c)
             out.append(RankedHit(c.id, float(scores[i]), r, float(c.score), c.rank, ex))
         return out, None, timings
@@ -543,7 +544,7 @@ class Reranker:
             if inp.kind == "hits":
                 out.append(replace(orig, score=h.score))
             else:
-                d = copy_json(dict(orig))
+                d = copy_json(orig) if type(orig) is dict else copy_json(dict(orig))  # a new dict either way
                 d["_score"] = h.score
                 d["_previous_score"] = orig.get("_score")
                 d["_explanation"] = dict(h.explanation) if share_explanation else copy_json(dict(h.explanation))

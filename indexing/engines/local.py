@@ -55,7 +55,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from indexing import fields as F
-from indexing.engines.base import BulkAction, BulkItemResult, BulkSummary, Filters, Hit, as_query_vector, check_size, copy_json
+from indexing.engines.base import JSON_ATOMS, BulkAction, BulkItemResult, BulkSummary, Filters, Hit, as_query_vector, check_size, copy_json
 from indexing.engines.local_schema import (
     ID_FIELD,
     SEQ_FIELD,
@@ -911,7 +911,8 @@ class LocalEngine:
                     cache[keys[i]] = got[i]
                 while len(cache) > SOURCE_CACHE_SIZE:
                     cache.popitem(last=False)
-        return [{f: copy_json(src[f]) for f in fields if f in src} for src in got]
+        atoms = JSON_ATOMS
+        return [{f: v if type(v := src[f]) in atoms else copy_json(v) for f in fields if f in src} for src in got]
 
     def _lookup(self, st: _State, ids: Sequence[str]) -> tuple[list[Any], list[str], np.ndarray]:
         """Doc addresses, ids and sequence numbers of those ``ids`` that the snapshot holds."""

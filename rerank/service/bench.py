@@ -274,6 +274,7 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
                     levels: Sequence[int] = (1, 8, 32), seed: int = 0, settings: Any = None, server_workers: int = 1) -> dict[str, Any]:
     import httpx
 
+    from indexing.encoders import limit_threads, threads_from_env
     from rerank.reranker import Reranker
     from rerank.service.drill_services import free_port
     from workers.settings import load_settings
@@ -282,7 +283,10 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
     proc = None
     try:
         env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", "1")
+        # the in-process baseline runs with the server's thread settings (numpy's BLAS pool included), so that
+        # http_overhead_ms compares like with like
+        env["OMP_NUM_THREADS"] = str(threads_from_env())
+        limit_threads(int(env["OMP_NUM_THREADS"]))
         if synthetic:
             t = time.perf_counter()
             env.update(build_synthetic_world(tmp / "data", size=synthetic_size, seed=seed))

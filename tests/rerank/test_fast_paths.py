@@ -110,7 +110,8 @@ def test_vec_rows_names_the_first_bad_row_like_before():
 
 def test_hash_categories_matches_the_uncached_hash():
     rng = np.random.default_rng(0)
-    vocab = ["Shoes", " shoes ", "SHOES", "Red", "", "  ", None, 7, 3.5, "Men", "Casual", "Nike"]
+    # 1, 1.0 and True are equal dict keys but different strings (different buckets); a list is unhashable
+    vocab = ["Shoes", " shoes ", "SHOES", "Red", "", "  ", None, 7, 3.5, "Men", "Casual", "Nike", 1, 1.0, True, "1", ["Red", "Blue"]]
     docs = [None, {}] + [{f: vocab[rng.integers(0, len(vocab))] for f in SPEC.cat_fields if rng.random() < 0.8} for _ in range(60)]
     for _ in range(2):  # the second pass answers from the memo
         got = hash_categories(docs, SPEC)

@@ -33,23 +33,20 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         candidates: int = typer.Option(100, "--candidates", min=1, max=1000, help="First-stage candidates per request."),
         ce_requests: int = typer.Option(20, "--ce-requests", min=0, help="Cross-encoder passes over the same candidates (0: skip)."),
         cross_encoder: Optional[Path] = typer.Option(None, "--cross-encoder", help="A trained cross_encoder directory (default: untrained head; same cost)."),
-        threads: int = typer.Option(1, "--threads", min=1, help="CPU threads for both models (torch; onnxruntime too, via OMP_NUM_THREADS)."),
+        threads: int = typer.Option(1, "--threads", min=1, help="CPU threads for both models (torch, numpy BLAS, onnxruntime) and the rest of the process."),
         budget_ms: float = typer.Option(1000.0, "--budget-ms", min=1.0, help="The rerank call's time budget (large: measure, do not fail open)."),
         micro_batch: Optional[bool] = typer.Option(None, "--micro-batch/--no-micro-batch", help="Force the micro-batcher on/off (default: on for CUDA)."),
         as_json: bool = typer.Option(True, "--json/--no-json", help="Print one JSON object (the default)."),
     ) -> None:
         """Rerank latency (query encoding, vector fetch, profile lookup, model) p50/p99 vs the cross-encoder p50."""
-        import torch
-
-        from indexing.encoders import resolve_device
+        from indexing.encoders import limit_threads, resolve_device
         from rerank.bench_rerank import bench_rerank
         from rerank.evaluation.trainers import CrossEncoderModel
         from rerank.reranker import Reranker
         from workers.settings import load_settings
 
         settings = load_settings(rerank_budget_ms=budget_ms)
-        torch.set_num_threads(threads)
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the onnx-int8 text encoder when it loads (below)
+        limit_threads(threads)  # torch, numpy's BLAS, and the onnx-int8 text encoder when it loads (below)
         served = Reranker.from_settings(settings)
         reranker = Reranker(served.engine, served.index, served.model, text_encoder=served.text_encoder, image_encoder=served.image_encoder,
                             history=served.history, budget_ms=budget_ms, micro_batch=micro_batch,

@@ -30,6 +30,9 @@ def app_factory():
     from rerank.service.state import ServiceState
     from workers.settings import load_settings
 
+    from indexing.encoders import limit_threads, threads_from_env
+
+    limit_threads(threads_from_env())
     root = os.environ.get(IMAGES_ROOT_ENV)
     state = ServiceState.loading(load_settings(), auth=os.environ.get(NO_AUTH_ENV) != "1", images_root=Path(root) if root else None,
                                  freeze_gc=True)
@@ -81,6 +84,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="uvicorn's access log (one line per request)."),
         loop: str = typer.Option("auto", "--loop", help="uvicorn event loop: auto (uvloop when installed) | asyncio | uvloop."),
         http: str = typer.Option("auto", "--http", help="uvicorn HTTP/1.1 parser: auto (httptools when installed) | h11 | httptools."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Compute threads per worker process (torch, numpy BLAS, "
+                                              "onnxruntime); default: OMP_NUM_THREADS when set, else 1."),
     ) -> None:
         """Serve the rerank HTTP API (Cohere-compatible /v1/rerank, /rerank, /search, /events, /metrics)."""
         import uvicorn
@@ -90,6 +95,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from rerank.service.state import ServiceState
         from workers.settings import load_settings
 
+        from indexing.encoders import limit_threads, threads_from_env
+
+        # before any model loads; worker processes inherit OMP_NUM_THREADS (numpy and onnxruntime read it at load).
+        # One thread per process by default: a rerank call's matmuls are small (a second intra-op thread mostly
+        # spins) and the call already uses a second core while its query is encoded; more throughput: --workers
+        limit_threads(threads if threads is not None else threads_from_env())
         settings = load_settings()
         state = ServiceState.loading(settings, auth=not no_auth, images_root=images_root.resolve() if images_root else None, freeze_gc=True)
         try:

@@ -299,9 +299,67 @@ class Reranker:
             profiles = ProfileService(store, EngineVectorSource(engine, index))
         r = cls(engine, index, model, text_encoder=text, image_encoder=image, history=profiles, budget_ms=settings.rerank_budget_ms,
                 stands_in_for=stands_in_for)
+        prefill = getattr(settings, "aligned_cache_prefill", None)
+        if prefill or (prefill is None and settings.engine == "local"):
+            t = time.perf_counter()
+            n = r.prefill_aligned_cache()
+            if n:
+                log.info("aligned-photo cache: %d indexed photos projected in %.1f s", n, time.perf_counter() - t)
         r.warm_up()
         log.info("reranker ready: model %s from %s over %s index %r", model.version, model_dir, settings.engine, index)
         return r
+
+    def prefill_aligned_cache(self, *, limit: int | None = None, batch_size: int = 2048, progress: bool = False) -> int:
+        """Project the photos of up to ``limit`` indexed products (default: the cache's size) into the aligned-photo
+        cache, so that the first calls to meet a product do not pay its projection (a long-running service gets
+        there by itself as its traffic touches the catalog). Returns the rows projected (0 without a cache).
+
+        Reads ``image_vec`` only: through ``LocalEngine.get_arrays`` by id batches with the local engine, through
+        ``iter_documents`` (a scroll of whole sources) otherwise."""
+        cache = self.aligned_cache
+        if cache is None:
+            return 0
+        from tqdm import tqdm
+
+        limit = cache.max_entries if limit is None else min(int(limit), cache.max_entries)
+        done = 0
+
+        def project(ids: list[str], rows: list[Any]) -> None:
+            nonlocal done
+            if ids:
+                cache(ids, np.asarray(rows, dtype=np.float32))
+                done += len(ids)
+
+        bar = tqdm(total=limit, desc="aligned photos", unit="photo", disable=not progress)
+        try:
+            if hasattr(self.engine, "ids") and array_getter(self.engine) != self.engine.get:
+                all_ids = self.engine.ids(self.index)
+                for s in range(0, len(all_ids), batch_size):
+                    got = self.engine.get_arrays(self.index, all_ids[s : s + batch_size], fields=[F.IMAGE_VEC])
+                    pairs = [(i, d[F.IMAGE_VEC]) for i, d in got.items() if d.get(F.IMAGE_VEC) is not None][: limit - done]
+                    project([i for i, _ in pairs], [v for _, v in pairs])
+                    bar.update(len(pairs))
+                    if done >= limit:
+                        break
+            else:
+                ids, rows = [], []
+                for d in self.engine.iter_documents(self.index, batch_size=min(batch_size, 1000)):
+                    v = d.get(F.IMAGE_VEC)
+                    if v is not None and d.get(F.ID) is not None:
+                        ids.append(str(d[F.ID]))
+                        rows.append(v)
+                    if len(ids) >= batch_size or done + len(ids) >= limit:
+                        n = len(ids)
+                        project(ids, rows)
+                        bar.update(n)
+                        ids, rows = [], []
+                        if done >= limit:
+                            break
+                project(ids, rows)
+                bar.update(len(ids))
+        finally:
+            bar.close()
+        return done
 
     def warm_up(self) -> None:
         """One untimed pass through the encoder and the model (lazy initialisation, kernels), so that the
@@ -433,10 +491,16 @@ class Reranker:
             raise ConfigError("an image-only query needs an image encoder and a model with a text-image alignment")
         pending: Future | None = None
         if self._encode_pool is not None:
+            started = threading.Event()
             try:
-                pending = self._encode_pool.submit(self._encode_query, text, query_image)
+                pending = self._encode_pool.submit(self._encode_started, started, text, query_image)
             except RuntimeError:  # the pool was shut down (close()): encode here
                 pending = None
+            else:
+                # Hand the GIL over until the encoder's thread runs: otherwise it waits for this thread's Python
+                # work (fetch, profile, features) to give the GIL up, up to sys.getswitchinterval() (5 ms), before
+                # it can even tokenize; once it is in onnxruntime or torch (no GIL) both threads run.
+                started.wait(timeout=0.05)
         if pending is None:
             qvec, timings["encode"] = self._encode_query_or_degrade(text, query_image)
             self._check_budget(t0, "encode", timings, None)
@@ -509,6 +573,10 @@ class Reranker:
             align = self.model.alignment
             qvec = np.asarray(align.project(np.asarray(self.image_encoder.encode([query_image]), dtype=np.float32)), dtype=np.float32)[0]
         return qvec, round((self.clock() - s) * 1000.0, 3)
+
+    def _encode_started(self, started: threading.Event, text: str, query_image: Any) -> tuple[np.ndarray, float]:
+        started.set()
+        return self._encode_query(text, query_image)
 
     def _encode_query_or_degrade(self, text: str, query_image: Any) -> tuple[np.ndarray, float]:
         try:

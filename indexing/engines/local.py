@@ -882,7 +882,9 @@ class LocalEngine:
         sources the cache misses."""
         want_vectors = list(st.vectors) if fields is None else [f for f in fields if f in st.vectors]
         out = []
-        if arrays and fields is not None:
+        if arrays and fields is not None and len(want_vectors) == len(fields):
+            out = [{} for _ in range(len(seqs))]  # vectors only (a profile's items): no stored source is read
+        elif arrays and fields is not None:
             out = self._cached_sources(st, addrs, seqs, fields, ids=ids)
         else:
             for addr in addrs:
@@ -984,6 +986,10 @@ class LocalEngine:
         except _Unresolved:
             addrs, found, seqs = self._lookup(st, ids)
             return dict(zip(found, self._sources(st, addrs, seqs, fields, arrays=True)))
+
+    def ids(self, index: str) -> list[str]:
+        """The ids of the live documents of the current snapshot (sequence order). Not part of the engine protocol."""
+        return self._state(index).ids.tolist()
 
     def iter_documents(self, index: str, *, batch_size: int = 1000) -> Iterator[dict[str, Any]]:
         """Every document's source (vectors included; ``product_id`` set from the id when absent), in write

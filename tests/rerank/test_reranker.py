@@ -354,6 +354,18 @@ def test_aligned_photo_cache_gives_the_uncached_scores_and_sees_a_new_photo(worl
     assert after == pytest.approx(rerank(plain)[1], abs=1e-5)
     assert abs(after["p1"] - got["p1"]) > 1e-4  # the new photo's vector, not the stale one
 
+    # prefilled at start-up: the 9 indexed photos (p3 has none) are projected before any call, so the first call
+    # projects nothing and scores as the uncached reranker does; both ways of reading the photos fill the same
+    for engine_view in (engine, CountingEngine(engine)):  # LocalEngine.get_arrays by ids; a wrapper: iter_documents
+        warm = Reranker(engine_view, index, art, text_encoder=text, history=profiles, budget_ms=10_000)
+        assert warm.prefill_aligned_cache(batch_size=4) == 9
+        assert warm.aligned_cache.stats == {"hits": 0, "misses": 9, "entries": 9, "max_entries": 50_000}
+        warm_ids, warm_scores = rerank(warm)
+        assert warm.aligned_cache.stats["misses"] == 9 and warm.aligned_cache.stats["hits"] == 12
+        assert warm_ids == after_ids and warm_scores == pytest.approx(after, abs=1e-5)
+        assert Reranker(engine_view, index, art, text_encoder=text, history=profiles).prefill_aligned_cache(limit=5, batch_size=2) == 5
+    assert plain.prefill_aligned_cache() == 0  # no cache, nothing to fill
+
 
 # ---------------------------------------------------------------- micro-batching (the CUDA path, forced on the CPU)
 class GatedRanker:

@@ -324,41 +324,31 @@ class Reranker:
         limit = cache.max_entries if limit is None else min(int(limit), cache.max_entries)
         done = 0
 
-        def project(ids: list[str], rows: list[Any]) -> None:
-            nonlocal done
-            if ids:
-                cache(ids, np.asarray(rows, dtype=np.float32))
-                done += len(ids)
-
-        bar = tqdm(total=limit, desc="aligned photos", unit="photo", disable=not progress)
-        try:
+        def batches():  # lists of (id, raw image vector)
             if hasattr(self.engine, "ids") and array_getter(self.engine) != self.engine.get:
                 all_ids = self.engine.ids(self.index)
                 for s in range(0, len(all_ids), batch_size):
                     got = self.engine.get_arrays(self.index, all_ids[s : s + batch_size], fields=[F.IMAGE_VEC])
-                    pairs = [(i, d[F.IMAGE_VEC]) for i, d in got.items() if d.get(F.IMAGE_VEC) is not None][: limit - done]
-                    project([i for i, _ in pairs], [v for _, v in pairs])
+                    yield [(i, d[F.IMAGE_VEC]) for i, d in got.items() if d.get(F.IMAGE_VEC) is not None]
+                return
+            batch = []
+            for d in self.engine.iter_documents(self.index, batch_size=min(batch_size, 1000)):
+                if d.get(F.IMAGE_VEC) is not None and d.get(F.ID) is not None:
+                    batch.append((str(d[F.ID]), d[F.IMAGE_VEC]))
+                    if len(batch) >= min(batch_size, limit - done):  # never read more of the scroll than is kept
+                        yield batch
+                        batch = []
+            yield batch
+
+        with tqdm(total=limit, desc="aligned photos", unit="photo", disable=not progress) as bar:
+            for pairs in batches():
+                pairs = pairs[: limit - done]
+                if pairs:
+                    cache([i for i, _ in pairs], np.asarray([v for _, v in pairs], dtype=np.float32))
+                    done += len(pairs)
                     bar.update(len(pairs))
-                    if done >= limit:
-                        break
-            else:
-                ids, rows = [], []
-                for d in self.engine.iter_documents(self.index, batch_size=min(batch_size, 1000)):
-                    v = d.get(F.IMAGE_VEC)
-                    if v is not None and d.get(F.ID) is not None:
-                        ids.append(str(d[F.ID]))
-                        rows.append(v)
-                    if len(ids) >= batch_size or done + len(ids) >= limit:
-                        n = len(ids)
-                        project(ids, rows)
-                        bar.update(n)
-                        ids, rows = [], []
-                        if done >= limit:
-                            break
-                project(ids, rows)
-                bar.update(len(ids))
-        finally:
-            bar.close()
+                if done >= limit:
+                    break
         return done
 
     def warm_up(self) -> None:
@@ -502,7 +492,7 @@ class Reranker:
                 # it can even tokenize; once it is in onnxruntime or torch (no GIL) both threads run.
                 started.wait(timeout=0.05)
         if pending is None:
-            qvec, timings["encode"] = self._encode_query_or_degrade(text, query_image)
+            qvec, timings["encode"] = self._query_vector(None, text, query_image, t0)
             self._check_budget(t0, "encode", timings, None)
 
         s = self.clock()
@@ -539,16 +529,7 @@ class Reranker:
         self._check_budget(t0, "features", timings, s)
 
         if pending is not None:
-            left_s = max(self.budget_ms / 1000.0 - (self.clock() - t0), 0.0)
-            try:
-                qvec, timings["encode"] = pending.result(timeout=left_s)
-            except FutureTimeout as e:
-                pending.cancel()
-                raise _Degrade(TIMEOUT, f"the query was not encoded within the {left_s * 1000:.1f} ms left of the budget") from e
-            except ConfigError:  # a bad argument (e.g. a query image that is not an image) still raises
-                raise
-            except Exception as e:  # an encoder failure must not break the caller's search
-                raise _Degrade(ENCODER_ERROR, f"{type(e).__name__}: {e}") from e
+            qvec, timings["encode"] = self._query_vector(pending, text, query_image, t0)
             self._check_budget(t0, "encode", timings, None)
 
         s = self.clock()
@@ -578,10 +559,22 @@ class Reranker:
         started.set()
         return self._encode_query(text, query_image)
 
-    def _encode_query_or_degrade(self, text: str, query_image: Any) -> tuple[np.ndarray, float]:
+    def _query_vector(self, pending: Future | None, text: str, query_image: Any, t0: float) -> tuple[np.ndarray, float]:
+        """:meth:`_encode_query`'s result: from the encoder's thread (``pending``, waiting at most the budget left) or,
+        without one, computed here. An encoder failure or a wait past the budget fails open; a bad argument (e.g. a
+        query image that is not an image) still raises."""
         try:
-            return self._encode_query(text, query_image)
-        except ConfigError:
+            if pending is None:
+                return self._encode_query(text, query_image)
+            left_s = max(self.budget_ms / 1000.0 - (self.clock() - t0), 0.0)
+            try:
+                return pending.result(timeout=left_s)
+            except FutureTimeout as e:
+                if pending.done():  # the encoder itself raised a TimeoutError: an encoder failure (below)
+                    raise
+                pending.cancel()
+                raise _Degrade(TIMEOUT, f"the query was not encoded within the {left_s * 1000:.1f} ms left of the budget") from e
+        except (_Degrade, ConfigError):
             raise
         except Exception as e:  # an encoder failure must not break the caller's search
             raise _Degrade(ENCODER_ERROR, f"{type(e).__name__}: {e}") from e

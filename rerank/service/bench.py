@@ -285,8 +285,9 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
         env = dict(os.environ)
         # the in-process baseline runs with the server's thread settings (numpy's BLAS pool included), so that
         # http_overhead_ms compares like with like
-        env["OMP_NUM_THREADS"] = str(threads_from_env())
-        limit_threads(int(env["OMP_NUM_THREADS"]))
+        threads = threads_from_env()
+        env["OMP_NUM_THREADS"] = str(threads)
+        limit_threads(threads)
         if synthetic:
             t = time.perf_counter()
             env.update(build_synthetic_world(tmp / "data", size=synthetic_size, seed=seed))

@@ -104,12 +104,18 @@ def build_document(
     image_model_id: str | None,
     content_hash: str,
     indexed_at: int | float | datetime,
+    image_colour: Sequence[float] | np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """The index document of ``product`` (``_id`` is ``product.id``; keys from :mod:`indexing.fields` only)."""
+    """The index document of ``product`` (``_id`` is ``product.id``; keys from :mod:`indexing.fields` only).
+
+    ``image_colour`` is the photo's colour descriptor (:func:`indexing.photo_colour.colour_descriptor`), given
+    only for indexes whose mapping has the field (products-v3 and later); it needs an image vector."""
     if not text_model_id:
         raise ValueError("text_model_id is required")
     if (image_vec is None) != (image_model_id is None):
         raise ValueError("image_vec and image_model_id go together: give both or neither")
+    if image_colour is not None and image_vec is None:
+        raise ValueError("image_colour describes the photo: it needs image_vec")
     doc: dict[str, Any] = {F.ID: product.id}
     for name in DOC_FIELDS:
         if name in product.fields:
@@ -122,6 +128,8 @@ def build_document(
     if image_vec is not None:
         doc[F.IMAGE_VEC] = _vector(image_vec, F.IMAGE_VEC)
         doc[F.IMAGE_MODEL_ID] = image_model_id
+        if image_colour is not None:
+            doc[F.IMAGE_COLOUR] = _vector(image_colour, F.IMAGE_COLOUR)
     doc[F.CONTENT_HASH] = content_hash
     doc[F.INDEXED_AT] = _epoch_seconds(indexed_at)
     return doc

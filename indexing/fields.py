@@ -25,12 +25,13 @@ HAS_IMAGE = "has_image"
 
 TEXT_VEC = "text_vec"
 IMAGE_VEC = "image_vec"
+IMAGE_COLOUR = "image_colour"  # the photo's pixel colour descriptor (indexing.photo_colour; mappings products-v3 and later)
 TEXT_MODEL_ID = "text_model_id"
 IMAGE_MODEL_ID = "image_model_id"
 CONTENT_HASH = "content_hash"
 INDEXED_AT = "indexed_at"
 
-VECTOR_FIELDS = (TEXT_VEC, IMAGE_VEC)
+VECTOR_FIELDS = (TEXT_VEC, IMAGE_VEC, IMAGE_COLOUR)
 
 #: Text fields searched by BM25 and their default boosts (multi_match "best_fields").
 BM25_FIELDS: dict[str, float] = {

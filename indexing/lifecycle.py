@@ -55,6 +55,22 @@ def check_dims(index: str, mapping_body: Mapping[str, Any], *, text_dim: int, im
             )
 
 
+def stores_image_colour(mapping_body: Mapping[str, Any], index: str = "the index") -> bool:
+    """True when a mapping has the photo colour descriptor field ``image_colour`` (products-v3 and later).
+
+    Indexing and reindexing write the descriptor only into such indexes (older mappings are ``dynamic: strict``
+    and would reject it); a field of another dimension than this code's descriptor is a MappingError."""
+    from indexing.photo_colour import DIM
+
+    spec = mappings.properties(dict(mapping_body)).get(F.IMAGE_COLOUR)
+    if spec is None:
+        return False
+    if spec.get("type") != "knn_vector" or int(spec.get("dimension", -1)) != DIM:
+        raise MappingError(f"{index} maps {F.IMAGE_COLOUR!r} as {spec.get('type')} of dimension {spec.get('dimension')}; "
+                           f"this code writes a knn_vector of dimension {DIM} (mappings/products-v3.json)")
+    return True
+
+
 def ensure_alias(
     engine: SearchEngine, alias: str, mapping: str, *, text_dim: int, image_dim: int, hnsw_engine: str | None = None
 ) -> str:

@@ -210,6 +210,7 @@ def index_batch(
     from indexing.documents import build_document, content_hash, is_unchanged, product_text
     from indexing.errors import FusionRankError
     from indexing.images import decode_image, fetch_image_bytes
+    from indexing.lifecycle import stores_image_colour
 
     t0 = time.perf_counter()
     enc = encoders or Encoders.for_job(job)
@@ -266,6 +267,11 @@ def index_batch(
     text_vecs = enc.text.encode([product_text(p) for p, _, _ in ready]) if ready else []
     with_img = [p.id for p, _, has_img in ready if has_img]
     image_vecs = dict(zip(with_img, enc.image.encode([images[i] for i in with_img]))) if with_img else {}
+    colours: dict[str, Any] = {}
+    if with_img and stores_image_colour(engine.get_mapping(job.index), repr(job.index)):
+        from indexing.photo_colour import colour_descriptor
+
+        colours = {i: colour_descriptor(images[i]) for i in with_img}
     encode_s = time.perf_counter() - t_enc
 
     ts = int(time.time() if now is None else now)
@@ -282,6 +288,7 @@ def index_batch(
                 image_model_id=image_model_id if iv is not None else None,
                 content_hash=h,
                 indexed_at=ts,
+                image_colour=colours.get(p.id),
             )
             yield BulkAction.index(p.id, doc)
 

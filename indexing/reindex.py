@@ -10,7 +10,10 @@ remaining steps again; the job record says which batches are finished):
    text / image model ids equal the new encoders' is copied with its stored vectors (no encoding); where
    a model changed, the text is rebuilt from the stored fields (:func:`product_from_document` +
    :func:`indexing.documents.product_text`, the same text the indexing job embeds) and the image is read
-   again from ``images_root`` + the document's ``image`` reference. A document that is already in the
+   again from ``images_root`` + the document's ``image`` reference. A target whose mapping has the photo
+   colour descriptor ``image_colour`` (products-v3) gets it from the re-read photo as well (for a copied
+   photo without one too); a field the target's mapping lacks is not carried over (a v3 document copied
+   into a v1 generation loses ``image_colour``). A document that is already in the
    target with the same content hash and model ids is skipped, so a redelivered batch does no harm;
 3. **verify**: the target's count equals the source's, a sample of source ids is in the target with the
    same content hash, and smoke queries (BM25 on sampled source titles, kNN with a sampled stored vector)
@@ -37,7 +40,9 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 from indexing import fields as F
 from indexing.engines.base import BulkAction, SearchEngine
 from indexing.errors import ConfigError, EngineError, FusionRankError, IndexNotFoundError, MappingError
-from indexing.lifecycle import check_dims, is_generation_of, load_body
+from indexing.lifecycle import check_dims, is_generation_of, load_body, stores_image_colour
+from indexing.photo_colour import colour_descriptor
+from mappings import properties
 
 log = logging.getLogger(__name__)
 
@@ -248,10 +253,14 @@ def fill_batch(
     text_id, image_id = enc.text_info.model_id, enc.image_info.model_id
     ids = [str(d[F.ID]) for d in docs]
     existing = engine.get(plan.target, ids, fields=[F.CONTENT_HASH, F.TEXT_MODEL_ID, F.IMAGE_MODEL_ID])
+    target_mapping = engine.get_mapping(plan.target)
+    target_fields = set(properties(target_mapping))
+    with_colour = stores_image_colour(target_mapping, f"target {plan.target!r}")
     errors: list[tuple[str, str]] = []
     out: dict[str, dict[str, Any]] = {}
     need_text: list[dict[str, Any]] = []
     need_image: list[dict[str, Any]] = []
+    need_colour: list[dict[str, Any]] = []
     unchanged = 0
     for d in docs:
         pid = str(d[F.ID])
@@ -260,12 +269,14 @@ def fill_batch(
         if is_unchanged(existing.get(pid), d.get(F.CONTENT_HASH), text_id, want_image_id):
             unchanged += 1
             continue
-        doc = dict(d)
+        doc = {k: v for k, v in d.items() if k in target_fields}  # a field the target's (strict) mapping lacks is not carried over
         out[pid] = doc
         if doc.get(F.TEXT_MODEL_ID) != text_id or doc.get(F.TEXT_VEC) is None:
             need_text.append(doc)
         if has_img and doc.get(F.IMAGE_MODEL_ID) != image_id:
             need_image.append(doc)
+        elif has_img and with_colour and doc.get(F.IMAGE_COLOUR) is None:
+            need_colour.append(doc)  # same image model, but the source was created before the photo colour descriptor
     reencoded_ids: set[str] = set()
     if need_text:
         from indexing.documents import product_text
@@ -283,8 +294,10 @@ def fill_batch(
             doc[F.TEXT_MODEL_ID] = text_id
             reencoded_ids.add(str(doc[F.ID]))
     if need_image:
-        _reencode_images(plan, enc, [d for d in need_image if str(d[F.ID]) in out], image_id, errors)
+        _reencode_images(plan, enc, [d for d in need_image if str(d[F.ID]) in out], image_id, errors, colour=with_colour)
         reencoded_ids.update(str(d[F.ID]) for d in need_image if str(d[F.ID]) in out)
+    if need_colour:
+        _add_colour_descriptors(plan, [d for d in need_colour if str(d[F.ID]) in out], errors)
     if reencoded_ids:
         ts = int(time.time() if now is None else now)
         for pid in reencoded_ids:
@@ -295,7 +308,7 @@ def fill_batch(
         errors.append((item.id, f"engine rejected: {item.error or item.status}"))
     written = [pid for pid in out if pid not in rejected]
     reenc = sum(1 for pid in written if pid in reencoded_ids)
-    failed_ids = {e[0] for e in errors if not e[1].startswith("image dropped")}
+    failed_ids = {e[0] for e in errors if not e[1].startswith(("image dropped", "image colour skipped"))}
     res = FillBatchResult(
         batch=batch,
         start=start,
@@ -312,28 +325,47 @@ def fill_batch(
     return res
 
 
-def _reencode_images(plan: ReindexPlan, enc, docs: list[dict[str, Any]], image_id: str, errors: list) -> None:
-    """Re-read and re-encode the photos; a photo that cannot be used any more leaves the product without an
-    image vector (a missing modality, as the indexing job does), recorded as ``image dropped: ...``."""
+def _read_photo(plan: ReindexPlan, doc: Mapping[str, Any]):
+    """The decoded photo of a stored document (its ``image`` reference under ``images_root``)."""
     from indexing.images import decode_image, fetch_image_bytes
 
-    root = Path(plan.images_root) if plan.images_root else None
+    ref = doc.get(F.IMAGE)
+    if not ref:
+        raise ReindexError("the stored document has an image vector but no image reference")
+    return decode_image(fetch_image_bytes(ref, Path(plan.images_root) if plan.images_root else None), source=f"image {ref!r}")
+
+
+def _reencode_images(plan: ReindexPlan, enc, docs: list[dict[str, Any]], image_id: str, errors: list, *, colour: bool = False) -> None:
+    """Re-read and re-encode the photos (and, for a target with ``image_colour``, describe their colours); a photo
+    that cannot be used any more leaves the product without an image vector (a missing modality, as the indexing
+    job does), recorded as ``image dropped: ...``."""
     images, ok = [], []
     for doc in docs:
-        ref = doc.get(F.IMAGE)
         try:
-            if not ref:
-                raise ReindexError("the stored document has an image vector but no image reference")
-            images.append(decode_image(fetch_image_bytes(ref, root), source=f"image {ref!r}"))
+            images.append(_read_photo(plan, doc))
             ok.append(doc)
         except FusionRankError as e:
             errors.append((str(doc[F.ID]), f"image dropped: {e}"))
-            doc.pop(F.IMAGE_VEC, None)
-            doc.pop(F.IMAGE_MODEL_ID, None)
+            for k in (F.IMAGE_VEC, F.IMAGE_MODEL_ID, F.IMAGE_COLOUR):
+                doc.pop(k, None)
             doc[F.HAS_IMAGE] = False
-    for doc, vec in zip(ok, enc.image.encode(images) if images else []):
+    for doc, im, vec in zip(ok, images, enc.image.encode(images) if images else []):
         doc[F.IMAGE_VEC] = [float(x) for x in vec]
         doc[F.IMAGE_MODEL_ID] = image_id
+        if colour:
+            doc[F.IMAGE_COLOUR] = [float(x) for x in colour_descriptor(im)]
+        else:
+            doc.pop(F.IMAGE_COLOUR, None)
+
+
+def _add_colour_descriptors(plan: ReindexPlan, docs: list[dict[str, Any]], errors: list) -> None:
+    """Describe the colours of photos whose image vectors are copied (a source from before products-v3). A photo
+    that cannot be read any more keeps its copied vector and goes without a descriptor (``image colour skipped``)."""
+    for doc in docs:
+        try:
+            doc[F.IMAGE_COLOUR] = [float(x) for x in colour_descriptor(_read_photo(plan, doc))]
+        except FusionRankError as e:
+            errors.append((str(doc[F.ID]), f"image colour skipped: {e}"))
 
 
 def fill(

@@ -13,6 +13,8 @@ from importlib import resources
 from typing import Any
 
 PLACEHOLDERS = {"${text_dim}": "text_dim", "${image_dim}": "image_dim"}
+#: the mapping new indexes are created from (products-v3: v1 plus the photo colour descriptor ``image_colour``)
+DEFAULT_MAPPING = "products-v3"
 HNSW_ENGINES = ("faiss", "lucene")
 #: space types each HNSW engine accepts for our normalized vectors
 SPACE_TYPES = {"faiss": ("innerproduct", "l2"), "lucene": ("cosinesimil", "innerproduct", "l2")}
@@ -35,7 +37,7 @@ def _raw(name: str) -> str:
     return f.read_text(encoding="utf-8")
 
 
-def load_mapping(name: str = "products-v1", *, text_dim: int, image_dim: int, hnsw_engine: str | None = None) -> dict[str, Any]:
+def load_mapping(name: str = DEFAULT_MAPPING, *, text_dim: int, image_dim: int, hnsw_engine: str | None = None) -> dict[str, Any]:
     """Return the index body (``settings`` + ``mappings``) of mapping ``name`` with vector dimensions filled.
 
     ``hnsw_engine`` overrides the file's HNSW engine (``faiss`` or ``lucene``).

@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from indexing.errors import ConfigError
+from mappings import DEFAULT_MAPPING
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@")
@@ -55,7 +56,7 @@ class Settings(BaseSettings):
     opensearch_ca_certs: Path | None = None
     opensearch_timeout_s: float = 10.0
     index_alias: str = "products"
-    mapping: str = "products-v1"
+    mapping: str = DEFAULT_MAPPING
     hnsw_engine: Literal["faiss", "lucene"] = "faiss"
 
     # storage

@@ -99,6 +99,17 @@ def test_inline_job_records_bad_rows_and_indexes_the_rest(catalog):
         v = np.asarray(d[F.IMAGE_VEC], dtype=np.float32)
         assert v.shape == (1280,) and abs(float(np.linalg.norm(v)) - 1) < 1e-3
         assert d[F.IMAGE_MODEL_ID].startswith("efficientnet_lite0:")
+    # the default mapping (products-v3) stores each photo's pixel colour descriptor, computed from the same decoded photo
+    from indexing.images import decode_image, fetch_image_bytes
+    from indexing.photo_colour import DIM, colour_descriptor
+
+    for d in with_photo:
+        c = np.asarray(d[F.IMAGE_COLOUR], dtype=np.float32)
+        assert c.shape == (DIM,) and abs(float(np.linalg.norm(c)) - 1) < 1e-4
+    first = with_photo[0]
+    want = colour_descriptor(decode_image(fetch_image_bytes(first[F.IMAGE], root), source="test"))
+    np.testing.assert_allclose(np.asarray(first[F.IMAGE_COLOUR], dtype=np.float32), want, atol=1e-6)
+    assert all(d.get(F.IMAGE_COLOUR) is None for d in without)
 
     # a re-run encodes nothing: every product's hash and model ids are unchanged
     again = run_index_job(engine, settings, _job(path, root), progress=False)
@@ -144,6 +155,17 @@ def test_index_into_an_index_built_for_other_dimensions_is_refused(catalog):
     engine.swap_alias("products", "products-old")
     with pytest.raises(MappingError, match="text_vec with dimension 768.*produces 384"):
         run_index_job(engine, settings, _job(path, root), progress=False)
+
+
+def test_an_index_from_an_older_mapping_gets_no_colour_descriptor(catalog):
+    # products-v1 is dynamic: strict without image_colour; indexing into it must not send the field (it would be rejected)
+    path, root = catalog
+    settings = load_settings(mapping="products-v1")
+    engine = build_engine(settings)
+    s = run_index_job(engine, settings, _job(path, root), progress=False)
+    assert (s.indexed, s.failed) == (N_GOOD, 5)
+    docs = list(engine.iter_documents("products"))
+    assert any(d[F.HAS_IMAGE] for d in docs) and all(F.IMAGE_COLOUR not in d for d in docs)
 
 
 def test_missing_catalog_is_a_clear_error(tmp_path):

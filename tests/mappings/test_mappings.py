@@ -16,7 +16,7 @@ def test_products_v1_is_listed_and_fills_dimensions():
     props = body["mappings"]["properties"]
     assert props[F.TEXT_VEC]["dimension"] == 384
     assert props[F.IMAGE_VEC]["dimension"] == 1280
-    for f in F.VECTOR_FIELDS:
+    for f in (F.TEXT_VEC, F.IMAGE_VEC):
         m = props[f]["method"]
         assert m["name"] == "hnsw" and m["engine"] == "faiss"
         assert set(m["parameters"]) == {"m", "ef_construction"}
@@ -24,10 +24,31 @@ def test_products_v1_is_listed_and_fills_dimensions():
     assert "_comment" not in body
 
 
+def test_products_v3_is_the_default_and_is_v1_plus_the_photo_colour_descriptor():
+    from indexing.lifecycle import stores_image_colour
+    from indexing.photo_colour import DIM
+
+    assert mappings.DEFAULT_MAPPING == "products-v3"
+    v1 = mappings.load_mapping("products-v1", text_dim=384, image_dim=1280)
+    v3 = mappings.load_mapping(text_dim=384, image_dim=1280)
+    p1, p3 = v1["mappings"]["properties"], v3["mappings"]["properties"]
+    assert set(p3) - set(p1) == {F.IMAGE_COLOUR}
+    assert all(p3[f] == p1[f] for f in p1)  # the same fields and HNSW parameters as v1
+    assert v3["settings"] == v1["settings"] and v3["mappings"]["dynamic"] == "strict"
+    assert mappings.vector_dims(v3) == {F.TEXT_VEC: 384, F.IMAGE_VEC: 1280, F.IMAGE_COLOUR: DIM}  # a fixed dimension, no placeholder
+    assert p3[F.IMAGE_COLOUR]["method"]["space_type"] == "innerproduct"  # unit-norm descriptors: Bhattacharyya coefficient
+    assert stores_image_colour(v3) and not stores_image_colour(v1)
+    assert not stores_image_colour(mappings.load_mapping("products-v2", text_dim=8, image_dim=8))
+    wrong = mappings.load_mapping(text_dim=8, image_dim=8)
+    wrong["mappings"]["properties"][F.IMAGE_COLOUR]["dimension"] = 64
+    with pytest.raises(MappingError, match=rf"image_colour.*dimension 64.*dimension {DIM}"):
+        stores_image_colour(wrong, "index 'x'")
+
+
 def test_mapping_fields_match_the_field_names_code_uses():
-    props = mappings.load_mapping("products-v1", text_dim=8, image_dim=8)["mappings"]["properties"]
+    props = mappings.load_mapping(text_dim=8, image_dim=8)["mappings"]["properties"]
     names = {v for k, v in vars(F).items() if k.isupper() and isinstance(v, str)}
-    assert names == set(props), f"fields.py and products-v1.json disagree: {names ^ set(props)}"
+    assert names == set(props), f"fields.py and {mappings.DEFAULT_MAPPING}.json disagree: {names ^ set(props)}"
     for f in F.BM25_FIELDS:
         assert props[f]["type"] == "text" and props[f]["analyzer"] == "english"
     for f in F.KEYWORD_FIELDS:

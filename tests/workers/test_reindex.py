@@ -94,6 +94,35 @@ def test_reuse_copies_vectors_into_a_new_mapping_and_swaps(env):
     assert st["job"]["status"] == "done" and st["job"]["batches_done"] == 4
 
 
+def test_the_photo_colour_descriptor_is_left_out_of_an_older_mapping_and_recomputed_for_products_v3(env, tmp_path):
+    s, eng, store, cat = env
+    src = {d[F.ID]: d for d in eng.iter_documents(ALIAS)}
+    photos = [i for i, d in src.items() if d.get(F.IMAGE_VEC) is not None]
+    assert photos and all(src[i].get(F.IMAGE_COLOUR) is not None for i in photos)  # indexed with the default mapping (v3)
+    down = start_job(eng, store, _plan(eng, s, cat, mapping="products-v1"), progress=False)
+    assert (down.status, down.copied, down.failed) == ("done", N, 0)  # v1 is strict: the field must not be sent
+    v1 = {d[F.ID]: d for d in eng.iter_documents(ALIAS)}
+    assert all(F.IMAGE_COLOUR not in d for d in v1.values())
+    up = start_job(eng, store, _plan(eng, s, cat, mapping="products-v3"), progress=False)
+    assert (up.status, up.copied, up.reencoded, up.failed) == ("done", N, 0, 0)  # vectors copied; only the photos re-read
+    v3 = {d[F.ID]: d for d in eng.iter_documents(ALIAS)}
+    for i in photos:
+        np.testing.assert_allclose(v3[i][F.IMAGE_COLOUR], src[i][F.IMAGE_COLOUR], atol=1e-6)
+        np.testing.assert_allclose(v3[i][F.IMAGE_VEC], src[i][F.IMAGE_VEC], atol=1e-6)
+    # a photo that is gone keeps its copied vector and goes without a descriptor, recorded against the product
+    moved = tmp_path / "moved"
+    shutil.copytree(cat.parent, moved)
+    gone = src[photos[0]][F.IMAGE]
+    (moved / gone).unlink()
+    start_job(eng, store, _plan(eng, s, cat, mapping="products-v1"), progress=False)
+    again = start_job(eng, store, _plan(eng, s, cat, mapping="products-v3", images_root=str(moved)), progress=False)
+    assert (again.status, again.copied, again.failed) == ("done", N, 0)
+    assert [e[0] for e in again.errors] == [photos[0]] and again.errors[0][1].startswith("image colour skipped: ")
+    assert "not found" in again.errors[0][1]
+    d = eng.get(ALIAS, [photos[0]])[photos[0]]
+    assert d.get(F.IMAGE_COLOUR) is None and d[F.IMAGE_VEC] is not None
+
+
 @pytest.mark.slow
 def test_changed_text_model_reencodes_text_and_keeps_image_vectors(env):
     s, eng, store, cat = env

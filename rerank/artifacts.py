@@ -13,8 +13,9 @@ An artifact directory holds:
 * ``training_report.json``: what :mod:`rerank.train` measured (optional).
 
 :func:`load_artifact` refuses (``ModelArtifactError`` naming both sides) an artifact whose encoder
-dimensions disagree with the index mapping's ``knn_vector`` dimensions, or whose encoder model ids
-disagree with the ones given (the index's documents or the configured encoders).
+dimensions disagree with the index mapping's ``knn_vector`` dimensions, whose colour head reads a field the
+index does not have (``image_colour`` before products-v3), or whose encoder model ids disagree with the ones
+given (the index's documents or the configured encoders).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def check_compatible(
     image_model_id: str | None = None,
 ) -> None:
     """Raise :class:`ModelArtifactError` when the artifact's encoders disagree with the index/encoders."""
-    from mappings import vector_dims
+    from mappings import properties, vector_dims
 
     enc = config.get("encoders") or {}
     text, image = enc.get("text") or {}, enc.get("image")
@@ -152,6 +153,19 @@ def check_compatible(
                 f"model artifact {where} was trained on {F.IMAGE_VEC} of dimension {image.get('dim')} ({image.get('model_id')}), "
                 f"but the index mapping has {F.IMAGE_VEC} dimension {dims[F.IMAGE_VEC]}"
             )
+        props = properties(dict(mapping))
+        for field, dim in ((config.get("colour") or {}).get("inputs") or []):
+            if field in (F.TEXT_VEC, F.IMAGE_VEC):
+                continue
+            have = props.get(field)
+            if have is None:
+                raise ModelArtifactError(
+                    f"model artifact {where} has a colour head that reads {field!r}, but the index has no such field (it was created "
+                    f"from a mapping before products-v3): reindex into products-v3 (fusionrank reindex start --mapping products-v3) "
+                    f"or retrain the model on this index"
+                )
+            if int(have.get("dimension", -1)) != int(dim):
+                raise ModelArtifactError(f"model artifact {where} reads {field!r} of dimension {dim}, but the index mapping has dimension {have.get('dimension')}")
     if text_model_id is not None and text.get("model_id") != text_model_id:
         raise ModelArtifactError(f"model artifact {where} needs text encoder {text.get('model_id')!r}, but the index/encoder is {text_model_id!r}")
     if image_model_id is not None and image and config.get("alignment") and image.get("model_id") != image_model_id:

@@ -6,9 +6,13 @@ photo still shows it. A text ranker cannot tell the black shoes from the brown o
 photo can, if something reads the colour off it. The text-image alignment (:mod:`rerank.alignment`)
 carries colour only weakly (it is trained to match whole titles), so the ranker gets an explicit signal:
 
-* a **colour head**: a softmax classifier from the raw image vector (``image_vec``) to the catalog's own
-  colour vocabulary, trained on the products whose colour field *is* filled (never on a withheld value:
-  the training labels are the indexed documents' ``colour`` field);
+* a **colour head**: a softmax classifier from the photo to the catalog's own colour vocabulary, trained on
+  the products whose colour field *is* filled (never on a withheld value: the training labels are the
+  indexed documents' ``colour`` field). Its inputs (:attr:`ColourModel.inputs`) are the photo's pixel colour
+  descriptor ``image_colour`` (:mod:`indexing.photo_colour`) followed by the raw image vector ``image_vec``
+  when the index stores the descriptor (mapping products-v3 and later), else ``image_vec`` alone. On the
+  fashion benchmark's photographed products with a colour (30 colours, 10% held out) the head on
+  ``image_vec`` alone names 53% of held-out photos' colour; with the descriptor in front, 64%;
 * the **query's colours**: ``r = softmax(tau * cos(q, name_c))`` over the text vectors of the colour
   names (the same text encoder as the query), so "navy" or "gray" lean on their neighbours among the
   names without a word list; ``max_c cos(q, name_c)`` says how strongly the query names a colour at all.
@@ -20,8 +24,9 @@ little), ``text match = r[c]`` for a colour field naming vocabulary colour ``c``
 the text names one. The model learns how much to trust each; the ``fusion_no_image`` ablation keeps the text
 features and loses the photo one, so the comparison isolates what the photo adds.
 
-The head is small (``classes x image_dim`` weights) and part of the model artifact (``colour.*`` tensors,
-its names and report in ``config.json``).
+The head is small (``classes x input dim`` weights) and part of the model artifact (``colour.*`` tensors,
+its names, inputs and report in ``config.json``); loading it against an index without a field it reads is
+refused (:func:`rerank.artifacts.check_compatible`).
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from indexing import fields as F
 from indexing.errors import ConfigError, DimensionError, ModelArtifactError
 
 log = logging.getLogger(__name__)
 
-COLOUR_VERSION = 1
+COLOUR_VERSION = 2  # 2: the head names its input fields (image_colour, image_vec)
 #: per-candidate inputs, in this column order
 COLOUR_FEATURES: tuple[str, ...] = ("query_colour_strength", "photo_colour_match", "photo_colour_confidence", "text_colour_match", "text_colour_known")
 
@@ -60,7 +66,8 @@ class ColourConfig:
     lr: float = 0.01
     # L2 penalty on the weights (inputs standardized). Measured on the fashion benchmark's 4,745 photographed products
     # with a colour (30 colours, 10% held out): without it the head overfits (train loss 0.005, held-out accuracy 0.46,
-    # log-loss 3.8); at 0.03 held-out accuracy 0.53 (majority colour 0.22) and log-loss 1.6: calibrated enough to weigh
+    # log-loss 3.8); at 0.03 held-out accuracy 0.53 (majority colour 0.22) and log-loss 1.6: calibrated enough to weigh.
+    # With the pixel colour descriptor in front of image_vec, 0.03 also did best of 0.003 / 0.01 / 0.03 (0.64, log-loss 1.22)
     l2: float = 0.03
     holdout: float = 0.1
     temperature: float = 30.0  # of the query's colour distribution over cos(q, name)
@@ -72,10 +79,12 @@ class ColourConfig:
 
 
 class ColourModel:
-    """The colour head (``weight`` ``(C, image_dim)``, ``bias`` ``(C,)``) and the colour names' text vectors."""
+    """The colour head (``weight`` ``(C, input_dim)``, ``bias`` ``(C,)``) and the colour names' text vectors.
+
+    ``inputs``: the ``(field, dim)`` pairs whose values, concatenated in this order, are a photo's input row."""
 
     def __init__(self, names: Sequence[str], name_vecs: np.ndarray, weight: np.ndarray, bias: np.ndarray, *,
-                 temperature: float, report: Mapping[str, Any] | None = None):
+                 temperature: float, inputs: Sequence[tuple[str, int]] | None = None, report: Mapping[str, Any] | None = None):
         self.names = tuple(str(n) for n in names)
         self.name_vecs = _norm(np.asarray(name_vecs, dtype=np.float32))
         self.weight = np.ascontiguousarray(weight, dtype=np.float32)
@@ -83,24 +92,32 @@ class ColourModel:
         c = len(self.names)
         if c < 2 or self.name_vecs.shape[0] != c or self.weight.shape[0] != c or self.bias.shape[0] != c:
             raise ModelArtifactError(f"colour head: {c} names, name vectors {self.name_vecs.shape}, weight {self.weight.shape}, bias {self.bias.shape} do not agree")
+        self.inputs = tuple((str(f), int(d)) for f, d in inputs) if inputs else ((F.IMAGE_VEC, int(self.weight.shape[1])),)
+        if sum(d for _, d in self.inputs) != self.weight.shape[1]:
+            raise ModelArtifactError(f"colour head: inputs {list(self.inputs)} add up to {sum(d for _, d in self.inputs)}, the weight takes {self.weight.shape[1]}")
         self.temperature = float(temperature)
         self.report = dict(report or {})
         self._index = {n.strip().lower(): i for i, n in enumerate(self.names)}
 
     @property
-    def image_dim(self) -> int:
+    def input_dim(self) -> int:
         return int(self.weight.shape[1])
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The document fields the head reads."""
+        return tuple(f for f, _ in self.inputs)
 
     @property
     def text_dim(self) -> int:
         return int(self.name_vecs.shape[1])
 
     # -- use
-    def photo_probs(self, image_vecs: np.ndarray) -> np.ndarray:
-        """Raw image vectors ``(n, image_dim)`` -> colour probabilities ``(n, C)``."""
-        x = np.asarray(image_vecs, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.image_dim:
-            raise DimensionError(f"image vectors have shape {x.shape}, the colour head takes (n, {self.image_dim})")
+    def photo_probs(self, rows: np.ndarray) -> np.ndarray:
+        """Input rows ``(n, input_dim)`` (the :attr:`inputs` concatenated) -> colour probabilities ``(n, C)``."""
+        x = np.asarray(rows, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.input_dim:
+            raise DimensionError(f"colour head inputs have shape {x.shape}, the head takes (n, {self.input_dim}) = {' + '.join(f'{f} {d}' for f, d in self.inputs)}")
         return _softmax(x @ self.weight.T + self.bias)
 
     def query_colours(self, query_vec: np.ndarray) -> tuple[np.ndarray, float]:
@@ -135,7 +152,7 @@ class ColourModel:
 
     # -- persistence (inside the ranker artifact)
     def meta(self) -> dict[str, Any]:
-        return {"version": COLOUR_VERSION, "names": list(self.names), "temperature": self.temperature, "image_dim": self.image_dim,
+        return {"version": COLOUR_VERSION, "names": list(self.names), "temperature": self.temperature, "inputs": [list(i) for i in self.inputs],
                 "text_dim": self.text_dim, "report": self.report}
 
     def tensors(self) -> dict[str, np.ndarray]:
@@ -143,13 +160,15 @@ class ColourModel:
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], tensors: Mapping[str, Any]) -> "ColourModel":
-        if meta.get("version") != COLOUR_VERSION:
-            raise ModelArtifactError(f"colour head format version {meta.get('version')!r}; this code reads {COLOUR_VERSION}")
+        if meta.get("version") not in (1, COLOUR_VERSION):
+            raise ModelArtifactError(f"colour head format version {meta.get('version')!r}; this code reads 1 and {COLOUR_VERSION}")
         missing = {"weight", "bias", "name_vecs"} - set(tensors)
         if missing:
             raise ModelArtifactError(f"colour head tensors {sorted(missing)} are missing")
         arr = {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v, dtype=np.float32) for k, v in tensors.items()}
-        return cls(meta["names"], arr["name_vecs"], arr["weight"], arr["bias"], temperature=float(meta["temperature"]), report=meta.get("report"))
+        inputs = [tuple(i) for i in meta["inputs"]] if meta.get("version", 1) >= 2 else None  # version 1: image_vec alone
+        return cls(meta["names"], arr["name_vecs"], arr["weight"], arr["bias"], temperature=float(meta["temperature"]),
+                   inputs=inputs, report=meta.get("report"))
 
 
 def colour_vocabulary(values: Sequence[Any], min_count: int) -> list[str]:
@@ -164,20 +183,21 @@ def colour_vocabulary(values: Sequence[Any], min_count: int) -> list[str]:
     return [spelled[k] for k, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count]
 
 
-def train_colour_model(image_vecs: np.ndarray, colour_values: Sequence[Any], ids: Sequence[str], *, text_encoder: Any,
-                       config: ColourConfig = ColourConfig()) -> ColourModel:
+def train_colour_model(rows: np.ndarray, colour_values: Sequence[Any], ids: Sequence[str], *, text_encoder: Any,
+                       config: ColourConfig = ColourConfig(), inputs: Sequence[tuple[str, int]] | None = None) -> ColourModel:
     """Train the colour head on products with a photo and a filled colour field (the others are skipped).
 
-    Softmax regression (full batch, Adam, an L2 penalty) on the standardized raw image vectors; a seeded hold-out by product id
+    ``rows``: each photo's input row, the ``inputs`` fields concatenated (default: ``image_vec`` alone).
+    Softmax regression (full batch, Adam, an L2 penalty) on the standardized inputs; a seeded hold-out by product id
     measures accuracy against the majority colour. Raises :class:`ConfigError` with fewer than two
     colours of ``config.min_count`` examples."""
     from rerank.alignment import holdout_mask
     from rerank.model import _torch
 
     torch = _torch()
-    x_all = np.asarray(image_vecs, dtype=np.float32)
+    x_all = np.asarray(rows, dtype=np.float32)
     if x_all.ndim != 2 or len(x_all) != len(colour_values) or len(x_all) != len(ids):
-        raise DimensionError(f"image vectors {x_all.shape}, {len(colour_values)} colours and {len(ids)} ids must pair up row by row")
+        raise DimensionError(f"colour head inputs {x_all.shape}, {len(colour_values)} colours and {len(ids)} ids must pair up row by row")
     names = colour_vocabulary(colour_values, config.min_count)
     if len(names) < 2:
         raise ConfigError(f"need at least 2 colours with {config.min_count}+ photographed examples, found {len(names)}")
@@ -203,9 +223,9 @@ def train_colour_model(image_vecs: np.ndarray, colour_values: Sequence[Any], ids
     w = lin.weight.detach().numpy() / sd  # (C, D): logits = W ((x - mu) / sd) + b = (W / sd) x + (b - (W / sd) mu)
     b = lin.bias.detach().numpy() - w @ mu
     name_vecs = np.asarray(text_encoder.encode([n.lower() for n in names]), dtype=np.float32)
-    model = ColourModel(names, name_vecs, w, b, temperature=config.temperature)
+    model = ColourModel(names, name_vecs, w, b, temperature=config.temperature, inputs=inputs)
     counts = Counter(int(v) for v in y[tr])
-    report: dict[str, Any] = {"colours": len(names), "train_products": int(tr.sum()), "heldout_products": int(held.sum()),
+    report: dict[str, Any] = {"colours": len(names), "inputs": [f for f, _ in model.inputs], "train_products": int(tr.sum()), "heldout_products": int(held.sum()),
                               "skipped_without_colour": int((~keep).sum()), "seconds": round(time.perf_counter() - t0, 2),
                               "final_train_loss": round(float(loss.item()), 4), "config": config.__dict__.copy()}
     if held.any():

@@ -356,11 +356,35 @@ def photo_colours(docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarra
     else:  # serving: no precomputed probabilities, every photo is read
         rest = np.flatnonzero(mask)
     if len(rest):
-        if raw_image.shape[1] != colour.image_dim:
-            mask[rest] = False  # no raw photo vector of the head's dimension: the photo is not read
-        else:
-            probs[rest] = colour.photo_probs(raw_image[rest])
+        sub = [docs[i] for i in rest]
+        rows, ok = colour_inputs(sub, raw_image[rest], colour)
+        mask[rest] = ok  # a photo without every input the head reads (no descriptor, a projected vector) is not read
+        if ok.any():
+            at = np.asarray(rest, dtype=np.intp)[ok]
+            probs[at] = colour.photo_probs(rows[ok])
     return probs, mask
+
+
+def colour_fields(colour: Any | None) -> tuple[str, ...]:
+    """The document fields a colour head reads besides the text and image vectors every request fetches."""
+    return tuple(f for f in (colour.fields if colour is not None else ()) if f not in (F.TEXT_VEC, F.IMAGE_VEC))
+
+
+def colour_inputs(docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarray, colour: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The colour head's input rows of ``docs`` (its :attr:`~rerank.colour.ColourModel.inputs` concatenated:
+    ``image_vec`` from ``raw_image``, the rows of ``docs``; other fields from the documents) and which rows have
+    every input (``image_vec`` rows of another dimension, e.g. already projected, count as missing)."""
+    parts, ok = [], np.ones(len(docs), dtype=bool)
+    for field, dim in colour.inputs:
+        if field == F.IMAGE_VEC:
+            if raw_image.shape[1] != dim:
+                return np.zeros((len(docs), colour.input_dim), dtype=np.float32), np.zeros(len(docs), dtype=bool)
+            parts.append(np.asarray(raw_image, dtype=np.float32))
+        else:
+            rows, m = _vec_rows([d.get(field) if d else None for d in docs], dim, field)
+            parts.append(rows)
+            ok &= m
+    return np.hstack(parts), ok
 
 
 def collate(requests: Sequence[RequestFeatures]) -> dict[str, np.ndarray]:
@@ -409,6 +433,8 @@ __all__ = [
     "PreparedRequest",
     "RequestFeatures",
     "build_request_features",
+    "colour_fields",
+    "colour_inputs",
     "photo_colours",
     "prepare_request_features",
     "collate",

@@ -472,7 +472,7 @@ class Reranker:
             raise _Degrade(TIMEOUT, f"{spent:.1f} ms spent after stage {stage!r}, budget {self.budget_ms:g} ms")
 
     def _model_scores(self, text, cands, docs, user_id, query_image, t0, timings):
-        from rerank.model_features import HistoryInput, prepare_request_features
+        from rerank.model_features import HistoryInput, colour_fields, prepare_request_features
 
         art = self.model
         spec = art.feature_spec
@@ -501,7 +501,7 @@ class Reranker:
             try:
                 # LocalEngine.get_arrays: the same values as numpy rows (no list round trip); other engines: get()
                 getter = array_getter(self.engine)
-                fetched = getter(self.index, need, fields=[F.TEXT_VEC, F.IMAGE_VEC, *spec.cat_fields])
+                fetched = getter(self.index, need, fields=[F.TEXT_VEC, F.IMAGE_VEC, *spec.cat_fields, *colour_fields(art.colour if spec.colour else None)])
             except EngineError as e:
                 raise _Degrade(ENGINE_ERROR, f"fetching vectors of {len(need)} hits: {e}") from e
             docs = {**docs, **{i: {**(docs.get(i) or {}), **d} for i, d in fetched.items()}}

@@ -40,8 +40,9 @@ import numpy as np
 
 from indexing import fields as F
 from indexing.errors import CatalogError, ConfigError
+from mappings import DEFAULT_MAPPING
 from rerank.metrics import ndcg_at_k
-from rerank.model_features import CAT_FIELDS, PHOTO_COLOUR, FeatureSpec, HistoryInput, RequestFeatures, build_request_features
+from rerank.model_features import CAT_FIELDS, PHOTO_COLOUR, FeatureSpec, HistoryInput, RequestFeatures, build_request_features, colour_inputs
 from rerank.retrieval import KNN_IMAGE, LISTS
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class TrainConfig:
     text_model: str = "minilm"
     text_backend: str = "torch"
     image_model: str = "efficientnet_lite0"
-    mapping: str = "products-v1"
+    mapping: str = DEFAULT_MAPPING
     align_catalog: Path | None = None  # (title, photo) pairs for the alignment (default: first dataset's catalog)
     align_images_root: Path | None = None
     alignment_dir: Path | None = None  # use this trained alignment instead
@@ -281,7 +282,7 @@ def _sample(n: int, gains: np.ndarray, cap: int, rng: random.Random) -> list[int
 
 
 def _fetch_docs(engine: Any, index: str, ids: Sequence[str], *, chunk: int = 1000) -> dict[str, dict[str, Any]]:
-    want = [F.TEXT_VEC, F.IMAGE_VEC, *CAT_FIELDS]
+    want = [F.TEXT_VEC, F.IMAGE_VEC, F.IMAGE_COLOUR, *CAT_FIELDS]  # image_colour: read by the colour head where the index has it
     out: dict[str, dict[str, Any]] = {}
     ids = sorted(set(ids))
     for s in range(0, len(ids), chunk):
@@ -361,7 +362,10 @@ def prepare_dataset(
             chunk = with_img[s : s + 2048]
             raw = np.asarray([docs[i][F.IMAGE_VEC] for i in chunk], dtype=np.float32)
             proj = alignment.project(raw)
-            probs = colour.photo_probs(raw) if colour is not None else [None] * len(chunk)
+            probs: Sequence[Any] = [None] * len(chunk)
+            if colour is not None:
+                rows, ok = colour_inputs([docs[i] for i in chunk], raw, colour)
+                probs = [p if o else None for p, o in zip(colour.photo_probs(rows), ok)]
             for i, v, p in zip(chunk, proj, probs):
                 docs[i] = {**docs[i], F.IMAGE_VEC: v, PHOTO_COLOUR: p}
     else:
@@ -555,17 +559,29 @@ def _colour_for(config: TrainConfig, datasets: Sequence[DatasetSpec], *, data_di
 
     ids: list[str] = []
     vecs: list[Any] = []
+    descs: list[Any] = []
     colours: list[Any] = []
     for idx in _photo_indexes(datasets, config, data_dir=data_dir, indexer=indexer):
         for d in idx.engine.iter_documents(idx.alias):
             if d.get(F.IMAGE_VEC) is not None and d.get(F.COLOUR):
                 ids.append(str(d.get(F.ID)))
                 vecs.append(d[F.IMAGE_VEC])
+                descs.append(d.get(F.IMAGE_COLOUR))
                 colours.append(d[F.COLOUR])
     try:
         if not ids:
             raise ConfigError("no photographed product has a colour field")
-        return train_colour_model(np.asarray(vecs, dtype=np.float32), colours, ids, text_encoder=text_encoder, config=ColourConfig(seed=config.seed))
+        x = np.asarray(vecs, dtype=np.float32)
+        inputs = [(F.IMAGE_VEC, x.shape[1])]
+        if all(v is not None for v in descs):  # every photo has its pixel colour descriptor (products-v3 indexes): read it too
+            from indexing.photo_colour import DIM
+
+            x = np.hstack([np.asarray(descs, dtype=np.float32).reshape(len(descs), DIM), x])
+            inputs.insert(0, (F.IMAGE_COLOUR, DIM))
+        else:
+            log.info("colour head on %s alone: %d of %d photos have no %s (an index from a mapping before products-v3)",
+                     F.IMAGE_VEC, sum(v is None for v in descs), len(descs), F.IMAGE_COLOUR)
+        return train_colour_model(x, colours, ids, text_encoder=text_encoder, config=ColourConfig(seed=config.seed), inputs=inputs)
     except ConfigError as e:
         log.info("no colour head: %s", e)
         return None

@@ -33,6 +33,7 @@ import numpy as np
 from indexing import fields as F
 from indexing.engines.base import Filters, SearchEngine
 from indexing.errors import ConfigError
+from mappings import DEFAULT_MAPPING
 from rerank.evaluation.data import Qrels, Query, file_sha256, read_event_users, read_qrels, read_queries
 from rerank.evaluation.splits import DEFAULT_SEED, assign, load_or_create_splits
 from rerank.evaluation.systems import DEFAULT_SYSTEMS, SYSTEMS, EvalContext, EvalItem, FusionInputs, NotApplicable, candidates_for_pool
@@ -77,7 +78,7 @@ class EvalRequest:
     text_backend: str = "torch"
     image_model: str = "efficientnet_lite0"
     device: str = "auto"
-    mapping: str = "products-v1"
+    mapping: str = DEFAULT_MAPPING
     options: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = False
     #: query subsets reported beside the whole: name -> regular expression searched in the query text (case-insensitive)
@@ -184,7 +185,7 @@ def cached_index(
     text_backend: str = "torch",
     image_model: str = "efficientnet_lite0",
     device: str = "auto",
-    mapping: str = "products-v1",
+    mapping: str = DEFAULT_MAPPING,
 ) -> CachedIndex:
     """The LocalEngine index of ``catalog`` for these models, built on first use and reused after."""
     from indexing.engines import create_engine

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from indexing.registry import Registry
+from mappings import DEFAULT_MAPPING
 from rerank.fusion import ListSignal
 from rerank.retrieval import BM25, KNN_IMAGE, KNN_TEXT, LISTS, Candidate, CandidateSet, FirstStage, fuse_first_stage
 
@@ -107,7 +108,7 @@ class FusionInputs:
     text_model: str = "minilm"
     text_backend: str = "torch"
     image_model: str = "efficientnet_lite0"
-    mapping: str = "products-v1"
+    mapping: str = DEFAULT_MAPPING
     top_n: int = 200
     also: tuple[Any, ...] = ()  # more DatasetSpecs the fusion systems train on (their train/validation splits)
 
@@ -393,7 +394,7 @@ class _FusionSystem(System):
 
     def runs(self, ctx: EvalContext) -> list[Run]:
         from indexing import fields as F
-        from rerank.model_features import CAT_FIELDS, HistoryInput, build_request_features
+        from rerank.model_features import CAT_FIELDS, HistoryInput, build_request_features, colour_fields
         from rerank.train import histories, read_events
 
         art = self.artifact(ctx)
@@ -422,7 +423,7 @@ class _FusionSystem(System):
             if it.user_id and it.user_id in hist:
                 need.update(hist[it.user_id][0])
         docs: dict[str, Mapping[str, Any]] = {}
-        wanted = [F.TEXT_VEC, F.IMAGE_VEC, *CAT_FIELDS]
+        wanted = [F.TEXT_VEC, F.IMAGE_VEC, *CAT_FIELDS, *colour_fields(art.colour if spec.colour else None)]
         ordered = sorted(need)
         for s in range(0, len(ordered), 1000):
             docs.update(fi.fetch_fields(ordered[s : s + 1000], wanted))

@@ -67,6 +67,10 @@ def test_head_learns_colours_from_photos_and_reads_query_colours(text_encoder, t
         m.photo_probs(np.zeros((2, 7), dtype=np.float32))
     with pytest.raises(ModelArtifactError):
         ColourModel.from_meta({**m.meta(), "version": 99}, m.tensors())
+    # an artifact from before the head named its inputs (version 1) reads image_vec alone
+    v1 = {k: v for k, v in m.meta().items() if k != "inputs"} | {"version": 1, "image_dim": m.input_dim}
+    old = ColourModel.from_meta(v1, m.tensors())
+    assert old.inputs == ((F.IMAGE_VEC, x.shape[1]),) and np.allclose(old.photo_probs(x[:3]), m.photo_probs(x[:3]), atol=1e-6)
 
 
 def test_too_few_colours_is_a_clear_error(text_encoder):
@@ -98,3 +102,44 @@ def test_features_append_colour_columns_and_refuse_without_a_head(text_encoder):
     assert (without_photos.first_stage[:, plain.first_stage_dim + 1] == 0).all()  # images masked -> no photo match
     with pytest.raises(ConfigError, match="no colour head"):
         build_request_features(q, cands, docs, spec, project=identity, text_dim=len(q), image_dim=x.shape[1])
+
+
+def test_a_head_on_the_pixel_descriptor_and_the_image_vector_reads_both_fields(text_encoder):
+    """A head whose inputs are ``image_colour`` then ``image_vec``: its rows are the two fields side by side; a photo
+    without a descriptor (an index from an older mapping) is not read; the artifact check wants the field in the index."""
+    from mappings import load_mapping
+    from rerank.artifacts import check_compatible
+    from rerank.model_features import colour_fields, photo_colours
+
+    x, y = _photos(400, seed=2)
+    rng = np.random.default_rng(3)
+    desc = np.abs(rng.normal(size=(len(x), 6))).astype(np.float32)  # uninformative: the colour is in x
+    rows = np.hstack([desc, x])
+    inputs = [(F.IMAGE_COLOUR, 6), (F.IMAGE_VEC, x.shape[1])]
+    m = train_colour_model(rows, [NAMES[i] for i in y], [str(i) for i in range(len(x))], text_encoder=text_encoder,
+                           config=ColourConfig(epochs=80), inputs=inputs)
+    assert m.inputs == tuple(inputs) and m.fields == (F.IMAGE_COLOUR, F.IMAGE_VEC) and m.input_dim == 6 + x.shape[1]
+    assert m.report["inputs"] == [F.IMAGE_COLOUR, F.IMAGE_VEC] and m.report["heldout_accuracy"] > 0.9
+    assert colour_fields(m) == (F.IMAGE_COLOUR,) and colour_fields(None) == ()
+    back = ColourModel.from_meta(m.meta(), m.tensors())
+    assert back.inputs == m.inputs and np.allclose(back.photo_probs(rows[:4]), m.photo_probs(rows[:4]), atol=1e-6)
+    docs = [{F.IMAGE_COLOUR: desc[0].tolist()}, {}, {F.IMAGE_COLOUR: desc[2]}]
+    probs, mask = photo_colours(docs, x[:3], np.array([True, True, True]), m)
+    assert mask.tolist() == [True, False, True]
+    np.testing.assert_allclose(probs[[0, 2]], m.photo_probs(rows[[0, 2]]), atol=1e-6)
+    assert (probs[1] == 0).all()
+    # rows of an already projected image vector (another dimension) are not read either
+    _, none = photo_colours(docs, np.zeros((3, 5), dtype=np.float32), np.ones(3, dtype=bool), m)
+    assert not none.any()
+    with pytest.raises(ModelArtifactError, match="inputs .* add up to"):
+        ColourModel(m.names, m.name_vecs, m.weight, m.bias, temperature=30.0, inputs=[(F.IMAGE_VEC, x.shape[1])])
+    # the artifact check: an index without image_colour (products-v1) is refused by name, v3 with another dimension too
+    config = {"encoders": {"text": {"dim": 384, "model_id": "t"}}, "colour": m.meta()}
+    with pytest.raises(ModelArtifactError, match=r"reads 'image_colour'.*products-v3"):
+        check_compatible(config, where="m", mapping=load_mapping("products-v1", text_dim=384, image_dim=32))
+    with pytest.raises(ModelArtifactError, match=r"'image_colour' of dimension 6.*dimension 216"):
+        check_compatible(config, where="m", mapping=load_mapping("products-v3", text_dim=384, image_dim=32))
+    check_compatible({**config, "colour": {**m.meta(), "inputs": [[F.IMAGE_COLOUR, 216], [F.IMAGE_VEC, 32]]}}, where="m",
+                     mapping=load_mapping("products-v3", text_dim=384, image_dim=32))
+    check_compatible({**config, "colour": ColourModel.from_meta({**m.meta(), "inputs": [[F.IMAGE_VEC, 38]]}, m.tensors()).meta()},
+                     where="m", mapping=load_mapping("products-v1", text_dim=384, image_dim=32))  # an image_vec-only head fits v1

@@ -167,6 +167,8 @@ def test_fusion_with_photos_uses_its_alignment_for_the_image_list(shared_data, t
     for ablation in ("full", "no_image"):
         assert cfgs[ablation]["features"]["colour"] is True and len(cfgs[ablation]["colour"]["names"]) >= 2, ablation
     assert cfgs["full"]["colour"]["report"]["train_products"] > 0
+    # the slice was indexed with the default mapping (products-v3): the head reads the pixel colour descriptor too
+    assert [f for f, _ in cfgs["full"]["colour"]["inputs"]] == ["image_colour", "image_vec"]
     assert "knn_image re-run with the model's alignment" in rep.systems["fusion"].note
     assert "no knn_image features" in rep.systems["fusion_no_image"].note
 

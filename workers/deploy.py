@@ -8,7 +8,9 @@
   back is ``install_model(<data_dir>/models/<old version>)``).
 * :func:`install_local_index` gives the embedded engine at ``<data_dir>/engine`` the documents of an
   evaluation-cache index (a copy of its files, made once) and points ``settings.index_alias`` at it.
-  An engine that already has that alias is left alone (it is the user's own index).
+  An engine that already has that alias is left alone (it is the user's own index), unless the model to
+  be served cannot serve it: an earlier demo's index is then replaced (kept as the previous generation),
+  the user's own index is an error that names why.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from indexing.errors import ConfigError, ModelArtifactError
 
@@ -50,27 +52,42 @@ def install_model(settings: Any, artifact_dir: str | Path) -> tuple[Path, str]:
     return dest, version
 
 
-def install_local_index(settings: Any, source_engine_dir: str | Path, source_alias: str) -> tuple[Path, str, str]:
+def install_local_index(settings: Any, source_engine_dir: str | Path, source_alias: str,
+                        fits: Callable[[Mapping[str, Any]], str | None] | None = None) -> tuple[Path, str, str]:
     """Give ``<data_dir>/engine`` the index behind ``source_alias`` of the engine at ``source_engine_dir``
-    under ``settings.index_alias``; ``(engine path, index, note)``. Leaves an existing alias alone."""
+    under ``settings.index_alias``; ``(engine path, index, note)``.
+
+    An existing alias is left alone, unless ``fits(mapping)`` (the model to be served, checked against the
+    mapping of the index the alias points at) names a problem: then an index of an earlier demo run (named
+    ``eval-...``) is replaced by the new one (the old one stays in the engine's ``indices/`` folder until
+    deleted), and the user's own index raises :class:`ConfigError` naming the
+    problem (nothing is changed)."""
     from indexing.engines import create_engine
 
     if settings.engine != "local":
         return Path(), settings.index_alias, f"engine is {settings.engine}: index the catalog there (fusionrank index / reindex)"
     dest = Path(settings.data_dir) / "engine"
+    src = Path(source_engine_dir)
     if dest.is_dir():
         eng = create_engine("local", path=dest)
         try:
             have = eng.get_alias(settings.index_alias)
+            problem = fits(eng.get_mapping(have[0])) if have and fits is not None else None
         finally:
             eng.close()
-        if have:
+        if have and problem is None:
             return dest, have[0], f"alias {settings.index_alias!r} already in {dest}: left as it is"
+        if have:
+            if not have[0].startswith(DEMO_INDEX_PREFIX):
+                raise ConfigError(f"the alias {settings.index_alias!r} in {dest} points at {have[0]!r}, which the new model cannot "
+                                  f"serve: {problem}")
+            index = _copy_index(src, source_alias, dest, settings.index_alias)
+            return dest, index, (f"alias {settings.index_alias!r} moved from the earlier demo index {have[0]!r} (kept in "
+                                 f"{dest / 'indices'}) to {index!r}, because the new model cannot serve it: {problem}")
         if any(dest.iterdir()):
             raise ConfigError(f"{dest} holds an engine without the alias {settings.index_alias!r}; point it at an index "
                               "with `fusionrank reindex` or move the folder away")
         dest.rmdir()
-    src = Path(source_engine_dir)
     eng = create_engine("local", path=src)
     try:
         targets = eng.get_alias(source_alias)
@@ -91,4 +108,49 @@ def install_local_index(settings: Any, source_engine_dir: str | Path, source_ali
     return dest, targets[0], f"copied from {src}"
 
 
-__all__ = ["install_local_index", "install_model"]
+#: evaluation-cache indexes (what the demo installs) are named ``eval-<timestamp>``
+DEMO_INDEX_PREFIX = "eval-"
+
+
+def _copy_index(src: Path, source_alias: str, dest: Path, alias: str) -> str:
+    """Copy the index behind ``source_alias`` of the engine at ``src`` into the engine at ``dest`` (its own folder
+    under ``indices/``, copied to a temporary name first) and point ``alias`` at it."""
+    from indexing.engines import create_engine
+
+    eng = create_engine("local", path=src)
+    try:
+        (index,) = eng.get_alias(source_alias)
+    finally:
+        eng.close()
+    target = dest / "indices" / index
+    if not target.is_dir():
+        tmp = dest / "indices" / f".{index}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src / "indices" / index, tmp)
+        os.replace(tmp, target)
+    eng = create_engine("local", path=dest)
+    try:
+        eng.swap_alias(alias, index)
+    finally:
+        eng.close()
+    log.info("index %s copied to %s as alias %s", index, dest, alias)
+    return index
+
+
+def model_fits(artifact_dir: str | Path) -> Callable[[Mapping[str, Any]], str | None]:
+    """``fits(mapping)``: None when the artifact can serve an index of that mapping, else why not."""
+    from rerank.artifacts import check_compatible, read_config
+
+    config = read_config(artifact_dir)
+
+    def fits(mapping: Mapping[str, Any]) -> str | None:
+        try:
+            check_compatible(config, where=str(artifact_dir), mapping=mapping)
+        except ModelArtifactError as e:
+            return str(e)
+        return None
+
+    return fits
+
+
+__all__ = ["DEMO_INDEX_PREFIX", "install_local_index", "install_model", "model_fits"]

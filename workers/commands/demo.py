@@ -35,14 +35,16 @@ def demo_data(settings, *, synthetic: bool, synthetic_size: int):
 
 def install_for_serving(settings, idx, artifact: str | None, say) -> dict:
     """Make the demo's index and trained fusion model what ``Reranker.from_settings()`` / ``fusionrank serve`` use."""
-    from workers.deploy import install_local_index, install_model
+    from workers.deploy import install_local_index, install_model, model_fits
 
     if artifact is None:
         say("      (no fusion model was trained: nothing installed for serving)")
         return {"installed": False}
-    model_dir, version = install_model(settings, artifact)
     idx.engine.close()
-    engine_path, index, note = install_local_index(settings, idx.path / "engine", idx.alias)
+    # the index first: an installed alias the new model cannot serve (e.g. one from before products-v3, whose model
+    # reads image_colour) is replaced when an earlier demo made it, refused when it is the user's own
+    engine_path, index, note = install_local_index(settings, idx.path / "engine", idx.alias, fits=model_fits(artifact))
+    model_dir, version = install_model(settings, artifact)
     say(f"      serving: model {version} installed as {settings.effective_model_dir}; index alias {settings.index_alias!r} -> {index} ({note}).")
     say("      The drop-in call now works: Reranker.from_settings().rerank(query, opensearch_response, user_id=...)")
     return {"installed": True, "model_dir": str(model_dir), "model_version": version, "engine": str(engine_path), "index": index, "note": note}

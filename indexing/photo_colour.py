@@ -4,7 +4,7 @@ Pooled CNN features (``image_vec``) carry colour only partly: a softmax head on 
 of 53% of held-out fashion photos. The pixels carry it directly, so indexing also stores a small, model-free
 colour descriptor of each photo:
 
-1. the photo is decoded small (JPEG draft mode, then :data:`SIDE` x :data:`SIDE`);
+1. the decoded photo is resized to :data:`SIDE` x :data:`SIDE` (bilinear);
 2. the **background** is the median colour of the border pixels (product photos sit on a plain backdrop);
    pixels that differ from it by more than :data:`FOREGROUND_DELTA` in some channel are the foreground (all
    pixels when fewer than :data:`MIN_FOREGROUND` differ: a white shirt on white);
@@ -14,9 +14,9 @@ colour descriptor of each photo:
    of two descriptors is their Bhattacharyya coefficient: the field is an ``innerproduct`` ``knn_vector``
    that can also find "products of this colour".
 
-It is computed from the decoded image the indexer already holds (about 1 ms a photo) and is versioned by
-:data:`DESCRIPTOR_ID`: a change to the recipe is a new id, and the colour head of a model artifact names the
-id it was trained on.
+It is computed from the decoded image the indexer already holds (about 1 ms a photo). Nothing records which
+recipe made a stored descriptor: a change to it (other than its dimension, which the mapping and the colour
+head's inputs check) needs a new mapping version and a reindex, so that no index mixes two recipes.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ SIDE = 56  # pixels per side after downscaling
 FOREGROUND_DELTA = 0.12  # max |pixel - background| over the channels (0..1) above which a pixel is foreground
 MIN_FOREGROUND = 30  # fewer foreground pixels than this: the whole photo counts
 SIGMA_Y, SIGMA_X = 20.0, 16.0  # centre weighting, in pixels of the SIDE x SIDE image
-DESCRIPTOR_ID = f"rgb{BINS}-fg-sqrt-v1"
 
 _yy, _xx = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32)
 _CENTRE = np.exp(-(((_yy - (SIDE - 1) / 2) / SIGMA_Y) ** 2 + ((_xx - (SIDE - 1) / 2) / SIGMA_X) ** 2)).astype(np.float32)
@@ -63,4 +62,4 @@ def colour_descriptor(image: Any) -> np.ndarray:
     return np.sqrt(h / h.sum()).astype(np.float32)
 
 
-__all__ = ["BINS", "DESCRIPTOR_ID", "DIM", "colour_descriptor"]
+__all__ = ["BINS", "DIM", "colour_descriptor"]

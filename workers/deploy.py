@@ -9,8 +9,8 @@
 * :func:`install_local_index` gives the embedded engine at ``<data_dir>/engine`` the documents of an
   evaluation-cache index (a copy of its files, made once) and points ``settings.index_alias`` at it.
   An engine that already has that alias is left alone (it is the user's own index), unless the model to
-  be served cannot serve it: an earlier demo's index is then replaced (kept as the previous generation),
-  the user's own index is an error that names why.
+  be served cannot serve it: an earlier demo's index is then replaced (it stays in the engine's
+  ``indices/`` folder), the user's own index is an error that names why.
 """
 
 from __future__ import annotations
@@ -62,79 +62,72 @@ def install_local_index(settings: Any, source_engine_dir: str | Path, source_ali
     ``eval-...``) is replaced by the new one (the old one stays in the engine's ``indices/`` folder until
     deleted), and the user's own index raises :class:`ConfigError` naming the
     problem (nothing is changed)."""
-    from indexing.engines import create_engine
-
     if settings.engine != "local":
         return Path(), settings.index_alias, f"engine is {settings.engine}: index the catalog there (fusionrank index / reindex)"
     dest = Path(settings.data_dir) / "engine"
     src = Path(source_engine_dir)
     if dest.is_dir():
-        eng = create_engine("local", path=dest)
-        try:
+        def look(eng: Any) -> tuple[list[str], str | None]:
             have = eng.get_alias(settings.index_alias)
-            problem = fits(eng.get_mapping(have[0])) if have and fits is not None else None
-        finally:
-            eng.close()
+            return have, (fits(eng.get_mapping(have[0])) if have and fits is not None else None)
+
+        have, problem = _on_engine(dest, look)
         if have and problem is None:
             return dest, have[0], f"alias {settings.index_alias!r} already in {dest}: left as it is"
         if have:
             if not have[0].startswith(DEMO_INDEX_PREFIX):
                 raise ConfigError(f"the alias {settings.index_alias!r} in {dest} points at {have[0]!r}, which the new model cannot "
                                   f"serve: {problem}")
-            index = _copy_index(src, source_alias, dest, settings.index_alias)
+            index = _install(src, source_alias, dest, settings.index_alias, whole_engine=False)
             return dest, index, (f"alias {settings.index_alias!r} moved from the earlier demo index {have[0]!r} (kept in "
                                  f"{dest / 'indices'}) to {index!r}, because the new model cannot serve it: {problem}")
         if any(dest.iterdir()):
             raise ConfigError(f"{dest} holds an engine without the alias {settings.index_alias!r}; point it at an index "
                               "with `fusionrank reindex` or move the folder away")
         dest.rmdir()
-    eng = create_engine("local", path=src)
-    try:
-        targets = eng.get_alias(source_alias)
-    finally:
-        eng.close()
-    if not targets:
-        raise ConfigError(f"{src} has no alias {source_alias!r}")
-    tmp = dest.with_name(".engine.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    os.replace(tmp, dest)
-    eng = create_engine("local", path=dest)
-    try:
-        eng.swap_alias(settings.index_alias, targets[0])
-    finally:
-        eng.close()
-    log.info("index %s copied to %s as alias %s", targets[0], dest, settings.index_alias)
-    return dest, targets[0], f"copied from {src}"
+    index = _install(src, source_alias, dest, settings.index_alias, whole_engine=True)
+    return dest, index, f"copied from {src}"
 
 
 #: evaluation-cache indexes (what the demo installs) are named ``eval-<timestamp>``
 DEMO_INDEX_PREFIX = "eval-"
 
 
-def _copy_index(src: Path, source_alias: str, dest: Path, alias: str) -> str:
-    """Copy the index behind ``source_alias`` of the engine at ``src`` into the engine at ``dest`` (its own folder
-    under ``indices/``, copied to a temporary name first) and point ``alias`` at it."""
+def _on_engine(path: Path, fn: Callable[[Any], Any]) -> Any:
+    """``fn(engine)`` on the local engine at ``path``, closed afterwards."""
     from indexing.engines import create_engine
 
-    eng = create_engine("local", path=src)
+    eng = create_engine("local", path=path)
     try:
-        (index,) = eng.get_alias(source_alias)
+        return fn(eng)
     finally:
         eng.close()
-    target = dest / "indices" / index
-    if not target.is_dir():
-        tmp = dest / "indices" / f".{index}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src / "indices" / index, tmp)
-        os.replace(tmp, target)
-    eng = create_engine("local", path=dest)
-    try:
-        eng.swap_alias(alias, index)
-    finally:
-        eng.close()
+
+
+def _install(src: Path, source_alias: str, dest: Path, alias: str, *, whole_engine: bool) -> str:
+    """Copy the index behind ``source_alias`` of the engine at ``src`` into ``dest`` and point ``alias`` at it there.
+
+    ``whole_engine``: ``dest`` does not exist yet and becomes a copy of the whole engine folder; otherwise only the
+    index's own folder under ``indices/`` is copied into the existing engine. Either is copied to a temporary name
+    first and renamed into place."""
+    targets = _on_engine(src, lambda eng: eng.get_alias(source_alias))
+    if not targets:
+        raise ConfigError(f"{src} has no alias {source_alias!r}")
+    index = targets[0]
+    if whole_engine:
+        _copy_tree(src, dest)
+    elif not (dest / "indices" / index).is_dir():
+        _copy_tree(src / "indices" / index, dest / "indices" / index)
+    _on_engine(dest, lambda eng: eng.swap_alias(alias, index))
     log.info("index %s copied to %s as alias %s", index, dest, alias)
     return index
+
+
+def _copy_tree(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    os.replace(tmp, dest)
 
 
 def model_fits(artifact_dir: str | Path) -> Callable[[Mapping[str, Any]], str | None]:

@@ -356,12 +356,14 @@ def photo_colours(docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarra
     else:  # serving: no precomputed probabilities, every photo is read
         rest = np.flatnonzero(mask)
     if len(rest):
-        sub = [docs[i] for i in rest]
-        rows, ok = colour_inputs(sub, raw_image[rest], colour)
+        every = len(rest) == n  # serving: every row has a photo, so the rows are read in place (no copy)
+        sub = docs if every else [docs[i] for i in rest]
+        parts, ok = _colour_parts(sub, raw_image if every else raw_image[rest], colour)
         mask[rest] = ok  # a photo without every input the head reads (no descriptor, a projected vector) is not read
-        if ok.any():
-            at = np.asarray(rest, dtype=np.intp)[ok]
-            probs[at] = colour.photo_probs(rows[ok])
+        if ok.all():
+            probs[rest] = colour.photo_probs_of(parts)
+        elif ok.any():
+            probs[np.asarray(rest, dtype=np.intp)[ok]] = colour.photo_probs_of([p[ok] for p in parts])
     return probs, mask
 
 
@@ -374,17 +376,23 @@ def colour_inputs(docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarra
     """The colour head's input rows of ``docs`` (its :attr:`~rerank.colour.ColourModel.inputs` concatenated:
     ``image_vec`` from ``raw_image``, the rows of ``docs``; other fields from the documents) and which rows have
     every input (``image_vec`` rows of another dimension, e.g. already projected, count as missing)."""
+    parts, ok = _colour_parts(docs, raw_image, colour)
+    return np.hstack(parts), ok
+
+
+def _colour_parts(docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarray, colour: Any) -> tuple[list[np.ndarray], np.ndarray]:
+    """:func:`colour_inputs` with one ``(n, dim)`` matrix per input instead of their concatenation."""
     parts, ok = [], np.ones(len(docs), dtype=bool)
     for field, dim in colour.inputs:
         if field == F.IMAGE_VEC:
             if raw_image.shape[1] != dim:
-                return np.zeros((len(docs), colour.input_dim), dtype=np.float32), np.zeros(len(docs), dtype=bool)
+                return [np.zeros((len(docs), d), dtype=np.float32) for _, d in colour.inputs], np.zeros(len(docs), dtype=bool)
             parts.append(np.asarray(raw_image, dtype=np.float32))
         else:
             rows, m = _vec_rows([d.get(field) if d else None for d in docs], dim, field)
             parts.append(rows)
             ok &= m
-    return np.hstack(parts), ok
+    return parts, ok
 
 
 def collate(requests: Sequence[RequestFeatures]) -> dict[str, np.ndarray]:

@@ -128,6 +128,18 @@ def test_a_head_on_the_pixel_descriptor_and_the_image_vector_reads_both_fields(t
     assert mask.tolist() == [True, False, True]
     np.testing.assert_allclose(probs[[0, 2]], m.photo_probs(rows[[0, 2]]), atol=1e-6)
     assert (probs[1] == 0).all()
+    full = [{F.IMAGE_COLOUR: d} for d in desc[:5]]
+    p_all, m_all = photo_colours(full, x[:5], np.ones(5, dtype=bool), m)  # every row with a photo: read in place
+    assert m_all.all()
+    np.testing.assert_allclose(p_all, m.photo_probs(rows[:5]), atol=1e-6)
+    p_some, m_some = photo_colours(full, x[:5], np.array([True, False, True, True, False]), m)  # photos on some rows
+    assert m_some.tolist() == [True, False, True, True, False] and (p_some[[1, 4]] == 0).all()
+    np.testing.assert_allclose(p_some[[0, 2, 3]], m.photo_probs(rows[[0, 2, 3]]), atol=1e-6)
+    np.testing.assert_allclose(m.photo_probs_of([desc[:5], x[:5]]), m.photo_probs(rows[:5]), atol=1e-6)
+    with pytest.raises(DimensionError, match="1 input matrices for its 2 inputs"):
+        m.photo_probs_of([rows[:5]])
+    with pytest.raises(DimensionError, match="colour head input image_colour has shape"):
+        m.photo_probs_of([x[:5], desc[:5]])
     # rows of an already projected image vector (another dimension) are not read either
     _, none = photo_colours(docs, np.zeros((3, 5), dtype=np.float32), np.ones(3, dtype=bool), m)
     assert not none.any()

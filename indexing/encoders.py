@@ -228,6 +228,19 @@ def onnx_intra_op_threads() -> int:
     return threads_from_env(0)
 
 
+def onnx_session_options() -> Any:
+    """onnxruntime session options of this project's CPU sessions: :func:`onnx_intra_op_threads` intra-op threads
+    (when set) and one inter-op thread."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    threads = onnx_intra_op_threads()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return opts
+
+
 def threads_from_env(default: int = 1) -> int:
     """``OMP_NUM_THREADS`` when it is a positive int, else ``default``."""
     import os
@@ -274,13 +287,8 @@ class OnnxMiniLMEncoder(TextEncoder):
             raise EncoderError(f"tokenizer {str(tokenizer_path)!r} could not be loaded: {e}") from e
         tok.enable_truncation(max_length=max_seq_length)
         tok.no_padding()
-        opts = ort.SessionOptions()
-        threads = onnx_intra_op_threads()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
         try:
-            sess = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(onnx_path), sess_options=onnx_session_options(), providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001
             raise EncoderError(f"ONNX model {str(onnx_path)!r} could not be loaded: {e}") from e
         inputs = {i.name for i in sess.get_inputs()}

@@ -114,6 +114,7 @@ def bench_rerank(
         "distinct_queries": len({queries[i % n_distinct] for i in range(warmup, warmup + requests)}),
         "text_backend": getattr(reranker.text_encoder, "backend", None),
         "model_version": reranker.model.version if reranker.model is not None else None,
+        "model_runtime": reranker.model_runtime,
         "micro_batch": reranker.batcher is not None,
         "aligned_cache": reranker.aligned_cache.stats if reranker.aligned_cache is not None else None,
     }

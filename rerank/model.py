@@ -392,16 +392,21 @@ class FusionRanker(nn.Module):
         finally:
             if was:
                 self.train(True)
-        scores = out.scores.float().cpu().numpy()
-        gates = out.gates.float().cpu().numpy()
-        hw = out.history_weights.float().cpu().numpy()
-        return [
-            ScoredRequest(r.ids, scores[i, : len(r)].copy(), gates[i, : len(r)].copy(), hw[i, : len(r), : len(r.hist_ids)].copy(), r.hist_ids)
-            for i, r in enumerate(requests)
-        ]
+        return scored_requests(requests, out.scores.float().cpu().numpy(), out.gates.float().cpu().numpy(),
+                               out.history_weights.float().cpu().numpy())
 
     def score(self, request: Any) -> "ScoredRequest":
         return self.score_requests([request])[0]
+
+
+def scored_requests(requests: Sequence[Any], scores: np.ndarray, gates: np.ndarray, history_weights: np.ndarray) -> list["ScoredRequest"]:
+    """Per request of a collated batch, its rows of the ranker's outputs (``(B, N_max)`` scores, ``(B, N_max, M)``
+    gates, ``(B, N_max, K)`` history weights as numpy arrays), cut to its own candidates and history items."""
+    return [
+        ScoredRequest(r.ids, scores[i, : len(r)].copy(), gates[i, : len(r)].copy(),
+                      history_weights[i, : len(r), : len(r.hist_ids)].copy(), r.hist_ids)
+        for i, r in enumerate(requests)
+    ]
 
 
 @dataclass(frozen=True, eq=False)
@@ -463,4 +468,5 @@ __all__ = [
     "STRATEGIES",
     "ScoredRequest",
     "build_ranker",
+    "scored_requests",
 ]

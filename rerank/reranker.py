@@ -198,13 +198,15 @@ class Reranker:
         stands_in_for: str | None = None,
         aligned_cache_size: int = DEFAULT_ALIGNED_CACHE_SIZE,
         overlap_encode: bool = True,
+        model_runtime: str = "auto",
     ):
         """``stands_in_for``: the model id of the encoder that ``text_encoder`` replaces for queries, once
         :func:`indexing.encoders.check_agreement` showed they agree (an int8 query encoder over a model and an index
         built with the full-precision one; see ``Reranker.from_settings`` and ``query_text_backend``).
         ``aligned_cache_size``: entries of the aligned-photo cache (see the module doc; 0: no cache).
         ``overlap_encode``: encode the query on a thread of its own while fetching and reading the profile (see the
-        module doc)."""
+        module doc). ``model_runtime``: what runs the forward pass (:func:`rerank.onnx_ranker.cpu_runtime`: ``auto``,
+        ``torch`` or ``onnx``)."""
         if not isinstance(index, str) or not index:
             raise ConfigError("index must be a non-empty string")
         if not (isinstance(budget_ms, (int, float)) and budget_ms > 0):
@@ -232,10 +234,16 @@ class Reranker:
         self._encode_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fusionrank-encode") \
             if model is not None and overlap_encode else None
         self.batcher = None
+        #: what scores requests: the torch ranker or its ONNX export (rerank.onnx_ranker)
+        self.scorer = None
+        if model is not None:
+            from rerank.onnx_ranker import cpu_runtime
+
+            self.scorer = cpu_runtime(model.ranker, model_runtime)
         if model is not None and (micro_batch or (micro_batch is None and getattr(model.ranker.device, "type", "cpu") == "cuda")):
             from rerank.batching import MicroBatcher
 
-            self.batcher = MicroBatcher(model.ranker, **dict(micro_batch_options or {}))
+            self.batcher = MicroBatcher(self.scorer, **dict(micro_batch_options or {}))
 
     def close(self) -> None:
         """Stop the micro-batcher's and the query encoder's threads, if any (the engine and stores belong to the caller)."""
@@ -298,7 +306,7 @@ class Reranker:
             store = HistoryStore(settings.effective_sql_url)
             profiles = ProfileService(store, EngineVectorSource(engine, index))
         r = cls(engine, index, model, text_encoder=text, image_encoder=image, history=profiles, budget_ms=settings.rerank_budget_ms,
-                stands_in_for=stands_in_for)
+                stands_in_for=stands_in_for, model_runtime=getattr(settings, "model_runtime", "auto"))
         prefill = getattr(settings, "aligned_cache_prefill", None)
         if prefill or (prefill is None and settings.engine == "local"):
             t = time.perf_counter()
@@ -306,7 +314,7 @@ class Reranker:
             if n:
                 log.info("aligned-photo cache: %d indexed photos projected in %.1f s", n, time.perf_counter() - t)
         r.warm_up()
-        log.info("reranker ready: model %s from %s over %s index %r", model.version, model_dir, settings.engine, index)
+        log.info("reranker ready: model %s (%s runtime) from %s over %s index %r", model.version, r.model_runtime, model_dir, settings.engine, index)
         return r
 
     def prefill_aligned_cache(self, *, limit: int | None = None, batch_size: int = 2048, progress: bool = False) -> int:
@@ -369,6 +377,13 @@ class Reranker:
                                      text_dim=art.text_encoder.dim, image_dim=art.image_encoder.dim if art.image_encoder else None,
                                      colour=art.colour)
         self._forward(req, self.clock())
+
+    @property
+    def model_runtime(self) -> str | None:
+        """``onnx`` or ``torch``: what runs the model's forward pass (None without a model)."""
+        from rerank.onnx_ranker import runtime_name
+
+        return None if self.scorer is None else runtime_name(self.scorer)
 
     @property
     def name(self) -> str:
@@ -582,7 +597,7 @@ class Reranker:
     def _forward(self, req: Any, t0: float) -> Any:
         """One request's forward pass: directly, or through the micro-batcher (waiting at most the budget left)."""
         if self.batcher is None:
-            return self.model.ranker.score(req)
+            return self.scorer.score(req)
         from rerank.batching import Overloaded
 
         left_s = max(self.budget_ms / 1000.0 - (self.clock() - t0), 0.0)

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_dir: Path | None = Field(None, description="fusion model artifact the rerank call serves; default: data_dir/models/current (written by `fusionrank demo`)")
     rerank_budget_ms: float = Field(50.0, gt=0, description="time budget of one rerank call before it fails open to the first-stage order")
+    model_runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="what runs the fusion ranker's forward pass in the rerank call: onnx (exported at start-up, checked "
+                            "against torch), torch, or auto (onnx on the CPU, torch on a GPU; torch when the export fails)")
     aligned_cache_prefill: bool | None = Field(
         None, description="project the indexed photos into the reranker's aligned-photo cache at start-up (default: only "
                           "with the local engine, whose vectors are on disk; with OpenSearch it scrolls the index)")

@@ -305,6 +305,7 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
         bodies = make_requests(reranker.engine, reranker.index, requests, candidates, users=users, seed=seed)
         inproc_p50, inproc_degraded, stages = _in_process(reranker, bodies)
         version = reranker.model.version if reranker.model is not None else None
+        runtime = reranker.model_runtime  # the server's workers load the same model with the same settings
         if hasattr(reranker.engine, "close"):
             reranker.engine.close()
         del reranker
@@ -331,6 +332,7 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
                       f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, access log off",
             "server_workers": server_workers,
             "text_backend": settings.text_backend,
+            "model_runtime": runtime,
         }
     finally:
         if proc is not None:

@@ -429,7 +429,7 @@ class DrillRun:
                            "(engine_error); switched back")
 
     def _drill_model_raises(self) -> Drill:
-        ranker = self.reranker.model.ranker
+        ranker = self.reranker.scorer  # what runs the forward pass: the torch ranker or its ONNX export
 
         def boom(*a: Any, **k: Any) -> Any:
             raise RuntimeError("injected model failure (drill)")

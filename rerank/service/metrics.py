@@ -3,7 +3,8 @@
 * ``fusionrank_requests_total{endpoint, status}`` — requests by route template and HTTP status;
 * ``fusionrank_request_seconds{endpoint}`` — latency histogram;
 * ``fusionrank_degraded_total{reason}`` — rerank calls that failed open to the first-stage order;
-* ``fusionrank_model_info{version}`` — 1 for the served model version (``none`` for the noop reranker).
+* ``fusionrank_model_info{version,runtime}`` — 1 for the served model version (``none`` for the noop reranker) and what
+  runs its forward pass (``onnx`` / ``torch``; ``none`` without a model).
 
 Labels are route templates (``/v1/rerank``), never raw paths, headers or bodies: no key can end up here.
 """
@@ -26,7 +27,8 @@ class ServiceMetrics:
         self.requests = Counter("fusionrank_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram("fusionrank_request_seconds", "HTTP request latency by endpoint", ["endpoint"], buckets=BUCKETS, registry=self.registry)
         self.degraded = Counter("fusionrank_degraded", "rerank calls that failed open to the first-stage order, by reason", ["reason"], registry=self.registry)
-        self.model_info = Gauge("fusionrank_model_info", "the served fusion model version (value 1)", ["version"], registry=self.registry)
+        self.model_info = Gauge("fusionrank_model_info", "the served fusion model version and its runtime (value 1)", ["version", "runtime"],
+                                registry=self.registry)
         self._lock = threading.Lock()
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
@@ -37,10 +39,10 @@ class ServiceMetrics:
         if reason:
             self.degraded.labels(reason=reason).inc()
 
-    def set_model(self, version: str | None) -> None:
+    def set_model(self, version: str | None, runtime: str | None = None) -> None:
         with self._lock:
             self.model_info.clear()
-            self.model_info.labels(version=version or "none").set(1)
+            self.model_info.labels(version=version or "none", runtime=runtime or "none").set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

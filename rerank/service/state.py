@@ -198,7 +198,7 @@ class ServiceState:
                 self.images_root = getattr(self.settings, "fashion_dir", None)
             self.error = None
             self.ready = True
-        self.metrics.set_model(self.model_version)
+        self.metrics.set_model(self.model_version, getattr(reranker, "model_runtime", None))
 
     def _freeze_heap(self) -> None:
         """Collect once, then move every object alive now (model, encoders, engine, libraries: ~600 000 tracked

@@ -341,6 +341,12 @@ def test_aligned_photo_cache_gives_the_uncached_scores_and_sees_a_new_photo(worl
     want_ids, want = rerank(plain)
     got_ids, got = rerank(cached)
     assert got_ids == want_ids and got == pytest.approx(want, abs=1e-5)
+    # the forward pass runs on onnxruntime by default (CPU) and ranks as torch does, history and photos included
+    torch_runtime = Reranker(engine, index, art, text_encoder=text, history=profiles, budget_ms=10_000, aligned_cache_size=0,
+                             model_runtime="torch")
+    assert plain.model_runtime == "onnx" and torch_runtime.model_runtime == "torch"
+    t_ids, t_scores = rerank(torch_runtime)
+    assert t_ids == want_ids and t_scores == pytest.approx(want, abs=1e-5)
     # 9 candidates' photos projected; u1's history (p0, p7, p4) shares their entries (same product, same vector)
     assert cached.aligned_cache.stats == {"hits": 3, "misses": 9, "entries": 9, "max_entries": 50_000}
     again_ids, again = rerank(cached)  # answered from the cache (scores move by ~1e-7: the history ages grew a little)

@@ -278,7 +278,7 @@ def test_metrics_count_requests_and_degraded_calls_without_keys(service_world):
     assert 'fusionrank_requests_total{endpoint="/v1/rerank",status="401"} 1.0' in text
     assert 'fusionrank_request_seconds_count{endpoint="/v1/rerank"} 4.0' in text
     assert 'fusionrank_degraded_total{reason="timeout"} 3.0' in text
-    assert f'fusionrank_model_info{{version="{w.artifact.version}"}} 1.0' in text
+    assert f'fusionrank_model_info{{runtime="onnx",version="{w.artifact.version}"}} 1.0' in text
     assert API_KEY not in text and ADMIN_KEY not in text and "nope" not in text
 
 

@@ -35,6 +35,9 @@ instead of their sum. ``timings_ms["encode"]`` is the encoder's own time; ``"fet
 ``"features"`` (the model's inputs but the query) run at the same time; ``"model"`` is the rest (the query's
 inputs, the forward pass, the explanations). ``overlap_encode=False`` encodes first, on the calling thread.
 
+The forward pass runs on :attr:`Reranker.scorer`: on the CPU by default the ranker's ONNX export on onnxruntime
+(:mod:`rerank.onnx_ranker`, checked against torch when the reranker is built; ``model_runtime="torch"`` keeps torch).
+
 Aligned photos are cached: a candidate's (or history item's) aligned image vector does not depend on the
 query, so the reranker keeps the model alignment's output per product in a bounded LRU
 (:class:`rerank.alignment.AlignedCache`, ``aligned_cache_size`` entries, default 50 000; 0 turns it off),

@@ -118,7 +118,7 @@ class ColourModel:
         x = np.asarray(rows, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.input_dim:
             raise DimensionError(f"colour head inputs have shape {x.shape}, the head takes (n, {self.input_dim}) = {' + '.join(f'{f} {d}' for f, d in self.inputs)}")
-        return _softmax(x @ self.weight.T + self.bias)
+        return self.photo_probs_of(np.split(x, np.cumsum([d for _, d in self.inputs])[:-1], axis=1))  # column views, no copy
 
     def photo_probs_of(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         """:meth:`photo_probs` of the rows whose :attr:`inputs` come as separate matrices, one per input in order

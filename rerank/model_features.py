@@ -358,7 +358,7 @@ def photo_colours(docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarra
     if len(rest):
         every = len(rest) == n  # serving: every row has a photo, so the rows are read in place (no copy)
         sub = docs if every else [docs[i] for i in rest]
-        parts, ok = _colour_parts(sub, raw_image if every else raw_image[rest], colour)
+        parts, ok = colour_input_parts(sub, raw_image if every else raw_image[rest], colour.inputs)
         mask[rest] = ok  # a photo without every input the head reads (no descriptor, a projected vector) is not read
         if ok.all():
             probs[rest] = colour.photo_probs_of(parts)
@@ -376,17 +376,19 @@ def colour_inputs(docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarra
     """The colour head's input rows of ``docs`` (its :attr:`~rerank.colour.ColourModel.inputs` concatenated:
     ``image_vec`` from ``raw_image``, the rows of ``docs``; other fields from the documents) and which rows have
     every input (``image_vec`` rows of another dimension, e.g. already projected, count as missing)."""
-    parts, ok = _colour_parts(docs, raw_image, colour)
+    parts, ok = colour_input_parts(docs, raw_image, colour.inputs)
     return np.hstack(parts), ok
 
 
-def _colour_parts(docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarray, colour: Any) -> tuple[list[np.ndarray], np.ndarray]:
-    """:func:`colour_inputs` with one ``(n, dim)`` matrix per input instead of their concatenation."""
+def colour_input_parts(docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarray,
+                       inputs: Sequence[tuple[str, int]]) -> tuple[list[np.ndarray], np.ndarray]:
+    """:func:`colour_inputs` for the ``(field, dim)`` ``inputs`` of a head (trained or to be trained), with one
+    ``(n, dim)`` matrix per input instead of their concatenation."""
     parts, ok = [], np.ones(len(docs), dtype=bool)
-    for field, dim in colour.inputs:
+    for field, dim in inputs:
         if field == F.IMAGE_VEC:
             if raw_image.shape[1] != dim:
-                return [np.zeros((len(docs), d), dtype=np.float32) for _, d in colour.inputs], np.zeros(len(docs), dtype=bool)
+                return [np.zeros((len(docs), d), dtype=np.float32) for _, d in inputs], np.zeros(len(docs), dtype=bool)
             parts.append(np.asarray(raw_image, dtype=np.float32))
         else:
             rows, m = _vec_rows([d.get(field) if d else None for d in docs], dim, field)
@@ -442,6 +444,7 @@ __all__ = [
     "RequestFeatures",
     "build_request_features",
     "colour_fields",
+    "colour_input_parts",
     "colour_inputs",
     "photo_colours",
     "prepare_request_features",

@@ -42,7 +42,7 @@ from indexing import fields as F
 from indexing.errors import CatalogError, ConfigError
 from mappings import DEFAULT_MAPPING
 from rerank.metrics import ndcg_at_k
-from rerank.model_features import CAT_FIELDS, PHOTO_COLOUR, FeatureSpec, HistoryInput, RequestFeatures, build_request_features, colour_inputs
+from rerank.model_features import CAT_FIELDS, PHOTO_COLOUR, FeatureSpec, HistoryInput, RequestFeatures, build_request_features, colour_input_parts, colour_inputs
 from rerank.retrieval import KNN_IMAGE, LISTS
 
 log = logging.getLogger(__name__)
@@ -571,17 +571,18 @@ def _colour_for(config: TrainConfig, datasets: Sequence[DatasetSpec], *, data_di
     try:
         if not ids:
             raise ConfigError("no photographed product has a colour field")
-        x = np.asarray(vecs, dtype=np.float32)
-        inputs = [(F.IMAGE_VEC, x.shape[1])]
+        raw = np.asarray(vecs, dtype=np.float32)
+        inputs = [(F.IMAGE_VEC, raw.shape[1])]
         if all(v is not None for v in descs):  # every photo has its pixel colour descriptor (products-v3 indexes): read it too
             from indexing.photo_colour import DIM
 
-            x = np.hstack([np.asarray(descs, dtype=np.float32).reshape(len(descs), DIM), x])
             inputs.insert(0, (F.IMAGE_COLOUR, DIM))
         else:
             log.info("colour head on %s alone: %d of %d photos have no %s (an index from a mapping before products-v3)",
                      F.IMAGE_VEC, sum(v is None for v in descs), len(descs), F.IMAGE_COLOUR)
-        return train_colour_model(x, colours, ids, text_encoder=text_encoder, config=ColourConfig(seed=config.seed), inputs=inputs)
+        # the rows as serving builds them (rerank.model_features.colour_inputs), from the same inputs in the same order
+        parts, _ = colour_input_parts([{F.IMAGE_COLOUR: v} for v in descs], raw, inputs)
+        return train_colour_model(np.hstack(parts), colours, ids, text_encoder=text_encoder, config=ColourConfig(seed=config.seed), inputs=inputs)
     except ConfigError as e:
         log.info("no colour head: %s", e)
         return None

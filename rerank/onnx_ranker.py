@@ -39,6 +39,8 @@ RUNTIMES = ("auto", "torch", "onnx")
 #: the largest |score| / gate / history-weight difference between the runtimes accepted at load time
 TOLERANCE = 1e-4
 OUTPUTS = ("scores", "gates", "history_weights")
+#: numpy dtypes of the graph inputs' ONNX types
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
 
 
 class OnnxExportError(FusionRankError):
@@ -46,28 +48,30 @@ class OnnxExportError(FusionRankError):
 
 
 def _probe_batch(cfg: Any, *, n: int, with_history: bool, seed: int) -> dict[str, np.ndarray]:
-    """A collated one-request batch of random inputs with the ranker's dimensions (photos on every candidate)."""
+    """One request of random inputs with the ranker's dimensions (photos on every candidate), collated as serving
+    collates a request (:func:`rerank.model_features.collate`: the same arrays, names and dtypes)."""
+    from rerank.model_features import RequestFeatures, collate
+
     rng = np.random.default_rng(seed)
     dt, k = cfg.text_dim, cfg.history_k
 
     def vecs(*shape: int) -> np.ndarray:
         return rng.normal(size=shape).astype(np.float32)
 
-    hist_mask = np.zeros((1, k), dtype=bool)
+    hist_mask = np.zeros(k, dtype=bool)
     if with_history:
-        hist_mask[0, : max(1, k // 2)] = True
-    return {
-        "query": vecs(1, dt),
-        "cand_text": vecs(1, n, dt), "cand_text_mask": np.ones((1, n), dtype=bool),
-        "cand_image": vecs(1, n, dt), "cand_image_mask": np.ones((1, n), dtype=bool),
-        "first_stage": rng.random((1, n, cfg.first_stage_dim)).astype(np.float32),
-        "cats": rng.integers(0, cfg.hash_buckets, size=(1, n, cfg.n_cat_fields)).astype(np.int64),
-        "hist_text": vecs(1, k, dt), "hist_text_mask": hist_mask.copy(),
-        "hist_image": vecs(1, k, dt), "hist_image_mask": hist_mask.copy(),
-        "hist_event": np.where(hist_mask, rng.integers(1, 5, size=(1, k)), 0).astype(np.int64),
-        "hist_age": rng.random((1, k)).astype(np.float32), "hist_mask": hist_mask,
-        "cand_mask": np.ones((1, n), dtype=bool),
-    }
+        hist_mask[: max(1, k // 2)] = True
+    req = RequestFeatures(
+        ids=tuple(f"p{i}" for i in range(n)), query=vecs(dt),
+        cand_text=vecs(n, dt), cand_text_mask=np.ones(n, dtype=bool), cand_image=vecs(n, dt), cand_image_mask=np.ones(n, dtype=bool),
+        first_stage=rng.random((n, cfg.first_stage_dim)).astype(np.float32),
+        cats=rng.integers(0, cfg.hash_buckets, size=(n, cfg.n_cat_fields)).astype(np.int64),
+        hist_text=vecs(k, dt), hist_text_mask=hist_mask.copy(), hist_image=vecs(k, dt), hist_image_mask=hist_mask.copy(),
+        hist_event=np.where(hist_mask, rng.integers(1, 5, size=k), 0).astype(np.int64),
+        hist_age=rng.random(k).astype(np.float32), hist_mask=hist_mask,
+        hist_ids=tuple(f"h{i}" for i in range(int(hist_mask.sum()))),
+    )
+    return collate([req])
 
 
 def _dynamic_axes(names: Sequence[str]) -> dict[str, dict[int, str]]:
@@ -176,9 +180,6 @@ class OnnxRanker:
 
     def score(self, request: Any) -> Any:
         return self.score_requests([request])[0]
-
-
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
 
 
 def cpu_runtime(ranker: Any, runtime: str = "auto") -> Any:

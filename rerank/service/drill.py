@@ -429,16 +429,16 @@ class DrillRun:
                            "(engine_error); switched back")
 
     def _drill_model_raises(self) -> Drill:
-        ranker = self.reranker.scorer  # what runs the forward pass: the torch ranker or its ONNX export
+        scorer = self.reranker.scorer  # what runs the forward pass: the torch ranker or its ONNX export
 
         def boom(*a: Any, **k: Any) -> Any:
             raise RuntimeError("injected model failure (drill)")
 
-        ranker.score = boom  # shadows the method on this instance only
+        scorer.score = boom  # shadows the method on this instance only
         try:
             self._hold(lambda: self._probe("/rerank", self.load.body("/rerank", random.Random())))
         finally:
-            del ranker.score
+            del scorer.score
         rec = _wait_until(lambda: self._clean("/rerank", self.load.body("/rerank", random.Random())), 60)
         return Drill("model_raises", recovered=rec is not None, recovery_s=rec,
                      notes="the model's scoring call raised (injected): /search and /rerank answered 200 in first-stage order "

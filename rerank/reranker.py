@@ -275,7 +275,7 @@ class Reranker:
         history database is not migrated (``fusionrank db upgrade``). ``history=False`` serves without
         personalization.
         """
-        from indexing.encoders import check_agreement, get_image_encoder, get_text_encoder
+        from indexing.encoders import get_image_encoder, get_text_encoder, select_query_encoder
         from indexing.errors import ModelArtifactError
         from rerank.artifacts import CONFIG_FILE, load_artifact
         from workers.composition import build_engine
@@ -292,13 +292,11 @@ class Reranker:
         index = settings.index_alias
         text = get_text_encoder(settings.text_model, backend=settings.text_backend, device=settings.device)
         model = load_artifact(model_dir, mapping=engine.get_mapping(index), text_model_id=text.model_id, device=settings.device)
-        qb = getattr(settings, "query_text_backend", None)
-        stands_in_for = None
-        if qb and qb != settings.text_backend:  # a cheaper query encoder, only where it encodes like the index's
-            query_text = get_text_encoder(settings.text_model, backend=qb, device=settings.device)
-            worst = check_agreement(text, query_text)
-            log.info("queries encoded by %s (smallest cosine to %s on probe texts: %.4f)", query_text.model_id, text.model_id, worst)
-            text, stands_in_for = query_text, text.model_id
+        # a cheaper query encoder, only where it encodes like the index's (auto: the fastest that does, on the CPU)
+        query_text, why = select_query_encoder(text, getattr(settings, "query_text_backend", None), text_model=settings.text_model, device=settings.device)
+        log.info("queries encoded by %s: %s", query_text.model_id, why)
+        stands_in_for = text.model_id if query_text is not text else None
+        text = query_text
         image = get_image_encoder(settings.image_model, device=settings.device) if model.image_encoder is not None else None
         if image is not None and image.model_id != model.image_encoder.model_id:
             raise ModelArtifactError(f"{model_dir}: trained on image encoder {model.image_encoder.model_id!r}, configured {image.model_id!r}")

@@ -71,10 +71,11 @@ class Settings(BaseSettings):
 
     # models
     text_model: str = "minilm"
-    text_backend: Literal["torch", "onnx-int8"] = "torch"
-    query_text_backend: Literal["torch", "onnx-int8"] | None = Field(
-        None, description="backend that encodes queries in the rerank call (default: text_backend); a different one must "
-                          "agree with text_backend on probe texts (cosine >= 0.995), checked at start-up")
+    text_backend: Literal["torch", "onnx-int8", "onnx-q8"] = "torch"
+    query_text_backend: Literal["auto", "torch", "onnx-int8", "onnx-q8"] | None = Field(
+        "auto", description="backend that encodes queries in the rerank call; one other than text_backend must agree with "
+                            "it on probe texts (cosine >= 0.995), checked at start-up. auto: onnx-q8 on the CPU when it agrees "
+                            "and is faster there, else text_backend; None: text_backend")
     image_model: str = "efficientnet_lite0"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_dir: Path | None = Field(None, description="fusion model artifact the rerank call serves; default: data_dir/models/current (written by `fusionrank demo`)")

@@ -27,6 +27,7 @@ settings are served (``fusionrank demo`` installs a model).
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import logging
@@ -306,10 +307,16 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
         inproc_p50, inproc_degraded, stages = _in_process(reranker, bodies)
         version = reranker.model.version if reranker.model is not None else None
         runtime = reranker.model_runtime  # the server's workers load the same model with the same settings
+        query_backend = getattr(reranker.text_encoder, "backend", None)
         if hasattr(reranker.engine, "close"):
             reranker.engine.close()
         del reranker
 
+        # the load generator's own heap (torch, the encoders, the engine it built the bodies with: ~600 000 objects)
+        # out of its cyclic GC, as the server does with its own: a full collection took ~300 ms here, and one during a
+        # level stalled every client thread at once, adding that much to each request in flight (c=32 p99 ~500 ms)
+        gc.collect()
+        gc.freeze()
         port = free_port()
         log_path = tmp / "server.log"
         proc = _start_server(env, port, log_path, server_workers)
@@ -332,6 +339,7 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
                       f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, access log off",
             "server_workers": server_workers,
             "text_backend": settings.text_backend,
+            "query_text_backend": query_backend,
             "model_runtime": runtime,
         }
     finally:
@@ -342,6 +350,7 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        gc.unfreeze()  # a caller that goes on (a test process) gets its collector back as it was
         shutil.rmtree(tmp, ignore_errors=True)
 
 

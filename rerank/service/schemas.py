@@ -166,7 +166,7 @@ class ReloadResponse(BaseModel):
 class ReindexRequest(BaseModel):
     mapping: Optional[str] = Field(None, max_length=200)
     text_model: Optional[str] = Field(None, max_length=200)
-    text_backend: Optional[Literal["torch", "onnx-int8"]] = None
+    text_backend: Optional[Literal["torch", "onnx-int8", "onnx-q8"]] = None
     image_model: Optional[str] = Field(None, max_length=200)
     images_root: Optional[str] = Field(None, max_length=4096)
     batch_size: int = Field(256, ge=1, le=10_000)

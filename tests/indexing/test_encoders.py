@@ -73,7 +73,7 @@ def test_registered_names_and_unknown_names():
         get_text_encoder("bert")
     with pytest.raises(UnknownNameError, match=r"unknown image encoder 'resnet'; valid image encoders: .*efficientnet_lite0"):
         get_image_encoder("resnet")
-    with pytest.raises(UnknownNameError, match="valid text backends: onnx-int8, torch"):
+    with pytest.raises(UnknownNameError, match="valid text backends: onnx-int8, onnx-q8, torch"):
         get_text_encoder("minilm", backend="tensorrt")
 
 

@@ -60,7 +60,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     def start_cmd(
         mapping: Optional[str] = typer.Option(None, "--mapping", help="Mapping file of the new generation (default: FUSIONRANK_MAPPING)."),
         text_model: Optional[str] = typer.Option(None, "--text-model", help="Text encoder (default: FUSIONRANK_TEXT_MODEL)."),
-        text_backend: Optional[str] = typer.Option(None, "--text-backend", help="torch | onnx-int8 (default: FUSIONRANK_TEXT_BACKEND)."),
+        text_backend: Optional[str] = typer.Option(None, "--text-backend", help="torch | onnx-int8 | onnx-q8 (default: FUSIONRANK_TEXT_BACKEND)."),
         image_model: Optional[str] = typer.Option(None, "--image-model", help="Image encoder (default: FUSIONRANK_IMAGE_MODEL)."),
         images_root: Optional[Path] = typer.Option(None, "--images-root", help="Folder the documents' image paths are relative to (needed when the image model changes)."),
         via: str = typer.Option("inline", "--via", help="inline | celery (fill batches on the embed queue)."),

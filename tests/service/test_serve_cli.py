@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -30,3 +31,6 @@ def test_bench_serve_synthetic_tiny():
     assert out["in_process_p50_ms"] > 0 and out["candidates"] == 50 and out["synthetic"] is True
     assert out["model_version"] and "encode" in out["in_process_stages_ms"]
     assert out["server_workers"] == 2  # no request met a worker still loading: errors == 0 above
+    # queries encoded by the default (auto) query backend: onnx-q8 on this CPU, over the index's own encoder
+    assert out["text_backend"] == "torch" and out["query_text_backend"] == "onnx-q8"
+    assert gc.get_freeze_count() == 0  # the load generator froze its heap for the levels only

@@ -113,10 +113,12 @@ def _error(status: int, detail: str, headers: Mapping[str, str] | None = None) -
 
 # ----------------------------------------------------------------------------- the edge: limits + metrics
 class EdgeMiddleware:
-    """Pure ASGI: body-size limit (Content-Length and the real stream) and per-endpoint metrics."""
+    """Pure ASGI: body-size limit (Content-Length and the real stream), per-endpoint metrics, and (with ``serve
+    --workers N``) ``Connection: close`` on the responses of a worker holding more than its share of the connections
+    (:class:`rerank.service.balance.ConnectionBalancer`)."""
 
-    def __init__(self, app: Any, fastapi_app: FastAPI):
-        self.app, self.fastapi_app = app, fastapi_app
+    def __init__(self, app: Any, fastapi_app: FastAPI, balancer: Any = None):
+        self.app, self.fastapi_app, self.balancer = app, fastapi_app, balancer
 
     def _endpoint(self, scope: dict) -> str:
         route = scope.get("route")
@@ -139,9 +141,15 @@ class EdgeMiddleware:
         t0 = time.perf_counter()
         status = {"code": 500}
 
+        balancer = self.balancer
+
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                if balancer is not None and balancer.should_close(scope.get("client")):
+                    # one connection more than its share (rerank.service.balance): the client reconnects
+                    message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+                    st.metrics.rebalanced.inc()
             await send(message)
 
         try:
@@ -348,7 +356,7 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 _STD = _responses(400, 401, 413, 422, 503)
 
 
-def create_app(state: ServiceState | None = None, *, settings: Any = None) -> FastAPI:
+def create_app(state: ServiceState | None = None, *, settings: Any = None, balancer: Any = None) -> FastAPI:
     """The service app. ``state=None``: a loading state from ``settings`` (default: the environment), filled in
     the background at start-up (``/readyz`` is 503 until then). Refuses (ConfigError) an auth-enabled state
     without an API key."""
@@ -388,7 +396,7 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None) -> Fa
                     "Send the API key as `X-API-Key: <key>` or `Authorization: Bearer <key>`.",
     )
     app.state.fusionrank = state
-    app.add_middleware(EdgeMiddleware, fastapi_app=app)
+    app.add_middleware(EdgeMiddleware, fastapi_app=app, balancer=balancer)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -29,6 +29,8 @@ class ServiceMetrics:
         self.degraded = Counter("fusionrank_degraded", "rerank calls that failed open to the first-stage order, by reason", ["reason"], registry=self.registry)
         self.model_info = Gauge("fusionrank_model_info", "the served fusion model version and its runtime (value 1)", ["version", "runtime"],
                                 registry=self.registry)
+        self.rebalanced = Counter("fusionrank_rebalanced_connections", "keep-alive connections this worker closed to even out "
+                                  "the connections across serve --workers processes", registry=self.registry)
         self._lock = threading.Lock()
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:

@@ -36,7 +36,9 @@ def app_factory():
     root = os.environ.get(IMAGES_ROOT_ENV)
     state = ServiceState.loading(load_settings(), auth=os.environ.get(NO_AUTH_ENV) != "1", images_root=Path(root) if root else None,
                                  freeze_gc=True)
-    return create_app(state)
+    from rerank.service.balance import from_env
+
+    return create_app(state, balancer=from_env())  # fusionrank serve --workers N: even out keep-alive connections
 
 
 def tcp_nodelay(sock: socket.socket) -> socket.socket:
@@ -86,6 +88,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         http: str = typer.Option("auto", "--http", help="uvicorn HTTP/1.1 parser: auto (httptools when installed) | h11 | httptools."),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Compute threads per worker process (torch, numpy BLAS, "
                                               "onnxruntime); default: OMP_NUM_THREADS when set, else 1."),
+        balance: bool = typer.Option(True, "--balance/--no-balance", envvar="FUSIONRANK_SERVE_BALANCE",
+                                     help="With --workers N: a worker holding 2+ keep-alive connections more than the least "
+                                          "loaded one closes one after its response, so connections even out."),
     ) -> None:
         """Serve the rerank HTTP API (Cohere-compatible /v1/rerank, /rerank, /search, /events, /metrics)."""
         import uvicorn
@@ -110,10 +115,20 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             raise typer.Exit(2) from None
         common = dict(host=host, port=port, log_level=log_level, access_log=access_log, loop=loop, http=http)
         if workers > 1:
+            import shutil
+            import tempfile
+
+            from rerank.service.balance import BALANCE_FILE_ENV, WORKERS_ENV
+
             os.environ[NO_AUTH_ENV] = "1" if no_auth else "0"
             if images_root:
                 os.environ[IMAGES_ROOT_ENV] = str(images_root.resolve())
-            run_workers(uvicorn.Config("workers.commands.serve:app_factory", factory=True, workers=workers, **common))
+            shared = tempfile.mkdtemp(prefix="fusionrank-serve-")  # the workers' connection counts (rerank.service.balance)
+            os.environ[BALANCE_FILE_ENV], os.environ[WORKERS_ENV] = os.path.join(shared, "connections"), str(workers if balance else 1)
+            try:
+                run_workers(uvicorn.Config("workers.commands.serve:app_factory", factory=True, workers=workers, **common))
+            finally:
+                shutil.rmtree(shared, ignore_errors=True)
             return
         server = uvicorn.Server(uvicorn.Config(create_app(state), workers=1, **common))
         state.on_load_error = lambda e: setattr(server, "should_exit", True)

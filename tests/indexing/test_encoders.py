@@ -43,16 +43,6 @@ def rows(shared_data):
 
 
 @pytest.fixture(scope="module")
-def text_torch():
-    return get_text_encoder("minilm", backend="torch", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def text_onnx():
-    return get_text_encoder("minilm", backend="onnx-int8", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def image_enc():
     return get_image_encoder("efficientnet_lite0", device="cpu")
 

@@ -13,7 +13,6 @@ from indexing.encoders import (
     AUTO_QUERY_BACKEND,
     PROBE_TEXTS,
     check_agreement,
-    get_text_encoder,
     select_query_encoder,
     text_encoder_info,
 )
@@ -22,16 +21,6 @@ from indexing.onnx_text import RECIPE, dequantize_blocks, quantize_blocks, quant
 
 QUERIES = ["black formal shoes for men", "women's green handbags", "navy blue shirt", "heels", "2x4 lumber 8 ft",
            "BEHR Premium Textured DeckOver 1-gal. #SC-141 Tugboat Wood and Concrete Coating", "kurta", "cordless drill"]
-
-
-@pytest.fixture(scope="module")
-def torch_enc():
-    return get_text_encoder("minilm", backend="torch", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def q8():
-    return get_text_encoder("minilm", backend="onnx-q8", device="cpu")
 
 
 # ------------------------------------------------------------------------------ the quantizer
@@ -97,19 +86,19 @@ def test_q8_model_id_names_the_torch_weights_and_the_recipe():
     assert q.model_id not in (t.model_id, text_encoder_info(backend="onnx-int8").model_id)
 
 
-def test_q8_encodes_like_the_torch_model(torch_enc, q8):
-    assert q8.backend == "onnx-q8" and q8.device == "cpu" and q8.model_id == text_encoder_info(backend="onnx-q8").model_id
-    a, b = torch_enc.encode(QUERIES), q8.encode(QUERIES)
+def test_q8_encodes_like_the_torch_model(text_torch, text_q8):
+    assert text_q8.backend == "onnx-q8" and text_q8.device == "cpu" and text_q8.model_id == text_encoder_info(backend="onnx-q8").model_id
+    a, b = text_torch.encode(QUERIES), text_q8.encode(QUERIES)
     assert b.shape == (len(QUERIES), 384) and b.dtype == np.float32
     assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
     cos = np.sum(a * b, axis=1)
     assert cos.min() > 0.998 and cos.max() < 1.0 - 1e-7  # quantized: near, never identical
-    assert check_agreement(torch_enc, q8) >= 0.998
+    assert check_agreement(text_torch, text_q8) >= 0.998
     # batched (padded) and one at a time agree: the attention mask keeps padding out
-    one = np.stack([q8.encode([q])[0] for q in QUERIES])
+    one = np.stack([text_q8.encode([q])[0] for q in QUERIES])
     assert np.allclose(one, b, atol=2e-3)
     # the nearest product title of each query is the same under both encoders
-    titles = q8.encode(list(PROBE_TEXTS)), torch_enc.encode(list(PROBE_TEXTS))
+    titles = text_q8.encode(list(PROBE_TEXTS)), text_torch.encode(list(PROBE_TEXTS))
     assert np.array_equal(np.argmax(b @ titles[0].T, axis=1), np.argmax(a @ titles[1].T, axis=1))
 
 
@@ -123,15 +112,15 @@ def test_q8_runs_on_the_cpu_only():
 # ------------------------------------------------------------------------------ choosing the query encoder
 
 
-def test_select_query_encoder_auto_takes_q8_on_the_cpu(torch_enc, q8):
-    enc, why = select_query_encoder(torch_enc, "auto", text_model="minilm")
+def test_select_query_encoder_auto_takes_q8_on_the_cpu(text_torch, text_q8):
+    enc, why = select_query_encoder(text_torch, "auto", text_model="minilm")
     assert AUTO_QUERY_BACKEND == "onnx-q8"
-    assert enc is q8 and why.startswith("auto: onnx-q8 (smallest cosine 0.99")
-    same, why = select_query_encoder(q8, "auto", text_model="minilm")  # an index built with onnx-q8 keeps it
-    assert same is q8 and "the index encoder" in why
-    assert select_query_encoder(torch_enc, None, text_model="minilm")[0] is torch_enc
-    assert select_query_encoder(torch_enc, "torch", text_model="minilm")[0] is torch_enc
-    enc, why = select_query_encoder(torch_enc, "onnx-int8", text_model="minilm")
+    assert enc is text_q8 and why.startswith("auto: onnx-q8 (smallest cosine 0.99")
+    same, why = select_query_encoder(text_q8, "auto", text_model="minilm")  # an index built with onnx-q8 keeps it
+    assert same is text_q8 and "the index encoder" in why
+    assert select_query_encoder(text_torch, None, text_model="minilm")[0] is text_torch
+    assert select_query_encoder(text_torch, "torch", text_model="minilm")[0] is text_torch
+    enc, why = select_query_encoder(text_torch, "onnx-int8", text_model="minilm")
     assert enc.backend == "onnx-int8" and why.startswith("onnx-int8 (smallest cosine")
 
 
@@ -147,8 +136,8 @@ class _Other:
         return self.enc.encode(texts)[:, ::-1].copy()
 
 
-def test_select_query_encoder_auto_keeps_the_index_encoder_when_q8_disagrees_and_explicit_refuses(torch_enc, caplog):
-    other = _Other(torch_enc)
+def test_select_query_encoder_auto_keeps_the_index_encoder_when_q8_disagrees_and_explicit_refuses(text_torch, caplog):
+    other = _Other(text_torch)
     with caplog.at_level(logging.WARNING, logger="indexing.encoders"):
         enc, why = select_query_encoder(other, "auto", text_model="minilm")
     assert enc is other and "onnx-q8 not used" in why and "disagrees" in why
@@ -157,10 +146,10 @@ def test_select_query_encoder_auto_keeps_the_index_encoder_when_q8_disagrees_and
         select_query_encoder(other, "onnx-q8", text_model="minilm")
 
 
-def test_select_query_encoder_auto_keeps_a_faster_index_encoder(q8, monkeypatch):
+def test_select_query_encoder_auto_keeps_a_faster_index_encoder(text_q8, text_onnx, monkeypatch):
     import indexing.encoders as E
 
-    ref = get_text_encoder("minilm", backend="onnx-int8", device="cpu")
-    monkeypatch.setattr(E, "probe_ms", lambda enc, texts=PROBE_TEXTS: 5.0 if enc is q8 else 1.0)  # a CPU without int8 kernels
+    ref = text_onnx
+    monkeypatch.setattr(E, "probe_ms", lambda enc, texts=PROBE_TEXTS: 5.0 if enc is text_q8 else 1.0)  # a CPU without int8 kernels
     enc, why = select_query_encoder(ref, "auto", text_model="minilm")
     assert enc is ref and "onnx-q8 not faster: 5.00 vs 1.00 ms" in why

@@ -138,7 +138,13 @@ def build_q8_model(model_dir: Path) -> bytes:
     import time
 
     t = time.perf_counter()
-    model, replaced = quantize_matmuls(export_text_model(model_dir))
+    try:
+        model, replaced = quantize_matmuls(export_text_model(model_dir))
+    except EncoderError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the exporter's and the quantizer's failures, named as this backend's
+        raise EncoderError(f"text backend 'onnx-q8': exporting or quantizing the model under {str(model_dir)!r} failed: "
+                           f"{type(e).__name__}: {e}") from e
     if not replaced:
         raise EncoderError(f"text model under {str(model_dir)!r}: the ONNX export has no float matmul weight to quantize")
     data = model.SerializeToString()

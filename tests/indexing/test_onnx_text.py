@@ -153,3 +153,20 @@ def test_select_query_encoder_auto_keeps_a_faster_index_encoder(text_q8, text_on
     monkeypatch.setattr(E, "probe_ms", lambda enc, texts=PROBE_TEXTS: 5.0 if enc is text_q8 else 1.0)  # a CPU without int8 kernels
     enc, why = select_query_encoder(ref, "auto", text_model="minilm")
     assert enc is ref and "onnx-q8 not faster: 5.00 vs 1.00 ms" in why
+
+
+def test_a_failed_export_is_an_encoder_error_naming_the_backend(tmp_path, monkeypatch):
+    import torch
+
+    from indexing import onnx_text
+    from indexing.encoders import _MiniLM
+
+    with pytest.raises(EncoderError, match="could not be loaded for the ONNX export"):
+        onnx_text.build_q8_model(tmp_path)  # no checkpoint there
+
+    def broken(*a, **k):
+        raise RuntimeError("tracer exploded")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(EncoderError, match="'onnx-q8': exporting or quantizing .* RuntimeError: tracer exploded"):
+        onnx_text.build_q8_model(_MiniLM._model_dir())

@@ -79,7 +79,7 @@ class ConnectionBalancer:
     def _prune(self, now: float) -> None:
         seen = self._clients
         while seen:
-            first, t = next(iter(seen.items()))
+            _, t = next(iter(seen.items()))
             if now - t <= self.window_s:
                 break
             seen.popitem(last=False)

@@ -254,6 +254,37 @@ def onnx_session_options() -> Any:
     return opts
 
 
+def onnx_cpu_session(model: str | bytes) -> Any:
+    """An onnxruntime CPU session of ``model`` (a path or serialized bytes) with :func:`onnx_session_options`."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model, sess_options=onnx_session_options(), providers=["CPUExecutionProvider"])
+
+
+#: the ONNX opset of the project's in-memory exports (:func:`onnx_export_bytes`)
+ONNX_OPSET = 17
+
+
+def onnx_export_bytes(module: Any, args: tuple, *, input_names: Sequence[str], output_names: Sequence[str],
+                      dynamic_axes: dict[str, dict[int, str]]) -> bytes:
+    """``module`` (a torch module) exported to ONNX in memory the way this project exports its models: in eval mode,
+    the TorchScript tracer (``dynamo=False``), opset :data:`ONNX_OPSET`, the tracer's warnings silenced (its notes on
+    Python branches, which the callers' checks against torch cover). The exporter restores the mode of the module it
+    is given, recursively, so a wrapper module made for the export is put in eval mode here, not left in training
+    mode (which would switch the wrapped model to training mode too). Raises what the exporter raises."""
+    import io
+    import warnings
+
+    import torch
+
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), args, buf, input_names=list(input_names), output_names=list(output_names),
+                          dynamic_axes=dynamic_axes, opset_version=ONNX_OPSET, dynamo=False)
+    return buf.getvalue()
+
+
 def threads_from_env(default: int = 1) -> int:
     """``OMP_NUM_THREADS`` when it is a positive int, else ``default``."""
     import os
@@ -286,6 +317,11 @@ def limit_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def _cpu_only(backend: str, device: str) -> None:
+    if device != "cpu":
+        raise EncoderError(f"text backend {backend!r} runs on the CPU only (asked for {device!r}); use backend 'torch' on a GPU")
+
+
 class OnnxMiniLMEncoder(TextEncoder):
     """all-MiniLM-L6-v2 as ONNX on onnxruntime (CPU): tokenizer of the torch model, mean pooling, L2.
 
@@ -294,10 +330,9 @@ class OnnxMiniLMEncoder(TextEncoder):
 
     def __init__(self, name: str, model: Path | bytes, tokenizer_path: Path, max_seq_length: int, dim: int, device: str, *,
                  backend: str, model_id: str, weights: Sequence[Path]):
-        ort = _import("onnxruntime", "onnxruntime")
+        _import("onnxruntime", "onnxruntime")  # a clear error when the package is missing
         tokenizers = _import("tokenizers", "tokenizers")
-        if device != "cpu":
-            raise EncoderError(f"text backend {backend!r} runs on the CPU only (asked for {device!r}); use backend 'torch' on a GPU")
+        _cpu_only(backend, device)
         try:
             tok = tokenizers.Tokenizer.from_file(str(tokenizer_path))
         except Exception as e:  # noqa: BLE001
@@ -306,8 +341,7 @@ class OnnxMiniLMEncoder(TextEncoder):
         tok.no_padding()
         what = f"ONNX model {str(model)!r}" if isinstance(model, Path) else f"ONNX model of text backend {backend!r}"
         try:
-            src = str(model) if isinstance(model, Path) else model
-            sess = ort.InferenceSession(src, sess_options=onnx_session_options(), providers=["CPUExecutionProvider"])
+            sess = onnx_cpu_session(str(model) if isinstance(model, Path) else model)
         except Exception as e:  # noqa: BLE001
             raise EncoderError(f"{what} could not be loaded: {e}") from e
         inputs = {i.name for i in sess.get_inputs()}
@@ -409,8 +443,7 @@ class _MiniLM:
         if backend == "onnx-q8":
             from indexing.onnx_text import build_q8_model
 
-            if device != "cpu":
-                raise EncoderError(f"text backend 'onnx-q8' runs on the CPU only (asked for {device!r}); use backend 'torch' on a GPU")
+            _cpu_only(backend, device)  # before the export, not after it
             w = [d / "model.safetensors"]
             with _no_hf_progress_bar():
                 data = build_q8_model(d)
@@ -814,6 +847,8 @@ __all__ = [
     "probe_ms",
     "select_query_encoder",
     "ONNX_TEXT_BACKENDS",
+    "onnx_cpu_session",
+    "onnx_export_bytes",
     "get_image_encoder",
     "get_text_encoder",
     "image_encoder_info",

@@ -22,7 +22,6 @@ model id is the torch weights' hash with the recipe's name (:data:`RECIPE`), so 
 
 from __future__ import annotations
 
-import io
 import logging
 from collections import Counter
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from indexing.encoders import onnx_export_bytes
 from indexing.errors import EncoderError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 RECIPE = "onnx-q8:matmulnbits-b32-sym-acc4:v1"
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations and int32 accumulation
-OPSET = 17
 MS_DOMAIN = "com.microsoft"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -64,16 +63,10 @@ def export_text_model(model_dir: Path) -> Any:
             return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
 
     ids = torch.ones(2, 8, dtype=torch.long)
-    buf = io.BytesIO()
     axes = {name: {0: "batch", 1: "sequence"} for name in (*INPUTS, "last_hidden_state")}
-    wrapper = _Hidden(bert).eval()  # the exporter restores the mode of the module it is given: it must be eval
-    import warnings
-
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on Python control flow in the attention mask code
-        torch.onnx.export(wrapper, (ids, torch.ones_like(ids), torch.zeros_like(ids)), buf, input_names=list(INPUTS),
-                          output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-    return onnx.load_from_string(buf.getvalue())
+    data = onnx_export_bytes(_Hidden(bert), (ids, torch.ones_like(ids), torch.zeros_like(ids)), input_names=INPUTS,
+                             output_names=["last_hidden_state"], dynamic_axes=axes)
+    return onnx.load_from_string(data)
 
 
 def quantize_blocks(w: np.ndarray, block_size: int = BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:

@@ -18,14 +18,13 @@ either way; tested). Batch, candidate and history axes are dynamic.
 After the export the two runtimes score the same probe requests and must agree within :data:`TOLERANCE`;
 otherwise (or when the export fails) :func:`cpu_runtime` logs why and the torch ranker is used.
 :meth:`OnnxRanker.score_requests` returns the same :class:`~rerank.model.ScoredRequest` objects as the torch
-ranker's. Sessions use :func:`indexing.encoders.onnx_session_options` (the process's thread cap).
+ranker's. The export and the sessions are the project's (:func:`indexing.encoders.onnx_export_bytes`,
+:func:`indexing.encoders.onnx_cpu_session`: the process's thread cap).
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -110,17 +109,13 @@ class OnnxRanker:
 
     # -- export
     def _export(self, ranker: Any, torch: Any, *, with_history: bool) -> Any:
-        import onnxruntime as ort
-
-        from indexing.encoders import onnx_session_options
+        from indexing.encoders import onnx_cpu_session, onnx_export_bytes
         from rerank.model_features import to_torch
 
         batch = _probe_batch(self.config, n=3, with_history=with_history, seed=0)
         names = list(batch)
 
-        # tuple outputs for the tracer; in eval mode, because the exporter puts the module back into the mode it found
-        # it in, recursively (a new module is in training mode)
-        class _Outputs(torch.nn.Module):
+        class _Outputs(torch.nn.Module):  # tuple outputs for the tracer
             def __init__(self, inner: Any):
                 super().__init__()
                 self.inner = inner
@@ -129,16 +124,13 @@ class OnnxRanker:
                 out = self.inner(dict(zip(names, tensors)))
                 return out.scores, out.gates, out.history_weights
 
-        buf = io.BytesIO()
         try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer warnings about the branches named in the module doc
-                torch.onnx.export(_Outputs(ranker).eval(), tuple(to_torch(batch).values()), buf, input_names=names, output_names=list(OUTPUTS),
-                                  dynamic_axes=_dynamic_axes(names), opset_version=17, dynamo=False)
+            data = onnx_export_bytes(_Outputs(ranker), tuple(to_torch(batch).values()), input_names=names, output_names=OUTPUTS,
+                                     dynamic_axes=_dynamic_axes(names))
         except Exception as e:  # noqa: BLE001 - any exporter failure means: serve with torch
             raise OnnxExportError(f"ONNX export of the fusion ranker failed: {type(e).__name__}: {e}") from e
         try:
-            sess = ort.InferenceSession(buf.getvalue(), sess_options=onnx_session_options(), providers=["CPUExecutionProvider"])
+            sess = onnx_cpu_session(data)
         except Exception as e:  # noqa: BLE001
             raise OnnxExportError(f"onnxruntime could not load the exported fusion ranker: {type(e).__name__}: {e}") from e
         # inputs the graph does not read (the history arrays of the no-history graph) are dropped by the exporter

@@ -123,12 +123,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             os.environ[NO_AUTH_ENV] = "1" if no_auth else "0"
             if images_root:
                 os.environ[IMAGES_ROOT_ENV] = str(images_root.resolve())
-            shared = tempfile.mkdtemp(prefix="fusionrank-serve-")  # the workers' connection counts (rerank.service.balance)
-            os.environ[BALANCE_FILE_ENV], os.environ[WORKERS_ENV] = os.path.join(shared, "connections"), str(workers if balance else 1)
+            shared = tempfile.mkdtemp(prefix="fusionrank-serve-") if balance else None  # the workers' connection counts
+            if shared:  # read by the workers' rerank.service.balance.from_env
+                os.environ[BALANCE_FILE_ENV], os.environ[WORKERS_ENV] = os.path.join(shared, "connections"), str(workers)
+            else:
+                os.environ.pop(BALANCE_FILE_ENV, None)
             try:
                 run_workers(uvicorn.Config("workers.commands.serve:app_factory", factory=True, workers=workers, **common))
             finally:
-                shutil.rmtree(shared, ignore_errors=True)
+                if shared:
+                    shutil.rmtree(shared, ignore_errors=True)
             return
         server = uvicorn.Server(uvicorn.Config(create_app(state), workers=1, **common))
         state.on_load_error = lambda e: setattr(server, "should_exit", True)

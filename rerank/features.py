@@ -38,16 +38,20 @@ def first_stage_features(candidates: Sequence[Candidate], lists: Sequence[str] =
         return out
     for j, l in enumerate(lists):
         base = j * len(PER_LIST)
-        present = [i for i, c in enumerate(candidates) if not c.missing(l)]
-        raw = [float(candidates[i].signals[l].score) for i in present]  # type: ignore[arg-type]
-        norm = minmax_normalize(raw)
+        present, raw, rr = [], [], []
+        for i, c in enumerate(candidates):  # one pass per list; the columns are written once each (not per cell)
+            sig = c.signals.get(l)
+            if sig is not None and not sig.missing:
+                present.append(i)
+                raw.append(float(sig.score))  # type: ignore[arg-type]
+                rr.append(1.0 / sig.rank if sig.rank else 0.0)
         out[:, base + 3] = 1.0
-        for i, s, ns in zip(present, raw, norm):
-            sig = candidates[i].signals[l]
-            out[i, base + 0] = s
-            out[i, base + 1] = ns
-            out[i, base + 2] = 1.0 / sig.rank if sig.rank else 0.0
-            out[i, base + 3] = 0.0
+        if present:
+            at = np.asarray(present, dtype=np.intp)
+            out[at, base + 0] = raw
+            out[at, base + 1] = minmax_normalize(raw)
+            out[at, base + 2] = rr
+            out[at, base + 3] = 0.0
     out[:, -1] = len(lists) - out[:, [j * len(PER_LIST) + 3 for j in range(len(lists))]].sum(axis=1)
     return out
 

@@ -441,14 +441,15 @@ class _MiniLM:
             return OnnxMiniLMEncoder(cls.name, p, d / "tokenizer.json", max_len, dim, device, backend=backend,
                                      model_id=cls._model_id(backend, [p], dim), weights=[p])
         if backend == "onnx-q8":
-            from indexing.onnx_text import build_q8_model
+            from indexing.onnx_text import load_q8_model
 
             _cpu_only(backend, device)  # before the export, not after it
             w = [d / "model.safetensors"]
+            model_id = cls._model_id(backend, w, dim)
             with _no_hf_progress_bar():
-                data = build_q8_model(d)
+                data = load_q8_model(d, model_id)  # built once, then from the on-disk cache
             return OnnxMiniLMEncoder(cls.name, data, d / "tokenizer.json", max_len, dim, device, backend=backend,
-                                     model_id=cls._model_id(backend, w, dim), weights=w)
+                                     model_id=model_id, weights=w)
         return SentenceTransformerEncoder(cls.name, d, [d / "model.safetensors"], device, dim=dim)
 
 

@@ -16,13 +16,25 @@ onnxruntime computes in float32 (a weight-only storage format). Here the matmuls
 Blocks of 32 keep the error small: measured on 20 probe texts plus 300 fashion and Home Depot queries on
 2026-11-26, the smallest cosine to the torch vectors was 0.9994 (the shipped int8 export: 0.9990; onnxruntime's
 dynamic per-tensor int8 quantization: 0.984), at ~1.8 ms a query against ~2.8-3.0 ms for the shipped export (one
-thread). The model is rebuilt when a process first loads the backend (~2 s), nothing is written to disk, and its
-model id is the torch weights' hash with the recipe's name (:data:`RECIPE`), so it changes with either.
+thread). Its model id is the torch weights' hash with the recipe's name (:data:`RECIPE`), so it changes with either.
+
+The build takes ~3-7 s (the export and the quantization), against ~0.4 s to load a finished ONNX file, and every
+process that loads the backend needs the model (each ``serve --workers`` worker, each benchmark, the tests). So
+:func:`load_q8_model` keeps the built model in a cache directory outside the project (:func:`cache_dir`:
+``FUSIONRANK_CACHE_DIR``, default ``$XDG_CACHE_HOME/fusionrank`` or ``~/.cache/fusionrank``; ``off`` disables it),
+under a name made of the model id and the versions of torch and onnx that built it, with a SHA-256 file beside it.
+A file whose checksum does not match (a torn or corrupted write) is rebuilt and replaced; a directory that cannot
+be written only costs the rebuild in the next process. Writes go to a temporary file renamed into place, so
+processes that start together (``serve --workers N``) never read half a file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import re
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -145,5 +157,75 @@ def build_q8_model(model_dir: Path) -> bytes:
     return data
 
 
-__all__ = ["ACCURACY_LEVEL", "BLOCK_SIZE", "RECIPE", "build_q8_model", "dequantize_blocks", "export_text_model",
-           "quantize_blocks", "quantize_matmuls"]
+#: ``FUSIONRANK_CACHE_DIR`` values that turn the on-disk cache of built models off
+CACHE_OFF = ("off", "none", "0", "false", "no")
+
+
+def cache_dir() -> Path | None:
+    """Where built ``onnx-q8`` models are kept between processes: ``FUSIONRANK_CACHE_DIR`` (``off``: nowhere), else
+    ``$XDG_CACHE_HOME/fusionrank``, else ``~/.cache/fusionrank``."""
+    v = os.environ.get("FUSIONRANK_CACHE_DIR")
+    if v is not None and v.strip().lower() in (*CACHE_OFF, ""):
+        return None
+    if v:
+        return Path(v).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fusionrank"
+
+
+def cache_path(directory: Path, model_id: str) -> Path:
+    """The cache file of the model ``model_id`` built by this process's torch and onnx (the exporter's output may
+    change with their versions even for the same weights and recipe)."""
+    from importlib.metadata import version
+
+    built_by = f"{model_id}\n{RECIPE}\ntorch {version('torch')}\nonnx {version('onnx')}"
+    key = hashlib.sha256(built_by.encode()).hexdigest()[:16]
+    return directory / "onnx-q8" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', model_id)}-{key}.onnx"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep other users of a shared cache directory out
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_q8_model(model_dir: Path, model_id: str, *, directory: Path | None | str = "default") -> bytes:
+    """The serialized ``onnx-q8`` model of ``model_dir`` (model id ``model_id``): from the cache directory when it
+    holds it intact, else built (:func:`build_q8_model`) and stored there. ``directory``: the cache directory
+    (default :func:`cache_dir`; ``None``: build, store nothing)."""
+    d = cache_dir() if directory == "default" else (Path(directory) if directory is not None else None)
+    if d is None:
+        return build_q8_model(model_dir)
+    path = cache_path(d, model_id)
+    digest_path = path.with_suffix(".sha256")
+    try:
+        data = path.read_bytes()
+        want = digest_path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("could not read the cached onnx-q8 model %s (%s): building it", path, e)
+    else:
+        if hashlib.sha256(data).hexdigest() == want:
+            log.info("onnx-q8 text model loaded from the cache %s", path)
+            return data
+        log.warning("the cached onnx-q8 model %s does not match its checksum: building it again", path)
+    data = build_q8_model(model_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, data)
+        _write_atomically(digest_path, (hashlib.sha256(data).hexdigest() + "\n").encode())  # after the model: a reader
+        # that meets the new model with the old checksum rebuilds, never trusts a mismatch
+    except OSError as e:
+        log.warning("could not cache the onnx-q8 model under %s (%s): each process builds it (FUSIONRANK_CACHE_DIR sets "
+                    "the directory, 'off' silences this)", d, e)
+    return data
+
+
+__all__ = ["ACCURACY_LEVEL", "BLOCK_SIZE", "CACHE_OFF", "RECIPE", "build_q8_model", "cache_dir", "cache_path", "dequantize_blocks",
+           "export_text_model", "load_q8_model", "quantize_blocks", "quantize_matmuls"]

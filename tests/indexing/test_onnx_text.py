@@ -170,3 +170,74 @@ def test_a_failed_export_is_an_encoder_error_naming_the_backend(tmp_path, monkey
     monkeypatch.setattr(torch.onnx, "export", broken)
     with pytest.raises(EncoderError, match="'onnx-q8': exporting or quantizing .* RuntimeError: tracer exploded"):
         onnx_text.build_q8_model(_MiniLM._model_dir())
+
+
+# ------------------------------------------------------------------------------ the on-disk cache of built models
+
+
+def test_a_built_model_is_kept_on_disk_and_the_next_load_skips_the_build(tmp_path, monkeypatch, text_q8):
+    from indexing import onnx_text
+    from indexing.encoders import _MiniLM
+
+    monkeypatch.setenv("FUSIONRANK_CACHE_DIR", str(tmp_path))
+    model_id = text_encoder_info(backend="onnx-q8").model_id
+    first = _MiniLM.load("onnx-q8", "cpu")  # a real export and quantization, stored in tmp_path
+    path = onnx_text.cache_path(tmp_path, model_id)
+    assert path.parent == tmp_path / "onnx-q8" and path.name.startswith("minilm_") and path.suffix == ".onnx"
+    data = path.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == path.with_suffix(".sha256").read_text().strip()
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []  # no temporary file left behind
+
+    def no_build(*a, **k):
+        raise AssertionError("the cached model was built again")
+
+    monkeypatch.setattr(onnx_text, "build_q8_model", no_build)
+    again = _MiniLM.load("onnx-q8", "cpu")
+    assert again.model_id == first.model_id == text_q8.model_id
+    assert np.allclose(again.encode(QUERIES), first.encode(QUERIES), atol=1e-6)
+    assert np.allclose(again.encode(QUERIES), text_q8.encode(QUERIES), atol=1e-6)
+
+
+def test_a_corrupt_unwritable_or_disabled_cache_costs_a_build_never_a_failure(tmp_path, monkeypatch, caplog):
+    from indexing import onnx_text
+
+    built = []
+
+    def fake_build(model_dir):  # the real builder is tested above; this counts the builds the cache could not spare
+        built.append(model_dir)
+        return f"model {len(built)}".encode()
+
+    monkeypatch.setattr(onnx_text, "build_q8_model", fake_build)
+    md = tmp_path / "checkpoint"
+    cache = tmp_path / "cache"
+    assert onnx_text.load_q8_model(md, "minilm:abc:384", directory=cache) == b"model 1"
+    assert onnx_text.load_q8_model(md, "minilm:abc:384", directory=cache) == b"model 1" and len(built) == 1
+    other = onnx_text.load_q8_model(md, "minilm:def:384", directory=cache)  # another model id: another file
+    assert other == b"model 2" and onnx_text.cache_path(cache, "minilm:def:384") != onnx_text.cache_path(cache, "minilm:abc:384")
+
+    path = onnx_text.cache_path(cache, "minilm:abc:384")
+    path.write_bytes(b"model 1, torn")  # a damaged file: its checksum no longer matches
+    with caplog.at_level(logging.WARNING, logger="indexing.onnx_text"):
+        assert onnx_text.load_q8_model(md, "minilm:abc:384", directory=cache) == b"model 3"
+    assert "does not match its checksum" in caplog.text
+    assert path.read_bytes() == b"model 3" and onnx_text.load_q8_model(md, "minilm:abc:384", directory=cache) == b"model 3"
+    assert len(built) == 3
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="indexing.onnx_text"):
+        assert onnx_text.load_q8_model(md, "minilm:abc:384", directory=blocked) == b"model 4"
+    assert "could not cache the onnx-q8 model" in caplog.text and blocked.read_text() == "not a directory"
+
+    assert onnx_text.load_q8_model(md, "minilm:abc:384", directory=None) == b"model 5"  # no cache: built, nothing written
+    for off in ("off", "0", ""):
+        monkeypatch.setenv("FUSIONRANK_CACHE_DIR", off)
+        assert onnx_text.cache_dir() is None
+    monkeypatch.setenv("FUSIONRANK_CACHE_DIR", str(tmp_path / "mine"))
+    assert onnx_text.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("FUSIONRANK_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert onnx_text.cache_dir() == tmp_path / "xdg" / "fusionrank"
+    assert onnx_text.load_q8_model(md, "minilm:abc:384") == b"model 6"  # the default directory
+    assert onnx_text.cache_path(tmp_path / "xdg" / "fusionrank", "minilm:abc:384").read_bytes() == b"model 6"

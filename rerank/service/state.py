@@ -62,6 +62,10 @@ def _submit_reindex_celery(settings: Any, params: dict[str, Any]) -> dict[str, s
     return {"task_id": res.id, "job_id": job_id}
 
 
+#: model-endpoint threads beyond the reranker gate's size (:meth:`ServiceState.model_limiter`)
+MODEL_THREAD_SLACK = 1
+
+
 class FifoGate:
     """At most ``size`` holders at once, admitted strictly in arrival order (a context manager).
 
@@ -143,12 +147,26 @@ class ServiceState:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     gate: FifoGate = field(init=False, repr=False)
     gate_size: int = field(init=False, default=1)
+    _model_limiter: Any = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ConfigError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
         self.gate_size = self.max_concurrent or 1
         self.gate = FifoGate(self.gate_size)
+
+    def model_limiter(self) -> Any:
+        """The thread slots of the model endpoints (:func:`rerank.service.app._in_model_thread`): an anyio
+        ``CapacityLimiter`` of :attr:`gate_size` + :data:`MODEL_THREAD_SLACK` tokens (the next call already sits on a
+        thread when the running one leaves the gate). Made on first use, in the event loop; a reload that changes
+        the gate's size gets a new one (calls in flight give their slot back to the old one)."""
+        lim = self._model_limiter
+        want = self.gate_size + MODEL_THREAD_SLACK
+        if lim is None or lim.total_tokens != want:
+            import anyio
+
+            lim = self._model_limiter = anyio.CapacityLimiter(want)
+        return lim
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -1,5 +1,5 @@
 """The service's process edge, without a model: JSON rendering (orjson and the stdlib agree), TCP_NODELAY on the
-sockets of ``fusionrank serve --workers N``, the serve options, and the ``bench serve`` load generator's client."""
+sockets of ``fusionrank serve --workers N``, the serve options, the model endpoints' thread slots, and the ``bench serve`` load generator's client."""
 
 from __future__ import annotations
 
@@ -241,6 +241,81 @@ def test_fifo_gate_counts_and_refuses_extra_releases():
     with pytest.raises(ValueError):
         FifoGate(0)
     assert isinstance(ServiceState(settings=None).gate, FifoGate)
+
+
+# ----------------------------------------------------------------------------- the model endpoints' thread slots
+class _BlockingReranker:
+    """Records the queries it is called with; each call waits for a permit (a stand-in for a slow model call)."""
+
+    name = "blocking"
+    engine = None
+    index = "products"
+    history = None
+    image_encoder = None
+    batcher = None
+    model = None
+
+    def __init__(self) -> None:
+        self.permits = threading.Semaphore(0)
+        self.calls: list[str] = []
+        self.inside = 0
+        self.most_inside = 0
+        self._lock = threading.Lock()
+
+    def rerank(self, query, response, **kw):
+        with self._lock:
+            self.calls.append(query)
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        assert self.permits.acquire(timeout=20), "never released"
+        with self._lock:
+            self.inside -= 1
+        return {**response, "fusionrank": {"degraded": None}}
+
+
+def test_model_endpoints_hold_gate_size_plus_one_threads_and_serve_in_arrival_order():
+    import httpx
+
+    from rerank.service.state import MODEL_THREAD_SLACK, ServiceState
+    from workers.settings import load_settings
+
+    fake = _BlockingReranker()
+    st = ServiceState.from_reranker(load_settings(), fake, auth=False)
+    app = A.create_app(st)
+
+    async def main():
+        async def until(cond):
+            for _ in range(2000):
+                if cond():
+                    return
+                await asyncio.sleep(0.005)
+            raise AssertionError("timed out")
+
+        def queued():  # requests past validation: in the reranker, parked at the gate, or waiting for a thread slot
+            return len(fake.calls) + st.gate.waiting + st.model_limiter().statistics().tasks_waiting
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fusionrank.test") as c:
+            tasks = []
+            for k in range(6):
+                body = {"query": f"q{k}", "response": {"hits": {"hits": [{"_id": "p1", "_score": 1.0}]}}}
+                tasks.append(asyncio.create_task(c.post("/rerank", json=body)))
+                await until(lambda: queued() == k + 1)  # one at a time: the arrival order is known
+            stats = st.model_limiter().statistics()
+            # one call in the reranker, one thread parked at the gate, the other four wait on the event loop
+            assert stats.total_tokens == st.gate_size + MODEL_THREAD_SLACK == 2
+            assert (stats.borrowed_tokens, stats.tasks_waiting) == (2, 4)
+            assert (fake.calls, st.gate.waiting) == (["q0"], 1)
+            for k in range(6):  # finish the calls one by one: each time the next request in line takes its place
+                fake.permits.release()
+                entered = min(k + 2, 6)  # and the one after it parked at the gate, while there is one
+                await until(lambda: len(fake.calls) == entered and fake.inside == (k < 5) and st.gate.waiting == (entered < 6))
+                assert st.model_limiter().statistics().borrowed_tokens <= 2
+            return await asyncio.gather(*tasks)
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * 6
+    assert fake.calls == [f"q{k}" for k in range(6)] and fake.most_inside == 1
+    assert all(r.json()["fusionrank"]["degraded"] is None for r in responses)
 
 
 # ----------------------------------------------------------------------------- the GC freeze after loading

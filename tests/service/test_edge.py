@@ -244,16 +244,20 @@ def test_fifo_gate_counts_and_refuses_extra_releases():
 
 
 # ----------------------------------------------------------------------------- the model endpoints' thread slots
-class _BlockingReranker:
-    """Records the queries it is called with; each call waits for a permit (a stand-in for a slow model call)."""
+class _FakeReranker:
+    """What :class:`ServiceState` reads of a reranker, without a model."""
 
-    name = "blocking"
+    name = "fake"
     engine = None
     index = "products"
     history = None
     image_encoder = None
     batcher = None
     model = None
+
+
+class _BlockingReranker(_FakeReranker):
+    """Records the queries it is called with; each call waits for a permit (a stand-in for a slow model call)."""
 
     def __init__(self) -> None:
         self.permits = threading.Semaphore(0)
@@ -319,16 +323,6 @@ def test_model_endpoints_hold_gate_size_plus_one_threads_and_serve_in_arrival_or
 
 
 # ----------------------------------------------------------------------------- the GC freeze after loading
-class _FakeReranker:
-    name = "fake"
-    engine = None
-    index = "products"
-    history = None
-    image_encoder = None
-    batcher = None
-    model = None
-
-
 def test_load_freezes_the_heap_only_when_asked():
     import gc
 

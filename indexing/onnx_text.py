@@ -194,11 +194,14 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def load_q8_model(model_dir: Path, model_id: str, *, directory: Path | None | str = "default") -> bytes:
+_DEFAULT_DIR = object()  # load_q8_model's "ask cache_dir()" (None already means: no cache)
+
+
+def load_q8_model(model_dir: Path, model_id: str, *, directory: Any = _DEFAULT_DIR) -> bytes:
     """The serialized ``onnx-q8`` model of ``model_dir`` (model id ``model_id``): from the cache directory when it
     holds it intact, else built (:func:`build_q8_model`) and stored there. ``directory``: the cache directory
     (default :func:`cache_dir`; ``None``: build, store nothing)."""
-    d = cache_dir() if directory == "default" else (Path(directory) if directory is not None else None)
+    d = cache_dir() if directory is _DEFAULT_DIR else (Path(directory) if directory is not None else None)
     if d is None:
         return build_q8_model(model_dir)
     path = cache_path(d, model_id)

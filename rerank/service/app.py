@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import binascii
-import functools
 import json
 import logging
 import math
@@ -274,7 +273,7 @@ async def _in_model_thread(st: ServiceState, fn: Any, *args: Any) -> Any:
     gate (~16 per worker process at ``bench serve`` concurrency 32), and those processes served fewer requests per
     second: 138 against 158 on average over four alternating rounds of 1,200 requests (``serve --workers 2``; the
     README's *bench serve* section has the runs); concurrency 8 was unchanged."""
-    return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=st.model_limiter())
+    return await anyio.to_thread.run_sync(fn, *args, limiter=st.model_limiter())
 
 
 def _filters(m: S.FiltersModel | None):

@@ -278,6 +278,7 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
     from indexing.encoders import limit_threads, threads_from_env
     from rerank.reranker import Reranker
     from rerank.service.drill_services import free_port
+    from workers.commands.serve import switch_interval_ms
     from workers.settings import load_settings
 
     tmp = Path(tempfile.mkdtemp(prefix="fusionrank-bench-serve-"))
@@ -288,6 +289,7 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
         # http_overhead_ms compares like with like
         threads = threads_from_env()
         env["OMP_NUM_THREADS"] = str(threads)
+        server_interval_ms = switch_interval_ms()  # what the server will set (a bad value stops the bench here)
         limit_threads(threads)
         if synthetic:
             t = time.perf_counter()
@@ -304,7 +306,13 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
 
         reranker = Reranker.from_settings(settings)
         bodies = make_requests(reranker.engine, reranker.index, requests, candidates, users=users, seed=seed)
-        inproc_p50, inproc_degraded, stages = _in_process(reranker, bodies)
+        # ... and with the server's thread switch interval (the load generator keeps the interpreter's own)
+        client_interval = sys.getswitchinterval()
+        sys.setswitchinterval(server_interval_ms / 1000.0)
+        try:
+            inproc_p50, inproc_degraded, stages = _in_process(reranker, bodies)
+        finally:
+            sys.setswitchinterval(client_interval)
         version = reranker.model.version if reranker.model is not None else None
         runtime = reranker.model_runtime  # the server's workers load the same model with the same settings
         query_backend = getattr(reranker.text_encoder, "backend", None)
@@ -336,7 +344,7 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
             "candidates": candidates, "requests_per_level": requests, "synthetic": synthetic,
             "model_version": version, "budget_ms": settings.rerank_budget_ms, "cpu_count": os.cpu_count(),
             "server": f"fusionrank serve (uvicorn, {_server_stack()}), {server_workers} worker process(es), subprocess, "
-                      f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, access log off",
+                      f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, thread switch interval {server_interval_ms:g} ms, access log off",
             "server_workers": server_workers,
             "text_backend": settings.text_backend,
             "query_text_backend": query_backend,

@@ -4,17 +4,55 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
+from indexing.errors import ConfigError
 from workers.cli import app
+from workers.commands import serve as S
 
 
 def test_serve_refuses_to_start_without_an_api_key():
     r = CliRunner().invoke(app, ["serve", "--port", "0"])
     assert r.exit_code == 2
     assert "FUSIONRANK_API_KEY" in r.output and "--no-auth" in r.output
+
+
+@pytest.mark.parametrize("raw, ms", [(None, 1.0), ("0.5", 0.5), (" 5 ", 5.0), ("1000", 1000.0)])
+def test_switch_interval_setting(monkeypatch, raw, ms):
+    if raw is None:
+        monkeypatch.delenv(S.SWITCH_INTERVAL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(S.SWITCH_INTERVAL_ENV, raw)
+    assert S.switch_interval_ms() == ms
+
+
+@pytest.mark.parametrize("raw", ["fast", "0", "-1", "nan", "inf", "1001"])
+def test_switch_interval_setting_refuses_what_is_not_a_duration(monkeypatch, raw):
+    monkeypatch.setenv(S.SWITCH_INTERVAL_ENV, raw)
+    with pytest.raises(ConfigError, match=f"{S.SWITCH_INTERVAL_ENV} must be .* got '{raw}'"):
+        S.switch_interval_ms()
+
+
+def test_setup_server_process_caps_threads_and_sets_the_switch_interval(monkeypatch):
+    import indexing.encoders as E
+
+    capped = []
+    monkeypatch.setattr(E, "limit_threads", capped.append)
+    monkeypatch.setenv(S.SWITCH_INTERVAL_ENV, "2.5")
+    S.setup_server_process(3)  # the autouse fixture restores the interval afterwards
+    assert capped == [3]
+    assert sys.getswitchinterval() == pytest.approx(0.0025)
+
+
+def test_serve_refuses_a_bad_switch_interval_before_loading(monkeypatch):
+    monkeypatch.setenv("FUSIONRANK_API_KEY", "k" * 24)
+    monkeypatch.setenv(S.SWITCH_INTERVAL_ENV, "fast")
+    r = CliRunner().invoke(app, ["serve", "--port", "0"])
+    assert r.exit_code == 2
+    assert S.SWITCH_INTERVAL_ENV in r.output and "'fast'" in r.output
 
 
 @pytest.mark.slow
@@ -31,6 +69,7 @@ def test_bench_serve_synthetic_tiny():
     assert out["in_process_p50_ms"] > 0 and out["candidates"] == 50 and out["synthetic"] is True
     assert out["model_version"] and "encode" in out["in_process_stages_ms"]
     assert out["server_workers"] == 2  # no request met a worker still loading: errors == 0 above
+    assert "thread switch interval 1 ms" in out["server"]  # the server's default, stated in the output
     # queries encoded by the default (auto) query backend: onnx-q8 on this CPU, over the index's own encoder
     assert out["text_backend"] == "torch" and out["query_text_backend"] == "onnx-q8"
     assert gc.get_freeze_count() == 0  # the load generator froze its heap for the levels only

@@ -20,6 +20,43 @@ import typer
 log = logging.getLogger(__name__)
 NO_AUTH_ENV = "FUSIONRANK_SERVE_NO_AUTH"
 IMAGES_ROOT_ENV = "FUSIONRANK_SERVE_IMAGES_ROOT"
+SWITCH_INTERVAL_ENV = "FUSIONRANK_SERVE_SWITCH_INTERVAL_MS"
+#: the interpreter's thread switch interval in a server process, ms (Python's own default: 5)
+DEFAULT_SWITCH_INTERVAL_MS = 1.0
+
+
+def switch_interval_ms() -> float:
+    """``FUSIONRANK_SERVE_SWITCH_INTERVAL_MS`` (a positive number of milliseconds), else
+    :data:`DEFAULT_SWITCH_INTERVAL_MS`; anything else is a :class:`~indexing.errors.ConfigError` naming the value."""
+    from indexing.errors import ConfigError
+
+    raw = os.environ.get(SWITCH_INTERVAL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SWITCH_INTERVAL_MS
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = float("nan")
+    if not 0.01 <= ms <= 1000.0:  # also refuses nan and inf
+        raise ConfigError(f"{SWITCH_INTERVAL_ENV} must be a number of milliseconds from 0.01 to 1000, got {raw!r}")
+    return ms
+
+
+def setup_server_process(threads: int) -> None:
+    """What every server process does before it loads a model: cap its compute threads (worker processes inherit
+    ``OMP_NUM_THREADS``; numpy and onnxruntime read it at load) and shorten the interpreter's thread switch interval.
+
+    Why the switch interval: a server process runs several Python threads (the event loop, the endpoint's thread,
+    the query-encoding thread). A thread that wants the GIL while another computes in Python waits for the holder to
+    release it, up to the switch interval (5 ms by default), so a request parsed on the loop or a query handed to
+    the encoder sat waiting behind feature code. Measured with ``bench serve --synthetic --server-workers 2`` at
+    concurrency 8 (README, *bench serve*)."""
+    import sys
+
+    from indexing.encoders import limit_threads
+
+    limit_threads(threads)
+    sys.setswitchinterval(switch_interval_ms() / 1000.0)
 
 
 def app_factory():
@@ -30,9 +67,9 @@ def app_factory():
     from rerank.service.state import ServiceState
     from workers.settings import load_settings
 
-    from indexing.encoders import limit_threads, threads_from_env
+    from indexing.encoders import threads_from_env
 
-    limit_threads(threads_from_env())
+    setup_server_process(threads_from_env())
     root = os.environ.get(IMAGES_ROOT_ENV)
     state = ServiceState.loading(load_settings(), auth=os.environ.get(NO_AUTH_ENV) != "1", images_root=Path(root) if root else None,
                                  freeze_gc=True)
@@ -100,12 +137,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from rerank.service.state import ServiceState
         from workers.settings import load_settings
 
-        from indexing.encoders import limit_threads, threads_from_env
+        from indexing.encoders import threads_from_env
 
-        # before any model loads; worker processes inherit OMP_NUM_THREADS (numpy and onnxruntime read it at load).
-        # One thread per process by default: a rerank call's matmuls are small (a second intra-op thread mostly
-        # spins) and the call already uses a second core while its query is encoded; more throughput: --workers
-        limit_threads(threads if threads is not None else threads_from_env())
+        # before any model loads. One compute thread per process by default: a rerank call's matmuls are small (a
+        # second intra-op thread mostly spins) and the call already uses a second core while its query is encoded;
+        # more throughput: --workers
+        try:
+            setup_server_process(threads if threads is not None else threads_from_env())
+        except ConfigError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
         settings = load_settings()
         state = ServiceState.loading(settings, auth=not no_auth, images_root=images_root.resolve() if images_root else None, freeze_gc=True)
         try:

@@ -26,7 +26,7 @@ DEFAULT_SWITCH_INTERVAL_MS = 1.0
 
 
 def switch_interval_ms() -> float:
-    """``FUSIONRANK_SERVE_SWITCH_INTERVAL_MS`` (a positive number of milliseconds), else
+    """``FUSIONRANK_SERVE_SWITCH_INTERVAL_MS`` (milliseconds, 0.01 to 1000) when set, else
     :data:`DEFAULT_SWITCH_INTERVAL_MS`; anything else is a :class:`~indexing.errors.ConfigError` naming the value."""
     from indexing.errors import ConfigError
 

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from indexing import fields as F
+from indexing.machine import machine_info
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ def run_engine_bench(
         engine.close()
 
     return {
+        "machine": machine_info(),
         "docs": docs,
         "dim": dim,
         "queries": queries,

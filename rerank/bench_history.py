@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from indexing.errors import ConfigError
+from indexing.machine import machine_info
 from rerank.history.ingest import import_events_file
 from rerank.history.profiles import InMemoryVectorSource, ProfileConfig, ProfileService
 from rerank.history.store import HistoryStore, make_engine, normalize_url, sql_errors, upgrade, with_search_path
@@ -154,6 +155,7 @@ def _bench(
     c50, c99 = _percentiles_ms(cold)
     w50, w99 = _percentiles_ms(warm)
     return {
+        "machine": machine_info(),
         "database": "postgresql" if url.startswith("postgresql") else "sqlite",
         "users": users,
         "events": events,

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from indexing import fields as F
+from indexing.machine import machine_info
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def bench_rerank(
              for i in range(warmup + requests)]
     totals, degraded, stages = time_rerank_calls(reranker, tqdm(calls, desc="rerank", unit="req", disable=not progress), warmup=warmup)
     res: dict[str, Any] = {
+        "machine": machine_info(),
         "requests": requests,
         "candidates_per_request": round(float(np.mean(sizes)), 1),
         "p50_ms": round(percentile(totals, 50), 3),

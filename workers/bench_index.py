@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from indexing.errors import ConfigError
+from indexing.machine import machine_info
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def run_index_bench(
     if summary.failed:
         log.warning("bench index: %d products failed: %s", summary.failed, summary.errors[:3])
     return {
+        "machine": machine_info(),
         "products": n,
         "indexed": summary.indexed,
         "failed": summary.failed,

@@ -26,6 +26,7 @@ from typing import Any
 
 from indexing import fields as F
 from indexing.errors import ConfigError
+from indexing.machine import machine_info
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def run_reindex_bench(settings, *, catalog: Path, images_root: Path, limit: int 
             elif step == "swapped":
                 swaps.append((marks.pop("swap"), time.perf_counter()))
 
-        out: dict[str, Any] = {"limit": limit, "docs": n, "build_s": round(build_s, 2), "build_failed": built.failed}
+        out: dict[str, Any] = {"machine": machine_info(), "limit": limit, "docs": n, "build_s": round(build_s, 2), "build_failed": built.failed}
         searcher.start()
         try:
             with ReindexJobStore(url) as store:

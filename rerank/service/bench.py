@@ -48,6 +48,7 @@ from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 from indexing.errors import ConfigError, FusionRankError
+from indexing.machine import machine_info
 
 try:  # parses the ~50 KB responses in ~0.1 ms (the stdlib: ~0.5 ms), CPU the server under load would otherwise lose
     import orjson
@@ -342,7 +343,7 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
             "in_process_degraded": inproc_degraded,
             "in_process_stages_ms": stages,
             "candidates": candidates, "requests_per_level": requests, "synthetic": synthetic,
-            "model_version": version, "budget_ms": settings.rerank_budget_ms, "cpu_count": os.cpu_count(),
+            "model_version": version, "budget_ms": settings.rerank_budget_ms, "cpu_count": os.cpu_count(), "machine": machine_info(),
             "server": f"fusionrank serve (uvicorn, {_server_stack()}), {server_workers} worker process(es), subprocess, "
                       f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, thread switch interval {server_interval_ms:g} ms, access log off",
             "server_workers": server_workers,

@@ -548,6 +548,7 @@ def test_engine_benchmark_reports_every_key_with_exact_filtered_recall(tmp_path)
         assert isinstance(r[key], float) and r[key] > 0, key
     assert r["docs"] == r["count"] == 2000 and r["dim"] == 32
     assert r["filtered_knn_recall"] == 1.0
+    assert r["machine"]["cpu_count"] == os.cpu_count()  # every bench JSON names its machine
     assert r["bm25_ms_p50"] <= r["bm25_ms_p99"] and r["knn_ms_p50"] <= r["knn_ms_p99"]
     assert not list(tmp_path.iterdir())  # the temporary index is removed
 

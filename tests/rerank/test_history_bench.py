@@ -23,6 +23,7 @@ KEYS = {
 def _check(r: dict, database: str) -> None:
     assert KEYS <= set(r)
     assert r["database"] == database and "synthetic in-memory" in r["vectors"]
+    assert r["machine"]["cpu_count"] and "cpu_isa" in r["machine"]  # every bench JSON names its machine
     assert r["stored"] == 3000 and r["rejected"] == 0
     assert r["import_events_per_s"] > 100
     assert 0 < r["profile_ms_p50_cold"] <= r["profile_ms_p99_cold"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import os
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -525,3 +526,4 @@ def test_bench_rerank_reports_latency_and_the_cross_encoder_ratio(world):
     assert res["speedup"] == pytest.approx(res["cross_encoder_p50_ms"] / res["p50_ms"], rel=0.01)
     assert res["distinct_queries"] == 3 and res["text_backend"] == "torch"  # 6 calls cycle over 3 queries
     assert res["aligned_cache"] is None  # a model without an alignment has no photos to cache
+    assert res["machine"]["cpu_count"] == os.cpu_count() and "cpu_isa" in res["machine"]  # the machine it ran on

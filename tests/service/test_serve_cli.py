@@ -68,6 +68,7 @@ def test_bench_serve_synthetic_tiny():
     assert isinstance(out["http_overhead_ms"], float)
     assert out["in_process_p50_ms"] > 0 and out["candidates"] == 50 and out["synthetic"] is True
     assert out["model_version"] and "encode" in out["in_process_stages_ms"]
+    assert out["machine"]["cpu_count"] == out["cpu_count"] and set(out["machine"]) >= {"cpu_model", "cpu_isa"}
     assert out["server_workers"] == 2  # no request met a worker still loading: errors == 0 above
     assert "thread switch interval 1 ms" in out["server"]  # the server's default, stated in the output
     # queries encoded by the default (auto) query backend: onnx-q8 on this CPU, over the index's own encoder

@@ -15,6 +15,7 @@ def test_bench_index_measures_raw_encoders_and_the_pipeline_on_the_same_products
         batch_size=5,
     )
     assert out["products"] == out["indexed"] == 12 and out["failed"] == 0
+    assert out["machine"]["cpu_count"] and "cpu_isa" in out["machine"]
     for k in ("text_docs_per_s", "image_docs_per_s", "pipeline_docs_per_s", "raw_encoder_docs_per_s"):
         assert out[k] > 0
     # the pipeline does everything the raw encoders do plus I/O, so it cannot be much faster than them

@@ -2,7 +2,7 @@
 
 Benchmark numbers depend on the CPU as much as on the code: onnxruntime and torch pick their int8 and float kernels
 by the instruction sets the CPU offers (AVX2, AVX-512, VNNI, AMX), and two VMs that both call themselves
-"Intel(R) Xeon(R) Processor" with 2 cores can differ by ~2x in ``bench serve``. So each result names its machine,
+"Intel(R) Xeon(R) Processor" with 2 cores differed by ~1.4x in ``bench serve`` throughput. So each result names its machine,
 and two results are compared only where these agree (or the difference is stated)."""
 
 from __future__ import annotations

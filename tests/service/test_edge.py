@@ -8,6 +8,7 @@ import json
 import math
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -140,12 +141,14 @@ def test_serve_passes_loop_http_and_access_log(monkeypatch):
 class _Recorder(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     seen: list = []
+    ports: list = []
     close_every = 0
 
     def do_POST(self):  # noqa: N802
         n = int(self.headers["Content-Length"])
         body = self.rfile.read(n)
         type(self).seen.append((self.path, self.headers.get("X-API-Key"), self.headers.get("Content-Type"), body))
+        type(self).ports.append(self.client_address[1])
         k = len(type(self).seen)
         degraded = "timeout" if k % 3 == 0 else None
         out = json.dumps({"hits": {"hits": []}, "fusionrank": {"degraded": degraded}}).encode()
@@ -164,7 +167,7 @@ class _Recorder(BaseHTTPRequestHandler):
 
 @pytest.mark.parametrize("close_every", [0, 4])
 def test_level_sends_the_same_bodies_and_counts(close_every):
-    handler = type("H", (_Recorder,), {"seen": [], "close_every": close_every})
+    handler = type("H", (_Recorder,), {"seen": [], "ports": [], "close_every": close_every})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
@@ -184,6 +187,53 @@ def test_level_sends_the_same_bodies_and_counts(close_every):
     assert sorted(b for *_, b in handler.seen[warm:]) == sorted(
         json.dumps(b, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for b in bodies)
     assert 0 < out["degraded"] < 10
+    if not close_every:  # each client thread keeps its one keep-alive connection from the warm-up to the end
+        assert len(set(handler.ports)) == 3
+    else:  # a response with Connection: close makes that thread open a new one
+        assert len(set(handler.ports)) > 3
+
+
+def test_closed_loop_order_warm_up_and_concurrency():
+    lock = threading.Lock()
+    state = {"in_flight": 0, "most": 0}
+    log, names = [], set()
+
+    def send(item):
+        with lock:
+            state["in_flight"] += 1
+            state["most"] = max(state["most"], state["in_flight"])
+            log.append(item)
+            names.add(threading.current_thread().name)
+        time.sleep(0.002)
+        with lock:
+            state["in_flight"] -= 1
+        return item * 10
+
+    warm = [-1, -2, -3, -4, -5, -6]
+    items = list(range(40))
+    res, wall = B.closed_loop(4, send, items, warm_up=warm)
+    assert res == [i * 10 for i in items]  # in the items' order, each sent once
+    assert sorted(log[: len(warm)]) == sorted(warm) and sorted(log[len(warm):]) == items  # the warm-up first, untimed
+    assert state["most"] == 4  # never more than c in flight, and c were
+    assert len(names) == 4
+    assert wall >= 40 / 4 * 0.002  # at least each thread's share of the timed items
+
+
+def test_closed_loop_stops_at_the_first_failure():
+    sent = []
+
+    def send(item):
+        sent.append(item)
+        if item == 3:
+            raise ConnectionRefusedError("server gone")
+        time.sleep(0.001)
+        return item
+
+    with pytest.raises(ConnectionRefusedError, match="server gone"):
+        B.closed_loop(2, send, list(range(200)))
+    assert len(sent) < 20  # the other thread stopped too
+    with pytest.raises(ValueError, match="at least one thread"):
+        B.closed_loop(0, send, [1])
 
 
 def test_encode_bodies_refuses_nan():

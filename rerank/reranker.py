@@ -488,6 +488,40 @@ class Reranker:
             raise _Degrade(TIMEOUT, f"{spent:.1f} ms spent after stage {stage!r}, budget {self.budget_ms:g} ms")
 
     def _model_scores(self, text, cands, docs, user_id, query_image, t0, timings):
+        req = self._features(text, cands, docs, user_id, query_image, t0, timings)
+        s = self.clock()
+        try:
+            scored = self._forward(req, t0)
+            scores = np.asarray(scored.scores, dtype=np.float64)
+            if scores.shape != (len(cands),) or not np.isfinite(scores).all():
+                raise FusionRankError(f"model returned {scores.shape} scores with non-finite values for {len(cands)} candidates")
+        except _Degrade:
+            raise
+        except Exception as e:  # fail open on any model failure
+            raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e
+        self._check_budget(t0, "model", timings, s)
+        return scores.tolist(), scored.explain_all()  # every candidate's explanation in one vectorized pass
+
+    def request_features(self, query: str, hits_or_opensearch_response: Any, *, user_id: str | None = None, query_image: Any | None = None) -> Any:
+        """The model's inputs for this call (a :class:`rerank.model_features.RequestFeatures`), built exactly as
+        :meth:`rerank` builds them (fetch, history, features, query encoding), without the forward pass: what
+        ``fusionrank bench batch`` replays on another device. Raises :class:`FusionRankError` where :meth:`rerank`
+        would fail open (a spent budget included), and :class:`ConfigError` without a model."""
+        if self.model is None:
+            raise ConfigError("request_features needs a reranker with a model")
+        text = self._check_args(query, user_id, None, query_image)
+        inp = _parse(hits_or_opensearch_response)
+        cands = candidates_from_hits(inp.ids, inp.scores)
+        if not cands:
+            raise ConfigError("request_features needs at least one hit")
+        docs = {i: s for i, s in zip(inp.ids, inp.sources) if s is not None}
+        try:
+            return self._features(text, cands, docs, user_id, query_image, self.clock(), {})
+        except _Degrade as d:
+            raise FusionRankError(f"the features of {query!r} could not be built ({d.reason}): {d.detail}") from d
+
+    def _features(self, text, cands, docs, user_id, query_image, t0, timings):
+        """The query-dependent model inputs of one call (the query encoded on the encoder's thread, beside the rest)."""
         from rerank.model_features import HistoryInput, colour_fields, prepare_request_features
 
         art = self.model
@@ -547,19 +581,10 @@ class Reranker:
         if pending is not None:
             qvec, timings["encode"] = self._query_vector(pending, text, query_image, t0)
             self._check_budget(t0, "encode", timings, None)
-
-        s = self.clock()
         try:
-            scored = self._forward(prepared.finish(qvec), t0)
-            scores = np.asarray(scored.scores, dtype=np.float64)
-            if scores.shape != (len(cands),) or not np.isfinite(scores).all():
-                raise FusionRankError(f"model returned {scores.shape} scores with non-finite values for {len(cands)} candidates")
-        except _Degrade:
-            raise
+            return prepared.finish(qvec)
         except Exception as e:  # fail open on any model failure
             raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e
-        self._check_budget(t0, "model", timings, s)
-        return scores.tolist(), scored.explain_all()  # every candidate's explanation in one vectorized pass
 
     def _encode_query(self, text: str, query_image: Any) -> tuple[np.ndarray, float]:
         """The query vector (the text's, or the image's aligned into the text space) and the milliseconds it took."""

@@ -43,11 +43,12 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 from indexing.errors import ConfigError, FusionRankError
 from indexing.machine import machine_info
+from rerank.bench_rerank import closed_loop
 
 try:  # parses the ~50 KB responses in ~0.1 ms (the stdlib: ~0.5 ms), CPU the server under load would otherwise lose
     import orjson
@@ -217,61 +218,6 @@ def encode_bodies(bodies: Sequence[dict[str, Any]]) -> list[bytes]:
 
 def _loads(data: bytes) -> Any:
     return orjson.loads(data) if orjson is not None else json.loads(data)
-
-
-def closed_loop(c: int, send: Callable[[Any], Any], items: Sequence[Any], *, warm_up: Sequence[Any] = ()) -> tuple[list[Any], float]:
-    """``send`` over ``items`` from ``c`` threads, each taking the next item as soon as its previous one returned
-    (a closed loop: at most ``c`` in flight); first over ``warm_up``, untimed, by the same threads (so a thread's
-    keep-alive connection carries over), then over ``items``. Returns ``send``'s results in ``items`` order and the
-    seconds from the moment every thread had finished the warm-up to the last result.
-
-    Why not ``ThreadPoolExecutor.map``: it creates a future for every item up front, in the calling thread, while
-    the pool's threads are already sending; at 1 500 items that burst held the load generator's GIL long enough to
-    delay the first responses' reads, and those delays were counted as server latency (``bench serve`` at c=8, same
-    server, alternating: p99 37-44 ms with ``map`` against 33-39 ms with this loop, the slowest requests of a ``map``
-    level bunched in its first 0.1 s). The first exception raised by ``send`` stops every thread and is raised here."""
-    if c < 1:
-        raise ValueError(f"a closed loop needs at least one thread, got {c}")
-    phases = (list(warm_up), list(items))
-    results: list[Any] = [None] * len(phases[1])
-    taken = [0, 0]
-    lock = threading.Lock()
-    failed: list[BaseException] = []
-    started = [0.0]
-    barrier = threading.Barrier(c, action=lambda: started.__setitem__(0, time.perf_counter()))
-
-    def take(phase: int) -> int | None:
-        with lock:
-            i = taken[phase]
-            if failed or i >= len(phases[phase]):
-                return None
-            taken[phase] = i + 1
-            return i
-
-    def run(phase: int) -> None:
-        try:
-            while (i := take(phase)) is not None:
-                out = send(phases[phase][i])
-                if phase:
-                    results[i] = out
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            with lock:
-                failed.append(e)
-
-    def worker() -> None:
-        run(0)
-        barrier.wait()
-        run(1)
-
-    threads = [threading.Thread(target=worker, name=f"bench-client-{k}", daemon=True) for k in range(c)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started[0]
-    if failed:
-        raise failed[0]
-    return results, wall
 
 
 def _level(base_url: str, bodies: Sequence[bytes], c: int, headers: dict[str, str]) -> dict[str, Any]:

@@ -527,3 +527,78 @@ def test_bench_rerank_reports_latency_and_the_cross_encoder_ratio(world):
     assert res["distinct_queries"] == 3 and res["text_backend"] == "torch"  # 6 calls cycle over 3 queries
     assert res["aligned_cache"] is None  # a model without an alignment has no photos to cache
     assert res["machine"]["cpu_count"] == os.cpu_count() and "cpu_isa" in res["machine"]  # the machine it ran on
+
+
+# ----------------------------------------------------------------------------- bench batch (the forward pass replayed)
+def test_request_features_are_what_rerank_scores(world):
+    r = _reranker(world, budget_ms=10_000)
+    resp = _bm25_response(world[0])
+    for user in ("u1", None):
+        req = r.request_features("black leather shoes", resp, user_id=user)
+        assert list(req.ids) == [h["_id"] for h in resp["hits"]["hits"]]
+        assert bool(req.hist_mask.any()) is (user == "u1")  # u1's profile is in the features, a cold start has none
+        scored = r.model.ranker.score(req)
+        by_features = [req.ids[i] for i in sorted(range(len(req)), key=lambda i: (-float(scored.scores[i]), req.ids[i]))]
+        out = r.rerank("black leather shoes", resp, user_id=user)
+        assert [h["_id"] for h in out["hits"]["hits"]] == by_features
+        assert [h["_score"] for h in out["hits"]["hits"]] == pytest.approx(sorted((float(s) for s in scored.scores), reverse=True), abs=1e-4)
+    with pytest.raises(ConfigError, match="at least one hit"):
+        r.request_features("shoes", {"hits": {"hits": []}})
+    with pytest.raises(ConfigError, match="needs a reranker with a model"):
+        Reranker.noop(world[0], INDEX, text_encoder=world[1]).request_features("shoes", resp)
+
+
+def test_bench_batch_saves_replays_and_times_direct_and_micro_batched(world, tmp_path):
+    import numpy as np
+
+    from rerank.bench_batch import export_requests, load_requests, run_batch_bench, save_requests
+    from rerank.model_features import ARRAY_FIELDS
+
+    r = _reranker(world, budget_ms=10_000)
+    reqs = export_requests(r, ["black shoes", "red dress", "leather bag", "blue jeans"], ["u1", None], candidates=8)
+    assert len(reqs) == 4 and [bool(q.hist_mask.any()) for q in reqs] == [True, False, True, False]
+    path = save_requests(tmp_path / "f" / "features.npz", reqs, meta={"note": "test"})
+    back, meta = load_requests(path)
+    assert meta["count"] == 4 and meta["note"] == "test" and not list(path.parent.glob("*.tmp"))
+    for a, b in zip(reqs, back):  # the same inputs, bit for bit
+        assert a.ids == b.ids and a.hist_ids == b.hist_ids
+        for name in ARRAY_FIELDS:
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+            assert getattr(a, name).dtype == getattr(b, name).dtype
+
+    res = run_batch_bench(back, world[2].path, device="cpu", levels=(1, 4), per_level=24, max_batch=8, max_wait_ms=2.0)
+    assert set(res["levels"]) == {"1", "4"} and res["device"] == "cpu" and res["device_name"] is None
+    for lv in res["levels"].values():
+        for mode in ("direct", "micro_batched"):
+            m = lv[mode]
+            assert m["requests"] == 24 and m["rps"] > 0 and 0 < m["p50_ms"] <= m["p99_ms"]
+    assert res["levels"]["1"]["micro_batched"]["largest_batch"] == 1  # one thread: nobody to share a pass with
+    assert 1 < res["levels"]["4"]["micro_batched"]["mean_batch"] <= res["levels"]["4"]["micro_batched"]["largest_batch"] <= 4
+    assert res["distinct_requests"] == 4 and res["requests_with_history"] == 2 and res["candidates_median"] <= 8
+    assert res["machine"]["cpu_count"] == os.cpu_count()
+
+
+def test_bench_batch_refuses_what_it_cannot_replay(world, tmp_path):
+    import numpy as np
+
+    from rerank.bench_batch import load_requests, main, parse_levels, run_batch_bench, save_requests
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_requests(tmp_path / "none.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    with pytest.raises(ConfigError, match="could not be read"):
+        load_requests(tmp_path / "junk.npz")
+    np.savez(tmp_path / "old.npz", meta=np.asarray('{"format": 0, "count": 0}'))
+    with pytest.raises(ConfigError, match="format 0"):
+        load_requests(tmp_path / "old.npz")
+    r = _reranker(world, budget_ms=10_000)
+    req = r.request_features("black shoes", _bm25_response(world[0]), user_id="u1")
+    wrong = dataclasses.replace(req, query=req.query[:100])  # a query vector of another text model
+    with pytest.raises(ConfigError, match=r"query has shape \(100,\)"):
+        run_batch_bench([wrong], world[2].path, device="cpu", levels=(1,), per_level=2)
+    with pytest.raises(ConfigError, match="integers >= 1"):
+        parse_levels("1,0")
+    with pytest.raises(ConfigError, match="comma-separated integers"):
+        parse_levels("1,x")
+    save_requests(tmp_path / "ok.npz", [req])
+    assert main(["--features", str(tmp_path / "ok.npz"), "--model", str(world[2].path), "--device", "cpu", "--levels", "1,0"]) == 2

@@ -74,3 +74,27 @@ def test_bench_serve_synthetic_tiny():
     # queries encoded by the default (auto) query backend: onnx-q8 on this CPU, over the index's own encoder
     assert out["text_backend"] == "torch" and out["query_text_backend"] == "onnx-q8"
     assert gc.get_freeze_count() == 0  # the load generator froze its heap for the levels only
+
+
+@pytest.mark.slow
+def test_bench_batch_builds_saves_and_replays_a_served_world(tmp_path, monkeypatch):
+    from rerank.service.bench import build_synthetic_world
+
+    for k, v in build_synthetic_world(tmp_path / "world", size=120).items():
+        monkeypatch.setenv(k, v)
+    path = tmp_path / "features.npz"
+    saved = CliRunner().invoke(app, ["bench", "batch", "--save-features", str(path), "--requests", "5", "--candidates", "20"])
+    assert saved.exit_code == 0, saved.output
+    info = json.loads(saved.output.strip().splitlines()[-1])
+    assert info["requests"] == 5 and info["bytes"] == path.stat().st_size and info["candidates"] == 20
+    r = CliRunner().invoke(app, ["bench", "batch", "--features", str(path), "--device", "cpu", "--levels", "1,3", "--per-level", "9"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert set(out["levels"]) == {"1", "3"} and out["device"] == "cpu" and out["distinct_requests"] == 5
+    assert all(lv[m]["requests"] == 9 for lv in out["levels"].values() for m in ("direct", "micro_batched"))
+    assert out["candidates_median"] == 20 and out["features"]["candidates"] == 20
+    once = CliRunner().invoke(app, ["bench", "batch", "--requests", "2", "--candidates", "10", "--levels", "2", "--per-level", "4"])
+    assert once.exit_code == 0, once.output  # neither option: build here, then run
+    assert json.loads(once.output.strip().splitlines()[-1])["distinct_requests"] == 2
+    both = CliRunner().invoke(app, ["bench", "batch", "--features", str(path), "--save-features", str(path)])
+    assert both.exit_code == 2 and "not both" in both.output

@@ -61,3 +61,57 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         res.update({"threads": threads, "device": device, "engine": settings.engine, "cross_encoder_trained": cross_encoder is not None,
                     "note": "users are simulated shoppers (fashion benchmark); each call encodes the query, fetches 100 candidates' vectors and the user's profile"})
         typer.echo(json.dumps(res) if as_json else json.dumps(res, indent=1))
+
+    @bench.command("batch")
+    def bench_batch_cmd(
+        save_features: Optional[Path] = typer.Option(None, "--save-features", help="Build the requests' model inputs from the served index, history and encoders and write them here (.npz)."),
+        features: Optional[Path] = typer.Option(None, "--features", help="Replay the requests of a file --save-features wrote (no index, store or encoder needed)."),
+        model: Optional[Path] = typer.Option(None, "--model", help="The model artifact directory (default: the served model)."),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N: where the forward pass runs."),
+        requests: int = typer.Option(64, "--requests", min=1, help="Distinct requests to build with --save-features (the benchmark's personal queries)."),
+        candidates: int = typer.Option(100, "--candidates", min=1, max=1000, help="First-stage candidates per request."),
+        levels: str = typer.Option("1,8,32", "--levels", help="Concurrencies (comma-separated)."),
+        per_level: int = typer.Option(2000, "--per-level", min=1, help="Timed requests per level and mode (the distinct ones cycled)."),
+        max_batch: int = typer.Option(32, "--max-batch", min=1, help="The micro-batcher's largest batch."),
+        max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0.0, help="The micro-batcher's wait for a batch to fill."),
+        threads: int = typer.Option(1, "--threads", min=1, help="CPU threads (torch, numpy BLAS, onnxruntime)."),
+    ) -> None:
+        """The fusion forward pass, direct and micro-batched, at several concurrencies (GPU when present); JSON.
+
+        With neither --save-features nor --features: build the requests here and run at once."""
+        import tempfile
+
+        from indexing.encoders import limit_threads
+        from rerank.bench_batch import export_requests, load_requests, parse_levels, run_batch_bench, save_requests
+        from workers.settings import load_settings
+
+        lv = parse_levels(levels)
+        if features is not None and save_features is not None:
+            raise typer.BadParameter("give --save-features (build) or --features (replay), not both")
+        limit_threads(threads)
+        settings = load_settings(rerank_budget_ms=10_000.0)  # building features is not timed: never fail open
+        model_dir = model or settings.effective_model_dir
+        if features is None:
+            from rerank.reranker import Reranker
+
+            served = Reranker.from_settings(settings)
+            try:
+                queries, users = bench_inputs(settings, requests)
+                queries = [queries[i % len(queries)] for i in range(requests)]
+                reqs = export_requests(served, queries, users, candidates=candidates)
+            finally:
+                served.close()
+            meta = {"model_version": served.model.version if served.model else None, "queries": len(queries),
+                    "with_users": sum(users[i % len(users)] is not None for i in range(len(queries))) if users else 0, "candidates": candidates,
+                    "note": "simulated shoppers' personal queries (fashion benchmark) when present"}
+            if save_features is not None:
+                save_requests(save_features, reqs, meta=meta)
+                typer.echo(json.dumps({"saved": str(save_features), "requests": len(reqs), "bytes": save_features.stat().st_size, **meta}))
+                return
+            with tempfile.TemporaryDirectory(prefix="fusionrank-bench-batch-") as tmp:  # the same round trip as a replay
+                reqs, meta = load_requests(save_requests(Path(tmp) / "features.npz", reqs, meta=meta))
+        else:
+            reqs, meta = load_requests(features)
+        res = run_batch_bench(reqs, model_dir, device=device, levels=lv, per_level=per_level, max_batch=max_batch, max_wait_ms=max_wait_ms)
+        res["features"] = {k: v for k, v in meta.items() if k != "format"}
+        typer.echo(json.dumps(res))

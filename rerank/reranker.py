@@ -521,7 +521,8 @@ class Reranker:
             raise FusionRankError(f"the features of {query!r} could not be built ({d.reason}): {d.detail}") from d
 
     def _features(self, text, cands, docs, user_id, query_image, t0, timings):
-        """The query-dependent model inputs of one call (the query encoded on the encoder's thread, beside the rest)."""
+        """The model inputs of one call (:class:`rerank.model_features.RequestFeatures`): fetch, history and features,
+        the query encoded on the encoder's thread meanwhile; ``_Degrade`` where the call fails open."""
         from rerank.model_features import HistoryInput, colour_fields, prepare_request_features
 
         art = self.model

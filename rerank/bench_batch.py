@@ -134,9 +134,11 @@ def _level(c: int, items: Sequence[Any], score: Any, warm_up: Sequence[Any]) -> 
 
 
 def run_batch_bench(requests: Sequence[Any], model_dir: str | Path, *, device: str = "auto", levels: Sequence[int] = (1, 8, 32),
-                    per_level: int = 2000, max_batch: int = 32, max_wait_ms: float = 2.0) -> dict[str, Any]:
+                    per_level: int = 2000, max_batch: int = 32, max_wait_ms: float = 2.0,
+                    features_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load the artifact at ``model_dir`` on ``device`` and time its forward pass on ``requests`` (cycled to
-    ``per_level`` per level), direct and micro-batched, at each concurrency of ``levels``."""
+    ``per_level`` per level), direct and micro-batched, at each concurrency of ``levels``. ``features_meta`` (what
+    :func:`load_requests` returned, or the metadata of requests built in this process) is reported as ``features``."""
     import torch
 
     from rerank.artifacts import load_artifact
@@ -181,6 +183,7 @@ def run_batch_bench(requests: Sequence[Any], model_dir: str | Path, *, device: s
         "threads": torch.get_num_threads(),
         "machine": machine_info(),
         "note": "the fusion forward pass only (features prepared beforehand by the served reranker; see bench rerank for the whole call)",
+        "features": {k: v for k, v in (features_meta or {}).items() if k != "format"},
     }
 
 
@@ -208,11 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         reqs, meta = load_requests(a.features)
         res = run_batch_bench(reqs, a.model, device=a.device, levels=parse_levels(a.levels), per_level=a.per_level,
-                              max_batch=a.max_batch, max_wait_ms=a.max_wait_ms)
+                              max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, features_meta=meta)
     except FusionRankError as e:  # a bad file or argument, no such device: one line, exit status 2
         print(f"error: {e}", file=sys.stderr)
         return 2
-    res["features"] = {k: v for k, v in meta.items() if k != "format"}
     print(json.dumps(res))
     return 0
 

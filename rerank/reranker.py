@@ -403,10 +403,7 @@ class Reranker:
     # ------------------------------------------------------------------ the calls
     def rerank(self, query: str, hits_or_opensearch_response: Any, *, user_id: str | None = None, top_k: int | None = None, query_image: Any | None = None) -> Any:
         """Rerank given first-stage hits; see the module doc for the return shapes."""
-        text = self._check_args(query, user_id, top_k, query_image)
-        inp = _parse(hits_or_opensearch_response)
-        cands = candidates_from_hits(inp.ids, inp.scores)
-        docs = {i: s for i, s in zip(inp.ids, inp.sources) if s is not None}
+        text, inp, cands, docs = self._inputs(query, hits_or_opensearch_response, user_id, top_k, query_image)
         ranked, degraded, timings = self._score(text, cands, docs, user_id, query_image)
         if top_k is not None:
             ranked = ranked[:top_k]
@@ -434,6 +431,13 @@ class Reranker:
         return RankedHits(tuple(ranked), degraded, timings, items, self._version())
 
     # ------------------------------------------------------------------ internals
+    def _inputs(self, query: Any, hits_or_opensearch_response: Any, user_id: Any, top_k: Any, query_image: Any) -> tuple[str, _Input, tuple[Candidate, ...], dict[str, Mapping[str, Any]]]:
+        """The checked query text, the parsed hits, their first-stage candidates and the sources they came with."""
+        text = self._check_args(query, user_id, top_k, query_image)
+        inp = _parse(hits_or_opensearch_response)
+        docs = {i: s for i, s in zip(inp.ids, inp.sources) if s is not None}
+        return text, inp, candidates_from_hits(inp.ids, inp.scores), docs
+
     def _version(self) -> str | None:
         return None if self.model is None else self.model.version
 
@@ -509,12 +513,9 @@ class Reranker:
         would fail open (a spent budget included), and :class:`ConfigError` without a model."""
         if self.model is None:
             raise ConfigError("request_features needs a reranker with a model")
-        text = self._check_args(query, user_id, None, query_image)
-        inp = _parse(hits_or_opensearch_response)
-        cands = candidates_from_hits(inp.ids, inp.scores)
+        text, _, cands, docs = self._inputs(query, hits_or_opensearch_response, user_id, None, query_image)
         if not cands:
             raise ConfigError("request_features needs at least one hit")
-        docs = {i: s for i, s in zip(inp.ids, inp.sources) if s is not None}
         try:
             return self._features(text, cands, docs, user_id, query_image, self.clock(), {})
         except _Degrade as d:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from rerank.service import app as A
+from rerank.bench_rerank import closed_loop
 from rerank.service import bench as B
 from workers.commands import serve as S
 
@@ -211,7 +212,7 @@ def test_closed_loop_order_warm_up_and_concurrency():
 
     warm = [-1, -2, -3, -4, -5, -6]
     items = list(range(40))
-    res, wall = B.closed_loop(4, send, items, warm_up=warm)
+    res, wall = closed_loop(4, send, items, warm_up=warm)
     assert res == [i * 10 for i in items]  # in the items' order, each sent once
     assert sorted(log[: len(warm)]) == sorted(warm) and sorted(log[len(warm):]) == items  # the warm-up first, untimed
     assert state["most"] == 4  # never more than c in flight, and c were
@@ -230,10 +231,10 @@ def test_closed_loop_stops_at_the_first_failure():
         return item
 
     with pytest.raises(ConnectionRefusedError, match="server gone"):
-        B.closed_loop(2, send, list(range(200)))
+        closed_loop(2, send, list(range(200)))
     assert len(sent) < 20  # the other thread stopped too
     with pytest.raises(ValueError, match="at least one thread"):
-        B.closed_loop(0, send, [1])
+        closed_loop(0, send, [1])
 
 
 def test_encode_bodies_refuses_nan():

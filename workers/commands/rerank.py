@@ -79,8 +79,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """The fusion forward pass, direct and micro-batched, at several concurrencies (GPU when present); JSON.
 
         With neither --save-features nor --features: build the requests here and run at once."""
-        import tempfile
-
         from indexing.encoders import limit_threads
         from rerank.bench_batch import export_requests, load_requests, parse_levels, run_batch_bench, save_requests
         from workers.settings import load_settings
@@ -108,10 +106,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 save_requests(save_features, reqs, meta=meta)
                 typer.echo(json.dumps({"saved": str(save_features), "requests": len(reqs), "bytes": save_features.stat().st_size, **meta}))
                 return
-            with tempfile.TemporaryDirectory(prefix="fusionrank-bench-batch-") as tmp:  # the same round trip as a replay
-                reqs, meta = load_requests(save_requests(Path(tmp) / "features.npz", reqs, meta=meta))
+            meta["count"] = len(reqs)  # as a saved file's metadata says
         else:
             reqs, meta = load_requests(features)
-        res = run_batch_bench(reqs, model_dir, device=device, levels=lv, per_level=per_level, max_batch=max_batch, max_wait_ms=max_wait_ms)
-        res["features"] = {k: v for k, v in meta.items() if k != "format"}
+        res = run_batch_bench(reqs, model_dir, device=device, levels=lv, per_level=per_level, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                              features_meta=meta)
         typer.echo(json.dumps(res))

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -46,3 +49,45 @@ def rabbitmq_url() -> str:
 def postgres_url() -> str:
     svc = ensure("postgres")
     return f"postgresql+psycopg://postgres@{svc.host}:{svc.port}/test"
+
+
+@dataclass(frozen=True)
+class OpenSearchNode:
+    """The cluster the ``opensearch`` tests talk to, and the HNSW engine their indices must use on it."""
+
+    url: str
+    hnsw_engine: str
+    external: bool
+
+    def engine(self, **kwargs):
+        from indexing.engines.opensearch import OpenSearchEngine
+
+        if self.external:
+            kwargs.setdefault("verify_certs", os.environ.get("OPENSEARCH_VERIFY_CERTS", "true").lower() != "false")
+            kwargs.setdefault("ca_certs", os.environ.get("OPENSEARCH_CA_CERTS") or None)
+        kwargs.setdefault("timeout_s", 60.0)
+        return OpenSearchEngine(self.url, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def opensearch_node(tmp_path_factory) -> Iterator[OpenSearchNode]:
+    """A real OpenSearch 2.19.1 node for the whole session (``workers/devnode.py``: built from Maven Central
+    artifacts, 1 GB heap, single-node, data in a temp dir, stopped at the end; its log is kept as
+    ``test-output/opensearch-node.log``). ``OPENSEARCH_URL`` points the suite at an external cluster instead
+    (``OPENSEARCH_HNSW_ENGINE``: the HNSW engine to create indices with there, default faiss)."""
+    url = os.environ.get("OPENSEARCH_URL")
+    if url:
+        yield OpenSearchNode(url, os.environ.get("OPENSEARCH_HNSW_ENGINE", "faiss"), external=True)
+        return
+    from workers import devnode
+
+    home = tmp_path_factory.mktemp("opensearch-node")
+    node = devnode.start(home)
+    try:
+        # Maven Central's k-NN zip has no native libraries: faiss and nmslib cannot run on this node
+        yield OpenSearchNode(node.url, "lucene", external=False)
+    finally:
+        node.stop()
+        out = REPO / "test-output"
+        out.mkdir(exist_ok=True)
+        shutil.copyfile(node.log_path, out / "opensearch-node.log")

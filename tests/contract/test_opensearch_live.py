@@ -1,6 +1,6 @@
-"""OpenSearchEngine against a real cluster (tests marked ``opensearch``; skipped unless OPENSEARCH_URL is set).
+"""OpenSearchEngine against a real cluster (tests marked ``opensearch``): the OpenSearch node the test session
+starts (``tests/conftest.py``), or the cluster at ``OPENSEARCH_URL``:
 
-    docker compose up -d opensearch
     OPENSEARCH_URL=http://localhost:9200 .venv/bin/python -m pytest -m opensearch
 
 The shared engine suite (tests/indexing/test_engine_suite.py) runs the behaviour both engines share; this file
@@ -10,7 +10,6 @@ alias swaps, scroll.
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import numpy as np
@@ -18,25 +17,16 @@ import pytest
 
 from indexing import fields as F
 from indexing.engines.base import BulkAction, Filters, Range
-from indexing.engines.opensearch import OpenSearchEngine
 from mappings import load_mapping
 
-pytestmark = [
-    pytest.mark.opensearch,
-    pytest.mark.skipif(not os.environ.get("OPENSEARCH_URL"), reason="OPENSEARCH_URL is not set (docker compose up -d opensearch)"),
-]
+pytestmark = [pytest.mark.opensearch]
 DIM = 8
 COLOURS = ("Red", "Blue", "Black", "White", "Green")
 
 
 @pytest.fixture
-def live():
-    eng = OpenSearchEngine(
-        os.environ["OPENSEARCH_URL"],
-        verify_certs=os.environ.get("OPENSEARCH_VERIFY_CERTS", "true").lower() != "false",
-        ca_certs=os.environ.get("OPENSEARCH_CA_CERTS") or None,
-        bulk_initial_backoff_s=0.2,
-    )
+def live(opensearch_node):
+    eng = opensearch_node.engine(bulk_initial_backoff_s=0.2)
     prefix = f"fusionrank-test-{uuid.uuid4().hex[:8]}-"
     yield eng, prefix
     for name in eng.list_indices(prefix):
@@ -51,10 +41,10 @@ def _doc(i: int) -> dict:
             F.TEXT_VEC: v / np.linalg.norm(v), F.IMAGE_VEC: np.roll(v, 1) / np.linalg.norm(v)}
 
 
-def test_lifecycle_search_and_alias_swap_on_a_real_cluster(live):
+def test_lifecycle_search_and_alias_swap_on_a_real_cluster(live, opensearch_node):
     eng, prefix = live
     v1, v2, alias = prefix + "v1", prefix + "v2", prefix + "alias"
-    eng.create_index(v1, load_mapping(text_dim=DIM, image_dim=DIM))
+    eng.create_index(v1, load_mapping(text_dim=DIM, image_dim=DIM, hnsw_engine=opensearch_node.hnsw_engine))
     assert eng.swap_alias(alias, v1) == []
     bad = BulkAction.index("bad", {F.ID: "bad", F.PRICE: "cheap"})
     summary = eng.bulk(alias, [BulkAction.index(str(i), _doc(i)) for i in range(50)] + [bad], chunk_size=16)
@@ -74,6 +64,6 @@ def test_lifecycle_search_and_alias_swap_on_a_real_cluster(live):
     assert set(eng.get(alias, ["3", "nope"], fields=[F.TITLE])) == {"3"}
     assert sorted(d[F.ID] for d in eng.iter_documents(alias, batch_size=7)) == sorted(str(i) for i in range(50))
 
-    eng.create_index(v2, load_mapping(text_dim=DIM, image_dim=DIM))
+    eng.create_index(v2, load_mapping(text_dim=DIM, image_dim=DIM, hnsw_engine=opensearch_node.hnsw_engine))
     assert eng.swap_alias(alias, v2) == [v1] and eng.get_alias(alias) == [v2] and eng.count(alias) == 0
     assert eng.list_indices(prefix) == [v1, v2]

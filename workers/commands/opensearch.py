@@ -1,4 +1,5 @@
-"""``fusionrank opensearch setup-pipeline``: let OpenSearch call the fusionrank service from a search pipeline.
+"""``fusionrank opensearch setup-pipeline``: let OpenSearch call the fusionrank service from a search pipeline;
+``fusionrank opensearch dev-node``: a real OpenSearch node on this machine (:mod:`workers.devnode`).
 
 Creates (in order) the ML Commons cluster settings, an HTTP connector to ``{service_url}/v1/rerank``, a remote
 model (registered and deployed) and a search pipeline whose ``rerank`` processor uses it; the bodies come from
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, List, Optional
 
 import typer
@@ -54,8 +56,43 @@ def _weights(raw: Optional[str]) -> dict[str, float] | None:
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    os_app = typer.Typer(help="OpenSearch integration: search pipelines that call the fusionrank service.", no_args_is_help=True)
+    os_app = typer.Typer(help="OpenSearch integration: a local dev node, search pipelines that call the fusionrank service.", no_args_is_help=True)
     app.add_typer(os_app, name="opensearch")
+
+    @os_app.command("dev-node")
+    def dev_node(
+        port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="HTTP port on 127.0.0.1 (default: a free one)"),
+        heap: str = typer.Option("1g", "--heap", help="JVM heap (-Xms/-Xmx), e.g. 1g or 512m"),
+        stop: bool = typer.Option(False, "--stop", help="stop the node started for this data dir"),
+    ) -> None:
+        """Start a real OpenSearch 2.19.1 node (k-NN, neural-search, ML Commons) in the background; the URL is the last line.
+
+        Built from Maven Central artifacts with Maven (workers/opensearch_node; needs `mvn` and Java 17+), data in
+        <data dir>/opensearch-node. Point fusionrank at it with FUSIONRANK_ENGINE=opensearch,
+        FUSIONRANK_OPENSEARCH_URL=<url> and FUSIONRANK_HNSW_ENGINE=lucene (its k-NN has no native faiss)."""
+        from workers import devnode
+        from workers.settings import load_settings
+
+        data_dir = load_settings().data_dir
+        if stop:
+            state = devnode.stop_dev_node(data_dir)
+            typer.echo(f"stopped the OpenSearch node at {state['url']} (pid {state['pid']})" if state else
+                       f"no OpenSearch dev node was running for {data_dir}")
+            return
+        if not re.fullmatch(r"[1-9][0-9]*[kmg]", heap):
+            from indexing.errors import ConfigError
+
+            raise ConfigError(f"--heap {heap!r}: give a size such as 1g or 512m")
+        already = devnode.running(data_dir)
+        if already:
+            typer.echo(f"an OpenSearch node is already running for {data_dir} (pid {already['pid']}, log {already['log']})")
+            typer.echo(already["url"])
+            return
+        typer.echo(f"building (first time: Maven fetches ~400 MB) and starting OpenSearch {devnode.OPENSEARCH_VERSION} under {data_dir / 'opensearch-node'} ...")
+        state = devnode.start_dev_node(data_dir, port=port, heap=heap)
+        typer.echo(f"OpenSearch {devnode.OPENSEARCH_VERSION} is up (pid {state['pid']}, log {state['log']}); stop it with: fusionrank opensearch dev-node --stop")
+        typer.echo(f"use it: export FUSIONRANK_ENGINE=opensearch FUSIONRANK_OPENSEARCH_URL={state['url']} FUSIONRANK_HNSW_ENGINE=lucene")
+        typer.echo(state["url"])
 
     @os_app.command("setup-pipeline")
     def setup_pipeline(

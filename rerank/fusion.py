@@ -14,8 +14,9 @@ Rules, stated once and applied everywhere:
 * **Final order** is by fused score descending, ties broken by id ascending.
 * **Missing from a list**: the document's signal for that list is ``ListSignal.absent()`` (``missing=True``,
   no score, no rank). In ``rrf`` it contributes nothing. In ``minmax`` it depends on ``missing``:
-  ``"exclude"`` (default; what OpenSearch's ``arithmetic_mean`` combination does: the weighted mean runs
-  over the lists that returned the document) or ``"zero"`` (the list contributes 0 with its weight).
+  ``"zero"`` (default; the list contributes 0 with its weight: what OpenSearch 2.19's ``arithmetic_mean``
+  combination does, measured on a real node, ``tests/contract/test_hybrid_live.py``) or ``"exclude"`` (the
+  weighted mean runs over the lists that returned the document only).
 * **minmax normalization** follows OpenSearch's ``min_max`` technique: ``(s - min) / (max - min)``, the
   list's minimum maps to ``MIN_SCORE`` (0.001) rather than 0 so a returned document never scores like a
   missing one, and a list whose scores are all equal (including a one-document list) maps every
@@ -173,14 +174,14 @@ def minmax(
     lists: Mapping[str, Iterable[ScoredItem]],
     *,
     weights: Mapping[str, float] | None = None,
-    missing: MissingPolicy = "exclude",
+    missing: MissingPolicy = "zero",
     top_n: int | None = None,
 ) -> list[FusedDoc]:
     """Per-query min-max normalization of each list, then a weighted arithmetic mean.
 
-    ``missing="exclude"``: ``sum(w_l * n_l) / sum(w_l)`` over the lists that returned the document
-    (OpenSearch's ``arithmetic_mean``); ``missing="zero"``: ``sum(w_l * n_l)`` over all lists, a missing
-    document contributing 0 (weights sum to 1, so this is a weighted mean with missing = 0).
+    ``missing="zero"`` (OpenSearch 2.19's ``arithmetic_mean``, checked on a node): ``sum(w_l * n_l)`` over all
+    lists, a missing document contributing 0 (weights sum to 1, so this is a weighted mean with missing = 0);
+    ``missing="exclude"``: ``sum(w_l * n_l) / sum(w_l)`` over the lists that returned the document.
     """
     if missing not in ("exclude", "zero"):
         raise FusionInputError(f"missing must be 'exclude' or 'zero', got {missing!r}")
@@ -194,9 +195,9 @@ def minmax(
             signals.setdefault(doc_id, {})[name] = ListSignal(s, rank, n, False)
     scores: dict[str, float] = {}
     for doc_id, per in signals.items():
-        num = sum(w[n] * sig.normalized for n, sig in per.items())  # type: ignore[operator]
+        num = sum(w[n] * per[n].normalized for n in sorted(per))  # type: ignore[operator]  (canonical order, as in rrf)
         if missing == "exclude":
-            den = sum(w[n] for n in per)
+            den = sum(w[n] for n in sorted(per))
             scores[doc_id] = num / den if den > 0 else 0.0
         else:
             scores[doc_id] = num
@@ -225,8 +226,8 @@ def rrf(
     w = {n: 1.0 for n in names} if weights is None else check_weights(names, weights)
     signals: dict[str, dict[str, ListSignal]] = {}
     scores: dict[str, float] = {}
-    for name, items in canon.items():
-        for rank, (doc_id, s) in enumerate(items, start=1):
+    for name in sorted(canon):  # one summation order whatever the lists' order: float sums then tie the same way
+        for rank, (doc_id, s) in enumerate(canon[name], start=1):
             term = w[name] / (rank_constant + rank)
             signals.setdefault(doc_id, {})[name] = ListSignal(s, rank, term, False)
             scores[doc_id] = scores.get(doc_id, 0.0) + term

@@ -11,10 +11,28 @@ Two ways to run the first stage on OpenSearch:
 2. **Separate requests fused client-side**: :func:`list_search_bodies` (one ``_search`` body per list,
    the same bodies ``OpenSearchEngine`` sends), then :func:`first_stage_from_responses` +
    :func:`rerank.retrieval.fuse_first_stage`. Every first-stage signal survives (the fusion model needs
-   them), and the fused order equals the pipeline's for min-max with ``missing="exclude"`` (OpenSearch's
-   ``arithmetic_mean`` averages over the sub-queries that returned a document).
+   them), and the fused order equals the pipeline's (min-max: ``missing="zero"``, the default, is what 2.19's
+   ``arithmetic_mean`` does with a document a sub-query did not return; RRF: the same rank constant).
 
 The sub-query order of the hybrid query is :func:`hybrid_list_order`; pipeline weights follow it.
+
+What OpenSearch 2.19 does with these bodies, checked on a real 2.19.1 node (``tests/contract/test_hybrid_live.py``):
+
+- The hybrid body leaves ``track_total_hits`` at its default: neural-search's ``rerank`` response processor
+  starts by reading the total hit count and throws a NullPointerException when it is absent.
+- ``pagination_depth`` = ``per_list``: without it each sub-query returns only ``size`` hits, so the pool the
+  pipeline fuses shrinks with ``size`` and is not the client-side fusion's ``per_list``.
+- ``arithmetic_mean`` counts a document a sub-query did not return as 0 in that sub-query (``missing="zero"``
+  of :func:`rerank.fusion.minmax`), not as absent from the mean.
+- ``normalization-processor`` without ``weights`` averages with equal weights over however many sub-queries
+  come (2 or 3): one pipeline serves text-only and photo queries. Explicit weights fix the count, and 2.19
+  rejects a query with another number of sub-queries.
+- 2.19's ``score-ranker-processor`` reads RRF's ``rank_constant`` from ``combination.parameters``; a
+  ``combination.rank_constant`` (the form the API specification documents, read from 3.1 on) is silently
+  ignored and becomes 60. :func:`rrf_pipeline_body` writes the form the target version reads.
+- kNN scores come back translated (innerproduct: ``1 + ip`` for ip >= 0, ``1 / (1 - ip)`` below);
+  :func:`first_stage_from_responses` turns them back into similarities, as ``OpenSearchEngine.knn_search``
+  does, so the model reads the same numbers on either engine.
 """
 
 from __future__ import annotations
@@ -98,11 +116,11 @@ def hybrid_search_body(
     bodies = list_search_bodies(query, text_vector=text_vector, image_vector=image_vector, per_list=per_list, fields=fields, filters=filters)
     order = hybrid_list_order(has_text=True, has_image=image_vector is not None)
     engine, _ = _engine_bodies()
+    # no "track_total_hits": false here: the rerank response processor reads the total (module doc)
     return {
         "size": n,
-        "query": {"hybrid": {"queries": [bodies[name]["query"] for name in order]}},
+        "query": {"hybrid": {"queries": [bodies[name]["query"] for name in order], "pagination_depth": check_size(per_list, "per_list")}},
         "_source": engine.bm25_body(query, size=1, source=source)["_source"],  # the engine's own _source rule
-        "track_total_hits": False,
     }
 
 
@@ -113,27 +131,49 @@ def normalization_pipeline_body(
     description: str = "fusionrank hybrid retrieval: min-max normalization, weighted arithmetic mean",
 ) -> dict[str, Any]:
     """``PUT /_search/pipeline/<id>`` body: ``normalization-processor`` with ``min_max`` and
-    ``arithmetic_mean``; ``weights`` per list name (summing to 1), ordered as the hybrid sub-queries."""
-    order = hybrid_list_order(has_text=True, has_image=has_image)
-    w = check_weights(order, weights)
+    ``arithmetic_mean``. ``weights`` per list name (summing to 1), ordered as the hybrid sub-queries of a query
+    with (``has_image``) or without a photo: such a pipeline takes only queries with that many sub-queries.
+    ``None``: no weights, equal weights over whatever sub-queries a query has (text-only and photo queries alike)."""
+    combination: dict[str, Any] = {"technique": "arithmetic_mean"}
+    if weights is not None:
+        order = hybrid_list_order(has_text=True, has_image=has_image)
+        w = check_weights(order, weights)
+        combination["parameters"] = {"weights": [w[n] for n in order]}
     return {
         "description": description,
-        "phase_results_processors": [
-            {
-                "normalization-processor": {
-                    "normalization": {"technique": "min_max"},
-                    "combination": {"technique": "arithmetic_mean", "parameters": {"weights": [w[n] for n in order]}},
-                }
-            }
-        ],
+        "phase_results_processors": [{"normalization-processor": {"normalization": {"technique": "min_max"}, "combination": combination}}],
     }
 
 
-def rrf_pipeline_body(*, rank_constant: int = RRF_RANK_CONSTANT, description: str = "fusionrank hybrid retrieval: reciprocal rank fusion") -> dict[str, Any]:
-    """``PUT /_search/pipeline/<id>`` body: ``score-ranker-processor`` with ``rrf`` (OpenSearch >= 2.19)."""
+def _version(v: str | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(v, str):
+        try:
+            return tuple(int(x) for x in v.split("-")[0].split(".")[:3])
+        except ValueError:
+            raise ConfigError(f"not an OpenSearch version: {v!r}") from None
+    return tuple(int(x) for x in v)
+
+
+#: the OpenSearch version the bodies are written for unless told (the test node's and docker-compose's)
+DEFAULT_OPENSEARCH_VERSION = "2.19.1"
+
+
+def rrf_pipeline_body(*, rank_constant: int = RRF_RANK_CONSTANT, opensearch_version: str | Sequence[int] = DEFAULT_OPENSEARCH_VERSION,
+                      description: str = "fusionrank hybrid retrieval: reciprocal rank fusion") -> dict[str, Any]:
+    """``PUT /_search/pipeline/<id>`` body: ``score-ranker-processor`` with ``rrf`` (OpenSearch >= 2.19). The rank
+    constant goes where ``opensearch_version`` reads it: ``combination.parameters.rank_constant`` before 3.1
+    (2.19 ignores ``combination.rank_constant``), ``combination.rank_constant`` from 3.1 on."""
     if isinstance(rank_constant, bool) or not isinstance(rank_constant, int) or rank_constant < 1:
         raise ConfigError(f"rank_constant must be an integer >= 1, got {rank_constant!r}")
-    return {"description": description, "phase_results_processors": [{"score-ranker-processor": {"combination": {"technique": "rrf", "rank_constant": rank_constant}}}]}
+    v = _version(opensearch_version)
+    if v < (2, 19):
+        raise ConfigError(f"the score-ranker-processor (RRF) needs OpenSearch 2.19 or later; the cluster runs {'.'.join(map(str, v))}")
+    combination: dict[str, Any] = {"technique": "rrf"}
+    if v < (3, 1):
+        combination["parameters"] = {"rank_constant": rank_constant}
+    else:
+        combination["rank_constant"] = rank_constant
+    return {"description": description, "phase_results_processors": [{"score-ranker-processor": {"combination": combination}}]}
 
 
 def hits_from_response(response: Mapping[str, Any]) -> tuple[Hit, ...]:
@@ -149,17 +189,25 @@ def hits_from_response(response: Mapping[str, Any]) -> tuple[Hit, ...]:
     return tuple(out)
 
 
-def first_stage_from_responses(query: str, responses: Mapping[str, Mapping[str, Any]], *, user_id: str | None = None) -> FirstStage:
-    """The raw lists of the separate-requests path, ready for :func:`rerank.retrieval.fuse_first_stage`."""
+def first_stage_from_responses(query: str, responses: Mapping[str, Mapping[str, Any]], *, user_id: str | None = None,
+                               knn_space: str = "innerproduct") -> FirstStage:
+    """The raw lists of the separate-requests path, ready for :func:`rerank.retrieval.fuse_first_stage`; the kNN
+    lists' scores turned back into similarities of ``knn_space`` (the space of the index's vector fields)."""
+    from indexing.engines.opensearch import knn_similarity
+
     unknown = sorted(set(responses) - {BM25, KNN_TEXT, KNN_IMAGE})
     if unknown:
         raise ConfigError(f"unknown list names {unknown}; valid: {BM25}, {KNN_TEXT}, {KNN_IMAGE}")
     lists = {name: hits_from_response(r) for name, r in responses.items()}
+    for name in (KNN_TEXT, KNN_IMAGE):
+        if name in lists:
+            lists[name] = tuple(Hit(h.id, knn_similarity(knn_space, h.score), h.source) for h in lists[name])
     skipped = {n: "no request sent for this list" for n in (BM25, KNN_TEXT, KNN_IMAGE) if n not in lists}
     return FirstStage(query, lists, skipped, user_id)
 
 
 __all__ = [
+    "DEFAULT_OPENSEARCH_VERSION",
     "first_stage_from_responses",
     "hits_from_response",
     "hybrid_list_order",

@@ -43,7 +43,7 @@ import numpy as np
 
 from indexing import fields as F
 from indexing.errors import ConfigError, EngineError, EngineUnavailableError
-from rerank.opensearch_bodies import hybrid_search_body, normalization_pipeline_body, rrf_pipeline_body
+from rerank.opensearch_bodies import DEFAULT_OPENSEARCH_VERSION, hybrid_search_body, normalization_pipeline_body, rrf_pipeline_body
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,7 @@ def rerank_pipeline_body(
     has_image: bool = False,
     fail_open: bool = True,
     description: str | None = None,
+    opensearch_version: str = DEFAULT_OPENSEARCH_VERSION,
 ) -> dict[str, Any]:
     """``PUT /_search/pipeline/<name>`` body: the hybrid first stage's phase-results processor (``min-max``:
     :func:`~rerank.opensearch_bodies.normalization_pipeline_body`; ``rrf``:
@@ -228,7 +229,7 @@ def rerank_pipeline_body(
     elif first_stage == "rrf":
         if weights is not None:
             raise ConfigError("weights apply to the min-max first stage only (RRF is unweighted here)")
-        body["phase_results_processors"] = rrf_pipeline_body()["phase_results_processors"]
+        body["phase_results_processors"] = rrf_pipeline_body(opensearch_version=opensearch_version)["phase_results_processors"]
     body["response_processors"] = [rerank_processor(model_id, document_fields=document_fields, fail_open=fail_open)]
     return body
 
@@ -273,6 +274,7 @@ class PipelineConfig:
     cluster_settings: bool = True
     allow_private_ip: bool = True
     run_on_data_nodes: bool = True
+    opensearch_version: str = DEFAULT_OPENSEARCH_VERSION  # where RRF's rank constant goes (2.19 vs 3.1+)
 
     def __post_init__(self) -> None:
         service_base_url(self.service_url)
@@ -325,7 +327,8 @@ def planned_steps(config: PipelineConfig, *, connector_id: str = "<connector_id>
         model_id = config.model_id
     steps.append(Step("create search pipeline", "PUT", pipeline_path(config.pipeline_name), "search_pipeline.put",
                       rerank_pipeline_body(model_id, document_fields=config.document_fields, first_stage=config.first_stage,
-                                           weights=config.weights, has_image=config.has_image, fail_open=config.fail_open)))
+                                           weights=config.weights, has_image=config.has_image, fail_open=config.fail_open,
+                              opensearch_version=config.opensearch_version)))
     return steps
 
 
@@ -485,7 +488,8 @@ def setup_search_pipeline(
     path = pipeline_path(config.pipeline_name)
     send("create search pipeline", "PUT", path,
          rerank_pipeline_body(model_id, document_fields=config.document_fields, first_stage=config.first_stage,
-                              weights=config.weights, has_image=config.has_image, fail_open=config.fail_open))
+                              weights=config.weights, has_image=config.has_image, fail_open=config.fail_open,
+                              opensearch_version=config.opensearch_version))
     log.info("search pipeline %s reranks with model %s", config.pipeline_name, model_id)
     return PipelineSetup(config.pipeline_name, model_id, connector_id, group_id, task_id, state, tuple(trusted),
                          f"/<index>/_search?search_pipeline={config.pipeline_name}")

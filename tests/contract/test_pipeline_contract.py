@@ -37,7 +37,10 @@ def _config(**kw) -> P.PipelineConfig:
 # --------------------------------------------------------------------------- bodies vs the spec
 @pytest.mark.parametrize(("first_stage", "has_image"), [("min-max", False), ("min-max", True), ("rrf", False), ("none", False)])
 def test_every_body_of_the_plan_validates_against_the_spec(spec, first_stage, has_image):
-    steps = P.planned_steps(_config(first_stage=first_stage, has_image=has_image, model_group="fusionrank"),
+    # the spec documents RRF's rank constant where OpenSearch 3.1+ reads it (2.19's form: test_hybrid_live.py)
+    weights = {"bm25": 0.2, "knn_text": 0.5, "knn_image": 0.3} if has_image else None
+    steps = P.planned_steps(_config(first_stage=first_stage, has_image=has_image, model_group="fusionrank", weights=weights,
+                                    opensearch_version="3.1.0"),
                             connector_id="c1", model_group_id="g1", model_id="m1", trusted=DEFAULT_TRUSTED)
     assert [s.operation for s in steps] == ["cluster.put_settings", "ml.create_connector", "ml.register_model_group",
                                             "ml.register_model", "ml.deploy_model", "search_pipeline.put"]
@@ -55,9 +58,12 @@ def test_every_body_of_the_plan_validates_against_the_spec(spec, first_stage, ha
     else:
         (proc,) = phase
         assert ("normalization-processor" if first_stage == "min-max" else "score-ranker-processor") in proc
-    if first_stage == "min-max":  # the weights follow the hybrid sub-queries (bm25, knn_text[, knn_image])
-        weights = phase[0]["normalization-processor"]["combination"]["parameters"]["weights"]
-        assert len(weights) == (3 if has_image else 2) and abs(sum(weights) - 1) < 1e-9
+    if first_stage == "min-max":  # explicit weights follow the hybrid sub-queries (bm25, knn_text, knn_image)
+        combination = phase[0]["normalization-processor"]["combination"]
+        if has_image:
+            assert combination["parameters"]["weights"] == [0.2, 0.5, 0.3]
+        else:  # none: equal weights over 2 or 3 sub-queries alike
+            assert "parameters" not in combination
 
 
 def _fill(body: dict, query: str, docs: list[str]) -> str:
@@ -145,7 +151,8 @@ def test_setup_sends_the_requests_in_order_and_each_validates(ml_server, spec):
 def test_a_rerun_reuses_a_model_and_keeps_the_trusted_list_unchanged(ml_server):
     first = P.setup_search_pipeline(ml_server.client(), _config())
     ml_server.requests.clear()
-    again = P.setup_search_pipeline(ml_server.client(), _config(model_id=first.model_id, pipeline_name="shop.v2", first_stage="rrf"))
+    again = P.setup_search_pipeline(ml_server.client(), _config(model_id=first.model_id, pipeline_name="shop.v2", first_stage="rrf",
+                                                                      opensearch_version="3.1.0"))
     assert [r.operation for r in ml_server.requests] == ["cluster.get_settings", "cluster.put_settings", "search_pipeline.put"]
     assert ml_server.persistent[TRUSTED].count("^http://api:8000/.*$") == 1 and again.connector_id is None
     assert ml_server.pipelines["shop.v2"]["response_processors"][0]["rerank"]["ml_opensearch"]["model_id"] == first.model_id

@@ -1,38 +1,60 @@
-"""The search-pipeline integration against a real cluster and a running fusionrank service (marked ``opensearch``;
-skipped unless OPENSEARCH_URL and FUSIONRANK_LIVE_SERVICE_URL are set).
+"""The search-pipeline integration against a real cluster and a running fusionrank service (marked ``opensearch``).
 
-    export FUSIONRANK_API_KEY=... FUSIONRANK_ADMIN_API_KEY=...
-    docker compose up -d                       # OpenSearch + the service (api), with a model installed
-    OPENSEARCH_URL=http://localhost:9200 FUSIONRANK_LIVE_SERVICE_URL=http://api:8000 \\
-        .venv/bin/python -m pytest tests/contract/test_pipeline_live.py
-
-FUSIONRANK_LIVE_SERVICE_URL is the service as the *cluster* reaches it. The rerank processor runs with
-``ignore_failure: false`` here, so a search that succeeds went through the service. The trusted-endpoint cluster
-setting is left in place; the pipeline, model, connector and index are removed.
+The cluster is the OpenSearch node the test session starts (``tests/conftest.py``; ML Commons loads on it) or the
+one at ``OPENSEARCH_URL``. The service is the small real world of ``tests/service/world.py`` served by uvicorn on
+127.0.0.1 in this process, where the node reaches it (``FUSIONRANK_LIVE_SERVICE_URL`` + ``FUSIONRANK_API_KEY``
+name another service instead, e.g. ``docker compose up -d``'s ``http://api:8000``). The rerank processor runs with
+``ignore_failure: false`` here, so a search that succeeds went through the service; the service's own request
+counter shows the call. The trusted-endpoint cluster setting is left in place; the pipeline, model, connector
+and index are removed.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
+from typing import Iterator
 
 import pytest
 
 from indexing import fields as F
-from indexing.engines.opensearch import OpenSearchEngine
 from rerank import opensearch_pipeline as P
+from tests.service.world import API_KEY, service_world  # noqa: F401  (the shared fixture)
+from workers.devnode import free_port
 
-pytestmark = [
-    pytest.mark.opensearch,
-    pytest.mark.skipif(not (os.environ.get("OPENSEARCH_URL") and os.environ.get("FUSIONRANK_LIVE_SERVICE_URL") and os.environ.get("FUSIONRANK_API_KEY")),
-                       reason="needs OPENSEARCH_URL, FUSIONRANK_LIVE_SERVICE_URL and FUSIONRANK_API_KEY (docker compose up -d)"),
-]
+pytestmark = [pytest.mark.opensearch, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def live_service(service_world) -> Iterator[tuple[str, str, object]]:
+    """(URL as the cluster reaches it, API key, the app's metrics or None for an external service)."""
+    if os.environ.get("FUSIONRANK_LIVE_SERVICE_URL"):
+        yield os.environ["FUSIONRANK_LIVE_SERVICE_URL"], os.environ["FUSIONRANK_API_KEY"], None
+        return
+    import uvicorn
+
+    state = service_world.state()
+    from rerank.service.app import create_app
+
+    app = create_app(state)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="live-service", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the in-process service did not start"
+    yield f"http://127.0.0.1:{port}", API_KEY, state.metrics
+    server.should_exit = True
+    thread.join(10)
 
 
 @pytest.fixture
-def live():
-    eng = OpenSearchEngine(os.environ["OPENSEARCH_URL"], verify_certs=os.environ.get("OPENSEARCH_VERIFY_CERTS", "true").lower() != "false",
-                           ca_certs=os.environ.get("OPENSEARCH_CA_CERTS") or None, timeout_s=60)
+def live(opensearch_node):
+    eng = opensearch_node.engine()
     created: dict[str, str] = {}
     yield eng, created
     t = eng.client.transport
@@ -47,10 +69,11 @@ def live():
     eng.close()
 
 
-def test_a_search_through_the_pipeline_is_reranked_by_the_service(live):
+def test_a_search_through_the_pipeline_is_reranked_by_the_service(live, live_service):
     eng, created = live
+    service_url, api_key, metrics = live_service
     suffix = uuid.uuid4().hex[:8]
-    config = P.PipelineConfig(service_url=os.environ["FUSIONRANK_LIVE_SERVICE_URL"], api_key=os.environ["FUSIONRANK_API_KEY"],
+    config = P.PipelineConfig(service_url=service_url, api_key=api_key,
                               pipeline_name=f"fusionrank-test-{suffix}", first_stage="none", fail_open=False, model_name=f"fusionrank-test-{suffix}")
     result = P.setup_search_pipeline(eng.client, config, display_url=eng.display_url)
     created.update(pipeline=result.pipeline, model=result.model_id, connector=result.connector_id or "None")
@@ -62,7 +85,26 @@ def test_a_search_through_the_pipeline_is_reranked_by_the_service(live):
         t.perform_request("PUT", f"/{index}/_doc/{i}", params={"refresh": "true"}, body={F.ID: i, F.TITLE: title, F.DESCRIPTION: "simulated"})
     body = {"query": {"match_all": {}}, "size": 3, "_source": [F.ID, F.TITLE, F.DESCRIPTION],
             "ext": {"rerank": {"query_context": {"query_text": "black running shoe"}}}}
+    calls_before = _v1_calls(metrics)
     resp = t.perform_request("POST", f"/{index}/_search", params={"search_pipeline": result.pipeline}, body=body)
     hits = resp["hits"]["hits"]
     assert {h["_id"] for h in hits} == set(docs)
-    assert hits[-1]["_id"] == "2", "the dress is the least relevant to 'black running shoe'"
+    if metrics is not None:
+        assert _v1_calls(metrics) == calls_before + 1, "the cluster called the service's /v1/rerank once"
+    # the order is the service's own: ask it directly with what the processor sends (query, document texts)
+    plain = t.perform_request("POST", f"/{index}/_search", body={k: v for k, v in body.items() if k != "ext"})
+    texts = [" ".join(str(h["_source"].get(f, "")) for f in P.DEFAULT_DOCUMENT_FIELDS).strip() for h in plain["hits"]["hits"]]
+    import httpx
+
+    direct = httpx.post(f"{service_url}/v1/rerank", headers={"Authorization": f"Bearer {api_key}"},
+                        json={"query": "black running shoe", "documents": texts, "top_n": len(texts)}, timeout=30).json()
+    want = [plain["hits"]["hits"][r["index"]]["_id"] for r in sorted(direct["results"], key=lambda r: -r["relevance_score"])]
+    assert [h["_id"] for h in hits] == want
+    scores = [h["_score"] for h in hits]
+    assert scores == sorted(scores, reverse=True) and resp["hits"]["max_score"] == scores[0]
+
+
+def _v1_calls(metrics) -> float:
+    if metrics is None:
+        return 0.0
+    return metrics.registry.get_sample_value("fusionrank_requests_total", {"endpoint": "/v1/rerank", "status": "200"}) or 0.0

@@ -1,14 +1,13 @@
 """The engine suite: one set of behaviours every SearchEngine must show, run against each engine.
 
-``local`` (LocalEngine on a temp folder) always runs; ``opensearch`` runs against a live cluster when
-``OPENSEARCH_URL`` is set (``docker compose up -d opensearch``) and is skipped otherwise. Each test
-uses its own uniquely named indices and deletes them afterwards. Orders are compared, never raw
-scores (OpenSearch reports kNN inner products as ``1 + ip``).
+``local`` (LocalEngine on a temp folder) and ``opensearch`` (the real OpenSearch node the session starts, or
+the cluster at ``OPENSEARCH_URL``) always run. Each test
+uses its own uniquely named indices and deletes them afterwards. kNN scores are the raw similarities on
+both engines (OpenSearch's ``1 + ip`` / ``1 / (1 - ip)`` translation is undone by OpenSearchEngine).
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -18,37 +17,43 @@ import pytest
 import mappings
 from indexing import fields as F
 from indexing.engines.base import BulkAction, Filters, Range, SearchEngine
-from indexing.errors import IndexExistsError, IndexNotFoundError
+from indexing.errors import ConfigError, IndexExistsError, IndexNotFoundError
 
 TEXT_DIM = 8
 IMAGE_DIM = 4
 
 
 @pytest.fixture(params=["local", pytest.param("opensearch", marks=pytest.mark.opensearch)])
-def engine(request, tmp_path) -> Iterator[SearchEngine]:
-    if request.param == "local":
+def engine_kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture()
+def hnsw_engine(request, engine_kind) -> str | None:
+    """The HNSW engine indices are created with: the mapping's own locally, the node's on OpenSearch."""
+    return request.getfixturevalue("opensearch_node").hnsw_engine if engine_kind == "opensearch" else None
+
+
+@pytest.fixture()
+def engine(request, engine_kind, tmp_path) -> Iterator[SearchEngine]:
+    if engine_kind == "local":
         from indexing.engines.local import LocalEngine
 
         eng: SearchEngine = LocalEngine(tmp_path / "engine")
     else:
-        url = os.environ.get("OPENSEARCH_URL")
-        if not url:
-            pytest.skip("OPENSEARCH_URL not set")
-        from indexing.engines.opensearch import OpenSearchEngine
-
-        eng = OpenSearchEngine(url=url)
+        eng = request.getfixturevalue("opensearch_node").engine()
     yield eng
     eng.close()
 
 
 @pytest.fixture()
-def new_index(engine) -> Iterator[Callable[[], str]]:
+def new_index(engine, hnsw_engine) -> Iterator[Callable[[], str]]:
     """Creates uniquely named products-v1 indices on ``engine`` and deletes them after the test."""
     created: list[str] = []
 
     def make() -> str:
         name = f"suite-{uuid.uuid4().hex[:10]}"
-        engine.create_index(name, mappings.load_mapping("products-v1", text_dim=TEXT_DIM, image_dim=IMAGE_DIM))
+        engine.create_index(name, mappings.load_mapping("products-v1", text_dim=TEXT_DIM, image_dim=IMAGE_DIM, hnsw_engine=hnsw_engine))
         created.append(name)
         return name
 
@@ -96,7 +101,7 @@ def index_docs(engine: SearchEngine, index: str, docs: list[dict[str, Any]]) -> 
 
 
 # --------------------------------------------------------------------------- lifecycle
-def test_create_index_from_mapping_and_lifecycle_errors(engine, new_index):
+def test_create_index_from_mapping_and_lifecycle_errors(engine, new_index, hnsw_engine):
     name = new_index()
     assert engine.index_exists(name)
     assert name in engine.list_indices("suite-")
@@ -104,7 +109,7 @@ def test_create_index_from_mapping_and_lifecycle_errors(engine, new_index):
     assert props[F.TEXT_VEC]["dimension"] == TEXT_DIM and props[F.IMAGE_VEC]["dimension"] == IMAGE_DIM
     assert engine.count(name) == 0
     with pytest.raises(IndexExistsError):
-        engine.create_index(name, mappings.load_mapping("products-v1", text_dim=TEXT_DIM, image_dim=IMAGE_DIM))
+        engine.create_index(name, mappings.load_mapping("products-v1", text_dim=TEXT_DIM, image_dim=IMAGE_DIM, hnsw_engine=hnsw_engine))
     engine.delete_index(name)
     assert not engine.index_exists(name)
     with pytest.raises(IndexNotFoundError):
@@ -226,7 +231,33 @@ def test_term_and_range_filters(engine, new_index):
         assert {h.id for h in knn} == want, flt
 
 
+def test_term_filter_on_an_analysed_text_field_is_refused_with_a_hint(engine, new_index):
+    """OpenSearch matched a term filter on a text field against its tokens and found nothing, silently."""
+    name = new_index()
+    docs, _ = catalog(10)
+    index_docs(engine, name, docs)
+    flt = Filters(terms={F.TITLE: docs[0][F.TITLE]})
+    with pytest.raises(ConfigError, match=r"analyzed text field 'title'.*keyword sub-field 'title\.raw'"):
+        engine.bm25_search(name, "plain product", filters=flt)
+    with pytest.raises(ConfigError, match="analyzed text field 'title'"):
+        engine.knn_search(name, F.TEXT_VEC, docs[0][F.TEXT_VEC], k=5, filters=flt)
+    hits = engine.bm25_search(name, "plain product", filters=Filters(terms={"title.raw": docs[0][F.TITLE]}))
+    assert [h.id for h in hits] == [docs[0][F.ID]]
+
+
 # --------------------------------------------------------------------------- kNN
+def test_knn_scores_are_the_inner_products_on_every_engine(engine, new_index):
+    """The model reads kNN scores as inner products; OpenSearch's translated scores are turned back."""
+    name = new_index()
+    docs, vecs = catalog(120, seed=4)
+    index_docs(engine, name, docs)
+    q = unit(np.random.default_rng(5), 1, TEXT_DIM)[0]
+    hits = engine.knn_search(name, F.TEXT_VEC, q, k=120)
+    ip = {d[F.ID]: float(vecs[i] @ q) for i, d in enumerate(docs)}
+    assert len(hits) == 120 and min(ip.values()) < -0.3 < 0.3 < max(ip.values())  # both branches of the translation
+    np.testing.assert_allclose([h.score for h in hits], [ip[h.id] for h in hits], atol=1e-4)
+
+
 def test_knn_exact_order_matches_brute_force(engine, new_index):
     name = new_index()
     docs, vecs = catalog(300, seed=1)
@@ -278,6 +309,27 @@ def test_get_by_ids_with_fields_and_vectors(engine, new_index):
     assert set(only["p0002"]) == {F.TEXT_VEC}
     assert all(isinstance(x, float) for x in only["p0002"][F.TEXT_VEC])
     assert engine.get(name, []) == {}
+
+
+def test_get_arrays_never_serves_a_stale_vector(engine, new_index):
+    """The rerank call's fetch: vectors as float32 rows, cached by the engine, and a write is seen at once."""
+    name = new_index()
+    docs, vecs = catalog(20, seed=6)
+    index_docs(engine, name, docs)
+    fields = [F.TEXT_VEC, F.COLOUR]
+    first = engine.get_arrays(name, ["p0003", "p0004", "missing"], fields=fields)
+    assert set(first) == {"p0003", "p0004"} and first["p0003"][F.TEXT_VEC].dtype == np.float32
+    np.testing.assert_allclose(first["p0003"][F.TEXT_VEC], vecs[3], atol=1e-6)
+    again = engine.get_arrays(name, ["p0004", "p0003"], fields=fields)
+    np.testing.assert_allclose(again["p0004"][F.TEXT_VEC], vecs[4], atol=1e-6)
+    if hasattr(engine, "doc_cache_stats"):  # OpenSearch: the second read was served from the versioned cache
+        assert engine.doc_cache_stats["hits"] >= 2
+    new = unit(np.random.default_rng(99), 1, TEXT_DIM)[0]
+    changed = {**docs[3], F.TEXT_VEC: new, F.COLOUR: "Purple"}
+    assert engine.bulk(name, [BulkAction.index("p0003", changed), BulkAction.delete("p0004")], refresh=True).ok
+    after = engine.get_arrays(name, ["p0003", "p0004"], fields=fields)
+    assert set(after) == {"p0003"} and after["p0003"][F.COLOUR] == "Purple"
+    np.testing.assert_allclose(after["p0003"][F.TEXT_VEC], new, atol=1e-6)
 
 
 def test_count_and_iter_documents(engine, new_index):

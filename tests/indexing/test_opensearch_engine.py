@@ -207,8 +207,10 @@ def test_hits_come_back_in_engine_order_with_scores_and_requested_source(engine,
     server.script_search([("7", 2.5, {F.TITLE: "navy shirt", F.PRICE: 20.0}), ("3", 1.25, {F.TITLE: "shirt", F.PRICE: 35.0})])
     hits = engine.bm25_search("products-v1", "shirt", source=[F.TITLE])
     assert hits == [Hit("7", 2.5, {F.TITLE: "navy shirt"}), Hit("3", 1.25, {F.TITLE: "shirt"})]
-    server.script_search([("7", 0.9, {F.TITLE: "navy shirt"})])
-    assert engine.knn_search("products-v1", F.TEXT_VEC, np.ones(DIM), k=3, filters=Filters(ranges={F.PRICE: Range(lt=30)})) == [Hit("7", 0.9, None)]
+    # the k-NN plugin translates inner products (1 + ip, or 1 / (1 - ip) below 0); the engine turns them back
+    server.script_search([("7", 1.9, {F.TITLE: "navy shirt"}), ("3", 0.8, {F.TITLE: "shirt"})])
+    knn = engine.knn_search("products-v1", F.TEXT_VEC, np.ones(DIM), k=3, filters=Filters(ranges={F.PRICE: Range(lt=30)}))
+    assert [h.id for h in knn] == ["7", "3"] and [h.score for h in knn] == pytest.approx([0.9, -0.25]) and knn[0].source is None
     assert server.of("search")[-1].json()["_source"] is False
 
 

@@ -57,13 +57,14 @@ def test_minmax_matches_opensearch_normalization():
 def test_minmax_weighted_mean_and_missing_policies():
     lists = {"bm25": [("a", 10.0), ("b", 5.0), ("c", 0.0)], "knn": [("b", 0.9), ("d", 0.5)]}
     w = {"bm25": 0.3, "knn": 0.7}
-    ex = {d.id: d.score for d in minmax(lists, weights=w)}
-    # exclude (OpenSearch arithmetic_mean): mean over the lists that returned the doc
+    ex = {d.id: d.score for d in minmax(lists, weights=w, missing="exclude")}
+    # exclude: mean over the lists that returned the doc
     assert ex["a"] == pytest.approx(1.0)
     assert ex["b"] == pytest.approx(0.3 * 0.5 + 0.7 * 1.0)
     assert ex["c"] == pytest.approx(MIN_SCORE)
     assert ex["d"] == pytest.approx(MIN_SCORE)
     zero = {d.id: d.score for d in minmax(lists, weights=w, missing="zero")}
+    assert {d.id: d.score for d in minmax(lists, weights=w)} == zero  # the default: OpenSearch 2.19's arithmetic_mean
     assert zero["a"] == pytest.approx(0.3)
     assert zero["d"] == pytest.approx(0.7 * MIN_SCORE)
     assert [d.id for d in minmax(lists, weights=w, missing="zero")] == ["b", "a", "d", "c"]

@@ -51,9 +51,16 @@ def test_pipeline_bodies_validate(spec):
     assert proc["normalization"]["technique"] == "min_max" and proc["combination"]["parameters"]["weights"] == [0.3, 0.7]
     spec.validate_request("search_pipeline.put", normalization_pipeline_body({BM25: 0.2, KNN_TEXT: 0.5, KNN_IMAGE: 0.3}, has_image=True))
     spec.validate_request("search_pipeline.put", normalization_pipeline_body(None))  # equal weights
-    rrf = rrf_pipeline_body()
+    # the spec documents RRF's rank constant where 3.1+ reads it; 2.19 reads (and the node test checks) parameters
+    rrf = rrf_pipeline_body(opensearch_version="3.1.0")
     spec.validate_request("search_pipeline.put", rrf)
     assert rrf["phase_results_processors"][0]["score-ranker-processor"]["combination"]["rank_constant"] == 60
+    old = rrf_pipeline_body(rank_constant=20)["phase_results_processors"][0]["score-ranker-processor"]["combination"]
+    assert old == {"technique": "rrf", "parameters": {"rank_constant": 20}}
+    with pytest.raises(spec_mod.SpecViolationError, match="parameters"):
+        spec.validate_request("search_pipeline.put", rrf_pipeline_body())
+    with pytest.raises(ConfigError, match="2.19 or later"):
+        rrf_pipeline_body(opensearch_version="2.17.0")
 
 
 def test_separate_list_bodies_validate(spec):
@@ -72,7 +79,7 @@ def test_the_check_fails_on_broken_bodies(spec):
     bad["phase_results_processors"][0]["normalization-processor"]["normalization"]["technique"] = "minmax"
     with pytest.raises(spec_mod.SpecViolationError):
         spec.validate_request("search_pipeline.put", bad)
-    bad = rrf_pipeline_body()
+    bad = rrf_pipeline_body(opensearch_version="3.1.0")
     bad["phase_results_processors"][0]["score-ranker-processor"]["combination"]["rank_constant"] = 0
     with pytest.raises(spec_mod.SpecViolationError):
         spec.validate_request("search_pipeline.put", bad)
@@ -101,9 +108,10 @@ def _response(hits):
 
 def test_client_side_fusion_of_separate_responses_matches_the_pipeline_rule(spec):
     """Responses (checked against the spec's search response schema) fused client-side with min-max +
-    arithmetic_mean, missing documents excluded from the mean, as the normalization-processor does."""
+    arithmetic_mean, a document missing from a list counting 0 there, as 2.19's normalization-processor does
+    (measured on a node: tests/contract/test_hybrid_live.py). kNN scores arrive translated (1 + ip)."""
     bm25 = _response([("a", 12.0), ("b", 6.0), ("c", 2.0)])
-    knn = _response([("b", 0.9), ("d", 0.7), ("a", 0.5)])
+    knn = _response([("b", 1.9), ("d", 1.7), ("a", 1.5)])
     spec.validate_response("search", 200, bm25)
     spec.validate_response("search", 200, knn)
     stage = first_stage_from_responses("q", {BM25: bm25, KNN_TEXT: knn})
@@ -112,10 +120,11 @@ def test_client_side_fusion_of_separate_responses_matches_the_pipeline_rule(spec
     got = {c.id: c.score for c in cs.candidates}
     assert got["a"] == pytest.approx(0.4 * 1.0 + 0.6 * 0.001)
     assert got["b"] == pytest.approx(0.4 * 0.4 + 0.6 * 1.0)
-    assert got["c"] == pytest.approx(0.001)  # only in bm25: mean over the one list that returned it
-    assert got["d"] == pytest.approx(0.5)
-    assert cs.ids == ["b", "d", "a", "c"]
-    assert cs.candidates[0].signals[BM25].rank == 2 and cs.candidates[1].signals[BM25].missing
+    assert got["c"] == pytest.approx(0.4 * 0.001)  # only in bm25: 0 from knn_text
+    assert got["d"] == pytest.approx(0.6 * 0.5)
+    assert cs.ids == ["b", "a", "d", "c"]
+    assert cs.candidates[0].signals[BM25].rank == 2 and cs.candidates[2].signals[BM25].missing
+    assert [h.score for h in stage.lists[KNN_TEXT]] == pytest.approx([0.9, 0.7, 0.5])  # back to inner products
     assert hits_from_response({"hits": {"hits": []}}) == ()
     with pytest.raises(ConfigError, match="hits.hits"):
         hits_from_response({"took": 3})

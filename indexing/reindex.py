@@ -1,12 +1,17 @@
 """Admin reindex steps: a new index generation behind an alias, filled from the current one, verified, swapped.
 
 The job, step by step (each step is idempotent, so a job that died anywhere is resumed by running the
-remaining steps again; the job record says which batches are finished):
+remaining steps again; the job record says which source ids the finished batches covered):
 
 1. **create** the target generation ``<alias>-<timestamp>`` from a mapping file, with the dimensions of
    the (new) encoders (an existing target is checked, not recreated);
 2. **fill** it from the *source* generation (the concrete index the alias pointed at when the job
-   started), in batches of source documents in the source's stable iteration order. A document whose
+   started), in batches of source documents in ascending product id order
+   (:meth:`~indexing.engines.base.SearchEngine.iter_documents_by_id`). Each finished batch records the id range
+   it covered, ``(after, last]``, and a resumed fill reads the source again strictly after the last id of the
+   covered prefix, skipping any other covered range (:class:`FillCoverage`). Batch *numbers* are no resume key:
+   they name positions in an iteration order, and OpenSearch's scroll order (``_doc``) changes when segments
+   merge, with no document written (seen on a 2.19.1 node, ``tests/contract/test_reindex_live.py``). A document whose
    text / image model ids equal the new encoders' is copied with its stored vectors (no encoding); where
    a model changed, the text is rebuilt from the stored fields (:func:`product_from_document` +
    :func:`indexing.documents.product_text`, the same text the indexing job embeds) and the image is read
@@ -30,12 +35,13 @@ a ``checkpoint(step)`` callback is called at each step boundary (tests use it to
 
 from __future__ import annotations
 
+import bisect
 import logging
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
 from indexing import fields as F
 from indexing.engines.base import BulkAction, SearchEngine
@@ -107,6 +113,10 @@ class FillBatchResult:
     failed: int
     seconds: float
     errors: tuple[tuple[str, str], ...] = ()
+    #: the source ids the batch covered: those in ``(after, last]`` in product id order (``after`` None: from the
+    #: first id); ``last`` None: a result from before id-ordered fills, which says nothing about the ids it covered
+    after: str | None = None
+    last: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -142,11 +152,71 @@ class Generation:
         return asdict(self)
 
 
+@dataclass
+class FillCoverage:
+    """The source ids that finished fill batches covered: disjoint, sorted ranges ``(after, last]`` of product ids
+    (``after`` None: from the first id), each with the number of documents its batches held, plus the number of
+    batches added. JSON-serializable (:meth:`to_dict`) for a job record. Ids compare as Python ``str``, the order
+    :meth:`~indexing.engines.base.SearchEngine.iter_documents_by_id` reads them in."""
+
+    ranges: list[tuple[str | None, str, int]] = field(default_factory=list)
+    batches: int = 0
+
+    def add(self, after: str | None, last: str, docs: int) -> None:
+        """Record that the ids in ``(after, last]`` are finished (overlapping or touching ranges are merged)."""
+        if after is not None and after >= last:
+            raise ReindexError(f"empty fill range ({after!r}, {last!r}]")
+        rs = sorted([*self.ranges, (after, last, int(docs))], key=lambda r: (r[0] is not None, r[0] or ""))
+        merged: list[tuple[str | None, str, int]] = []
+        for a, b, n in rs:
+            if merged and (a is None or a <= merged[-1][1]):
+                pa, pb, pn = merged[-1]
+                merged[-1] = (pa, max(pb, b), pn + n)
+            else:
+                merged.append((a, b, n))
+        self.ranges = merged
+        self.batches += 1
+        self.__dict__.pop("_lasts", None)
+
+    def head(self) -> tuple[str | None, int]:
+        """``(cursor, documents)``: the last id of the covered prefix (the range from the first id on) and the
+        documents it holds; ``(None, 0)`` when the first batch is not finished."""
+        if self.ranges and self.ranges[0][0] is None:
+            return self.ranges[0][1], self.ranges[0][2]
+        return None, 0
+
+    def covers(self, pid: str) -> bool:
+        lasts = self.__dict__.get("_lasts")
+        if lasts is None:
+            lasts = self.__dict__["_lasts"] = [r[1] for r in self.ranges]
+        i = bisect.bisect_left(lasts, pid)
+        if i == len(lasts):
+            return False
+        a = self.ranges[i][0]
+        return a is None or a < pid
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"order": "product_id", "ranges": [list(r) for r in self.ranges], "batches": self.batches}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "FillCoverage":
+        if not d:
+            return cls()
+        if d.get("order") != "product_id":
+            raise ReindexError(f"the job record's fill coverage is in an unknown order {d.get('order')!r}")
+        return cls([(a, str(b), int(n)) for a, b, n in d.get("ranges", ())], int(d.get("batches", 0)))
+
+
 class JobRecord(Protocol):
     """Where a job keeps its progress (the workers implement it on the SQL store)."""
 
     def finished_batches(self) -> set[int]: ...
-    def batch_done(self, result: FillBatchResult) -> None: ...
+    def coverage(self) -> FillCoverage:
+        """The id ranges of the finished batches (those recorded with one: ``result.last`` set)."""
+        ...
+    def batch_done(self, result: FillBatchResult) -> None:
+        """Record a finished batch and, with ``result.last`` set, add its id range to the coverage."""
+        ...
     def set_step(self, step: str, **details: Any) -> None: ...
 
 
@@ -157,12 +227,20 @@ class MemoryRecord:
     step: str = "create"
     batches: dict[int, FillBatchResult] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    covered: FillCoverage = field(default_factory=FillCoverage)
 
     def finished_batches(self) -> set[int]:
         return set(self.batches)
 
+    def coverage(self) -> FillCoverage:
+        return FillCoverage(list(self.covered.ranges), self.covered.batches)
+
     def batch_done(self, result: FillBatchResult) -> None:
+        if result.batch in self.batches:
+            return  # a second record of the same batch (as the SQL store ignores it)
         self.batches[result.batch] = result
+        if result.last is not None:
+            self.covered.add(result.after, result.last, result.stop - result.start)
 
     def set_step(self, step: str, **details: Any) -> None:
         self.step = step
@@ -219,19 +297,52 @@ def product_from_document(doc: Mapping[str, Any]):
     return Product(id=str(pid), row=-1, fields={k: doc[k] for k in DOC_FIELDS if doc.get(k) is not None}, image=doc.get(F.IMAGE))
 
 
-def iter_source_batches(engine: SearchEngine, source: str, batch_size: int) -> Iterator[tuple[int, int, list[dict[str, Any]]]]:
-    """``(batch number, start ordinal, documents)`` over the source in its stable iteration order."""
+class SourceBatch(NamedTuple):
+    """A batch of source documents: its number, the ordinal of its first document in product id order, the
+    id before its first one (None: none), and the documents. It covers the ids in ``(after, last id]``."""
+
+    batch: int
+    start: int
+    after: str | None
+    docs: list[dict[str, Any]]
+
+    @property
+    def last(self) -> str:
+        return str(self.docs[-1][F.ID])
+
+
+def iter_source_batches(
+    engine: SearchEngine, source: str, batch_size: int, *, coverage: FillCoverage | None = None, first_batch: int = 0,
+) -> Iterator[SourceBatch]:
+    """The batches of the source's documents that ``coverage`` does not cover, in ascending product id order,
+    numbered from ``first_batch``: the source is read strictly after the covered prefix's last id, documents in
+    another covered range are skipped, and a batch never spans one (so each batch is one id range)."""
     if batch_size <= 0:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    cov = coverage or FillCoverage()
+    prev, ordinal = cov.head()
+    n = first_batch
     buf: list[dict[str, Any]] = []
-    n = start = 0
-    for doc in engine.iter_documents(source, batch_size=min(batch_size, 10_000)):
-        buf.append(doc)
-        if len(buf) == batch_size:
-            yield n, start, buf
-            n, start, buf = n + 1, start + len(buf), []
+    after: str | None = prev
+    start = ordinal
+    for doc in engine.iter_documents_by_id(source, after=prev, batch_size=min(batch_size, 10_000)):
+        pid = str(doc[F.ID])
+        if prev is not None and pid <= prev:  # the engine broke its order: a cursor would skip documents
+            raise ReindexError(f"source {source!r} returned product id {pid!r} after {prev!r}; not in product id order")
+        if cov.covers(pid):
+            if buf:
+                yield SourceBatch(n, start, after, buf)
+                n, buf = n + 1, []
+        else:
+            if not buf:
+                after, start = prev, ordinal
+            buf.append(doc)
+            if len(buf) == batch_size:
+                yield SourceBatch(n, start, after, buf)
+                n, buf = n + 1, []
+        prev, ordinal = pid, ordinal + 1
     if buf:
-        yield n, start, buf
+        yield SourceBatch(n, start, after, buf)
 
 
 def fill_batch(
@@ -243,9 +354,11 @@ def fill_batch(
     *,
     encoders=None,
     now: float | None = None,
+    after: str | None = None,
 ) -> FillBatchResult:
     """Write one batch of source documents into the target: copy vectors where the model ids are unchanged,
-    re-encode where they changed; skip documents the target has already (same hash and model ids)."""
+    re-encode where they changed; skip documents the target has already (same hash and model ids). ``docs`` are
+    in product id order; the result covers ``(after, last id of docs]``."""
     from indexing.documents import is_unchanged
 
     t0 = time.perf_counter()
@@ -319,6 +432,8 @@ def fill_batch(
         failed=len(failed_ids),
         seconds=time.perf_counter() - t0,
         errors=tuple(errors),
+        after=after,
+        last=ids[-1] if ids else None,
     )
     log.info("fill batch %d [%d, %d): copied %d, re-encoded %d, unchanged %d, failed %d",
              batch, res.start, res.stop, res.copied, res.reencoded, unchanged, res.failed)
@@ -377,21 +492,33 @@ def fill(
     checkpoint: Checkpoint = _no_checkpoint,
     on_batch: Callable[[FillBatchResult], None] | None = None,
 ) -> list[FillBatchResult]:
-    """Fill the target in this process, skipping the batches the record has finished already."""
+    """Fill the target in this process with the source documents whose ids the record's finished batches did not
+    cover (:func:`resume_point`)."""
     enc = encoders or plan_encoders(plan)
-    done = record.finished_batches()
+    cov, first = resume_point(record)
     out = []
-    for n, start, docs in iter_source_batches(engine, plan.source, plan.batch_size):
-        if n in done:
-            continue
-        r = fill_batch(engine, plan, n, start, docs, encoders=enc)
+    for b in iter_source_batches(engine, plan.source, plan.batch_size, coverage=cov, first_batch=first):
+        r = fill_batch(engine, plan, b.batch, b.start, b.docs, encoders=enc, after=b.after)
         record.batch_done(r)
         out.append(r)
         if on_batch:
             on_batch(r)
-        checkpoint(f"fill:{n}")
+        checkpoint(f"fill:{b.batch}")
     engine.refresh(plan.target)
     return out
+
+
+def resume_point(record: JobRecord) -> tuple[FillCoverage, int]:
+    """``(coverage, first new batch number)`` of a job's record. Finished batches recorded without an id range
+    (by a version that numbered scroll positions) say nothing about which documents they held: their documents are
+    read again (a document already in the target with the same hash and model ids is skipped, nothing re-encoded)."""
+    done = record.finished_batches()
+    cov = record.coverage()
+    if len(done) > cov.batches:
+        log.warning("%d finished fill batches were recorded without id ranges (by scroll position, which a segment merge "
+                    "changes); their documents are read again and the ones already in the target are skipped",
+                    len(done) - cov.batches)
+    return cov, (max(done) + 1 if done else 0)
 
 
 def count_batches(engine: SearchEngine, source: str, batch_size: int) -> tuple[int, int]:
@@ -540,7 +667,7 @@ def cleanup(engine: SearchEngine, alias: str, keep: int, *, protect: Sequence[st
 
 __all__ = [
     "STEPS", "Checkpoint", "ReindexError", "VerificationError", "ReindexPlan", "FillBatchResult", "VerifyReport",
-    "Generation", "JobRecord", "MemoryRecord", "current_generation", "create_target", "product_from_document",
-    "iter_source_batches", "fill_batch", "fill", "count_batches", "verify", "swap", "generations", "rollback",
+    "Generation", "JobRecord", "MemoryRecord", "FillCoverage", "SourceBatch", "current_generation", "create_target",
+    "product_from_document", "iter_source_batches", "fill_batch", "fill", "resume_point", "count_batches", "verify", "swap", "generations", "rollback",
     "cleanup", "plan_encoders", "MappingError",
 ]

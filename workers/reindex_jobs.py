@@ -2,9 +2,11 @@
 
 The record (tables ``reindex_jobs`` / ``reindex_batches``, migration 0003 of the history store) holds the
 job's plan, its step (create / fill / verify / swap / done) and every finished fill batch (its ordinal
-range in the source). :func:`run_job` runs the remaining steps of a job; it is what ``start``,
-``resume`` and the Celery admin tasks call. A job that died (killed process or worker, engine error) is
-resumed from its record: finished batches are skipped, the others are written again (each batch is
+range in the source); the job's ``details`` keep the product id ranges those batches covered
+(``fill_coverage``, an :class:`indexing.reindex.FillCoverage`), written in the same transaction as the batch.
+:func:`run_job` runs the remaining steps of a job; it is what ``start``, ``resume`` and the Celery admin
+tasks call. A job that died (killed process or worker, engine error) is resumed from its record: the fill
+reads the source again in product id order after the covered ids and writes the rest (each batch is
 idempotent), verification is redone, and the swap is sent only if the alias does not point at the target
 already. The library steps are in :mod:`indexing.reindex`.
 """
@@ -15,7 +17,7 @@ import logging
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
@@ -26,6 +28,7 @@ from indexing.lifecycle import generation_name
 from indexing.reindex import (
     Checkpoint,
     FillBatchResult,
+    FillCoverage,
     ReindexError,
     ReindexPlan,
     count_batches,
@@ -36,6 +39,7 @@ from indexing.reindex import (
     generations,
     iter_source_batches,
     plan_encoders,
+    resume_point,
     swap,
     verify,
 )
@@ -113,7 +117,8 @@ class ReindexJobStore:
             conn.execute(update(ReindexJob).where(ReindexJob.job_id == job_id).values(updated_at=_now(), **values))
 
     def add_batch(self, job_id: str, r: FillBatchResult) -> None:
-        """Record a finished batch (a second record of the same batch is ignored: batches are idempotent)."""
+        """Record a finished batch and add its id range to the job's ``fill_coverage``, in one transaction (a second
+        record of the same batch is ignored: batches are idempotent)."""
         row = dict(job_id=job_id, batch=r.batch, start=r.start, stop=r.stop, copied=r.copied, reencoded=r.reencoded,
                    unchanged=r.unchanged, failed=r.failed, seconds=r.seconds, errors=[list(e) for e in r.errors[:100]])
         try:
@@ -121,12 +126,25 @@ class ReindexJobStore:
                 if conn.execute(select(ReindexBatch.batch).where(ReindexBatch.job_id == job_id, ReindexBatch.batch == r.batch)).first():
                     return
                 conn.execute(ReindexBatch.__table__.insert().values(**row))
+                values: dict[str, Any] = {"updated_at": _now()}
+                if r.last is not None:
+                    details = conn.execute(
+                        select(ReindexJob.details).where(ReindexJob.job_id == job_id).with_for_update()
+                    ).scalar_one() or {}
+                    cov = FillCoverage.from_dict(details.get("fill_coverage"))
+                    cov.add(r.after, r.last, r.stop - r.start)
+                    values["details"] = {**details, "fill_coverage": cov.to_dict()}
+                conn.execute(update(ReindexJob).where(ReindexJob.job_id == job_id).values(**values))
         except Exception as e:  # a concurrent writer recorded it first
             if isinstance(e.__cause__, exc.IntegrityError):
                 return
             raise
-        with sql_errors(f"updating reindex job {job_id}", self.url), self.engine.begin() as conn:
-            conn.execute(update(ReindexJob).where(ReindexJob.job_id == job_id).values(updated_at=_now()))
+
+    def coverage(self, job_id: str) -> FillCoverage:
+        """The product id ranges the job's finished batches covered."""
+        with sql_errors(f"reading reindex job {job_id}", self.url), self.engine.connect() as conn:
+            details = conn.execute(select(ReindexJob.details).where(ReindexJob.job_id == job_id)).scalar_one_or_none()
+        return FillCoverage.from_dict((details or {}).get("fill_coverage"))
 
     def finished_batches(self, job_id: str) -> set[int]:
         with sql_errors(f"reading reindex job {job_id}", self.url), self.engine.connect() as conn:
@@ -186,6 +204,9 @@ class SqlJobRecord:
 
     def finished_batches(self) -> set[int]:
         return self.store.finished_batches(self.job_id)
+
+    def coverage(self) -> FillCoverage:
+        return self.store.coverage(self.job_id)
 
     def batch_done(self, result: FillBatchResult) -> None:
         self.store.add_batch(self.job_id, result)
@@ -402,22 +423,24 @@ def _fill_celery(engine: "SearchEngine", plan: ReindexPlan, rec, settings: "Sett
         raise NoWorkerError(
             f"no Celery worker consumes the 'embed' queue on {_safe(settings.broker_url)}; start one with: fusionrank worker --queues embed,index,admin"
         )
-    done = rec.finished_batches()
+    cov, first = resume_point(rec)
     sigs, meta = [], []
-    for n, start, docs in iter_source_batches(engine, plan.source, plan.batch_size):
-        if n in done:
-            continue
-        sigs.append(app.signature("fusionrank.reindex_fill_batch", args=(plan.to_dict(), n, start, [str(d["product_id"]) for d in docs])))
-        meta.append((n, start, len(docs)))
+    ranges: dict[int, tuple[str | None, str]] = {}
+    for b in iter_source_batches(engine, plan.source, plan.batch_size, coverage=cov, first_batch=first):
+        sigs.append(app.signature("fusionrank.reindex_fill_batch", args=(plan.to_dict(), b.batch, b.start, [str(d["product_id"]) for d in b.docs])))
+        meta.append((b.batch, b.start, len(b.docs)))
+        ranges[b.batch] = (b.after, b.last)
     if not sigs:
         engine.refresh(plan.target)
         return
     res = group(sigs, app=app).apply_async()
-    by_id = {r.id: i for i, r in enumerate(res.results)}
 
     def cb(task_id: str, value: Any) -> None:
         if isinstance(value, dict):
             r = FillBatchResult.from_dict(value)
+            if r.batch in ranges:  # the id range this process planned the batch with (a worker knows only its ids)
+                after, last = ranges[r.batch]
+                r = replace(r, after=after, last=last)
             rec.batch_done(r)
             on_batch(r)
 
@@ -429,7 +452,8 @@ def _fill_celery(engine: "SearchEngine", plan: ReindexPlan, rec, settings: "Sett
 
 
 def fill_batch_by_ids(engine: "SearchEngine", plan: ReindexPlan, batch: int, start: int, ids: Sequence[str], *, encoders=None) -> FillBatchResult:
-    """A worker's batch: read the source documents by id, then :func:`indexing.reindex.fill_batch`."""
+    """A worker's batch: read the source documents by id, then :func:`indexing.reindex.fill_batch` (``ids`` in
+    product id order, as :func:`indexing.reindex.iter_source_batches` made them)."""
     got = engine.get(plan.source, list(ids))
     missing = [i for i in ids if i not in got]
     if missing:

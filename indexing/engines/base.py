@@ -193,6 +193,14 @@ class SearchEngine(Protocol):
     ) -> BulkSummary: ...
     def get(self, index: str, ids: Sequence[str], *, fields: Sequence[str] | None = None) -> dict[str, dict[str, Any]]: ...
     def iter_documents(self, index: str, *, batch_size: int = 1000) -> Iterator[dict[str, Any]]: ...
+    def iter_documents_by_id(self, index: str, *, after: str | None = None, batch_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every document whose product id sorts strictly after ``after`` (all with None), in ascending product id
+        order (Python's ``str`` order, which is the keyword's byte order). Unlike :meth:`iter_documents`, whose order
+        an engine may change between two calls (OpenSearch's ``_doc`` order changes when segments merge), this order
+        depends on the ids alone, so the last id seen is a cursor a later call can go on from. Each document's
+        ``product_id`` must equal its id (the key must be unique); one that lacks it or differs raises
+        :class:`~indexing.errors.EngineError`."""
+        ...
 
     # search
     def bm25_search(

@@ -37,6 +37,7 @@ Semantics, stated once:
 
 from __future__ import annotations
 
+import bisect
 import copy
 import json
 import logging
@@ -1011,6 +1012,27 @@ class LocalEngine:
                 src.setdefault(F.ID, ids[i])  # as OpenSearchEngine does: the id is always there
                 yield src
             last = int(seqs[-1])
+
+    def iter_documents_by_id(self, index: str, *, after: str | None = None, batch_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every document whose id sorts after ``after`` (all with None), in ascending id order (Python's ``str``
+        order, the order OpenSearchEngine reads the ``product_id`` keyword in), from one snapshot. A document whose
+        stored ``product_id`` is missing or differs from its id raises EngineError, as on OpenSearch."""
+        check_size(batch_size, "batch_size", limit=100_000)
+        if batch_size == 0:
+            raise ConfigError("batch_size must be at least 1")
+        st = self._state(index)
+        ids = sorted(str(i) for i in st.ids.tolist())
+        pos = 0 if after is None else bisect.bisect_right(ids, str(after))
+        for lo in range(pos, len(ids), batch_size):
+            chunk = ids[lo : lo + batch_size]
+            addrs, found, seqs = self._lookup(st, chunk)
+            by_id = dict(zip(found, self._sources(st, addrs, seqs, None)))
+            for pid in chunk:
+                src = by_id[pid]  # the snapshot's live ids are its documents
+                if src.get(F.ID) is None or str(src[F.ID]) != pid:
+                    raise EngineError(f"document {pid!r} of {index!r} has {F.ID} {src.get(F.ID)!r}: reading in product id "
+                                      f"order needs every document's {F.ID} to equal its id")
+                yield src
 
     # ------------------------------------------------------------------ queries
     def _filter_query(self, st: _State, filters: Filters | None):

@@ -258,6 +258,8 @@ class FakeOpenSearchServer:
             size = int(b.get("size", 10))
             self._scrolls[scroll_id] = (size, all_hits[size:])
             return 200, self._search_response(all_hits[:size], scroll_id=scroll_id, total=len(all_hits))
+        if b.get("sort") and b["sort"] != ["_doc"]:
+            return 200, self._sorted_search(names, b)
         scripted = self._search_hits.pop(0) if self._search_hits else []
         want = b.get("_source", True)
         hits = []
@@ -267,6 +269,39 @@ class FakeOpenSearchServer:
                 hit["_source"] = h["_source"] if want is True else {k: v for k, v in h["_source"].items() if k in want}
             hits.append(hit)
         return 200, self._search_response(hits, total=len(hits))
+
+    def _sorted_search(self, names: list[str], b: dict[str, Any]) -> dict[str, Any]:
+        """A page of stored documents sorted ascending on one keyword field, as OpenSearch answers it: a ``range``
+        ``gt`` query and ``search_after`` both start after a key; documents without the field come last, with a
+        null sort value. Anything else this fake cannot answer truthfully, so it refuses."""
+        (key,) = b["sort"]
+        fld, order = (key, "asc") if isinstance(key, str) else next(iter(key.items()))
+        order = order.get("order", "asc") if isinstance(order, dict) else order
+        if order != "asc":
+            raise AssertionError(f"the fake OpenSearch sorts ascending only, not {b['sort']!r}; extend it deliberately")
+        query = b.get("query", {"match_all": {}})
+        gt = None
+        if "range" in query:
+            (rfield, cond), = query["range"].items()
+            if rfield != fld or set(cond) != {"gt"}:
+                raise AssertionError(f"the fake OpenSearch answers a range gt on the sort field only, not {query!r}")
+            gt = str(cond["gt"])
+        elif query != {"match_all": {}}:
+            raise AssertionError(f"the fake OpenSearch answers sorted searches with match_all or range only, not {query!r}")
+        after = b.get("search_after")
+        start = None if after is None else after[0]
+        rows = [(None if d.get(fld) is None else str(d[fld]), n, i, d) for n in names for i, d in self.docs[n].items()]
+        rows.sort(key=lambda r: (r[0] is None, r[0] or ""))
+        if gt is not None:
+            rows = [r for r in rows if r[0] is not None and r[0] > gt]
+        if start is not None:
+            rows = [r for r in rows if r[0] is not None and r[0] > str(start)]
+        page = rows[: int(b.get("size", 10))]
+        hits = [{"_index": n, "_id": i, "_score": None, "_source": d, "sort": [k]} for k, n, i, d in page]
+        resp = self._search_response(hits, total=len(rows))
+        if b.get("track_total_hits") is False:
+            del resp["hits"]["total"]
+        return resp
 
     def _op_scroll(self, method, segs, params, body):
         sid = json.loads(body)["scroll_id"]

@@ -83,3 +83,34 @@ def test_failed_smoke_queries_stop_the_swap(engine, server, source):
         verify(engine, plan)  # the fake answers unscripted searches with no hits
     assert server.of("indices.update_aliases") == []
     assert engine.get_alias(ALIAS) == [plan.source]
+
+
+def test_the_fill_reads_in_product_id_order_and_a_resume_asks_for_the_ids_after_the_last_finished_one(engine, server, spec, source):
+    """The fill's reads are sorted ``search_after`` pages on the product id keyword (valid ``search`` bodies); a
+    fill resumed after batch 0 starts its first page after that batch's last id and writes each document once."""
+    plan, enc = source
+    create_target(engine, plan, enc)
+    rec = MemoryRecord()
+
+    def stop_after_first(at: str) -> None:
+        if at == "fill:0":
+            raise RuntimeError(at)
+
+    with pytest.raises(RuntimeError):
+        fill(engine, plan, rec, encoders=enc, checkpoint=stop_after_first)
+    (first,) = rec.batches.values()
+    assert (first.after, first.last, first.stop - first.start) == (None, "2", 3)
+    assert rec.coverage().ranges == [(None, "2", 3)]
+    reads = [r for r in server.of("search") if r.path == f"/{plan.source}/_search" and "scroll" not in r.params]
+    assert reads[0].json() == {"size": 3, "sort": [{F.ID: {"order": "asc"}}], "track_total_hits": False, "query": {"match_all": {}}}
+
+    server.requests.clear()
+    results = fill(engine, plan, rec, encoders=enc)
+    assert [(r.batch, r.after, r.last) for r in results] == [(1, "2", "5"), (2, "5", "6")]
+    assert sum(r.copied for r in results) == N - 3 and all(r.unchanged == 0 for r in results)  # nothing read twice
+    reads = [r for r in server.of("search") if r.path == f"/{plan.source}/_search"]
+    assert [r.json().get("search_after") for r in reads] == [["2"], ["5"]]
+    assert reads[0].json()["query"] == {"range": {F.ID: {"gt": "2"}}}
+    for r in reads:
+        spec.validate_request("search", r.body)
+    assert sorted(server.docs[plan.target]) == sorted(server.docs[plan.source])

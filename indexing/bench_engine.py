@@ -1,4 +1,5 @@
-"""The LocalEngine benchmark behind ``fusionrank bench engine``: build, then time BM25, kNN and filtered kNN.
+"""The engine benchmark behind ``fusionrank bench engine``: build, then time BM25, kNN and filtered kNN, on the
+LocalEngine or (``--engine opensearch``) an OpenSearch cluster.
 
 :func:`run_engine_bench` builds an index of synthetic products (titles, descriptions, categories and
 brands drawn from a small generated vocabulary; 100 colours, so one colour is a 1% filter; prices;
@@ -14,9 +15,11 @@ commit), plus ``docs``, ``dim`` and the run's parameters. Latencies are wall-clo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -81,6 +84,16 @@ def _ms(samples: list[float], q: float) -> float:
     return round(float(np.percentile(np.asarray(samples) * 1e3, q)), 3)
 
 
+@contextlib.contextmanager
+def _dropped(engine: Any, index: str) -> Iterator[None]:
+    """Delete ``index`` from a remote ``engine`` afterwards, whatever happened (nothing for the local engine)."""
+    try:
+        yield
+    finally:
+        if engine is not None and engine.index_exists(index):
+            engine.delete_index(index)
+
+
 def run_engine_bench(
     *,
     docs: int = 100_000,
@@ -92,8 +105,14 @@ def run_engine_bench(
     faiss_threshold: int | None = None,
     path: Path | str | None = None,
     progress: bool = False,
+    engine: Any = None,
+    hnsw_engine: str | None = None,
 ) -> dict[str, Any]:
-    """Build a synthetic index of ``docs`` documents in a LocalEngine and time the three searches."""
+    """Build a synthetic index of ``docs`` documents in a LocalEngine and time the three searches.
+
+    ``engine``: another engine to build it in and search (an ``OpenSearchEngine``: index ``bench-<random>``, deleted
+    afterwards, vector fields on ``hnsw_engine``); the LocalEngine-only figures (snapshot load, a second reader's
+    refresh) are then None. The result's ``engine`` names which."""
     from indexing.engines.base import BulkAction, Filters
     from indexing.engines.local import LocalEngine
     from indexing.errors import ConfigError
@@ -108,9 +127,11 @@ def run_engine_bench(
     rng = np.random.default_rng(seed + 1)
     vocab = sorted({w for d in documents[: min(docs, 5000)] for w in d[F.TITLE].split()})
 
-    with tempfile.TemporaryDirectory(prefix="fusionrank-bench-", dir=path) as tmp:
-        engine = LocalEngine(Path(tmp) / "engine", faiss_threshold=faiss_threshold)
-        engine.create_index("bench", load_body("products-v1", text_dim=dim, image_dim=dim))
+    remote = engine
+    name = f"bench-{uuid.uuid4().hex[:10]}" if remote is not None else "bench"
+    with tempfile.TemporaryDirectory(prefix="fusionrank-bench-", dir=path) as tmp, _dropped(remote, name):
+        engine = remote if remote is not None else LocalEngine(Path(tmp) / "engine", faiss_threshold=faiss_threshold)
+        engine.create_index(name, load_body("products-v1", text_dim=dim, image_dim=dim, hnsw_engine=hnsw_engine))
 
         def actions() -> Iterator[BulkAction]:
             it = documents
@@ -122,59 +143,63 @@ def run_engine_bench(
                 yield BulkAction.index(d[F.ID], d)
 
         t0 = time.perf_counter()
-        summary = engine.bulk("bench", actions(), chunk_size=chunk_size)
+        summary = engine.bulk(name, actions(), chunk_size=chunk_size)
         index_s = time.perf_counter() - t0
         if summary.failed:
             raise RuntimeError(f"benchmark documents were rejected: {summary.failed[:3]}")
         t0 = time.perf_counter()
-        engine.refresh("bench")
+        engine.refresh(name)
         load_ms = (time.perf_counter() - t0) * 1e3
 
         bm25_queries = [" ".join(rng.choice(vocab, int(rng.integers(1, 4)))) for _ in range(queries)]
         qvecs = unit_vectors(queries, dim, rng)
         qcolours = rng.integers(0, N_COLOURS, queries)
 
-        engine.bm25_search("bench", bm25_queries[0], size=k)  # warm-up
+        engine.bm25_search(name, bm25_queries[0], size=k)  # warm-up
         bm25 = []
         for q in bm25_queries:
             t = time.perf_counter()
-            engine.bm25_search("bench", q, size=k)
+            engine.bm25_search(name, q, size=k)
             bm25.append(time.perf_counter() - t)
 
-        engine.knn_search("bench", F.TEXT_VEC, qvecs[0], k=k)
+        engine.knn_search(name, F.TEXT_VEC, qvecs[0], k=k)
         knn = []
         for q in qvecs:
             t = time.perf_counter()
-            engine.knn_search("bench", F.TEXT_VEC, q, k=k)
+            engine.knn_search(name, F.TEXT_VEC, q, k=k)
             knn.append(time.perf_counter() - t)
 
         fknn, recalls = [], []
-        engine.knn_search("bench", F.TEXT_VEC, qvecs[0], k=k, filters=Filters(terms={F.COLOUR: f"colour{qcolours[0]:02d}"}))
+        engine.knn_search(name, F.TEXT_VEC, qvecs[0], k=k, filters=Filters(terms={F.COLOUR: f"colour{qcolours[0]:02d}"}))
         for q, c in zip(qvecs, qcolours):
             flt = Filters(terms={F.COLOUR: f"colour{c:02d}"})
             t = time.perf_counter()
-            hits = engine.knn_search("bench", F.TEXT_VEC, q, k=k, filters=flt)
+            hits = engine.knn_search(name, F.TEXT_VEC, q, k=k, filters=flt)
             fknn.append(time.perf_counter() - t)
             members = np.flatnonzero(colours == c)
             scores = vecs[members] @ q
             want = members[np.argsort(-scores, kind="stable")[:k]]
             truth = {documents[i][F.ID] for i in want.tolist()}
             recalls.append(len(truth & {h.id for h in hits}) / max(len(truth), 1))
-        count = engine.count("bench")
+        count = engine.count(name)
 
-        # a reader in another instance picks up a small commit: only the new rows are loaded
-        reader = LocalEngine(Path(tmp) / "engine")
-        reader.count("bench")
-        extra = synthetic_documents(100, dim, seed + 2)[0]
-        engine.bulk("bench", (BulkAction.index(f"extra{i}", d) for i, d in enumerate(extra)))
-        t0 = time.perf_counter()
-        reader.refresh("bench")
-        refresh_ms = (time.perf_counter() - t0) * 1e3
-        reader.close()
-        engine.close()
+        refresh_ms: float | None = None
+        if remote is None:
+            # a reader in another instance picks up a small commit: only the new rows are loaded
+            reader = LocalEngine(Path(tmp) / "engine")
+            reader.count(name)
+            extra = synthetic_documents(100, dim, seed + 2)[0]
+            engine.bulk(name, (BulkAction.index(f"extra{i}", d) for i, d in enumerate(extra)))
+            t0 = time.perf_counter()
+            reader.refresh(name)
+            refresh_ms = (time.perf_counter() - t0) * 1e3
+            reader.close()
+            engine.close()
 
     return {
         "machine": machine_info(),
+        "engine": getattr(remote, "name", "local") if remote is not None else "local",
+        "hnsw_engine": hnsw_engine if remote is not None else ("faiss" if faiss_threshold is not None else None),
         "docs": docs,
         "dim": dim,
         "queries": queries,
@@ -190,7 +215,7 @@ def run_engine_bench(
         "filtered_knn_recall": round(float(np.mean(recalls)), 6),
         "upsert_docs_per_s": round(docs / index_s, 1),
         "index_s": round(index_s, 3),
-        "snapshot_load_ms": round(load_ms, 1),
-        "refresh_after_small_commit_ms": round(refresh_ms, 1),
+        "snapshot_load_ms": round(load_ms, 1),  # LocalEngine: loading its snapshot; OpenSearch: the refresh call
+        "refresh_after_small_commit_ms": round(refresh_ms, 1) if refresh_ms is not None else None,
         "faiss_threshold": faiss_threshold,
     }

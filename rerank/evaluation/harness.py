@@ -217,6 +217,40 @@ def cached_index(
     return CachedIndex(engine, EVAL_ALIAS, key, d, summary)
 
 
+def mirror_index(local: CachedIndex, target: SearchEngine, *, mapping: str = DEFAULT_MAPPING, hnsw_engine: str | None = None,
+                 progress: bool = False, chunk_size: int = 200) -> CachedIndex:
+    """The cached evaluation index copied, documents and stored vectors as they are, into another engine (an
+    OpenSearch cluster: ``fusionrank eval --engine opensearch``), as index ``fusionrank-eval-<key>``; reused while
+    it holds as many documents as the local one. The vectors are the local index's own, so both engines search
+    the same numbers and a difference between their reports is the engines' (BM25, HNSW), not the encoders'."""
+    import mappings as M
+    from indexing.engines.base import BulkAction
+    from indexing.errors import EngineError
+
+    name = f"fusionrank-eval-{local.key}"
+    n = local.engine.count(local.alias)
+    summary = {**dict(local.summary), "engine": getattr(target, "name", type(target).__name__), "index": name}
+    if target.index_exists(name):
+        if target.count(name) == n:
+            log.info("using the evaluation index %s on %s (%d docs)", name, target, n)
+            return CachedIndex(target, name, local.key, local.path, summary)
+        target.delete_index(name)  # a copy that died half-way
+    dims = M.vector_dims(local.engine.get_mapping(local.alias))
+    target.create_index(name, M.load_mapping(mapping, text_dim=dims[F.TEXT_VEC], image_dim=dims.get(F.IMAGE_VEC, 1280), hnsw_engine=hnsw_engine))
+    docs = local.engine.iter_documents(local.alias)
+    if progress:
+        from tqdm import tqdm
+
+        docs = tqdm(docs, total=n, desc=f"copying the evaluation index to {name}", unit="doc")
+    result = target.bulk(name, (BulkAction.index(str(d[F.ID]), d) for d in docs), chunk_size=chunk_size, refresh=True)
+    if result.failed or target.count(name) != n:
+        reasons = "; ".join(f"{f.id}: {f.error}" for f in result.failed[:5])
+        target.delete_index(name)
+        raise EngineError(f"copying the evaluation index to {name} failed ({len(result.failed)} of {n} documents): {reasons}")
+    log.info("copied %d documents into %s on %s", n, name, target)
+    return CachedIndex(target, name, local.key, local.path, summary)
+
+
 # --------------------------------------------------------------------------- helpers
 def transform_id(fn: Callable[[np.ndarray], np.ndarray] | None, dim: int) -> str | None:
     """A content identifier of a query-vector transform (``query_to_image_space``), for cache keys.
@@ -324,8 +358,13 @@ def evaluate(
     data_dir: Path,
     indexer: Indexer,
     query_to_image_space: Callable[[np.ndarray], np.ndarray] | None = None,
+    search_engine: SearchEngine | None = None,
+    hnsw_engine: str | None = None,
 ) -> EvalReport:
-    """Evaluate every system of ``req`` on the same queries; see the module doc for the protocol."""
+    """Evaluate every system of ``req`` on the same queries; see the module doc for the protocol.
+
+    ``search_engine``: search another engine than the local cache (an ``OpenSearchEngine``): the cached index is
+    copied into it (:func:`mirror_index`, HNSW engine ``hnsw_engine``) and every system searches there."""
     req.check()
     t0 = time.perf_counter()
     data_dir = Path(data_dir)
@@ -383,7 +422,10 @@ def evaluate(
 
     common = dict(text_model=req.text_model, text_backend=req.text_backend, image_model=req.image_model, device=req.device, mapping=req.mapping)
     idx = cached_index(req.catalog, req.images_root, data_dir=data_dir, indexer=indexer, **common)
-    info["index"] = {"key": idx.key, "path": str(idx.path), "docs": idx.engine.count(idx.alias), "indexed_failed": idx.summary.get("failed")}
+    if search_engine is not None:
+        idx = mirror_index(idx, search_engine, mapping=req.mapping, hnsw_engine=hnsw_engine, progress=req.progress)
+    info["index"] = {"key": idx.key, "path": str(idx.path), "docs": idx.engine.count(idx.alias), "indexed_failed": idx.summary.get("failed"),
+                     "engine": getattr(idx.engine, "name", "local"), "name": idx.alias}
     text_enc = get_text_encoder(req.text_model, backend=req.text_backend, device=req.device)
     cfg = RetrievalConfig(top_n=req.top_n, per_list=req.top_n)
     retriever = Retriever(idx.engine, idx.alias, text_encoder=text_enc, query_to_image_space=query_to_image_space, config=cfg)

@@ -1,4 +1,4 @@
-"""``fusionrank bench engine``: the LocalEngine benchmark (BM25, kNN, filtered kNN, upserts)."""
+"""``fusionrank bench engine``: the engine benchmark (BM25, kNN, filtered kNN, upserts) on the local engine or OpenSearch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from workers.commands import bench_engine_option as engine_opt
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -23,21 +25,34 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             None, "--faiss-threshold", min=1, help="Use faiss HNSW for fields with at least this many vectors (default: exact)."
         ),
         tmp_dir: Optional[Path] = typer.Option(None, "--tmp-dir", help="Where the temporary index is built (default: the system temp dir)."),
+        engine: Optional[str] = engine_opt.option(),
     ) -> None:
-        """Build a LocalEngine index of synthetic products in a temp dir and time BM25, kNN and filtered kNN."""
+        """Build an index of synthetic products (local engine in a temp dir, or OpenSearch) and time BM25, kNN and filtered kNN."""
         from indexing.bench_engine import run_engine_bench
+        from workers.settings import load_settings
 
-        result = run_engine_bench(
-            docs=docs, dim=dim, queries=queries, seed=seed, k=k, faiss_threshold=faiss_threshold,
-            path=tmp_dir, progress=sys.stderr.isatty(),
-        )
+        engine_opt.use(engine)
+        settings = load_settings()
+        remote = None  # opensearch: the index is built in the cluster (HNSW engine FUSIONRANK_HNSW_ENGINE) and deleted after
+        if settings.engine == "opensearch":
+            from workers.commands.opensearch import build_opensearch_engine
+
+            remote = build_opensearch_engine(settings)
+        try:
+            result = run_engine_bench(
+                docs=docs, dim=dim, queries=queries, seed=seed, k=k, faiss_threshold=faiss_threshold,
+                path=tmp_dir, progress=sys.stderr.isatty(), engine=remote, hnsw_engine=settings.hnsw_engine if remote else None,
+            )
+        finally:
+            if remote is not None:
+                remote.close()
         if as_json:
             typer.echo(json.dumps(result))
             return
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"LocalEngine: {docs:,} docs, {dim}-d vectors, top-{k}, {queries} queries each")
+        table = Table(title=f"{result['engine']} engine: {docs:,} docs, {dim}-d vectors, top-{k}, {queries} queries each")
         table.add_column("metric")
         table.add_column("value", justify="right")
         for key, value in result.items():

@@ -105,6 +105,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw NDCG@10 per system into this PNG file."),
         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: when stderr is a terminal)."),
+        engine: Optional[str] = typer.Option(None, "--engine", help="local | opensearch (default: FUSIONRANK_ENGINE). opensearch: the local "
+                                             "evaluation index is copied into FUSIONRANK_OPENSEARCH_URL and every system searches there."),
     ) -> None:
         """Evaluate baselines on a catalog + queries + graded qrels (NDCG@10, MRR@10, Recall@100, judged@10)."""
         from rerank.evaluation.harness import EvalRequest, evaluate
@@ -151,7 +153,21 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         def indexer(engine, job):
             return run_index_job(engine, settings, job, via="inline", progress=show)
 
-        report = evaluate(req, data_dir=settings.data_dir, indexer=indexer)
+        search_engine = None
+        engine_name = engine or settings.engine
+        if engine_name == "opensearch":
+            from workers.commands.opensearch import build_opensearch_engine
+
+            search_engine = build_opensearch_engine(settings)
+        elif engine_name != "local":
+            from indexing.errors import UnknownNameError
+
+            raise UnknownNameError("engine", engine_name, ["local", "opensearch"])
+        try:
+            report = evaluate(req, data_dir=settings.data_dir, indexer=indexer, search_engine=search_engine, hnsw_engine=settings.hnsw_engine)
+        finally:
+            if search_engine is not None:
+                search_engine.close()
         if plot is not None:
             plot_ndcg(report, plot)
         if as_json:

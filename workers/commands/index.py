@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from workers.commands import bench_engine_option as engine_opt
+
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("index")
@@ -69,14 +71,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         batch_size: int = typer.Option(256, "--batch-size", min=1),
         via: str = typer.Option("inline", "--via", help="inline | celery (needs a running `fusionrank worker`)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+        engine: Optional[str] = engine_opt.option(),
     ) -> None:
         """Indexing throughput: text/image encoders alone vs the whole pipeline on the same products."""
         from workers.bench_index import run_index_bench
         from workers.settings import load_settings
 
+        engine_name = engine_opt.use(engine)
         settings = load_settings()
         cat, root = settings.fashion_bench(catalog, images_root)
-        out = run_index_bench(settings, catalog=cat, images_root=root, limit=limit, batch_size=batch_size, via=via)
+        out = {"engine": engine_name, **run_index_bench(settings, catalog=cat, images_root=root, limit=limit, batch_size=batch_size, via=via)}
         if as_json:
             typer.echo(json.dumps(out))
         else:

@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from workers.commands import bench_engine_option as engine_opt
+
 ALIAS_HELP = "Index alias (default: FUSIONRANK_INDEX_ALIAS or products)."
 
 
@@ -178,14 +180,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         images_root: Optional[Path] = typer.Option(None, "--images-root", help="Default: <shared data>/fashion."),
         batch_size: int = typer.Option(256, "--batch-size", min=1),
         as_json: bool = typer.Option(False, "--json"),
+        engine: Optional[str] = engine_opt.option(),
     ) -> None:
         """Reindex with unchanged models (vectors reused) and with a changed text model, under concurrent searches."""
         from workers.reindex_bench import run_reindex_bench
         from workers.settings import load_settings
 
+        engine_name = engine_opt.use(engine)
         settings = load_settings()
         cat, root = settings.fashion_bench(catalog, images_root)
-        out = run_reindex_bench(settings, catalog=cat, images_root=root, limit=limit, batch_size=batch_size)
+        out = {"engine": engine_name, **run_reindex_bench(settings, catalog=cat, images_root=root, limit=limit, batch_size=batch_size)}
         if as_json:
             typer.echo(json.dumps(out))
         else:

@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from workers.commands import bench_engine_option as engine_opt
+
 
 def bench_inputs(settings, limit: int) -> tuple[list[str], list[str | None]]:
     """Queries and users: the simulated shoppers' personal queries of the fashion benchmark when present
@@ -37,6 +39,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         budget_ms: float = typer.Option(1000.0, "--budget-ms", min=1.0, help="The rerank call's time budget (large: measure, do not fail open)."),
         micro_batch: Optional[bool] = typer.Option(None, "--micro-batch/--no-micro-batch", help="Force the micro-batcher on/off (default: on for CUDA)."),
         as_json: bool = typer.Option(True, "--json/--no-json", help="Print one JSON object (the default)."),
+        engine: Optional[str] = engine_opt.option(),
     ) -> None:
         """Rerank latency (query encoding, vector fetch, profile lookup, model) p50/p99 vs the cross-encoder p50."""
         from indexing.encoders import limit_threads, resolve_device
@@ -45,6 +48,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from rerank.reranker import Reranker
         from workers.settings import load_settings
 
+        engine_name = engine_opt.use(engine)
         settings = load_settings(rerank_budget_ms=budget_ms)
         limit_threads(threads)  # torch, numpy's BLAS, and the onnx-int8 text encoder when it loads (below)
         served = Reranker.from_settings(settings)
@@ -60,6 +64,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                            ce_requests=ce_requests, progress=sys.stderr.isatty())
         res.update({"threads": threads, "device": device, "engine": settings.engine, "cross_encoder_trained": cross_encoder is not None,
                     "note": "users are simulated shoppers (fashion benchmark); each call encodes the query, fetches 100 candidates' vectors and the user's profile"})
+        res = {"engine": engine_name, **res}
+        if engine_name == "opensearch":
+            res["doc_cache"] = dict(getattr(reranker.engine, "doc_cache_stats", {}))
         typer.echo(json.dumps(res) if as_json else json.dumps(res, indent=1))
 
     @bench.command("batch")
@@ -75,6 +82,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         max_batch: int = typer.Option(32, "--max-batch", min=1, help="The micro-batcher's largest batch."),
         max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0.0, help="The micro-batcher's wait for a batch to fill."),
         threads: int = typer.Option(1, "--threads", min=1, help="CPU threads (torch, numpy BLAS, onnxruntime)."),
+        engine: Optional[str] = engine_opt.option(),
     ) -> None:
         """The fusion forward pass, direct and micro-batched, at several concurrencies (GPU when present); JSON.
 
@@ -87,6 +95,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         if features is not None and save_features is not None:
             raise typer.BadParameter("give --save-features (build) or --features (replay), not both")
         limit_threads(threads)
+        engine_name = engine_opt.use(engine)
         settings = load_settings(rerank_budget_ms=10_000.0)  # building features is not timed: never fail open
         model_dir = model or settings.effective_model_dir
         if features is None:
@@ -99,7 +108,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 reqs = export_requests(served, queries, users, candidates=candidates)
             finally:
                 served.close()
-            meta = {"model_version": served.model.version if served.model else None, "queries": len(queries),
+            meta = {"engine": engine_name, "model_version": served.model.version if served.model else None, "queries": len(queries),
                     "with_users": sum(users[i % len(users)] is not None for i in range(len(queries))) if users else 0, "candidates": candidates,
                     "note": "simulated shoppers' personal queries (fashion benchmark) when present"}
             if save_features is not None:

@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import typer
 
+from workers.commands import bench_engine_option as engine_opt
+
 log = logging.getLogger(__name__)
 NO_AUTH_ENV = "FUSIONRANK_SERVE_NO_AUTH"
 IMAGES_ROOT_ENV = "FUSIONRANK_SERVE_IMAGES_ROOT"
@@ -192,6 +194,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         levels: str = typer.Option("1,8,32", "--concurrency", help="Comma-separated concurrency levels."),
         seed: int = typer.Option(0, "--seed"),
         server_workers: int = typer.Option(1, "--server-workers", min=1, max=64, help="uvicorn worker processes of the server under load."),
+        engine: Optional[str] = engine_opt.option(),
     ) -> None:
         """Loopback load on a real uvicorn server: POST /rerank with an OpenSearch response of N hits, at each
         concurrency level: rps, p50, p99; plus the HTTP overhead over the in-process call."""
@@ -200,6 +203,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         lv = tuple(int(x) for x in levels.split(",") if x.strip())
         if not lv or min(lv) < 1:
             raise typer.BadParameter("--concurrency takes positive integers, e.g. 1,8,32")
+        engine_name = engine_opt.use(engine)
+        if synthetic and engine_name != "local":
+            raise typer.BadParameter("--synthetic serves a generated catalog on the local engine; leave --engine out or say local")
         result = run_serve_bench(synthetic=synthetic, synthetic_size=synthetic_size, requests=requests_n,
                                  candidates=candidates, levels=lv, seed=seed, server_workers=server_workers)
+        result = {"engine": engine_name, **result}
         typer.echo(json.dumps(result, indent=None if as_json else 2))

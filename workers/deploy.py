@@ -6,6 +6,10 @@
 * :func:`install_model` copies an artifact directory to ``<data_dir>/models/<artifact_version>/`` and
   points the ``current`` symlink at it (replaced atomically; the previous target stays on disk, so going
   back is ``install_model(<data_dir>/models/<old version>)``).
+* :func:`install_opensearch_index` (``FUSIONRANK_ENGINE=opensearch``) copies an evaluation-cache index, documents
+  and stored vectors, into the cluster as ``fusionrank-eval-<key>`` and points ``settings.index_alias`` at it, with
+  the same rules for an alias that is already there (an earlier demo's index, named ``fusionrank-eval-...``, is
+  replaced when the model cannot serve it; the user's own index is left alone, or refused when it does not fit).
 * :func:`install_local_index` gives the embedded engine at ``<data_dir>/engine`` the documents of an
   evaluation-cache index (a copy of its files, made once) and points ``settings.index_alias`` at it.
   An engine that already has that alias is left alone (it is the user's own index), unless the model to
@@ -91,6 +95,32 @@ def install_local_index(settings: Any, source_engine_dir: str | Path, source_ali
 
 #: evaluation-cache indexes (what the demo installs) are named ``eval-<timestamp>``
 DEMO_INDEX_PREFIX = "eval-"
+#: ... and ``fusionrank-eval-<key>`` when copied into OpenSearch (:func:`rerank.evaluation.harness.mirror_index`)
+OPENSEARCH_DEMO_PREFIX = "fusionrank-eval-"
+
+
+def install_opensearch_index(settings: Any, engine: Any, idx: Any, fits: Callable[[Mapping[str, Any]], str | None] | None = None,
+                             progress: bool = False) -> tuple[str, str]:
+    """Copy the evaluation-cache index ``idx`` into the OpenSearch ``engine`` and point ``settings.index_alias`` at it;
+    ``(index, note)``. An alias already there is kept when the model fits it (``fits(mapping)`` is None), moved
+    when it points at an earlier demo's copy, and refused (ConfigError, nothing changed) when it is the user's own
+    index and the model cannot serve it."""
+    from rerank.evaluation.harness import mirror_index
+
+    have = engine.get_alias(settings.index_alias)
+    problem = fits(engine.get_mapping(have[0])) if have and fits is not None else None
+    if have and problem is None:
+        return have[0], f"alias {settings.index_alias!r} already on {engine.display_url}: left as it is"
+    if have and not have[0].startswith(OPENSEARCH_DEMO_PREFIX):
+        raise ConfigError(f"the alias {settings.index_alias!r} on {engine.display_url} points at {have[0]!r}, which the new "
+                          f"model cannot serve: {problem}")
+    copy = mirror_index(idx, engine, mapping=settings.mapping, hnsw_engine=settings.hnsw_engine, progress=progress)
+    engine.swap_alias(settings.index_alias, copy.alias)
+    note = f"copied into {engine.display_url} as {copy.alias}"
+    if have:
+        note += f" (alias moved from the earlier demo index {have[0]!r}: {problem})"
+    log.info("index %s on %s is now alias %s", copy.alias, engine.display_url, settings.index_alias)
+    return copy.alias, note
 
 
 def _on_engine(path: Path, fn: Callable[[Any], Any]) -> Any:
@@ -146,4 +176,4 @@ def model_fits(artifact_dir: str | Path) -> Callable[[Mapping[str, Any]], str | 
     return fits
 
 
-__all__ = ["DEMO_INDEX_PREFIX", "install_local_index", "install_model", "model_fits"]
+__all__ = ["DEMO_INDEX_PREFIX", "OPENSEARCH_DEMO_PREFIX", "install_local_index", "install_model", "install_opensearch_index", "model_fits"]

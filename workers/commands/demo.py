@@ -35,15 +35,26 @@ def demo_data(settings, *, synthetic: bool, synthetic_size: int):
 
 def install_for_serving(settings, idx, artifact: str | None, say) -> dict:
     """Make the demo's index and trained fusion model what ``Reranker.from_settings()`` / ``fusionrank serve`` use."""
-    from workers.deploy import install_local_index, install_model, model_fits
+    from workers.deploy import install_local_index, install_model, install_opensearch_index, model_fits
 
     if artifact is None:
         say("      (no fusion model was trained: nothing installed for serving)")
         return {"installed": False}
-    idx.engine.close()
     # the index first: an installed alias the new model cannot serve (e.g. one from before products-v3, whose model
     # reads image_colour) is replaced when an earlier demo made it, refused when it is the user's own
-    engine_path, index, note = install_local_index(settings, idx.path / "engine", idx.alias, fits=model_fits(artifact))
+    if settings.engine == "opensearch":  # the production stack: the api searches OpenSearch, so the index goes there
+        from workers.commands.opensearch import build_opensearch_engine
+
+        engine = build_opensearch_engine(settings)
+        try:
+            index, note = install_opensearch_index(settings, engine, idx, fits=model_fits(artifact))
+            engine_path = engine.display_url
+        finally:
+            engine.close()
+            idx.engine.close()
+    else:
+        idx.engine.close()
+        engine_path, index, note = install_local_index(settings, idx.path / "engine", idx.alias, fits=model_fits(artifact))
     model_dir, version = install_model(settings, artifact)
     say(f"      serving: model {version} installed as {settings.effective_model_dir}; index alias {settings.index_alias!r} -> {index} ({note}).")
     say("      The drop-in call now works: Reranker.from_settings().rerank(query, opensearch_response, user_id=...)")

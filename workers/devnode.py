@@ -216,7 +216,8 @@ def java_command(build_dir: Path, home: Path, http_port: int, transport_port: in
            "-cp", classpath(build_dir), MAIN_CLASS, "--home", str(home), "--host", host,
            "--http-port", str(http_port), "--transport-port", str(transport_port),
            "--plugins", ",".join(CLASSPATH_PLUGINS[p] for p in plugins if p in CLASSPATH_PLUGINS)]
-    for k, v in (settings or {}).items():
+    # the engine refuses faiss/nmslib indices on a node that says it cannot run them (OpenSearchEngine._knn_native)
+    for k, v in {"node.attr.knn_native": "false", **(settings or {})}.items():
         cmd += ["--setting", f"{k}={v}"]
     if stop_on_stdin_eof:
         cmd.append("--stop-on-stdin-eof")

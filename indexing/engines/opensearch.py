@@ -94,6 +94,12 @@ def format_filters(filters: Filters | None) -> list[dict[str, Any]]:
     return clauses
 
 
+#: k-NN engines that need the plugin's native libraries
+NATIVE_KNN_ENGINES = ("faiss", "nmslib")
+#: node attribute by which a node says its k-NN has no native libraries (``node.attr.knn_native: false``)
+KNN_NATIVE_ATTR = "knn_native"
+
+
 def _as_arrays(doc: Mapping[str, Any]) -> dict[str, Any]:
     """A source with its vector fields as read-only float32 numpy rows (what LocalEngine.get_arrays gives)."""
     out = dict(doc)
@@ -184,6 +190,7 @@ class OpenSearchEngine:
         self.bulk_max_backoff_s = float(bulk_max_backoff_s)
         self._secrets = [s for s in (self._password(url), self._auth_password(http_auth)) if s]
         self._props: dict[str, dict[str, Any]] = {}
+        self._native: bool | None = None
         self.doc_cache_size = int(doc_cache_size)
         self._doc_cache: "collections.OrderedDict[tuple[str, str], tuple[int, int, frozenset, dict[str, Any]]]" = collections.OrderedDict()
         self.doc_cache_stats = {"hits": 0, "misses": 0}  # mapping properties per index/alias name (dims, spaces, text fields)
@@ -288,11 +295,31 @@ class OpenSearchEngine:
                 raise MappingError(f"knn_vector field {f!r} of index {index!r} needs a positive integer dimension, got {d!r}")
         if dims and not self._knn_enabled(body.get("settings") or {}):
             raise MappingError(f"index {index!r} has knn_vector fields ({', '.join(dims)}) but its settings do not set index.knn: true")
+        native = sorted(f for f, spec in props.items() if isinstance(spec, Mapping) and spec.get("type") == "knn_vector"
+                        and (spec.get("method") or {}).get("engine", "faiss") in NATIVE_KNN_ENGINES)
+        if native and not self._knn_native():
+            raise MappingError(f"index {index!r}: {', '.join(native)} use a native k-NN engine (faiss/nmslib), and the k-NN plugin of "
+                               f"OpenSearch at {self.display_url} has no native libraries (the Maven-built dev node): its writes would "
+                               "hang. Create the index with hnsw_engine='lucene' (FUSIONRANK_HNSW_ENGINE=lucene)")
         with self._errors(f"creating index {index!r}", index):
             self.client.indices.create(index=index, body=body)
         with self._lock:
             self._props[index] = dict(props)
         log.info("created OpenSearch index %s (vector fields: %s)", index, dims or "none")
+
+    def _knn_native(self) -> bool:
+        """False when a node says its k-NN plugin has no native libraries (node attribute ``knn_native: false``, set
+        by ``fusionrank opensearch dev-node`` and the test node): faiss and nmslib indices would accept the mapping,
+        then fail every write (the refresh thread dies with UnsatisfiedLinkError). Unknown: True."""
+        if self._native is None:
+            try:
+                rows = self.client.cat.nodeattrs(params={"format": "json", "h": "attr,value"})
+                self._native = not any(isinstance(r, Mapping) and r.get("attr") == KNN_NATIVE_ATTR and str(r.get("value")).lower() == "false"
+                                       for r in (rows if isinstance(rows, list) else ()))
+            except Exception as e:  # an older or restricted cluster: assume a packaged k-NN
+                log.debug("reading node attributes of %s failed (%s); assuming native k-NN engines", self.display_url, self._scrub(str(e)))
+                self._native = True
+        return self._native
 
     @staticmethod
     def _knn_enabled(settings: Mapping[str, Any]) -> bool:

@@ -17,7 +17,7 @@ import pytest
 import mappings
 from indexing import fields as F
 from indexing.engines.base import BulkAction, Filters, Range, SearchEngine
-from indexing.errors import ConfigError, IndexExistsError, IndexNotFoundError
+from indexing.errors import ConfigError, IndexExistsError, IndexNotFoundError, MappingError
 
 TEXT_DIM = 8
 IMAGE_DIM = 4
@@ -229,6 +229,18 @@ def test_term_and_range_filters(engine, new_index):
         assert got == want, flt
         knn = engine.knn_search(name, F.TEXT_VEC, docs[0][F.TEXT_VEC], k=100, filters=flt)
         assert {h.id for h in knn} == want, flt
+
+
+@pytest.mark.opensearch
+def test_a_native_knn_index_is_refused_where_the_node_has_no_native_libraries(opensearch_node):
+    """The Maven-built node's k-NN has no faiss: such an index took the mapping, then every bulk write hung."""
+    if opensearch_node.external:
+        pytest.skip("only the dev/test node says it has no native k-NN libraries")
+    engine = opensearch_node.engine()
+    name = f"suite-{uuid.uuid4().hex[:10]}"
+    with pytest.raises(MappingError, match="no native libraries.*FUSIONRANK_HNSW_ENGINE=lucene"):
+        engine.create_index(name, mappings.load_mapping("products-v1", text_dim=TEXT_DIM, image_dim=IMAGE_DIM, hnsw_engine="faiss"))
+    assert not engine.index_exists(name)
 
 
 def test_term_filter_on_an_analysed_text_field_is_refused_with_a_hint(engine, new_index):

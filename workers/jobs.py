@@ -27,6 +27,14 @@ class JobTimeoutError(FusionRankError):
     """A job through Celery did not finish within its time limit."""
 
 
+class WorkerEngineMismatchError(ConfigError):
+    """A Celery worker writes to another search engine than the one the job was prepared on.
+
+    Workers build their engine from their own settings (``FUSIONRANK_ENGINE``, ``FUSIONRANK_OPENSEARCH_URL``,
+    ``FUSIONRANK_DATA_DIR``); the job names the index generation it prepared, and a worker whose engine does not
+    hold it refuses the batch instead of writing the products somewhere the job does not look."""
+
+
 def prepare(engine: "SearchEngine", settings: "Settings", job: IndexJob, *, limit: int | None = None):
     """Scan the catalog, make sure the alias has a generation with matching dimensions, plan the batches."""
     from indexing.catalog import scan_catalog
@@ -73,7 +81,8 @@ def run_index_job(
         if via == "inline":
             results = run_batches(engine, job, batches, dups, on_batch=progress_cb, encoders=enc)
         elif via == "celery":
-            results = _run_celery(settings, job, batches, dups, on_batch=progress_cb, timeout_s=timeout_s, stall_s=stall_s)
+            results = _run_celery(settings, job, batches, dups, on_batch=progress_cb, timeout_s=timeout_s, stall_s=stall_s,
+                                  generation=index)
             engine.refresh(job.index)
         else:
             raise ConfigError(f"unknown --via {via!r}; valid: inline, celery")
@@ -84,9 +93,13 @@ def run_index_job(
 
 def _run_celery(
     settings: "Settings", job: IndexJob, batches, dups, *, on_batch, timeout_s: float | None, stall_s: float = 20.0,
-    require_worker: bool = True,
+    require_worker: bool = True, generation: str | None = None,
 ) -> list[BatchResult]:
     """Dispatch one task per batch and collect the results as they come.
+
+    ``generation``: the concrete index the job prepared behind ``job.index``; each task checks that its worker's
+    engine holds it, so a worker configured for another engine fails the job with
+    :class:`WorkerEngineMismatchError` instead of writing elsewhere.
 
     Kombu's Redis transport takes a message off the queue before it records it as unacknowledged, so a
     worker killed in between loses that message for good (no visibility timeout brings it back). So when
@@ -109,7 +122,8 @@ def _run_celery(
 
     def send(i: int):
         s, e = batches[i]
-        r = app.send_task("fusionrank.index_batch", args=(job.to_dict(), s, e, [d for d in dups if s <= d < e]))
+        kwargs = {"generation": generation} if generation is not None else {}
+        r = app.send_task("fusionrank.index_batch", args=(job.to_dict(), s, e, [d for d in dups if s <= d < e]), kwargs=kwargs)
         by_id[r.id] = i
         handles[i].append(r)
         return r
@@ -152,6 +166,9 @@ def _run_celery(
                         len(still), [batches[i] for i in still])
             for i in still:
                 send(i)
+    mismatch = next((v for v in failed.values() if isinstance(v, WorkerEngineMismatchError)), None)
+    if mismatch is not None:  # a configuration error of the whole job, not of its rows
+        raise WorkerEngineMismatchError(str(mismatch))
     out = []
     for i, (s, e) in enumerate(batches):
         if i in done:
@@ -170,6 +187,25 @@ def _workers_hold_tasks(app) -> bool:
     if active is None and reserved is None:
         return False
     return any((active or {}).values()) or any((reserved or {}).values())
+
+
+def engine_description(settings: "Settings") -> str:
+    """Which engine ``settings`` select, as a message can name it (no credentials)."""
+    if settings.engine == "local":
+        return f"the local engine under {settings.data_dir / 'engine'} (FUSIONRANK_DATA_DIR)"
+    return f"{settings.engine} at {_safe(settings.opensearch_url)} (FUSIONRANK_ENGINE, FUSIONRANK_OPENSEARCH_URL)"
+
+
+def check_worker_engine(engine: "SearchEngine", settings: "Settings", job: IndexJob, generation: str) -> None:
+    """Raise :class:`WorkerEngineMismatchError` when ``engine`` (this worker's) lacks the job's ``generation``."""
+    if engine.index_exists(generation):
+        return
+    raise WorkerEngineMismatchError(
+        f"this worker writes to {engine_description(settings)}, which has no index {generation!r} (the generation the "
+        f"job prepared behind alias {job.index!r}): the job runs on another engine, or that generation was deleted since. "
+        "Start the worker with the same FUSIONRANK_ENGINE, FUSIONRANK_OPENSEARCH_URL (and FUSIONRANK_DATA_DIR for the "
+        "local engine) as the process that runs the job"
+    )
 
 
 def _safe(url: str) -> str:

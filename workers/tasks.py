@@ -11,11 +11,17 @@ from workers.celery_app import RETRY, app
 
 
 @lru_cache(maxsize=1)
-def _engine():
-    from workers.composition import build_engine
+def _settings():
     from workers.settings import load_settings
 
-    return build_engine(load_settings())
+    return load_settings()
+
+
+@lru_cache(maxsize=1)
+def _engine():
+    from workers.composition import build_engine
+
+    return build_engine(_settings())
 
 
 @lru_cache(maxsize=4)
@@ -24,11 +30,20 @@ def _encoders(text_model: str, text_backend: str, image_model: str, device: str)
 
 
 @app.task(name="fusionrank.index_batch", **RETRY)
-def index_batch_task(job: dict[str, Any], start: int, stop: int, duplicate_rows: list[int]) -> dict[str, Any]:
-    """Encode and write catalog rows [start, stop); idempotent (unchanged products are skipped)."""
+def index_batch_task(
+    job: dict[str, Any], start: int, stop: int, duplicate_rows: list[int], generation: str | None = None
+) -> dict[str, Any]:
+    """Encode and write catalog rows [start, stop); idempotent (unchanged products are skipped).
+
+    ``generation``: the index the job prepared behind ``job["index"]``; a worker whose engine (from its own
+    settings) does not hold it refuses the batch (WorkerEngineMismatchError, not retried)."""
     j = IndexJob.from_dict(job)
-    enc = _encoders(j.text_model, j.text_backend, j.image_model, j.device)
     engine = _engine()
+    if generation is not None:
+        from workers.jobs import check_worker_engine
+
+        check_worker_engine(engine, _settings(), j, generation)
+    enc = _encoders(j.text_model, j.text_backend, j.image_model, j.device)
     engine.refresh(j.index)  # see what other processes committed before deciding what is unchanged
     return index_batch(engine, j, start, stop, duplicate_rows=duplicate_rows, encoders=enc).to_dict()
 

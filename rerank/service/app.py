@@ -295,6 +295,17 @@ def _sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
+def wire_score(x: float) -> float:
+    """``x`` to 9 significant digits, so that its JSON text is at most 18 characters.
+
+    ML Commons (2.19) parses a connector's response with json-smart, which turns a decimal literal longer than 18
+    characters into a ``BigDecimal``; ``connector.post_process.cohere.rerank`` then casts ``relevance_score`` to
+    ``Double`` and the search fails (``ClassCastException: BigDecimal cannot be cast to Double``). Python writes
+    a float's shortest round-trip form, e.g. ``0.000676683925427717`` or ``0.30000000000000004`` (20 characters);
+    9 digits are more than the float32 score OpenSearch keeps per hit."""
+    return float(f"{x:.9g}")
+
+
 # ----------------------------------------------------------------------------- Cohere
 def cohere_rerank(st: ServiceState, body: S.CohereRerankRequest) -> dict[str, Any]:
     """The Cohere rerank call over the served model (see the endpoint's description)."""
@@ -347,7 +358,7 @@ def cohere_rerank(st: ServiceState, body: S.CohereRerankRequest) -> dict[str, An
     results = []
     for rank, (k, score) in enumerate(order, 1):
         rel = _sigmoid(score) if scored else 1.0 - (rank - 1) / max(n, 1)
-        item: dict[str, Any] = {"index": k, "relevance_score": float(rel)}
+        item: dict[str, Any] = {"index": k, "relevance_score": wire_score(rel)}
         if body.return_documents:
             item["document"] = {"text": texts[k]}
         results.append(item)

@@ -93,7 +93,8 @@ def test_a_search_through_the_pipeline_is_reranked_by_the_service(live, live_ser
         assert _v1_calls(metrics) == calls_before + 1, "the cluster called the service's /v1/rerank once"
     # the order is the service's own: ask it directly with what the processor sends (query, document texts)
     plain = t.perform_request("POST", f"/{index}/_search", body={k: v for k, v in body.items() if k != "ext"})
-    texts = [" ".join(str(h["_source"].get(f, "")) for f in P.DEFAULT_DOCUMENT_FIELDS).strip() for h in plain["hits"]["hits"]]
+    # neural-search joins the document_fields' values with no separator
+    texts = ["".join(str(h["_source"][f]) for f in P.DEFAULT_DOCUMENT_FIELDS if h["_source"].get(f) is not None) for h in plain["hits"]["hits"]]
     import httpx
 
     direct = httpx.post(f"{service_url}/v1/rerank", headers={"Authorization": f"Bearer {api_key}"},

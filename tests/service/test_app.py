@@ -123,6 +123,23 @@ def test_cohere_round_trip_is_a_permutation_sorted_by_relevance(client):
     assert None not in by_doc
 
 
+def test_cohere_relevance_scores_are_json_numbers_ml_commons_reads_as_double(client):
+    """ML Commons parses the connector's response with json-smart: a decimal literal over 18 characters becomes a
+    BigDecimal and connector.post_process.cohere.rerank fails casting it to Double (the whole search fails)."""
+    import re
+
+    from rerank.service.app import wire_score
+
+    for x in (0.000676683925427717, 0.30000000000000004, 1.0 - 19 / 20, 1e-30 / 3, 1.0 - 1e-12, 0.0, 1.0):
+        w = wire_score(x)
+        assert len(json.dumps(w)) <= 18 and abs(w - x) <= 1e-8 * abs(x)
+    docs = [p[1] for p in PRODUCTS[:20]]
+    r = client.post("/v1/rerank", json={"query": "black shoes", "documents": docs}, headers=H)
+    assert r.status_code == 200, r.text
+    literals = re.findall(r'"relevance_score":\s*([^,}\s]+)', r.text)
+    assert len(literals) == len(docs) and all(len(s) <= 18 for s in literals), literals
+
+
 def test_cohere_top_n_documents_and_product_ids(client):
     docs = [{"text": "black running shoes for men", "id": "p0"}, "red summer dress", {"text": "socks"}, "leather belt"]
     r = client.post("/v1/rerank", json={"query": "shoes", "documents": docs, "top_n": 2, "return_documents": True, "user_id": "u1"}, headers=H)

@@ -433,6 +433,14 @@ def evaluate(
     if failed:
         info["first_stage_errors"] = [{"query_id": q, "reason": r} for q, r in failed[:50]]
         info["first_stage_failed_queries"] = len(failed)
+    if search_engine is not None and hasattr(idx.engine, "client"):
+        if req.mode == "retrieve":  # the cluster's own hybrid fusion (search pipelines) against the client-side one
+            from rerank.evaluation.pipeline_check import pipeline_fusion_agreement
+
+            vecs = retriever.encode_queries([it.query for it in items])
+            info["pipeline_fusion"] = pipeline_fusion_agreement(idx.engine.client, idx.alias, [it.stage for it in items], vecs, per_list=req.top_n)
+        else:
+            info["pipeline_fusion"] = "not checked in rerank mode (its lists are filtered to the judged products)"
 
     fetch = lambda ids: idx.engine.get(idx.alias, list(ids), fields=[F.TITLE, F.BRAND, F.CATEGORY, F.ATTRIBUTES])  # noqa: E731
     ctx = EvalContext(

@@ -174,5 +174,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             typer.echo(json.dumps(report.to_json()))
         else:
             typer.echo(format_table(report))
+            check = report.info.get("pipeline_fusion")
+            if isinstance(check, dict):
+                from rerank.evaluation.pipeline_check import summary_line
+
+                typer.echo(summary_line(check))
             if plot is not None:
                 typer.echo(f"plot: {plot}")

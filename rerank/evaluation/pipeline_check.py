@@ -12,6 +12,11 @@ The report per method: ``queries``, ``same_top_k`` (queries whose top ``k`` ids 
 with both orders). OpenSearch keeps fused scores as float32, so two candidates whose fused scores differ by less
 than float32's resolution may come back in either order; ``near_ties`` counts the differing queries where that
 explains the first difference.
+
+RRF reads ranks, and inside one list fusionrank ranks equal scores by id (the same ranks on every engine) while
+OpenSearch ranks them in its internal document order. Product titles tie often in BM25 (every fashion dev query
+had ties in its top 50), so for RRF the report adds ``same_top_k_engine_tie_order``: the queries whose pipeline
+order equals RRF over the lists' own positions, i.e. what is left once that tie rule is taken out.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ def pipeline_fusion_agreement(
         for system, (_, body) in bodies.items():
             t.perform_request("PUT", f"/_search/pipeline/{names[system]}", body=body)
         for system, (method, _) in bodies.items():
-            same = near = n = 0
+            same = near = n = same_pos = 0
             overlaps: list[float] = []
             diffs: list[dict[str, Any]] = []
             for stage, qv in zip(stages, query_vectors):
@@ -61,6 +66,8 @@ def pipeline_fusion_agreement(
                 got = [str(h["_id"]) for h in got_hits]
                 n += 1
                 overlaps.append(len(set(got) & set(want)) / max(len(want), 1))
+                if method == "rrf":
+                    same_pos += int(got == _rrf_by_position(stage, k))
                 if got == want:
                     same += 1
                     continue
@@ -73,6 +80,8 @@ def pipeline_fusion_agreement(
                     diffs.append({"query": stage.query, "pipeline": got, "client_side": want, "first_difference": first, "near_tie": bool(tie)})
             report[system] = {"queries": n, "same_top_k": same, "near_ties": near,
                               "overlap_at_k": round(float(np.mean(overlaps)), 4) if overlaps else None, "first_differences": diffs}
+            if method == "rrf":
+                report[system]["same_top_k_engine_tie_order"] = same_pos
     finally:
         for name in names.values():
             try:
@@ -82,13 +91,24 @@ def pipeline_fusion_agreement(
     return report
 
 
+def _rrf_by_position(stage: FirstStage, k: int, rank_constant: int = 60) -> list[str]:
+    """RRF over the bm25 and knn_text lists with ranks as the engine returned them (equal scores in engine order)."""
+    scores: dict[str, float] = {}
+    for name in (BM25, KNN_TEXT):
+        for rank, hit in enumerate(stage.lists.get(name) or (), start=1):
+            scores[hit.id] = scores.get(hit.id, 0.0) + 1.0 / (rank_constant + rank)
+    return [d for d, _ in sorted(scores.items(), key=lambda kv: -kv[1])][:k]
+
+
 def summary_line(report: Mapping[str, Any]) -> str:
     parts = []
     for system in ("hybrid_minmax", "hybrid_rrf"):
         r = report.get(system) or {}
         if r:
+            extra = (f", {r['same_top_k_engine_tie_order']} with equal list scores in engine order"
+                     if "same_top_k_engine_tie_order" in r else "")
             parts.append(f"{system}: {r['same_top_k']}/{r['queries']} queries with the same top {report['k']} "
-                         f"(overlap {r['overlap_at_k']}, near float32 ties {r['near_ties']})")
+                         f"(overlap {r['overlap_at_k']}, near float32 ties {r['near_ties']}{extra})")
     return "pipeline vs client-side fusion: " + "; ".join(parts)
 
 

@@ -50,6 +50,8 @@ def test_eval_on_opensearch_matches_the_local_engine_and_the_pipelines_fuse_like
     for system in ("hybrid_minmax", "hybrid_rrf"):
         r = check[system]
         assert r["queries"] > 10
-        assert r["same_top_k"] + r["near_ties"] >= r["queries"] - 1, r["first_differences"]
+        # RRF ranks equal BM25 scores by id here and in document order there: count what is left beside that rule
+        same = max(r["same_top_k"], r.get("same_top_k_engine_tie_order", 0))
+        assert same + r["near_ties"] >= r["queries"] - 1, r["first_differences"]
         assert r["overlap_at_k"] >= 0.98
     assert "pipeline_fusion" not in local

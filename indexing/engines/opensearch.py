@@ -528,6 +528,42 @@ class OpenSearchEngine:
                     self._doc_cache.popitem(last=False)
         return {i: out[i] for i in ids if i in out}
 
+    def prefill_doc_cache(self, index: str, fields: Sequence[str], *, limit: int | None = None, batch_size: int = 500) -> int:
+        """Read up to ``limit`` (default: the cache's size) documents of ``index``, ``fields`` only, with their
+        ``_seq_no``/``_primary_term``, into :meth:`get_arrays`' cache (one scroll); returns how many."""
+        limit = self.doc_cache_size if limit is None else min(int(limit), self.doc_cache_size)
+        if limit <= 0:
+            return 0
+        want = frozenset(str(f) for f in fields)
+        body = {"size": min(batch_size, limit), "sort": ["_doc"], "query": {"match_all": {}}, "_source": sorted(want), "seq_no_primary_term": True}
+        n = 0
+        with self._errors(f"reading {index!r} into the document cache", index):
+            resp = self.client.search(index=index, body=body, params={"scroll": _SCROLL_KEEPALIVE})
+        scroll_id = resp.get("_scroll_id")
+        try:
+            while n < limit:
+                hits = resp.get("hits", {}).get("hits", [])
+                if not hits:
+                    break
+                with self._lock:
+                    for h in hits[: limit - n]:
+                        key = (str(h["_index"]), str(h["_id"]))
+                        self._doc_cache[key] = (int(h.get("_seq_no", -1)), int(h.get("_primary_term", -1)), want, _as_arrays(h.get("_source") or {}))
+                        self._doc_cache.move_to_end(key)
+                        n += 1
+                    while len(self._doc_cache) > self.doc_cache_size:
+                        self._doc_cache.popitem(last=False)
+                if not scroll_id or n >= limit:
+                    break
+                with self._errors(f"reading {index!r} into the document cache", index):
+                    resp = self.client.scroll(body={"scroll_id": scroll_id, "scroll": _SCROLL_KEEPALIVE})
+                scroll_id = resp.get("_scroll_id", scroll_id)
+        finally:
+            if scroll_id:
+                with contextlib.suppress(Exception):
+                    self.client.clear_scroll(body={"scroll_id": [scroll_id]})
+        return n
+
     def iter_documents(self, index: str, *, batch_size: int = 1000) -> Iterator[dict[str, Any]]:
         """Every document's source (with the product id), streamed by a scroll in ``_doc`` order."""
         check_size(batch_size, "batch_size")

@@ -67,3 +67,21 @@ def test_lifecycle_search_and_alias_swap_on_a_real_cluster(live, opensearch_node
     eng.create_index(v2, load_mapping(text_dim=DIM, image_dim=DIM, hnsw_engine=opensearch_node.hnsw_engine))
     assert eng.swap_alias(alias, v2) == [v1] and eng.get_alias(alias) == [v2] and eng.count(alias) == 0
     assert eng.list_indices(prefix) == [v1, v2]
+
+
+def test_the_document_cache_prefills_and_a_write_is_still_seen(live, opensearch_node):
+    """get_arrays after prefill_doc_cache reads no source; a changed document is fetched again, never served stale."""
+    eng, prefix = live
+    idx = prefix + "cache"
+    eng.create_index(idx, load_mapping(text_dim=DIM, image_dim=DIM, hnsw_engine=opensearch_node.hnsw_engine))
+    assert eng.bulk(idx, [BulkAction.index(str(i), _doc(i)) for i in range(30)], refresh=True).ok
+    fields = [F.TEXT_VEC, F.IMAGE_VEC, F.COLOUR]
+    assert eng.prefill_doc_cache(idx, fields) == 30
+    before = dict(eng.doc_cache_stats)
+    got = eng.get_arrays(idx, [str(i) for i in range(30)], fields=[F.TEXT_VEC, F.COLOUR])
+    assert len(got) == 30 and eng.doc_cache_stats["hits"] - before["hits"] == 30 and eng.doc_cache_stats["misses"] == before["misses"]
+    np.testing.assert_allclose(got["7"][F.TEXT_VEC], _doc(7)[F.TEXT_VEC], atol=1e-6)
+    changed = {**_doc(7), F.COLOUR: "Purple"}
+    assert eng.bulk(idx, [BulkAction.index("7", changed)], refresh=True).ok
+    again = eng.get_arrays(idx, ["7", "8"], fields=fields)
+    assert again["7"][F.COLOUR] == "Purple" and eng.doc_cache_stats["misses"] == before["misses"] + 1

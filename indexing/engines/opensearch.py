@@ -537,31 +537,17 @@ class OpenSearchEngine:
         want = frozenset(str(f) for f in fields)
         body = {"size": min(batch_size, limit), "sort": ["_doc"], "query": {"match_all": {}}, "_source": sorted(want), "seq_no_primary_term": True}
         n = 0
-        with self._errors(f"reading {index!r} into the document cache", index):
-            resp = self.client.search(index=index, body=body, params={"scroll": _SCROLL_KEEPALIVE})
-        scroll_id = resp.get("_scroll_id")
-        try:
-            while n < limit:
-                hits = resp.get("hits", {}).get("hits", [])
-                if not hits:
-                    break
-                with self._lock:
-                    for h in hits[: limit - n]:
-                        key = (str(h["_index"]), str(h["_id"]))
-                        self._doc_cache[key] = (int(h.get("_seq_no", -1)), int(h.get("_primary_term", -1)), want, _as_arrays(h.get("_source") or {}))
-                        self._doc_cache.move_to_end(key)
-                        n += 1
-                    while len(self._doc_cache) > self.doc_cache_size:
-                        self._doc_cache.popitem(last=False)
-                if not scroll_id or n >= limit:
-                    break
-                with self._errors(f"reading {index!r} into the document cache", index):
-                    resp = self.client.scroll(body={"scroll_id": scroll_id, "scroll": _SCROLL_KEEPALIVE})
-                scroll_id = resp.get("_scroll_id", scroll_id)
-        finally:
-            if scroll_id:
-                with contextlib.suppress(Exception):
-                    self.client.clear_scroll(body={"scroll_id": [scroll_id]})
+        for hits in self._scroll(index, body, f"reading {index!r} into the document cache"):
+            with self._lock:
+                for h in hits[: limit - n]:
+                    key = (str(h["_index"]), str(h["_id"]))
+                    self._doc_cache[key] = (int(h.get("_seq_no", -1)), int(h.get("_primary_term", -1)), want, _as_arrays(h.get("_source") or {}))
+                    self._doc_cache.move_to_end(key)
+                    n += 1
+                while len(self._doc_cache) > self.doc_cache_size:
+                    self._doc_cache.popitem(last=False)
+            if n >= limit:
+                break
         return n
 
     def iter_documents(self, index: str, *, batch_size: int = 1000) -> Iterator[dict[str, Any]]:
@@ -569,21 +555,26 @@ class OpenSearchEngine:
         check_size(batch_size, "batch_size")
         if batch_size == 0:
             raise ConfigError("batch_size must be positive")
-        with self._errors(f"scrolling through {index!r}", index):
-            resp = self.client.search(index=index, body={"size": batch_size, "sort": ["_doc"], "query": {"match_all": {}}}, params={"scroll": _SCROLL_KEEPALIVE})
+        for hits in self._scroll(index, {"size": batch_size, "sort": ["_doc"], "query": {"match_all": {}}}, f"scrolling through {index!r}"):
+            for h in hits:
+                doc = dict(h.get("_source") or {})
+                doc.setdefault(F.ID, h["_id"])
+                yield doc
+
+    def _scroll(self, index: str, body: dict[str, Any], what: str) -> Iterator[list[dict[str, Any]]]:
+        """The pages of hits of one scroll over ``index`` (``body``: its first request), cleared at the end."""
+        with self._errors(what, index):
+            resp = self.client.search(index=index, body=body, params={"scroll": _SCROLL_KEEPALIVE})
         scroll_id = resp.get("_scroll_id")
         try:
             while True:
                 hits = resp.get("hits", {}).get("hits", [])
                 if not hits:
                     return
-                for h in hits:
-                    doc = dict(h.get("_source") or {})
-                    doc.setdefault(F.ID, h["_id"])
-                    yield doc
+                yield hits
                 if not scroll_id:
                     return
-                with self._errors(f"scrolling through {index!r}", index):
+                with self._errors(what, index):
                     resp = self.client.scroll(body={"scroll_id": scroll_id, "scroll": _SCROLL_KEEPALIVE})
                 scroll_id = resp.get("_scroll_id", scroll_id)
         finally:

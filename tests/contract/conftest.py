@@ -1,7 +1,10 @@
 """Fixtures for the OpenSearch contract tests: the loaded API spec, a fake node at the connection boundary,
-and an ``OpenSearchEngine`` whose requests go to that node (see ``opensearch_fake.py``)."""
+and an ``OpenSearchEngine`` whose requests go to that node (see ``opensearch_fake.py``); ``live``: an engine on the
+session's real node with a fresh index-name prefix, whose indices are deleted afterwards."""
 
 from __future__ import annotations
+
+import uuid
 
 import pytest
 
@@ -24,4 +27,15 @@ def server(spec: OpenSearchSpec) -> FakeOpenSearchServer:
 def engine(server: FakeOpenSearchServer) -> OpenSearchEngine:
     eng = OpenSearchEngine(client=server.client(), bulk_initial_backoff_s=0.001, bulk_max_backoff_s=0.01)
     yield eng
+    eng.close()
+
+
+@pytest.fixture
+def live(opensearch_node):
+    """(engine on the real node, a unique index-name prefix); every index under the prefix is deleted afterwards."""
+    eng = opensearch_node.engine(bulk_initial_backoff_s=0.2)
+    prefix = f"fr-live-{uuid.uuid4().hex[:8]}-"
+    yield eng, prefix
+    for name in eng.list_indices(prefix):
+        eng.delete_index(name)
     eng.close()

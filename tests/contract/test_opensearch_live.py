@@ -10,7 +10,6 @@ alias swaps, scroll.
 
 from __future__ import annotations
 
-import uuid
 
 import numpy as np
 import pytest
@@ -23,15 +22,6 @@ pytestmark = [pytest.mark.opensearch]
 DIM = 8
 COLOURS = ("Red", "Blue", "Black", "White", "Green")
 
-
-@pytest.fixture
-def live(opensearch_node):
-    eng = opensearch_node.engine(bulk_initial_backoff_s=0.2)
-    prefix = f"fusionrank-test-{uuid.uuid4().hex[:8]}-"
-    yield eng, prefix
-    for name in eng.list_indices(prefix):
-        eng.delete_index(name)
-    eng.close()
 
 
 def _doc(i: int) -> dict:

@@ -77,16 +77,6 @@ def _merge(eng, index: str) -> None:
     eng.refresh(index)
 
 
-@pytest.fixture
-def live(opensearch_node):
-    eng = opensearch_node.engine(bulk_initial_backoff_s=0.2)
-    prefix = f"rxlive-{uuid.uuid4().hex[:8]}"
-    yield eng, prefix
-    for name in eng.list_indices(prefix):
-        eng.delete_index(name)
-    eng.close()
-
-
 @pytest.fixture(params=["local", pytest.param("opensearch", marks=pytest.mark.opensearch)])
 def any_engine(request, tmp_path) -> Iterator[tuple[SearchEngine, str, str | None]]:
     """(engine, index name prefix, HNSW engine for its indices): a LocalEngine, or the session's node."""

@@ -314,9 +314,21 @@ class Reranker:
             n = r.prefill_aligned_cache()
             if n:
                 log.info("aligned-photo cache: %d indexed photos projected in %.1f s", n, time.perf_counter() - t)
+        if getattr(settings, "doc_cache_prefill", False) and hasattr(engine, "prefill_doc_cache"):
+            t = time.perf_counter()
+            n = engine.prefill_doc_cache(index, r.fetch_fields())  # the candidates' and the profiles' fields alike
+            log.info("document cache: %d documents of %s read in %.1f s", n, index, time.perf_counter() - t)
         r.warm_up()
         log.info("reranker ready: model %s (%s runtime) from %s over %s index %r", model.version, r.model_runtime, model_dir, settings.engine, index)
         return r
+
+    def fetch_fields(self) -> list[str]:
+        """The fields the call fetches by id for candidates whose ``_source`` lacks them (vectors and what the model reads)."""
+        from rerank.model_features import colour_fields
+
+        art = self.model
+        spec = art.feature_spec
+        return [F.TEXT_VEC, F.IMAGE_VEC, *spec.cat_fields, *colour_fields(art.colour if spec.colour else None)]
 
     def prefill_aligned_cache(self, *, limit: int | None = None, batch_size: int = 2048, progress: bool = False) -> int:
         """Project the photos of up to ``limit`` indexed products (default: the cache's size) into the aligned-photo
@@ -524,7 +536,7 @@ class Reranker:
     def _features(self, text, cands, docs, user_id, query_image, t0, timings):
         """The model inputs of one call (:class:`rerank.model_features.RequestFeatures`): fetch, history and features,
         the query encoded on the encoder's thread meanwhile; ``_Degrade`` where the call fails open."""
-        from rerank.model_features import HistoryInput, colour_fields, prepare_request_features
+        from rerank.model_features import HistoryInput, prepare_request_features
 
         art = self.model
         spec = art.feature_spec
@@ -553,7 +565,7 @@ class Reranker:
             try:
                 # LocalEngine.get_arrays: the same values as numpy rows (no list round trip); other engines: get()
                 getter = array_getter(self.engine)
-                fetched = getter(self.index, need, fields=[F.TEXT_VEC, F.IMAGE_VEC, *spec.cat_fields, *colour_fields(art.colour if spec.colour else None)])
+                fetched = getter(self.index, need, fields=self.fetch_fields())
             except EngineError as e:
                 raise _Degrade(ENGINE_ERROR, f"fetching vectors of {len(need)} hits: {e}") from e
             docs = {**docs, **{i: {**(docs.get(i) or {}), **d} for i, d in fetched.items()}}

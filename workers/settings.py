@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     model_runtime: Literal["auto", "torch", "onnx"] = Field(
         "auto", description="what runs the fusion ranker's forward pass in the rerank call: onnx (exported at start-up, checked "
                             "against torch), torch, or auto (onnx on the CPU, torch on a GPU; torch when the export fails)")
+    doc_cache_prefill: bool = Field(False, description="OpenSearch: read the index's documents (vectors and the fields the model "
+                                    "reads) into the rerank call's document cache at start-up, up to its size (50,000), so that "
+                                    "the first calls meeting a product do not fetch its vectors as JSON")
     aligned_cache_prefill: bool | None = Field(
         None, description="project the indexed photos into the reranker's aligned-photo cache at start-up (default: only "
                           "with the local engine, whose vectors are on disk; with OpenSearch it scrolls the index)")

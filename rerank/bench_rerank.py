@@ -18,6 +18,11 @@ candidates' and the history items' alike), ``hits`` were not; ``null`` for a mod
 reranker built with ``aligned_cache_size=0``. The timed calls cycle over ``distinct_queries`` queries, so
 after the first round their candidates' photos are cached: a service sees the same once its traffic has
 touched the catalog (a product's aligned vector is kept until evicted or its photo changes).
+
+``diversity``: the calls pass it (a lambda or ``"auto"``; None: the reranker's default); ``stages_p50_ms["mmr"]`` is
+the diversity step. ``compare_diversity``: each request is also timed with diversity 0, the two calls alternating
+(the order swapped every request), so that the difference is measured in the same phase of a noisy machine:
+``diversity_compare`` holds both p50/p99 and ``added_p50_ms`` (with minus without).
 """
 
 from __future__ import annotations
@@ -53,15 +58,16 @@ def first_stage_responses(reranker: Any, queries: Sequence[str], candidates: int
     return out
 
 
-def time_rerank_calls(reranker: Any, calls: Iterable[tuple[str, Any, str | None]], *, warmup: int = 0) -> tuple[list[float], int, dict[str, list[float]]]:
-    """Time ``reranker.rerank(query, response, user_id=user)`` for each call, the first ``warmup``
+def time_rerank_calls(reranker: Any, calls: Iterable[tuple[str, Any, str | None]], *, warmup: int = 0,
+                      diversity: float | str | None = None) -> tuple[list[float], int, dict[str, list[float]]]:
+    """Time ``reranker.rerank(query, response, user_id=user, diversity=diversity)`` for each call, the first ``warmup``
     untimed: ``(milliseconds per call, degraded calls, {stage: [its timings_ms]})``."""
     totals: list[float] = []
     stages: dict[str, list[float]] = {}
     degraded = 0
     for i, (query, response, user) in enumerate(calls):
         t = time.perf_counter()
-        out = reranker.rerank(query, response, user_id=user)
+        out = reranker.rerank(query, response, user_id=user, diversity=diversity)
         ms = (time.perf_counter() - t) * 1000.0
         if i < warmup:
             continue
@@ -145,8 +151,11 @@ def bench_rerank(
     cross_encoder: Any | None = None,
     ce_requests: int = 20,
     progress: bool = False,
+    diversity: float | str | None = None,
+    compare_diversity: bool = False,
 ) -> dict[str, Any]:
-    """Time ``requests`` rerank calls (after ``warmup``) and ``ce_requests`` cross-encoder passes."""
+    """Time ``requests`` rerank calls (after ``warmup``) and ``ce_requests`` cross-encoder passes (see the module doc
+    for ``diversity`` and ``compare_diversity``)."""
     from tqdm import tqdm
 
     if not queries:
@@ -156,7 +165,31 @@ def bench_rerank(
     sizes = [len(r["hits"]["hits"]) for r in responses]
     calls = [(queries[i % n_distinct], responses[i % n_distinct], users[i % len(users)] if users else None)
              for i in range(warmup + requests)]
-    totals, degraded, stages = time_rerank_calls(reranker, tqdm(calls, desc="rerank", unit="req", disable=not progress), warmup=warmup)
+    compare: dict[str, Any] | None = None
+    if compare_diversity:
+        on: list[float] = []
+        off: list[float] = []
+        stages = {}
+        degraded = 0
+        for i, call in enumerate(tqdm(calls, desc="rerank (diversity on/off)", unit="req", disable=not progress)):
+            pair = [(diversity, on, True), (0.0, off, False)]
+            for div, sink, keep_stages in (pair if i % 2 == 0 else pair[::-1]):
+                ms, deg, st = time_rerank_calls(reranker, [call], diversity=div)
+                if i < warmup:
+                    continue
+                sink.extend(ms)
+                if keep_stages:
+                    degraded += deg
+                    for k, v in st.items():
+                        stages.setdefault(k, []).extend(v)
+        totals = on
+        compare = {"diversity": diversity, "on_p50_ms": round(percentile(on, 50), 3), "on_p99_ms": round(percentile(on, 99), 3),
+                   "off_p50_ms": round(percentile(off, 50), 3), "off_p99_ms": round(percentile(off, 99), 3),
+                   "added_p50_ms": round(percentile(on, 50) - percentile(off, 50), 3),
+                   "note": "each request timed with the diversity and with 0, alternating (order swapped every request)"}
+    else:
+        totals, degraded, stages = time_rerank_calls(reranker, tqdm(calls, desc="rerank", unit="req", disable=not progress), warmup=warmup,
+                                                     diversity=diversity)
     res: dict[str, Any] = {
         "machine": machine_info(),
         "requests": requests,
@@ -175,7 +208,10 @@ def bench_rerank(
         "model_runtime": reranker.model_runtime,
         "micro_batch": reranker.batcher is not None,
         "aligned_cache": reranker.aligned_cache.stats if reranker.aligned_cache is not None else None,
+        "diversity": diversity if diversity is not None else getattr(reranker, "diversity", None),
     }
+    if compare is not None:
+        res["diversity_compare"] = compare
     if cross_encoder is not None and ce_requests > 0:
         ce_ms = []
         for i in tqdm(range(min(ce_requests, n_distinct) + 1), desc="cross_encoder", unit="req", disable=not progress):

@@ -17,13 +17,21 @@ Conventions (stated, and checked against trec_eval through ``pytrec_eval`` in th
 * **Recall@k** = relevant documents in the top k / all relevant documents of the query (0 if none).
 * **judged@k** = fraction of the top k positions that hold a judged document (denominator k, as
   ir_measures' ``Judged@k``); tells how far an NDCG in retrieve mode can be trusted.
+
+Diversity of a list (no judgments needed):
+
+* **ild@k** (intra-list diversity) = the mean over the pairs of the top k of ``1 - similarity``, the similarity of
+  :func:`rerank.diversity.similarity_matrix` (the mean of the text and photo cosines, clipped to [0, 1]; a
+  product without vectors is at distance 1 from every other). 0 for fewer than two documents.
+* **distinct@k** of a field = the number of distinct non-empty values of that field among the top k (documents
+  without a value are not counted: "where present").
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from indexing.errors import ConfigError
 from indexing.registry import Registry
@@ -126,6 +134,53 @@ def judged_at_k(ranking: Sequence[str], judged: Iterable[str], k: int = 10) -> f
     return sum(1 for d in _top(ranking, k) if d in judged) / k
 
 
+def distinct_at_k(ranking: Sequence[str], values: Mapping[str, Any], k: int = 10) -> int:
+    """Distinct non-empty values among the first k distinct ids (``values[id]``; ids without one are not counted)."""
+    k = _check_k(k)
+    seen = set()
+    for d in _top(ranking, k):
+        v = values.get(d)
+        if isinstance(v, str):
+            v = v.strip().lower()
+        if v not in (None, ""):
+            seen.add(v)
+    return len(seen)
+
+
+def ild_at_k(ranking: Sequence[str], text: Mapping[str, Any], image: Mapping[str, Any] | None = None, k: int = 10, *,
+             text_weight: float = 0.5, image_weight: float = 0.5) -> float:
+    """Intra-list diversity of the first k distinct ids: mean pairwise ``1 - similarity`` (see the module doc);
+    ``text[id]`` / ``image[id]``: the product's vectors (absent: None or missing)."""
+    import numpy as np
+
+    from rerank.diversity import intra_list_distance, similarity_matrix
+
+    k = _check_k(k)
+    top = _top(ranking, k)
+    if len(top) < 2:
+        return 0.0
+
+    def rows(vecs: Mapping[str, Any] | None) -> tuple[np.ndarray | None, np.ndarray]:
+        got = [None if vecs is None else vecs.get(d) for d in top]
+        dim = next((len(v) for v in got if v is not None), 0)
+        if not dim:
+            return None, np.zeros(len(top), dtype=bool)
+        mat = np.zeros((len(top), dim), dtype=np.float32)
+        mask = np.zeros(len(top), dtype=bool)
+        for i, v in enumerate(got):
+            if v is not None and len(v) == dim:
+                mat[i], mask[i] = v, True
+        return mat, mask
+
+    t, tm = rows(text)
+    im, imm = rows(image)
+    if t is None and im is None:
+        return 1.0  # no vectors at all: every pair maximally dissimilar
+    if t is None:
+        t, tm, text_weight = np.zeros((len(top), 1), dtype=np.float32), np.zeros(len(top), dtype=bool), 0.0
+    return intra_list_distance(similarity_matrix(t, tm, im, imm, text_weight=text_weight, image_weight=image_weight if im is not None else 0.0))
+
+
 def has_positive_gain(gains: Mapping[str, float]) -> bool:
     """Whether NDCG is defined for the query (some judged document has gain > 0)."""
     return any(g > 0 for g in gains.values())
@@ -170,8 +225,10 @@ __all__ = [
     "GAIN_MAPPINGS",
     "MetricSpec",
     "dcg",
+    "distinct_at_k",
     "gain_mapping",
     "has_positive_gain",
+    "ild_at_k",
     "judged_at_k",
     "map_gains",
     "mean_metrics",

@@ -1,6 +1,6 @@
 """The drop-in rerank call: first-stage hits in, the same shape out, reordered by the fusion model.
 
-``Reranker.rerank(query, hits_or_opensearch_response, *, user_id=None, top_k=None, query_image=None)``
+``Reranker.rerank(query, hits_or_opensearch_response, *, user_id=None, top_k=None, query_image=None, diversity=None)``
 
 * an OpenSearch response dict -> a **new** dict (the input is not mutated) with ``hits.hits``
   reordered, ``_score`` replaced by the model score, the old score kept as ``_previous_score``, an
@@ -38,6 +38,17 @@ inputs, the forward pass, the explanations). ``overlap_encode=False`` encodes fi
 The forward pass runs on :attr:`Reranker.scorer`: on the CPU by default the ranker's ONNX export on onnxruntime
 (:mod:`rerank.onnx_ranker`, checked against torch when the reranker is built; ``model_runtime="torch"`` keeps torch).
 
+Diversity (:mod:`rerank.diversity`): after the forward pass, maximal marginal relevance re-orders the scored
+candidates by their text vectors, aligned photo vectors (the model's own inputs) and, where fetched for the model's
+colour head, their photos' colour descriptors (no further fetch).
+``diversity=`` a lambda in [0, 1] or ``"auto"`` (per call; ``None``: the reranker's default, ``Reranker(...,
+diversity=...)``, from ``FUSIONRANK_DIVERSITY`` in :meth:`Reranker.from_settings`); 0 is the model's order. The
+stage is timed as ``timings_ms["mmr"]``; the response's ``fusionrank.diversity`` block (``RankedHits.diversity``)
+says which lambda applied and why, and each hit's explanation carries ``diversity``: its ``relevance_rank`` (by
+the model score) and ``max_similarity`` to the hits placed above it. With a lambda above 0 the hits are no longer
+in ``_score`` order: ``_score`` stays the model's relevance. A noop reranker or a call that failed open keeps the
+first-stage order (lambda 0, the block says why). A lambda outside [0, 1] raises :class:`ConfigError`.
+
 Aligned photos are cached: a candidate's (or history item's) aligned image vector does not depend on the
 query, so the reranker keeps the model alignment's output per product in a bounded LRU
 (:class:`rerank.alignment.AlignedCache`, ``aligned_cache_size`` entries, default 50 000; 0 turns it off),
@@ -64,6 +75,7 @@ from indexing import fields as F
 from indexing.engines.base import Filters, Hit, array_getter, check_size, copy_json
 from indexing.errors import ConfigError, EngineError, FusionRankError, HistoryError
 from rerank.alignment import DEFAULT_ALIGNED_CACHE_SIZE, AlignedCache
+from rerank.diversity import AUTO, DiversityConfig, LambdaChoice, choose_lambda, diversify, history_events, parse_diversity, stack_rows
 from rerank.fusion import ListSignal
 from rerank.limits import check_query_text
 from rerank.retrieval import BM25, LISTS, Candidate, RetrievalConfig, Retriever
@@ -96,6 +108,8 @@ class RankedHits:
     timings: Mapping[str, float]  # ms per stage and "total"
     items: tuple[Any, ...] = ()
     model_version: str | None = None
+    #: which diversity lambda applied and why (:meth:`rerank.diversity.LambdaChoice.to_dict`, plus ``applied``)
+    diversity: Mapping[str, Any] | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -202,6 +216,8 @@ class Reranker:
         aligned_cache_size: int = DEFAULT_ALIGNED_CACHE_SIZE,
         overlap_encode: bool = True,
         model_runtime: str = "auto",
+        diversity: float | str = 0.0,
+        diversity_config: DiversityConfig | None = None,
     ):
         """``stands_in_for``: the model id of the encoder that ``text_encoder`` replaces for queries, once
         :func:`indexing.encoders.check_agreement` showed they agree (an int8 query encoder over a model and an index
@@ -209,7 +225,9 @@ class Reranker:
         ``aligned_cache_size``: entries of the aligned-photo cache (see the module doc; 0: no cache).
         ``overlap_encode``: encode the query on a thread of its own while fetching and reading the profile (see the
         module doc). ``model_runtime``: what runs the forward pass (:func:`rerank.onnx_ranker.cpu_runtime`: ``auto``,
-        ``torch`` or ``onnx``)."""
+        ``torch`` or ``onnx``). ``diversity``: the default lambda of the diversity step (a number in [0, 1] or
+        ``"auto"``; 0: off) for calls that pass none; ``diversity_config``: its similarity weights and ``auto``'s
+        scale (:class:`rerank.diversity.DiversityConfig`)."""
         if not isinstance(index, str) or not index:
             raise ConfigError("index must be a non-empty string")
         if not (isinstance(budget_ms, (int, float)) and budget_ms > 0):
@@ -224,6 +242,10 @@ class Reranker:
         self.engine, self.index, self.model, self.stands_in_for = engine, index, model, stands_in_for
         self.text_encoder, self.image_encoder, self.history = text_encoder, image_encoder, history
         self.budget_ms, self.clock = float(budget_ms), clock
+        self.diversity = parse_diversity(diversity, what="the default diversity")
+        if diversity_config is not None and not isinstance(diversity_config, DiversityConfig):
+            raise TypeError(f"diversity_config must be a rerank.diversity.DiversityConfig, got {type(diversity_config).__name__}")
+        self.diversity_config = diversity_config or DiversityConfig()
         align = model.alignment if model is not None else None
         self.retriever = Retriever(
             engine, index, text_encoder=text_encoder, image_encoder=image_encoder,
@@ -266,8 +288,9 @@ class Reranker:
         environment when ``None``): the configured engine and index alias, the model artifact at
         ``settings.effective_model_dir`` (checked against the index mapping and the configured text
         encoder), the text encoder (and the image encoder when the model has one), the history store at
-        ``settings.effective_sql_url`` behind a :class:`~rerank.history.ProfileService`, and
-        ``settings.rerank_budget_ms``.
+        ``settings.effective_sql_url`` behind a :class:`~rerank.history.ProfileService`,
+        ``settings.rerank_budget_ms`` and the index's default diversity (``settings.diversity_for(index)``) with
+        ``settings.diversity_config()``.
 
         Raises :class:`ModelArtifactError` when there is no model (``fusionrank demo`` or
         ``fusionrank train --out DIR`` make one; ``FUSIONRANK_MODEL_DIR`` points at it),
@@ -306,8 +329,10 @@ class Reranker:
 
             store = HistoryStore(settings.effective_sql_url)
             profiles = ProfileService(store, EngineVectorSource(engine, index))
+        div = settings.diversity_for(index) if hasattr(settings, "diversity_for") else 0.0
+        div_cfg = settings.diversity_config() if hasattr(settings, "diversity_config") else None
         r = cls(engine, index, model, text_encoder=text, image_encoder=image, history=profiles, budget_ms=settings.rerank_budget_ms,
-                stands_in_for=stands_in_for, model_runtime=getattr(settings, "model_runtime", "auto"))
+                stands_in_for=stands_in_for, model_runtime=getattr(settings, "model_runtime", "auto"), diversity=div, diversity_config=div_cfg)
         prefill = getattr(settings, "aligned_cache_prefill", None)
         if prefill or (prefill is None and settings.engine == "local"):
             t = time.perf_counter()
@@ -413,10 +438,13 @@ class Reranker:
             self._stats[key] = self._stats.get(key, 0) + 1
 
     # ------------------------------------------------------------------ the calls
-    def rerank(self, query: str, hits_or_opensearch_response: Any, *, user_id: str | None = None, top_k: int | None = None, query_image: Any | None = None) -> Any:
-        """Rerank given first-stage hits; see the module doc for the return shapes."""
+    def rerank(self, query: str, hits_or_opensearch_response: Any, *, user_id: str | None = None, top_k: int | None = None, query_image: Any | None = None,
+               diversity: float | str | None = None) -> Any:
+        """Rerank given first-stage hits; see the module doc for the return shapes. ``diversity``: the lambda of the
+        diversity step for this call (a number in [0, 1] or ``"auto"``; None: the reranker's default)."""
+        requested = self._check_diversity(diversity)
         text, inp, cands, docs = self._inputs(query, hits_or_opensearch_response, user_id, top_k, query_image)
-        ranked, degraded, timings = self._score(text, cands, docs, user_id, query_image)
+        ranked, degraded, timings, div = self._score(text, cands, docs, user_id, query_image, requested, top_k)
         if top_k is not None:
             ranked = ranked[:top_k]
         items = self._render(inp, ranked)
@@ -426,21 +454,25 @@ class Reranker:
             inner["hits"] = items
             inner["max_score"] = max((h.score for h in ranked), default=None)
             resp["hits"] = inner
-            resp["fusionrank"] = {"degraded": degraded, "reranker": self.name, "model_version": self._version(), "timings_ms": timings}
+            resp["fusionrank"] = {"degraded": degraded, "reranker": self.name, "model_version": self._version(), "timings_ms": timings,
+                                  "diversity": div}
             return resp
-        return RankedHits(tuple(ranked), degraded, timings, tuple(items), self._version())
+        return RankedHits(tuple(ranked), degraded, timings, tuple(items), self._version(), div)
 
-    def search(self, query: str, *, user_id: str | None = None, size: int = 10, filters: Filters | None = None, query_image: Any | None = None) -> RankedHits:
-        """Hybrid retrieval (BM25 + kNN text + kNN image) then rerank; returns the top ``size``."""
+    def search(self, query: str, *, user_id: str | None = None, size: int = 10, filters: Filters | None = None, query_image: Any | None = None,
+               diversity: float | str | None = None) -> RankedHits:
+        """Hybrid retrieval (BM25 + kNN text + kNN image) then rerank (and the diversity step, see :meth:`rerank`);
+        returns the top ``size``."""
+        requested = self._check_diversity(diversity)
         text = self._check_args(query, user_id, size, query_image)
         if filters is not None and not isinstance(filters, Filters):
             raise TypeError(f"filters must be an indexing.engines.base.Filters, got {type(filters).__name__}")
         cs = self.retriever.retrieve(query, query_image=query_image, filters=filters, user_id=user_id, with_source=True)
         docs = {c.id: c.source for c in cs.candidates if c.source is not None}
-        ranked, degraded, timings = self._score(text, cs.candidates, docs, user_id, query_image)
+        ranked, degraded, timings, div = self._score(text, cs.candidates, docs, user_id, query_image, requested, size)
         ranked = ranked[:size]
         items = tuple(Hit(h.id, h.score, docs.get(h.id)) for h in ranked)
-        return RankedHits(tuple(ranked), degraded, timings, items, self._version())
+        return RankedHits(tuple(ranked), degraded, timings, items, self._version(), div)
 
     # ------------------------------------------------------------------ internals
     def _inputs(self, query: Any, hits_or_opensearch_response: Any, user_id: Any, top_k: Any, query_image: Any) -> tuple[str, _Input, tuple[Candidate, ...], dict[str, Mapping[str, Any]]]:
@@ -468,31 +500,80 @@ class Reranker:
             check_size(top_k, "top_k")
         return query.strip()
 
-    def _score(self, text: str, cands: Sequence[Candidate], docs: dict[str, Mapping[str, Any]], user_id: str | None, query_image: Any) -> tuple[list[RankedHit], str | None, dict[str, float]]:
+    def _check_diversity(self, diversity: Any) -> tuple[float | str, str]:
+        """The call's diversity and where it came from: ``(parsed, "request")``, or the reranker's ``(default, "default")``."""
+        if diversity is None:
+            return self.diversity, "default"
+        return parse_diversity(diversity), "request"
+
+    def _score(self, text: str, cands: Sequence[Candidate], docs: dict[str, Mapping[str, Any]], user_id: str | None, query_image: Any,
+               requested: tuple[float | str, str] = (0.0, "default"), depth: int | None = None,
+               ) -> tuple[list[RankedHit], str | None, dict[str, float], dict[str, Any]]:
         t0 = self.clock()
         timings: dict[str, float] = {}
         self._count("calls")
-        scores = None
+        out = None
         degraded = None
         if self.model is not None and cands:
             try:
-                scores, explain = self._model_scores(text, cands, docs, user_id, query_image, t0, timings)
+                scores, explain, req, all_docs = self._model_scores(text, cands, docs, user_id, query_image, t0, timings)
+                out = self._diversified(text, cands, scores, explain, req, all_docs, query_image, requested, depth, t0, timings)
             except _Degrade as d:
                 degraded = d.reason
                 self._count("degraded")
                 self._count(f"degraded:{d.reason}")
                 log.warning("rerank degraded to first-stage order (%s): %s", d.reason, d.detail)
         timings["total"] = round((self.clock() - t0) * 1000.0, 3)
-        if scores is None:  # noop, empty, or degraded: first-stage order
-            return [RankedHit(c.id, float(c.score), c.rank, float(c.score), c.rank, {"gates": {}, "history_top": [], "first_stage": _first_stage_explain(c)}) for c in cands], degraded, timings
-        order = sorted(range(len(cands)), key=lambda i: (-scores[i], cands[i].id))
-        out = []
+        if out is None:  # noop, empty, or degraded: first-stage order
+            why = (f"the call failed open ({degraded})" if degraded else "the noop reranker keeps the first-stage order" if self.model is None
+                   else "no candidates")
+            div = {"lambda": 0.0, "requested": requested[0], "source": requested[1], "reason": f"not applied: {why}", "applied": False}
+            return [RankedHit(c.id, float(c.score), c.rank, float(c.score), c.rank,
+                              {"gates": {}, "history_top": [], "first_stage": _first_stage_explain(c),
+                               "diversity": {"lambda": 0.0, "relevance_rank": c.rank, "max_similarity": None}}) for c in cands], degraded, timings, div
+        return out[0], None, timings, out[1]
+
+    def _diversified(self, text, cands, scores, explain, req, docs, query_image, requested, depth, t0, timings):
+        """The model's order (score, ties by id), re-ordered by the diversity step when its lambda is above 0; the
+        ranked hits and the response's ``diversity`` block. Times the step as ``mmr``; the budget is checked after it."""
+        s = self.clock()
+        order = base = sorted(range(len(cands)), key=lambda i: (-scores[i], cands[i].id))
+        value, source = requested
+        placed: Sequence[float | None] = [None] * len(order)
+        try:
+            events = history_events(req.hist_event, req.hist_mask) if value == AUTO else ()
+            choice = choose_lambda(value, query=text, docs=[docs.get(c.id) for c in cands] if value == AUTO else (), events=events,
+                                   has_image=query_image is not None, source=source, config=self.diversity_config)
+            if choice.value > 0 and len(order) > 1:
+                idx = np.asarray(order)
+                colour, colour_mask = stack_rows([(docs.get(cands[i].id) or {}).get(F.IMAGE_COLOUR) for i in order]) \
+                    if self.diversity_config.colour_weight > 0 else (None, None)
+                d = diversify(np.asarray(scores)[idx], choice.value, text=req.cand_text[idx], text_mask=req.cand_text_mask[idx],
+                              image=req.cand_image[idx], image_mask=req.cand_image_mask[idx], colour=colour, colour_mask=colour_mask,
+                              config=self.diversity_config, depth=depth if depth is not None else self.diversity_config.depth)
+                placed = [d.max_similarity[k] for k in d.order]
+                order = [order[k] for k in d.order]
+            div = {**choice.to_dict(), "applied": choice.value > 0}
+        except Exception as e:  # a failure of the diversity step keeps the model's order (the call still answers)
+            log.warning("the diversity step failed, keeping the model's order: %s: %s", type(e).__name__, e)
+            self._count("diversity_error")
+            choice = LambdaChoice(0.0, value, source, f"not applied: the diversity step failed ({type(e).__name__})")
+            div = {**choice.to_dict(), "applied": False}
+            order, placed = base, [None] * len(base)
+        timings["mmr"] = round((self.clock() - s) * 1000.0, 3)  # the diversity step alone (the explanations below are not)
+        rel_rank = {i: r for r, i in enumerate(base, 1)} if order is not base else None
+        lam = choice.value
+        ranked = []
         for r, i in enumerate(order, 1):
             c = cands[i]
             ex = explain[i]  # a fresh dict per call (ScoredRequest.explain_all)
             ex["first_stage"] = _first_stage_explain(c)
-            out.append(RankedHit(c.id, float(scores[i]), r, float(c.score), c.rank, ex))
-        return out, None, timings
+            sim = placed[r - 1]
+            ex["diversity"] = {"lambda": lam, "relevance_rank": rel_rank[i] if rel_rank is not None else r,
+                               "max_similarity": None if sim is None else round(sim, 6)}
+            ranked.append(RankedHit(c.id, float(scores[i]), r, float(c.score), c.rank, ex))
+        self._check_budget(t0, "mmr", timings, None)
+        return ranked, div
 
     def _check_budget(self, t0: float, stage: str, timings: dict[str, float], started: float | None) -> None:
         """Record the stage's time (``started=None``: already recorded) and fail open if the budget is spent."""
@@ -504,7 +585,7 @@ class Reranker:
             raise _Degrade(TIMEOUT, f"{spent:.1f} ms spent after stage {stage!r}, budget {self.budget_ms:g} ms")
 
     def _model_scores(self, text, cands, docs, user_id, query_image, t0, timings):
-        req = self._features(text, cands, docs, user_id, query_image, t0, timings)
+        req, docs = self._features(text, cands, docs, user_id, query_image, t0, timings)
         s = self.clock()
         try:
             scored = self._forward(req, t0)
@@ -516,7 +597,7 @@ class Reranker:
         except Exception as e:  # fail open on any model failure
             raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e
         self._check_budget(t0, "model", timings, s)
-        return scores.tolist(), scored.explain_all()  # every candidate's explanation in one vectorized pass
+        return scores.tolist(), scored.explain_all(), req, docs  # every candidate's explanation in one vectorized pass
 
     def request_features(self, query: str, hits_or_opensearch_response: Any, *, user_id: str | None = None, query_image: Any | None = None) -> Any:
         """The model's inputs for this call (a :class:`rerank.model_features.RequestFeatures`), built exactly as
@@ -529,13 +610,14 @@ class Reranker:
         if not cands:
             raise ConfigError("request_features needs at least one hit")
         try:
-            return self._features(text, cands, docs, user_id, query_image, self.clock(), {})
+            return self._features(text, cands, docs, user_id, query_image, self.clock(), {})[0]
         except _Degrade as d:
             raise FusionRankError(f"the features of {query!r} could not be built ({d.reason}): {d.detail}") from d
 
     def _features(self, text, cands, docs, user_id, query_image, t0, timings):
-        """The model inputs of one call (:class:`rerank.model_features.RequestFeatures`): fetch, history and features,
-        the query encoded on the encoder's thread meanwhile; ``_Degrade`` where the call fails open."""
+        """The model inputs of one call (:class:`rerank.model_features.RequestFeatures`) and the candidates' documents
+        with what was fetched: fetch, history and features, the query encoded on the encoder's thread meanwhile;
+        ``_Degrade`` where the call fails open."""
         from rerank.model_features import HistoryInput, prepare_request_features
 
         art = self.model
@@ -596,7 +678,7 @@ class Reranker:
             qvec, timings["encode"] = self._query_vector(pending, text, query_image, t0)
             self._check_budget(t0, "encode", timings, None)
         try:
-            return prepared.finish(qvec)
+            return prepared.finish(qvec), docs
         except Exception as e:  # fail open on any model failure
             raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e
 

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from indexing.errors import ConfigError
@@ -83,6 +83,18 @@ class Settings(BaseSettings):
     model_runtime: Literal["auto", "torch", "onnx"] = Field(
         "auto", description="what runs the fusion ranker's forward pass in the rerank call: onnx (exported at start-up, checked "
                             "against torch), torch, or auto (onnx on the CPU, torch on a GPU; torch when the export fails)")
+    diversity: float | Literal["auto"] = Field(
+        0.0, description="default lambda of the rerank call's diversity step (MMR over text and aligned photo vectors) for the "
+                         "served index: a number in [0, 1] (0: off, the model's order) or auto (strong for a vague query from a "
+                         "shopper without history, weak when the query names attributes or the history is strong); a call's "
+                         "own diversity overrides it")
+    diversity_by_index: dict[str, float | Literal["auto"]] = Field(
+        default_factory=dict, description='per-index defaults over `diversity`, JSON: {"products": "auto", "products-b": 0.2}')
+    diversity_text_weight: float = Field(0.5, ge=0, description="weight of the text-vector cosine in the diversity step's similarity")
+    diversity_image_weight: float = Field(0.5, ge=0, description="weight of the aligned-photo cosine in the diversity step's similarity")
+    diversity_colour_weight: float = Field(0.5, ge=0, description="weight of the photos' pixel colour descriptors (image_colour, where "
+                                                                  "fetched for the model's colour head) in the diversity step's similarity")
+    diversity_auto_max: float = Field(0.85, ge=0, le=1, description="the lambda of diversity=auto for a vague query from a shopper without history")
     doc_cache_prefill: bool = Field(False, description="OpenSearch: read the index's documents (vectors and the fields the model "
                                     "reads) into the rerank call's document cache at start-up, up to its size (50,000), so that "
                                     "the first calls meeting a product do not fetch its vectors as JSON")
@@ -104,6 +116,45 @@ class Settings(BaseSettings):
         if v not in ENGINES:
             raise ValueError(f"unknown engine {v!r}; valid engines: {', '.join(ENGINES.names())}")
         return v
+
+    @field_validator("diversity", mode="before")
+    @classmethod
+    def _diversity(cls, v: Any) -> Any:
+        from rerank.diversity import parse_diversity
+
+        try:
+            return parse_diversity(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("diversity_by_index", mode="before")
+    @classmethod
+    def _diversity_by_index(cls, v: Any) -> Any:
+        from rerank.diversity import parse_diversity
+
+        if not isinstance(v, dict):
+            return v  # pydantic says what is wrong with it
+        try:
+            return {str(k): parse_diversity(x, what=f"diversity of index {k!r}") for k, x in v.items()}
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+    @model_validator(mode="after")
+    def _diversity_weights(self) -> "Settings":
+        if self.diversity_text_weight + self.diversity_image_weight + self.diversity_colour_weight <= 0:
+            raise ValueError("diversity_text_weight, diversity_image_weight and diversity_colour_weight cannot all be 0")
+        return self
+
+    def diversity_for(self, index: str) -> float | str:
+        """The default diversity of ``index``: its ``diversity_by_index`` entry, else ``diversity``."""
+        return self.diversity_by_index.get(index, self.diversity)
+
+    def diversity_config(self) -> Any:
+        """The :class:`rerank.diversity.DiversityConfig` of these settings (similarity weights, ``auto``'s largest lambda)."""
+        from rerank.diversity import DiversityConfig
+
+        return DiversityConfig(text_weight=self.diversity_text_weight, image_weight=self.diversity_image_weight,
+                               colour_weight=self.diversity_colour_weight, auto_max=self.diversity_auto_max)
 
     @field_validator("index_alias")
     @classmethod

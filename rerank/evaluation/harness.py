@@ -14,6 +14,11 @@ Steps of :func:`evaluate`:
    restricts every list to the query's judged products (a product-id term filter); ``retrieve`` mode
    searches the whole catalog (``per_list`` = ``top_n`` hits per list).
 5. Run each system (:mod:`rerank.evaluation.systems`), score its runs (:mod:`rerank.metrics`), average.
+   Beside the relevance metrics every system gets the diversity of its top 10 (:func:`diversity_metrics`):
+   ``ild@10`` and ``distinct@10`` per catalog attribute (article type, colour, brand where present).
+6. With ``diversity`` (``fusionrank eval --diversity 0,0.1,0.3,auto``) the fusion systems are scored once and
+   re-ordered by the rerank call's diversity step (:mod:`rerank.diversity`) at each lambda; the report for the
+   first lambda carries one report per lambda in ``by_diversity`` (the other systems are the same in each).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -34,10 +39,12 @@ from indexing import fields as F
 from indexing.engines.base import Filters, SearchEngine
 from indexing.errors import ConfigError
 from mappings import DEFAULT_MAPPING
+from rerank.diversity import DiversityConfig, diversity_label, parse_diversity
 from rerank.evaluation.data import Qrels, Query, file_sha256, read_event_users, read_qrels, read_queries
 from rerank.evaluation.splits import DEFAULT_SEED, assign, load_or_create_splits
 from rerank.evaluation.systems import DEFAULT_SYSTEMS, SYSTEMS, EvalContext, EvalItem, FusionInputs, NotApplicable, candidates_for_pool
-from rerank.metrics import GAIN_DESCRIPTIONS, MetricSpec, gain_mapping, has_positive_gain, map_gains, mean_metrics, query_metrics
+from rerank.metrics import (GAIN_DESCRIPTIONS, MetricSpec, distinct_at_k, gain_mapping, has_positive_gain, ild_at_k, map_gains, mean_metrics,
+                            query_metrics)
 from rerank.retrieval import LISTS, FirstStage, RetrievalConfig, Retriever, fuse_first_stage
 from rerank.train import DatasetSpec
 
@@ -50,6 +57,9 @@ MAX_POOL = 10_000
 
 #: indexer(engine, job) -> summary with ``to_dict()`` (``workers.jobs.run_index_job`` bound to settings)
 Indexer = Callable[[SearchEngine, Any], Any]
+#: catalog attributes whose distinct values in the top 10 are counted (``distinct@10``), where the catalog has them
+DIVERSITY_FIELDS: tuple[str, ...] = (F.ARTICLE_TYPE, F.COLOUR, F.BRAND)
+DIVERSITY_K = 10
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,12 @@ class EvalRequest:
     subsets: Mapping[str, str] = field(default_factory=dict)
     #: more datasets the fusion systems train on (their train and validation splits), e.g. simulated shoppers
     train_also: tuple[DatasetSpec, ...] = ()
+    #: lambdas of the diversity step the fusion systems are scored at (numbers in [0, 1] or "auto"); () : none
+    diversity: tuple[float | str, ...] = ()
+    diversity_config: DiversityConfig | None = None
+    #: a catalog file whose attribute values count for ``distinct@10`` instead of the indexed ones (e.g. one that
+    #: holds the values the evaluated catalog withheld)
+    attributes_catalog: Path | None = None
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -108,6 +124,11 @@ class EvalRequest:
                 raise ConfigError(f"--subset {name}: bad regular expression {rx!r}: {e}") from None
         for d in self.train_also:
             d.check()
+        labels = [diversity_label(parse_diversity(v, what="--diversity")) for v in self.diversity]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"--diversity lists a lambda twice: {', '.join(labels)}")
+        if self.attributes_catalog is not None and not Path(self.attributes_catalog).is_file():
+            raise ConfigError(f"--attributes-catalog file not found: {self.attributes_catalog}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +139,8 @@ class SystemResult:
     seconds: float
     note: str | None = None
     subsets: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # subset name -> metrics
+    #: ``{"ild@10": x, "distinct@10": {field: mean}}`` and, for a diversified system, ``"diversity"``: the lambdas applied
+    diversity: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -130,8 +153,24 @@ class EvalReport:
     systems: Mapping[str, SystemResult]
     skipped: Mapping[str, str]
     info: Mapping[str, Any]
+    #: the diversity lambda of this report (a label: "0", "0.3", "auto"), None without ``--diversity``
+    diversity: str | None = None
+    #: with several lambdas: one report per lambda (this one among them), in the order given
+    by_diversity: Mapping[str, "EvalReport"] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The report as one JSON object; with several lambdas ``{"by_diversity": {label: <that lambda's object>}}``."""
+        if len(self.by_diversity) > 1:
+            return {"by_diversity": {k: r._json() for k, r in self.by_diversity.items()}}
+        return self._json()
+
+    def _json(self) -> dict[str, Any]:
+        def div(r: SystemResult) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for k, v in r.diversity.items():
+                out[k] = {f: round(x, 4) for f, x in v.items()} if k == "distinct@10" else (round(v, 6) if isinstance(v, float) else v)
+            return out
+
         return {
             "dataset": self.dataset,
             "mode": self.mode,
@@ -140,11 +179,12 @@ class EvalReport:
             "gain": self.gain,
             "gain_mapping": GAIN_DESCRIPTIONS.get(self.gain, self.gain),
             "systems": {
-                n: {**{k: round(v, 6) for k, v in r.metrics.items()}, "runs": r.runs, "seconds": round(r.seconds, 2), **({"note": r.note} if r.note else {}),
+                n: {**{k: round(v, 6) for k, v in r.metrics.items()}, **div(r), "runs": r.runs, "seconds": round(r.seconds, 2), **({"note": r.note} if r.note else {}),
                     **({"subsets": {s: {k: round(v, 6) for k, v in m.items()} for s, m in r.subsets.items()}} if r.subsets else {})}
                 for n, r in self.systems.items()
             },
             "skipped_systems": dict(self.skipped),
+            **({"diversity": self.diversity} if self.diversity is not None else {}),
             **dict(self.info),
         }
 
@@ -343,6 +383,64 @@ def build_items(
     return out, errors
 
 
+def attribute_values(path: Path, fields: Sequence[str] = DIVERSITY_FIELDS) -> dict[str, dict[str, str]]:
+    """``{product id: {field: value}}`` of a catalog file (``--attributes-catalog``), the fields that are set."""
+    from indexing.catalog import Product, read_catalog
+
+    out: dict[str, dict[str, str]] = {}
+    for p in read_catalog(path):
+        if isinstance(p, Product):
+            vals = {f: str(p.fields[f]) for f in fields if p.fields.get(f) not in (None, "")}
+            if vals:
+                out[p.id] = vals
+    return out
+
+
+class ListDocs:
+    """The documents the diversity metrics read (vectors and :data:`DIVERSITY_FIELDS`), fetched once per id.
+
+    ``fetch(ids, field names) -> {id: source}``; ``attributes``: values that replace the fetched ones
+    (:func:`attribute_values`)."""
+
+    def __init__(self, fetch: Callable[[Sequence[str], Sequence[str]], Mapping[str, Mapping[str, Any]]],
+                 attributes: Mapping[str, Mapping[str, str]] | None = None):
+        self.fetch, self.attributes = fetch, attributes
+        self.docs: dict[str, Mapping[str, Any]] = {}
+
+    def need(self, ids: Iterable[str]) -> None:
+        todo = sorted({str(i) for i in ids} - set(self.docs))
+        for s in range(0, len(todo), 1000):
+            chunk = todo[s : s + 1000]
+            got = self.fetch(chunk, [F.TEXT_VEC, F.IMAGE_VEC, *DIVERSITY_FIELDS])
+            for d in chunk:
+                doc = dict(got.get(d) or {})
+                if self.attributes is not None:
+                    for f in DIVERSITY_FIELDS:
+                        doc.pop(f, None)
+                    doc.update(self.attributes.get(d, {}))
+                self.docs[d] = doc
+
+
+def diversity_metrics(runs: Sequence[Mapping[str, Sequence[str]]], items: Sequence[EvalItem], docs: ListDocs, *, k: int = DIVERSITY_K) -> dict[str, Any]:
+    """``{"ild@k": mean, "distinct@k": {field: mean}}`` over the queries (and the runs) of their top k
+    (:func:`rerank.metrics.ild_at_k` on the indexed ``text_vec`` and raw ``image_vec``, weighted equally whatever the
+    diversity step's settings, so that reports compare; :func:`rerank.metrics.distinct_at_k` of each
+    :data:`DIVERSITY_FIELDS` field that some document has). A query a run left out counts as an empty list."""
+    tops = [[list(run.get(it.query_id, []))[:k] for it in items] for run in runs]
+    docs.need(d for run in tops for top in run for d in top)
+    present = [f for f in DIVERSITY_FIELDS if any(doc.get(f) not in (None, "") for doc in docs.docs.values())]
+    text = {d: doc.get(F.TEXT_VEC) for d, doc in docs.docs.items()}
+    image = {d: doc.get(F.IMAGE_VEC) for d, doc in docs.docs.items()}
+    values = {f: {d: doc.get(f) for d, doc in docs.docs.items()} for f in present}
+    ild, distinct = [], {f: [] for f in present}
+    for run in tops:
+        for top in run:
+            ild.append(ild_at_k(top, text, image, k) if len(top) > 1 else 0.0)
+            for f in present:
+                distinct[f].append(distinct_at_k(top, values[f], k) if top else 0)
+    return {f"ild@{k}": float(np.mean(ild)) if ild else 0.0, f"distinct@{k}": {f: float(np.mean(v)) if v else 0.0 for f, v in distinct.items()}}
+
+
 def score_runs(runs: Sequence[Mapping[str, Sequence[str]]], items: Sequence[EvalItem], spec: MetricSpec) -> dict[str, float]:
     """Mean over runs of the mean over queries (a query a run left out scores 0)."""
     per_run = []
@@ -520,21 +618,49 @@ def evaluate(
         info["subsets"] = {n: {"pattern": req.subsets[n], "queries": len(v)} for n, v in subset_items.items()}
     if req.train_also:
         info["train_also"] = [d.name or str(d.queries) for d in req.train_also]
-    results: dict[str, SystemResult] = {}
+    values = [parse_diversity(v, what="--diversity") for v in req.diversity]
+    labels: list[str | None] = [diversity_label(v) for v in values] or [None]
+    dcfg = req.diversity_config or DiversityConfig()
+    attrs = attribute_values(Path(req.attributes_catalog)) if req.attributes_catalog is not None else None
+    list_docs = ListDocs(lambda ids, names: idx.engine.get(idx.alias, list(ids), fields=list(names)), attrs)
+    info["diversity_metrics"] = {
+        "k": DIVERSITY_K, "fields": list(DIVERSITY_FIELDS),
+        "ild": f"mean pairwise 1 - similarity of the top {DIVERSITY_K}: the mean of the text_vec and the raw image_vec cosines "
+               "(clipped to [0, 1]; a pair without a photo: text alone; a product without vectors is at distance 1)",
+        "attributes": str(req.attributes_catalog) if req.attributes_catalog is not None else "the evaluated index (empty values not counted)",
+    }
+    if values:
+        from dataclasses import asdict
+
+        info["diversity_step"] = {"lambdas": labels, "config": asdict(dcfg),
+                                  "note": "the rerank call's diversity step re-orders the fusion systems' scores; the other systems are "
+                                          "the same at every lambda"}
+    results: dict[str | None, dict[str, SystemResult]] = {lab: {} for lab in labels}
     skipped: dict[str, str] = {}
     for name in req.systems:
         ts = time.perf_counter()
         system = SYSTEMS.create(name)
         try:
-            runs = system.runs(ctx)
+            if values and hasattr(system, "diversified_runs"):
+                by = dict(zip(labels, system.diversified_runs(ctx, values, dcfg)))
+            else:
+                runs = system.runs(ctx)
+                by = {lab: (runs, None) for lab in labels}
         except NotApplicable as e:
             skipped[name] = str(e)
             log.warning("system %s skipped: %s", name, e)
             continue
-        m = score_runs(runs, items, spec)
-        subs = {n: score_runs(runs, v, spec) for n, v in subset_items.items() if v}
-        results[name] = SystemResult(name, m, len(runs), time.perf_counter() - ts, ctx.notes.get(name), subs)
-        log.info("%s: %s", name, {k: round(v, 4) for k, v in m.items()})
+        seconds = time.perf_counter() - ts
+        same = len({id(r) for r, _ in by.values()}) == 1
+        div_once = diversity_metrics(next(iter(by.values()))[0], items, list_docs) if same else None
+        for lab, (runs, applied) in by.items():
+            m = score_runs(runs, items, spec)
+            subs = {n: score_runs(runs, v, spec) for n, v in subset_items.items() if v}
+            dm = dict(div_once) if div_once is not None else diversity_metrics(runs, items, list_docs)
+            if applied is not None:
+                dm["diversity"] = applied
+            results[lab][name] = SystemResult(name, m, len(runs), seconds, ctx.notes.get(name), subs, dm)
+            log.info("%s%s: %s", name, "" if lab is None else f" (diversity {lab})", {k: round(v, 4) for k, v in m.items()})
     if req.mode == "rerank":
         info["note"] = ("rerank mode: each system reorders the judged products of a query (judged@10 is 1 whenever a query has 10 "
                         "or more; recall@100 is 1 unless a query has over 100 judged products)")
@@ -545,7 +671,13 @@ def evaluate(
     if ctx.artifacts:
         info["artifacts"] = dict(ctx.artifacts)
     info["seconds"] = round(time.perf_counter() - t0, 1)
-    return EvalReport(dataset, req.mode, len(items), split_name, req.gain, results, skipped, info)
+    reports = {lab: EvalReport(dataset, req.mode, len(items), split_name, req.gain, results[lab], skipped, info, lab) for lab in labels}
+    first = reports[labels[0]]
+    if len(labels) > 1:
+        first = EvalReport(dataset, req.mode, len(items), split_name, req.gain, results[labels[0]], skipped, info, labels[0],
+                           {str(lab): r for lab, r in reports.items()})
+    return first
 
 
-__all__ = ["CachedIndex", "EvalReport", "EvalRequest", "MODES", "SystemResult", "build_items", "cached_index", "dataset_name", "evaluate", "index_key", "score_runs", "transform_id"]
+__all__ = ["CachedIndex", "DIVERSITY_FIELDS", "EvalReport", "EvalRequest", "ListDocs", "MODES", "SystemResult", "attribute_values", "build_items",
+           "cached_index", "dataset_name", "diversity_metrics", "evaluate", "index_key", "score_runs", "transform_id"]

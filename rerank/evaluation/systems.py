@@ -393,6 +393,47 @@ class _FusionSystem(System):
         return load_artifact(d, device=ctx.device, **ids)
 
     def runs(self, ctx: EvalContext) -> list[Run]:
+        run: Run = {}
+        for it, scored, _req, _docs in self._scored(ctx):
+            scores = dict(zip(scored.ids, (float(x) for x in scored.scores)))
+            run[it.query_id] = sorted(it.pool, key=lambda d: (-scores.get(d, float("-inf")), d))
+        return [run]
+
+    def diversified_runs(self, ctx: EvalContext, lambdas: Sequence[float | str], config: Any = None) -> list[tuple[list[Run], dict[str, Any]]]:
+        """The model scored once, then re-ordered by the rerank call's diversity step (:mod:`rerank.diversity`) at each
+        lambda (``"auto"`` chosen per query from its words, its candidates' fields and the user's history, as the
+        rerank call does); per lambda ``([run], {"lambda_mean", "lambda_min", "lambda_max", "queries_diversified"})``."""
+        from indexing import fields as F
+        from rerank.diversity import AUTO, DiversityConfig, choose_lambda, diversify, history_events, stack_rows
+
+        cfg = config or DiversityConfig()
+        scored_all = self._scored(ctx)
+        out = []
+        for lam in lambdas:
+            run: Run = {}
+            applied: list[float] = []
+            for it, scored, req, docs in scored_all:
+                scores = dict(zip(scored.ids, (float(x) for x in scored.scores)))
+                base = sorted(it.pool, key=lambda d: (-scores.get(d, float("-inf")), d))
+                choice = choose_lambda(lam, query=it.query, docs=[docs.get(i) for i in scored.ids] if lam == AUTO else (),
+                                       events=history_events(req.hist_event, req.hist_mask) if lam == AUTO else (), config=cfg)
+                applied.append(choice.value)
+                row = {d: k for k, d in enumerate(req.ids)}
+                if choice.value > 0 and len(base) > 1 and all(d in row for d in base):
+                    idx = np.asarray([row[d] for d in base])
+                    colour, colour_mask = stack_rows([(docs.get(i) or {}).get(F.IMAGE_COLOUR) for i in base]) if cfg.colour_weight > 0 else (None, None)
+                    d = diversify(np.asarray([scores[i] for i in base]), choice.value, text=req.cand_text[idx], text_mask=req.cand_text_mask[idx],
+                                  image=req.cand_image[idx], image_mask=req.cand_image_mask[idx], colour=colour, colour_mask=colour_mask, config=cfg)
+                    base = [base[k] for k in d.order]
+                run[it.query_id] = base
+            info = {"lambda_mean": round(float(np.mean(applied)), 4) if applied else 0.0, "lambda_min": min(applied, default=0.0),
+                    "lambda_max": max(applied, default=0.0), "queries_diversified": sum(a > 0 for a in applied)}
+            out.append(([run], info))
+        return out
+
+    def _scored(self, ctx: EvalContext) -> list[tuple[EvalItem, Any, Any, Mapping[str, Mapping[str, Any]]]]:
+        """Every item scored by the artifact: ``(item, ScoredRequest, RequestFeatures, docs)``, docs holding the
+        candidates' vectors and categorical fields."""
         from indexing import fields as F
         from rerank.model_features import CAT_FIELDS, HistoryInput, build_request_features, colour_fields
         from rerank.train import histories, read_events
@@ -441,17 +482,16 @@ class _FusionSystem(System):
                                  tuple((docs.get(p) or {}).get(F.IMAGE_VEC) for p in pids), evts, ages)
             requests.append(build_request_features(qvecs[i], list(cands[it.query_id]), docs, spec, history=h, project=project,
                                                    text_dim=art.text_encoder.dim, image_dim=image_dim, colour=art.colour))
-        run: Run = {}
+        out = []
         with torch_threads(1):
             for s in range(0, len(requests), 16):
-                for it, scored in zip(ctx.items[s : s + 16], art.ranker.score_requests(requests[s : s + 16])):
-                    scores = dict(zip(scored.ids, (float(x) for x in scored.scores)))
-                    run[it.query_id] = sorted(it.pool, key=lambda d: (-scores.get(d, float("-inf")), d))
+                for it, req, scored in zip(ctx.items[s : s + 16], requests[s : s + 16], art.ranker.score_requests(requests[s : s + 16])):
+                    out.append((it, scored, req, docs))
         rep = art.report or {}
         ctx.notes.setdefault(self.name, f"fusion ranker ({art.ranker.config.strategy}, {rep.get('ablation', 'given')}), "
                                         f"artifact {art.version}, best validation NDCG@10 {rep.get('best_validation_ndcg@10', 'n/a')}; {image_list}; "
                                         f"{with_history} of {len(ctx.items)} queries with a user history")
-        return [run]
+        return out
 
 
 def _fusion(name: str, strategy: str = "attention", use_image: bool = True, use_history: bool = True, doc: str = "") -> type[_FusionSystem]:

@@ -349,7 +349,8 @@ def cohere_rerank(st: ServiceState, body: S.CohereRerankRequest) -> dict[str, An
                 degraded = "encoder_error"
     hits = [{"_id": str(k), "_score": None, "_source": sources[k]} for k in range(n)]
     if degraded is None and n:
-        ranked = _call(r.rerank, body.query, hits, user_id=body.user_id, _gate=st.gate)
+        # diversity 0: Cohere results are read in relevance_score order (the search-pipeline path diversifies nothing yet)
+        ranked = _call(r.rerank, body.query, hits, user_id=body.user_id, diversity=0.0, _gate=st.gate)
         degraded = ranked.degraded
         order = [(int(h.id), h.score) for h in ranked.hits]
     else:
@@ -496,7 +497,8 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None, balan
         n = len(inner["hits"]) if isinstance(inner, Mapping) and isinstance(inner.get("hits"), list) else 0
         _check_candidates(st, n, "hits")
         image = decode_query_image(body.image)
-        out = _call(st.reranker.rerank, body.query, payload, user_id=body.user_id, top_k=body.top_k, query_image=image, _gate=st.gate)
+        out = _call(st.reranker.rerank, body.query, payload, user_id=body.user_id, top_k=body.top_k, query_image=image,
+                    diversity=body.diversity, _gate=st.gate)
         st.metrics.count_degraded(out["fusionrank"].get("degraded"))
         return FastJSON(out)
 
@@ -509,7 +511,8 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None, balan
         image = decode_query_image(body.image)
         if not body.query.strip() and image is None:
             raise HTTPException(422, "empty query: give a query text or a query image")
-        res = _call(st.reranker.search, body.query, user_id=body.user_id, size=body.size, filters=_filters(body.filters), query_image=image, _gate=st.gate)
+        res = _call(st.reranker.search, body.query, user_id=body.user_id, size=body.size, filters=_filters(body.filters), query_image=image,
+                    diversity=body.diversity, _gate=st.gate)
         st.metrics.count_degraded(res.degraded)
         hits = [
             {"id": h.id, "score": h.score, "rank": h.rank, "previous_rank": h.previous_rank, "previous_score": h.previous_score,
@@ -517,7 +520,8 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None, balan
             for h, item in zip(res.hits, res.items)
         ]
         return FastJSON({"hits": hits, "fusionrank": {"degraded": res.degraded, "reranker": st.reranker.name,
-                                                      "model_version": res.model_version, "timings_ms": dict(res.timings)}})
+                                                      "model_version": res.model_version, "timings_ms": dict(res.timings),
+                                                      "diversity": res.diversity}})
 
     # ------------------------------------------------------------------ events
     @app.post("/events", response_model=S.EventsResponse, responses=_STD, dependencies=[Depends(require_key)], tags=["history"])

@@ -7,12 +7,31 @@ real responses conform.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_QUERY_CHARS = 4096
 MAX_ID_CHARS = 256
+
+#: the diversity of a /rerank or /search call: a lambda in [0, 1] or "auto" (rerank.diversity)
+DiversityField = Optional[Union[Annotated[float, Field(ge=0.0, le=1.0)], Literal["auto"]]]
+_DIVERSITY_DOC = ('the diversity step (MMR over the text and aligned photo vectors): a lambda in [0, 1] (0: the model\'s order) '
+                  'or "auto" (strong for a vague query from a shopper without history, weak when the query names attributes or the '
+                  'history is strong); null: the index\'s default (FUSIONRANK_DIVERSITY)')
+
+
+def _check_diversity(v: Any) -> Any:
+    """The range error of :func:`rerank.diversity.parse_diversity` (422 naming the allowed range) before pydantic's own."""
+    if v is None:
+        return None
+    from indexing.errors import ConfigError
+    from rerank.diversity import parse_diversity
+
+    try:
+        return parse_diversity(v)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
 
 
 class ErrorResponse(BaseModel):
@@ -33,6 +52,9 @@ class FusionrankBlock(BaseModel):
     model_config = ConfigDict(extra="allow")
     degraded: Optional[str] = Field(None, description="null, or why the call failed open to the first-stage order")
     model_version: Optional[str] = None
+    diversity: Optional[dict[str, Any]] = Field(None, description="/rerank and /search: the diversity lambda that applied and why "
+                                                                  "(lambda, requested, source, reason, applied; with auto: qualifiers, "
+                                                                  "attributes, history_strength, history_events)")
 
 
 # ----------------------------------------------------------------------------- Cohere rerank (/v1/rerank)
@@ -85,6 +107,9 @@ class RerankRequest(BaseModel):
     user_id: Optional[str] = Field(None, min_length=1, max_length=MAX_ID_CHARS)
     top_k: Optional[int] = Field(None, ge=1, le=10_000)
     image: Optional[str] = Field(None, description="query image, base64 (optionally a data: URL)")
+    diversity: DiversityField = Field(None, description=_DIVERSITY_DOC)
+
+    _diversity = field_validator("diversity", mode="before")(_check_diversity)
 
 
 class RerankHits(BaseModel):
@@ -121,6 +146,9 @@ class SearchRequest(BaseModel):
     size: int = Field(10, ge=1, le=100)
     filters: Optional[FiltersModel] = None
     image: Optional[str] = Field(None, description="query image, base64 (optionally a data: URL)")
+    diversity: DiversityField = Field(None, description=_DIVERSITY_DOC)
+
+    _diversity = field_validator("diversity", mode="before")(_check_diversity)
 
 
 class SearchHit(BaseModel):

@@ -235,6 +235,85 @@ def test_cli_json_and_plot(fashion_slice, eval_dir, monkeypatch, tmp_path):
     assert png.is_file() and png.stat().st_size > 1000
 
 
+# ------------------------------------------------------------------ diversity: list metrics and the trade-off by lambda
+def _untrained_fusion(out: Path) -> Path:
+    """A small real (untrained, seeded) FusionRanker artifact for the minilm index (no photos, no colour head)."""
+    from indexing.encoders import get_text_encoder
+    from rerank.artifacts import EncoderRef, save_artifact
+    from rerank.model import RankerConfig, build_ranker
+    from rerank.model_features import FeatureSpec
+
+    text = get_text_encoder("minilm")
+    spec = FeatureSpec(history_k=6)
+    cfg = RankerConfig(text_dim=text.dim, first_stage_dim=spec.first_stage_dim, n_cat_fields=len(spec.cat_fields),
+                       hash_buckets=spec.hash_buckets, history_k=spec.history_k, d_model=16, hidden=32, heads=2)
+    return Path(save_artifact(out, build_ranker(cfg, device="cpu", seed=0), feature_spec=spec,
+                              text_encoder=EncoderRef(text.model_id, text.dim), image_encoder=None))
+
+
+@pytest.mark.slow
+def test_diversity_metrics_and_the_trade_off_by_lambda(fashion_slice, eval_dir, tmp_path, monkeypatch):
+    from rerank.evaluation.report import format_tradeoff, plot_tradeoff
+
+    model = _untrained_fusion(tmp_path / "model")
+    common = dict(mode="retrieve", split="all", top_n=50, model_dirs={"fusion": model})
+    rep = evaluate(_req(fashion_slice, systems=("bm25", "fusion"), diversity=(0.0, 1.0, "auto"), **common), data_dir=eval_dir,
+                   indexer=_indexer(eval_dir))
+    out = rep.to_json()
+    assert set(out) == {"by_diversity"} and list(out["by_diversity"]) == ["0", "1", "auto"]
+    by = out["by_diversity"]
+    for lab, o in by.items():
+        assert o["diversity"] == lab and o["queries"] == fashion_slice.n_queries and o["diversity_step"]["lambdas"] == ["0", "1", "auto"]
+        for name in ("bm25", "fusion"):
+            m = o["systems"][name]
+            assert 0.0 < m["ild@10"] <= 1.0 and 0.0 <= m["ndcg@10"] <= 1.0
+            # the slice's catalog has types and colours (half of them withheld), no brand
+            assert set(m["distinct@10"]) == {"article_type", "colour"} and 1.0 <= m["distinct@10"]["article_type"] <= 10.0
+    # the baselines are the same at every lambda; the fusion system is re-ordered
+    assert {k: v for k, v in by["0"]["systems"]["bm25"].items()} == by["1"]["systems"]["bm25"] == by["auto"]["systems"]["bm25"]
+    f0, f1, fa = (by[k]["systems"]["fusion"] for k in ("0", "1", "auto"))
+    assert f0["diversity"]["lambda_mean"] == 0.0 and f1["diversity"]["lambda_mean"] == 1.0 and f1["diversity"]["queries_diversified"] == 16
+    from rerank.diversity import DiversityConfig
+
+    assert 0.0 < fa["diversity"]["lambda_min"] <= fa["diversity"]["lambda_max"] <= DiversityConfig().auto_max  # auto: per query
+    # lambda 1 places each next product as far from those above as it can: the top 10 are more diverse (this slice has
+    # no photos, so the step's similarity and ild@10's are both the text vectors' cosine)
+    assert f1["ild@10"] > f0["ild@10"] + 0.02
+    # lambda 0 is the plain fusion system, metric for metric
+    plain = evaluate(_req(fashion_slice, systems=("fusion",), **common), data_dir=eval_dir, indexer=_indexer(eval_dir)).to_json()
+    assert "by_diversity" not in plain and "diversity" not in plain
+    assert {k: v for k, v in plain["systems"]["fusion"].items() if k not in ("seconds", "note")} == \
+        {k: v for k, v in f0.items() if k not in ("seconds", "note", "diversity")}
+    table = format_tradeoff(rep)
+    assert "fusion:" in table and "bm25" not in table.split("fusion:")[1] and "colours@10" in table and "vs λ 0" in table
+    assert "ild@10" in format_table(rep) and "colours@10" in format_table(rep)
+    png = plot_tradeoff(rep, tmp_path / "tradeoff.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        _req(fashion_slice, diversity=(0.0, 1.5)).check()
+    with pytest.raises(ConfigError, match="twice"):
+        _req(fashion_slice, diversity=(0.3, "0.3")).check()
+
+    # the command line: --diversity prints by_diversity with --json, the trade-off table without, --plot draws it
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    monkeypatch.setenv("FUSIONRANK_DATA_DIR", str(eval_dir))
+    args = ["eval", "--catalog", str(fashion_slice.catalog), "--queries", str(fashion_slice.queries), "--qrels", str(fashion_slice.qrels),
+            "--images-root", str(fashion_slice.images_root), "--gain", "identity", "--mode", "retrieve", "--split", "all", "--top-n", "50",
+            "--systems", "bm25,fusion", "--model", f"fusion={model}", "--limit-queries", "4"]
+    res = CliRunner().invoke(app, [*args, "--diversity", "0,auto", "--json"])
+    assert res.exit_code == 0, res.output
+    js = json.loads(res.output.strip().splitlines()[-1])
+    assert list(js["by_diversity"]) == ["0", "auto"] and "ild@10" in js["by_diversity"]["auto"]["systems"]["fusion"]
+    res = CliRunner().invoke(app, [*args, "--diversity", "0,0.5", "--plot", str(tmp_path / "cli.png"), "--diversity-option", "colour_weight=0"])
+    assert res.exit_code == 0, res.output
+    assert "diversity trade-off" in res.output and (tmp_path / "cli.png").stat().st_size > 1000
+    bad = CliRunner().invoke(app, [*args, "--diversity", "0,2"])
+    assert bad.exit_code != 0 and "[0, 1]" in str(bad.exception or bad.output)
+
+
 # ------------------------------------------------------------------ systems plumbing (pure)
 def test_pool_completion_and_random_runs():
     from indexing.engines.base import Hit

@@ -114,7 +114,8 @@ def test_opensearch_response_stays_a_response_reordered_with_explanations(world)
         assert h["_previous_score"] == prev[h["_id"]]
         assert h["_source"] == next(x["_source"] for x in resp["hits"]["hits"] if x["_id"] == h["_id"])
         ex = h["_explanation"]
-        assert set(ex) == {"gates", "history_top", "first_stage"}
+        assert set(ex) == {"gates", "history_top", "first_stage", "diversity"}
+        assert ex["diversity"] == {"lambda": 0.0, "relevance_rank": hits.index(h) + 1, "max_similarity": None}  # off by default
         assert set(ex["gates"]) == set(MODALITIES) and ex["gates"]["image"] == 0  # no alignment in this model: images masked
         assert abs(sum(ex["gates"].values()) - 1) < 1e-3
         assert {t["product_id"] for t in ex["history_top"]} <= {"p0", "p7", "p4"}
@@ -491,6 +492,11 @@ def test_from_settings_serves_the_installed_model_and_refuses_without_one(world,
         Reranker.from_settings(settings, engine=engine)  # the history DB of this data dir was never migrated
     r = Reranker.from_settings(settings, engine=engine, history=False)
     assert r.model.version == art.version and r.budget_ms == settings.rerank_budget_ms and r.batcher is None  # CPU: no micro-batching
+    assert r.diversity == 0.0
+    per_index = load_settings(data_dir=str(tmp_path), index_alias=INDEX, device="cpu", rerank_budget_ms=10_000.0, diversity=0.2,
+                              diversity_by_index={INDEX: "auto"}, diversity_colour_weight=0.0)
+    r2 = Reranker.from_settings(per_index, engine=engine, history=False)
+    assert r2.diversity == "auto" and r2.diversity_config.colour_weight == 0.0  # the index's own default, over the global one
     resp = _bm25_response(engine)
     out = r.rerank("black leather shoes", resp)
     assert out["fusionrank"]["degraded"] is None and out["fusionrank"]["model_version"] == art.version
@@ -527,6 +533,93 @@ def test_bench_rerank_reports_latency_and_the_cross_encoder_ratio(world):
     assert res["distinct_queries"] == 3 and res["text_backend"] == "torch"  # 6 calls cycle over 3 queries
     assert res["aligned_cache"] is None  # a model without an alignment has no photos to cache
     assert res["machine"]["cpu_count"] == os.cpu_count() and "cpu_isa" in res["machine"]  # the machine it ran on
+    assert "mmr" in res["stages_p50_ms"] and res["diversity"] == 0.0
+    both = bench_rerank(r, ["black shoes", "red dress"], ["u1", None], candidates=8, requests=4, warmup=1, ce_requests=0,
+                        diversity="auto", compare_diversity=True)
+    cmp_ = both["diversity_compare"]
+    assert both["diversity"] == "auto" and cmp_["on_p50_ms"] > 0 and cmp_["off_p50_ms"] > 0
+    assert cmp_["added_p50_ms"] == pytest.approx(cmp_["on_p50_ms"] - cmp_["off_p50_ms"], abs=1e-3) and both["p50_ms"] == cmp_["on_p50_ms"]
+
+
+# ----------------------------------------------------------------------------- the diversity step
+def _text_vectors(world, ids):
+    import numpy as np
+
+    got = world[0].get(INDEX, list(ids), fields=[F.TEXT_VEC])
+    return {i: np.asarray(got[i][F.TEXT_VEC], dtype=np.float64) for i in ids}
+
+
+def test_diversity_zero_is_the_model_order_and_one_picks_the_least_similar_next(world):
+    import numpy as np
+
+    r = _reranker(world, budget_ms=10_000)
+    resp = _bm25_response(world[0], "black leather shoes", size=8)
+    base = r.rerank("black leather shoes", resp)
+    zero = r.rerank("black leather shoes", resp, diversity=0)
+    assert [h["_id"] for h in zero["hits"]["hits"]] == [h["_id"] for h in base["hits"]["hits"]]
+    assert zero["fusionrank"]["diversity"]["lambda"] == 0.0 and zero["fusionrank"]["diversity"]["applied"] is False
+    assert "mmr" in zero["fusionrank"]["timings_ms"]
+
+    full = r.rerank("black leather shoes", resp, diversity=1.0)
+    ids = [h["_id"] for h in full["hits"]["hits"]]
+    model_order = [h["_id"] for h in base["hits"]["hits"]]
+    assert sorted(ids) == sorted(model_order) and ids[0] == model_order[0]  # the first place is the most relevant
+    # lambda 1: every next place goes to the candidate least similar to those above (the index's own text vectors;
+    # this small index has no photos)
+    vec = _text_vectors(world, ids)
+    cos = lambda a, b: max(float(vec[a] @ vec[b] / (np.linalg.norm(vec[a]) * np.linalg.norm(vec[b]))), 0.0)  # noqa: E731
+    for p in range(1, len(ids)):
+        placed = ids[:p]
+        worst = {c: max(cos(c, q) for q in placed) for c in ids[p:]}
+        assert worst[ids[p]] == pytest.approx(min(worst.values()), abs=1e-5), (p, ids[p])
+        assert full["hits"]["hits"][p]["_explanation"]["diversity"]["max_similarity"] == pytest.approx(worst[ids[p]], abs=1e-4)
+    block = full["fusionrank"]["diversity"]
+    assert block == {"lambda": 1.0, "requested": 1.0, "source": "request", "reason": "lambda 1 as requested", "applied": True}
+    ranks = {h["_id"]: h["_explanation"]["diversity"]["relevance_rank"] for h in full["hits"]["hits"]}
+    assert [i for i, _ in sorted(ranks.items(), key=lambda kv: kv[1])] == model_order
+    # _score stays the model's relevance (the same per hit as without diversity)
+    assert {h["_id"]: h["_score"] for h in full["hits"]["hits"]} == {h["_id"]: h["_score"] for h in base["hits"]["hits"]}
+
+
+def test_diversity_auto_explains_itself_and_follows_the_query_and_the_history(world):
+    r = _reranker(world, budget_ms=10_000, diversity_config=__import__("rerank.diversity", fromlist=["x"]).DiversityConfig(auto_max=0.6))
+    hits = [{"_id": f"p{i}", "_score": 10.0 - i} for i in (0, 10, 11)]  # the three shoes
+    vague = r.rerank("shoes", hits, diversity="auto")
+    d = vague.diversity
+    assert d["requested"] == "auto" and d["lambda"] == pytest.approx(0.6) and d["qualifiers"] == [] and d["history_events"] == 0
+    assert "vague query" in d["reason"] and all(h.explanation["diversity"]["lambda"] == pytest.approx(0.6) for h in vague.hits)
+    named = r.rerank("black shoes", hits, diversity="auto").diversity
+    assert 0 < named["lambda"] < 0.3 and named["qualifiers"] == ["black"]
+    known = r.rerank("shoes", hits, diversity="auto", user_id="u1").diversity  # u1: a purchase, a click, a view
+    assert 0 < known["lambda"] < d["lambda"] and known["history_events"] == 3 and 0 < known["history_strength"] < 1
+
+
+def test_diversity_default_bad_values_and_candidates_without_vectors(world):
+    r = _reranker(world, budget_ms=10_000, diversity=0.5)
+    hits = [{"_id": "p0", "_score": 9.0}, {"_id": "nowhere-1", "_score": 8.0}, {"_id": "p10", "_score": 7.0},
+            {"_id": "nowhere-2", "_score": 6.0}, {"_id": "p4", "_score": 5.0}]
+    out = r.rerank("black shoes", hits)  # the reranker's default applies
+    assert out.degraded is None and out.diversity["lambda"] == 0.5 and out.diversity["source"] == "default"
+    ids = out.ids
+    assert sorted(ids) == sorted(h["_id"] for h in hits)
+    # the two products the index does not hold have no vectors: never an error, their relative order is their relevance order
+    rel = {h.id: h.explanation["diversity"]["relevance_rank"] for h in out.hits}
+    a, b = sorted(["nowhere-1", "nowhere-2"], key=lambda i: rel[i])
+    assert ids.index(a) < ids.index(b)
+    assert r.rerank("black shoes", hits, diversity=0).diversity["lambda"] == 0.0  # a call's own value wins
+    for bad in (1.5, -0.1, "lots", True, float("nan")):
+        with pytest.raises(ConfigError, match=r'a number in \[0, 1\] or "auto"'):
+            r.rerank("black shoes", hits, diversity=bad)
+        with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+            r.search("black shoes", diversity=bad)
+    with pytest.raises(ConfigError, match="default diversity"):
+        _reranker(world, diversity=2)
+    found = r.search("black shoes", size=3, diversity="auto")
+    assert found.diversity["requested"] == "auto" and len(found) <= 3 and "mmr" in found.timings
+    # the noop reranker and a failed-open call keep the first-stage order and say so
+    noop = Reranker.noop(world[0], INDEX, text_encoder=world[1]).rerank("black shoes", hits, diversity=0.9)
+    assert noop.ids == [h["_id"] for h in hits] and noop.diversity["applied"] is False and "noop" in noop.diversity["reason"]
+    assert all(h.explanation["diversity"]["lambda"] == 0.0 for h in noop.hits)
 
 
 # ----------------------------------------------------------------------------- bench batch (the forward pass replayed)

@@ -356,3 +356,52 @@ def test_reranker_calls_per_process_default_to_one_on_the_cpu_and_32_when_micro_
         batched.close()
     monkeypatch.setenv("FUSIONRANK_SERVE_MAX_CONCURRENT", "3")
     assert service_world.state().gate_size == 3
+
+
+# ----------------------------------------------------------------------------- the diversity step
+def test_rerank_and_search_take_a_diversity_and_say_which_applied(client, service_world):
+    resp = _opensearch_response(service_world)
+    off = client.post("/rerank", json={"query": "black leather shoes", "response": resp}, headers=H).json()
+    assert off["fusionrank"]["diversity"]["lambda"] == 0.0 and off["fusionrank"]["diversity"]["source"] == "default"
+    r = client.post("/rerank", json={"query": "black leather shoes", "response": resp, "diversity": 1}, headers=H)
+    assert r.status_code == 200
+    on = r.json()
+    assert on["fusionrank"]["diversity"]["lambda"] == 1.0 and on["fusionrank"]["diversity"]["applied"] is True
+    assert sorted(h["_id"] for h in on["hits"]["hits"]) == sorted(h["_id"] for h in off["hits"]["hits"])
+    ranks = [h["_explanation"]["diversity"]["relevance_rank"] for h in on["hits"]["hits"]]
+    assert sorted(ranks) == list(range(1, len(ranks) + 1)) and ranks[0] == 1  # the most relevant stays first
+    assert [h["_id"] for h in sorted(on["hits"]["hits"], key=lambda h: h["_explanation"]["diversity"]["relevance_rank"])] == \
+        [h["_id"] for h in off["hits"]["hits"]]
+    auto = client.post("/search", json={"query": "shoes", "size": 5, "diversity": "auto"}, headers=H)
+    assert auto.status_code == 200
+    block = auto.json()["fusionrank"]["diversity"]
+    assert block["requested"] == "auto" and "reason" in block and 0 <= block["lambda"] <= 1
+    assert all("diversity" in h["explanation"] for h in auto.json()["hits"])
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.2, "lots", True, [0.3], {"lambda": 0.2}])
+def test_a_diversity_outside_the_range_is_422_naming_it(client, service_world, bad):
+    for path, body in (("/rerank", {"query": "shoes", "hits": [{"_id": "p0", "_score": 1.0}], "diversity": bad}),
+                       ("/search", {"query": "shoes", "diversity": bad})):
+        r = client.post(path, json=body, headers=H)
+        assert r.status_code == 422, (path, bad, r.text)
+        assert '[0, 1] or "auto"' in r.json()["detail"] and "diversity" in r.json()["detail"], r.text
+
+
+def test_the_openapi_schema_documents_the_diversity(client):
+    spec = client.get("/openapi.json").json()
+    for name in ("RerankRequest", "SearchRequest"):
+        prop = spec["components"]["schemas"][name]["properties"]["diversity"]
+        kinds = json.dumps(prop)
+        assert '"maximum": 1.0' in kinds and '"auto"' in kinds and "lambda" in prop["description"]
+
+
+def test_a_reranker_with_a_default_diversity_serves_it(service_world):
+    from rerank.reranker import Reranker
+    from rerank.service.app import create_app
+
+    w = service_world
+    r = Reranker(w.engine, w.index, w.artifact, text_encoder=w.text, history=w.profiles, budget_ms=10_000, diversity="auto")
+    with TestClient(create_app(w.state(reranker=r))) as c:
+        out = c.post("/search", json={"query": "shoes", "size": 4}, headers=H).json()
+    assert out["fusionrank"]["diversity"]["requested"] == "auto" and out["fusionrank"]["diversity"]["source"] == "default"

@@ -205,3 +205,33 @@ def test_degraded_answer_is_flagged(browser, service_world, tmp_path):
         moves = page.eval_on_selector_all("[data-testid=result]", "els => els.map(e => [e.dataset.previousRank, e.dataset.rank])")
         assert moves and all(p == r for p, r in moves)  # failed open: the first-stage order
         ctx.close()
+
+
+def test_diversity_control_sends_the_lambda_and_shows_which_applied(browser, site, tmp_path):
+    ctx = browser.new_context(viewport={"width": 1360, "height": 900})
+    page = ctx.new_page()
+    page.add_init_script(f"localStorage.setItem('fusionrank.apiKey', {API_KEY!r})")
+    page.goto(site + "/")
+    page.wait_for_selector("body[data-ready='1']")
+    page.fill("[data-testid=query]", QUERY)
+    with page.expect_request(lambda r: r.url.endswith("/search")) as req:
+        page.press("[data-testid=query]", "Enter")
+    assert "diversity" not in req.value.post_data_json  # the index's default
+    _wait_results(page, "")
+    assert page.inner_text("[data-testid=diversity-note]").startswith("diversity λ 0.000")
+    with page.expect_request(lambda r: r.url.endswith("/search")) as req:
+        page.select_option("[data-testid=diversity]", "0.5")
+    assert req.value.post_data_json["diversity"] == 0.5
+    page.wait_for_selector("#results[data-diversity='0.5'][data-state=done]:not([aria-busy])", state="attached", timeout=TIMEOUT_MS)
+    assert "lambda 0.5 as requested" in page.inner_text("[data-testid=diversity-note]")
+    top = page.locator("[data-testid=result]").nth(1)
+    top.locator("[data-testid=why-button]").click()
+    why = top.locator("[data-testid=why-diversity]")
+    why.wait_for(state="visible")
+    assert why.inner_text().startswith("λ 0.500: #") and "by relevance" in why.inner_text()
+    with page.expect_request(lambda r: r.url.endswith("/search")) as req:
+        page.select_option("[data-testid=diversity]", "auto")
+    assert req.value.post_data_json["diversity"] == "auto"
+    page.wait_for_selector("#results[data-state=done]:not([aria-busy])", state="attached", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => document.querySelector('[data-testid=diversity-note]').textContent.includes('auto:')", timeout=TIMEOUT_MS)
+    ctx.close()

@@ -71,6 +71,40 @@ def parse_subsets(items: list[str]) -> dict[str, str]:
     return out
 
 
+def parse_diversity_list(text: str | None) -> tuple:
+    """``"0,0.1,0.3,auto"`` -> ``(0.0, 0.1, 0.3, "auto")`` (each checked: a number in [0, 1] or auto)."""
+    from rerank.diversity import parse_diversity
+
+    if text is None:
+        return ()
+    return tuple(parse_diversity(v.strip(), what="--diversity") for v in text.split(",") if v.strip())
+
+
+#: ``--diversity-option`` keys (fields of rerank.diversity.DiversityConfig)
+DIVERSITY_OPTIONS = ("text_weight", "image_weight", "colour_weight", "auto_max", "qualifier_weight", "history_scale", "relevance_window")
+
+
+def parse_diversity_options(items: list[str], settings=None):
+    """``["auto_max=0.4"]`` -> a :class:`rerank.diversity.DiversityConfig` (the settings' weights and auto_max first)."""
+    from dataclasses import replace
+
+    from indexing.errors import ConfigError
+    from rerank.diversity import DiversityConfig
+
+    cfg = settings.diversity_config() if settings is not None and hasattr(settings, "diversity_config") else DiversityConfig()
+    kw: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in DIVERSITY_OPTIONS:
+            raise ConfigError(f"--diversity-option takes KEY=VALUE with KEY one of {', '.join(DIVERSITY_OPTIONS)}, got {item!r}")
+        try:
+            kw[key] = float(raw)
+        except ValueError:
+            raise ConfigError(f"--diversity-option {key}: a number, got {raw!r}") from None
+    return replace(cfg, **kw)
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
@@ -107,11 +141,20 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: when stderr is a terminal)."),
         engine: Optional[str] = typer.Option(None, "--engine", help="local | opensearch (default: FUSIONRANK_ENGINE). opensearch: the local "
                                              "evaluation index is copied into FUSIONRANK_OPENSEARCH_URL and every system searches there."),
+        diversity: Optional[str] = typer.Option(None, "--diversity", help="Score the fusion systems with the rerank call's diversity step at "
+                                                "these lambdas, e.g. 0,0.1,0.3,auto: one trade-off row per lambda (several: JSON by_diversity)."),
+        diversity_option: list[str] = typer.Option([], "--diversity-option", help="The diversity step's settings, KEY=VALUE (repeatable): "
+                                                   "text_weight, image_weight, colour_weight, auto_max, qualifier_weight, history_scale, relevance_window "
+                                                   "(default: FUSIONRANK_DIVERSITY_*)."),
+        attributes_catalog: Optional[Path] = typer.Option(None, "--attributes-catalog", help="Count distinct@10 (type, colour, brand) with "
+                                                          "this catalog's values instead of the index's (e.g. one with the colours the "
+                                                          "evaluated catalog withheld)."),
     ) -> None:
-        """Evaluate baselines on a catalog + queries + graded qrels (NDCG@10, MRR@10, Recall@100, judged@10)."""
+        """Evaluate baselines on a catalog + queries + graded qrels (NDCG@10, MRR@10, Recall@100, judged@10, and the
+        diversity of each top 10: ild@10, distinct@10 per attribute)."""
         from rerank.evaluation.harness import EvalRequest, evaluate
         from rerank.train import DatasetSpec
-        from rerank.evaluation.report import format_table, plot_ndcg
+        from rerank.evaluation.report import format_table, format_tradeoff, plot_ndcg, plot_tradeoff
         from workers.jobs import run_index_job
         from workers.settings import load_settings
 
@@ -148,6 +191,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             subsets=parse_subsets(subset),
             train_also=tuple(DatasetSpec.parse(d) for d in train_also),
             progress=show,
+            diversity=parse_diversity_list(diversity),
+            diversity_config=parse_diversity_options(diversity_option, settings),
+            attributes_catalog=attributes_catalog,
         )
 
         def indexer(engine, job):
@@ -169,10 +215,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             if search_engine is not None:
                 search_engine.close()
         if plot is not None:
-            plot_ndcg(report, plot)
+            (plot_tradeoff if report.by_diversity else plot_ndcg)(report, plot)
         if as_json:
             typer.echo(json.dumps(report.to_json()))
         else:
+            if report.by_diversity:
+                typer.echo(format_tradeoff(report))
+                typer.echo("")
             typer.echo(format_table(report))
             check = report.info.get("pipeline_fusion")
             if isinstance(check, dict):

@@ -40,6 +40,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         micro_batch: Optional[bool] = typer.Option(None, "--micro-batch/--no-micro-batch", help="Force the micro-batcher on/off (default: on for CUDA)."),
         as_json: bool = typer.Option(True, "--json/--no-json", help="Print one JSON object (the default)."),
         engine: Optional[str] = engine_opt.option(),
+        diversity: Optional[str] = typer.Option(None, "--diversity", help="The calls' diversity: a lambda in [0, 1] or auto "
+                                                "(default: FUSIONRANK_DIVERSITY); stages_p50_ms.mmr times the step."),
+        compare_diversity: bool = typer.Option(False, "--compare-diversity", help="Also time every request with diversity 0, "
+                                               "alternating, and report diversity_compare (p50 with, without, and the difference)."),
     ) -> None:
         """Rerank latency (query encoding, vector fetch, profile lookup, model) p50/p99 vs the cross-encoder p50."""
         from indexing.encoders import limit_threads, resolve_device
@@ -48,20 +52,24 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from rerank.reranker import Reranker
         from workers.settings import load_settings
 
+        from rerank.diversity import parse_diversity
+
+        div = parse_diversity(diversity, what="--diversity") if diversity is not None else None
         engine_name = engine_opt.use(engine)
         settings = load_settings(rerank_budget_ms=budget_ms)
         limit_threads(threads)  # torch, numpy's BLAS, and the onnx-int8 text encoder when it loads (below)
         served = Reranker.from_settings(settings)
         reranker = Reranker(served.engine, served.index, served.model, text_encoder=served.text_encoder, image_encoder=served.image_encoder,
                             history=served.history, budget_ms=budget_ms, micro_batch=micro_batch,
-                            stands_in_for=served.stands_in_for) if micro_batch is not None else served
+                            stands_in_for=served.stands_in_for, diversity=served.diversity,
+                            diversity_config=served.diversity_config) if micro_batch is not None else served
         queries, users = bench_inputs(settings, requests + warmup)
         device = resolve_device(settings.device)
         ce = None
         if ce_requests:
             ce = CrossEncoderModel.load(cross_encoder, device) if cross_encoder else CrossEncoderModel.from_base(device)
         res = bench_rerank(reranker, queries, users, candidates=candidates, requests=requests, warmup=warmup, cross_encoder=ce,
-                           ce_requests=ce_requests, progress=sys.stderr.isatty())
+                           ce_requests=ce_requests, progress=sys.stderr.isatty(), diversity=div, compare_diversity=compare_diversity)
         res.update({"threads": threads, "device": device, "engine": settings.engine, "cross_encoder_trained": cross_encoder is not None,
                     "note": "users are simulated shoppers (fashion benchmark); each call encodes the query, fetches 100 candidates' vectors and the user's profile"})
         res = {"engine": engine_name, **res}

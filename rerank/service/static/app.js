@@ -7,7 +7,7 @@
   const $ = (id) => document.getElementById(id);
   const els = {
     keyForm: $("key-form"), key: $("api-key"), form: $("search-form"), query: $("query"), shopper: $("shopper"),
-    size: $("size"), image: $("image"), preview: $("image-preview"), thumb: $("image-thumb"), clearImage: $("clear-image"),
+    size: $("size"), diversity: $("diversity"), diversityNote: $("diversity-note"), image: $("image"), preview: $("image-preview"), thumb: $("image-thumb"), clearImage: $("clear-image"),
     status: $("status"), degraded: $("degraded"), summary: $("summary"), results: $("results"), template: $("result-template"),
   };
   let queryImage = null; // base64 (no data: prefix) of the photo to search with
@@ -99,6 +99,7 @@
     if (!query && !queryImage) { setStatus("Type a query or choose a photo.", true); return; }
     const body = { query, size: Number(els.size.value) || 20 };
     if (els.shopper.value) body.user_id = els.shopper.value;
+    if (els.diversity.value) body.diversity = els.diversity.value === "auto" ? "auto" : Number(els.diversity.value);
     if (queryImage) body.image = queryImage;
     const seq = ++searchSeq;
     els.results.setAttribute("aria-busy", "true");
@@ -133,6 +134,9 @@
     const who = request.user_id ? `shopper ${request.user_id}` : "anonymous";
     const total = fr.timings_ms && typeof fr.timings_ms.total === "number" ? ` in ${fmt(fr.timings_ms.total, 1)} ms` : "";
     els.summary.textContent = `${hits.length} results for ${who}${total}` + (fr.model_version ? ` · model ${fr.model_version}` : "");
+    const div = fr.diversity || {};
+    els.diversityNote.textContent = typeof div.lambda === "number" ? `diversity λ ${fmt(div.lambda, 3)} — ${div.reason || ""}` : "";
+    els.results.dataset.diversity = typeof div.lambda === "number" ? String(div.lambda) : "";
     els.results.dataset.userId = request.user_id || "";
     els.results.dataset.query = request.query;
     els.results.replaceChildren(...hits.map(renderHit));
@@ -240,6 +244,10 @@
       e.dataset.productId = String(t.product_id);
       hist.append(e);
     }
+    const dv = ex.diversity || {};
+    panel.querySelector(".diversity").textContent = typeof dv.lambda === "number" && dv.lambda > 0
+      ? `λ ${fmt(dv.lambda, 3)}: #${dv.relevance_rank} by relevance` + (typeof dv.max_similarity === "number" ? `, similarity to the results above ${fmt(dv.max_similarity, 2)}` : "")
+      : "off: the model's order";
     const body = panel.querySelector(".first-stage tbody");
     const fs = ex.first_stage || {};
     for (const [name, s] of Object.entries(fs)) {
@@ -273,6 +281,7 @@
   });
   els.shopper.addEventListener("change", () => { if (els.query.value.trim() || queryImage) search(); });
   els.size.addEventListener("change", () => { if (els.query.value.trim() || queryImage) search(); });
+  els.diversity.addEventListener("change", () => { if (els.query.value.trim() || queryImage) search(); });
 
   try { els.key.value = localStorage.getItem(KEY_STORE) || ""; } catch (_) { /* storage disabled */ }
   loadShoppers();

@@ -6,7 +6,7 @@ ranking greedily; each next position goes to the candidate maximizing
 
     (1 - lambda) * relevance_i  -  lambda * max_{j placed above} similarity(i, j)
 
-where ``relevance`` is the model score rescaled per call (:func:`normalize_relevance`: the best 1, the median 0,
+where ``relevance`` is the model score rescaled per call (:func:`normalize_relevance`: the best 1, the score at the 30% mark 0,
 so lambda means the same for every model and query) and ``similarity`` combines the modalities
 (:func:`similarity_matrix`): the cosines of the candidates' text vectors, of their *aligned* photo vectors (the
 photo projected into the text space by the model's alignment) and, where the model reads them, of their photos'
@@ -104,22 +104,22 @@ class DiversityConfig:
     when the call does not say (the rerank call's ``top_k``, ``search``'s ``size``); the rest follow in relevance
     order (None: all; each position costs a pass over the candidates). ``pool``: only the best ``pool`` candidates by
     relevance (at least ``depth``) take part; the others follow them in relevance order (None: all; the similarity
-    matrix costs the square of it). ``relevance_window``: see :func:`normalize_relevance` (0.5: the
-    best score is 1, the median 0; None: min-max over all the candidates).
+    matrix costs the square of it). ``relevance_window``: see :func:`normalize_relevance` (0.3: the
+    best score is 1, the score at the 30% mark 0; None: min-max over all the candidates).
 
-    The defaults were chosen on the fashion benchmark's dev shoppers (README, *Diversity*): min-max relevance over all
-    candidates let MMR pull other product types into a retrieved top 10 (NDCG@10 -0.03 at lambda 0.8), the median
-    window kept that to -0.006; the colour descriptors made the most of a lambda (distinct colours +64% against +44%
-    without them at 0.8, rerank mode)."""
+    The defaults were chosen on the fashion benchmark's dev simulated shoppers (``docs/benchmarks.md``, *Diversity*):
+    min-max relevance over all candidates let MMR pull other product types into a retrieved top 10 (NDCG@10 -0.03 at
+    lambda 0.8), the median window kept that to -0.007 and the 30% window to -0.002; the colour descriptors made the
+    most of a lambda."""
 
     text_weight: float = 0.5
     image_weight: float = 0.5
-    colour_weight: float = 0.5
-    auto_max: float = 0.85
+    colour_weight: float = 0.75
+    auto_max: float = 0.9
     qualifier_weight: float = 3.0
     history_scale: float = 2.0
     depth: int | None = 30
-    relevance_window: float | None = 0.5
+    relevance_window: float | None = 0.3
     pool: int | None = None
 
     def __post_init__(self) -> None:

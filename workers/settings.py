@@ -92,9 +92,9 @@ class Settings(BaseSettings):
         default_factory=dict, description='per-index defaults over `diversity`, JSON: {"products": "auto", "products-b": 0.2}')
     diversity_text_weight: float = Field(0.5, ge=0, description="weight of the text-vector cosine in the diversity step's similarity")
     diversity_image_weight: float = Field(0.5, ge=0, description="weight of the aligned-photo cosine in the diversity step's similarity")
-    diversity_colour_weight: float = Field(0.5, ge=0, description="weight of the photos' pixel colour descriptors (image_colour, where "
+    diversity_colour_weight: float = Field(0.75, ge=0, description="weight of the photos' pixel colour descriptors (image_colour, where "
                                                                   "fetched for the model's colour head) in the diversity step's similarity")
-    diversity_auto_max: float = Field(0.85, ge=0, le=1, description="the lambda of diversity=auto for a vague query from a shopper without history")
+    diversity_auto_max: float = Field(0.9, ge=0, le=1, description="the lambda of diversity=auto for a vague query from a shopper without history")
     doc_cache_prefill: bool = Field(False, description="OpenSearch: read the index's documents (vectors and the fields the model "
                                     "reads) into the rerank call's document cache at start-up, up to its size (50,000), so that "
                                     "the first calls meeting a product do not fetch its vectors as JSON")

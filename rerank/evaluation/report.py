@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from indexing.errors import ConfigError, MissingDependencyError
 from rerank.evaluation.harness import EvalReport
@@ -149,12 +150,7 @@ def plot_tradeoff(report: EvalReport, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{report.dataset} — diversity trade-off, {report.mode} mode, {report.split} split, {report.queries} queries", fontsize=10)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    log.info("wrote %s", out)
-    return out
+    return _save(plt, fig, out)
 
 
 def _pyplot():
@@ -168,6 +164,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt: Any, fig: Any, out: Path) -> Path:
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    log.info("wrote %s", out)
+    return out
+
+
 def _png(path: str | Path) -> Path:
     out = Path(path)
     if out.suffix.lower() != ".png":
@@ -177,18 +182,10 @@ def _png(path: str | Path) -> Path:
 
 def plot_ndcg(report: EvalReport, path: str | Path) -> Path:
     """Horizontal bar chart of NDCG@10 per system (best on top), saved as PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # pragma: no cover - installed with the project
-        raise MissingDependencyError("--plot needs matplotlib: pip install matplotlib") from e
     if not report.systems:
         raise ConfigError("nothing to plot: no system produced results")
-    out = Path(path)
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"--plot writes a PNG file, got {out.name!r}")
+    out = _png(path)
+    plt = _pyplot()
     rows = sorted(report.systems.values(), key=lambda r: (r.metrics.get("ndcg@10", 0.0), r.name))
     names = [r.name for r in rows]
     vals = [r.metrics.get("ndcg@10", 0.0) for r in rows]
@@ -203,12 +200,7 @@ def plot_ndcg(report: EvalReport, path: str | Path) -> Path:
     ax.set_xlabel("NDCG@10 (gain 2^g - 1)")
     ax.set_title(f"{report.dataset} — {report.mode} mode, {report.split} split, {report.queries} queries", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    log.info("wrote %s", out)
-    return out
+    return _save(plt, fig, out)
 
 
 __all__ = ["format_table", "format_tradeoff", "plot_ndcg", "plot_tradeoff"]

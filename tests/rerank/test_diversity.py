@@ -129,10 +129,14 @@ def test_lambda_zero_is_the_model_order_and_near_duplicates_are_spread():
     assert list(diversify(rel, 0.0, text=vecs, config=minmax).order) == [0, 1, 2, 3, 4]
     # three copies on top: with some diversity the best of the other kind moves up to second
     assert list(diversify(rel, 0.5, text=vecs, config=minmax).order)[:3] == [0, 3, 1]
-    # the default window measures relevance against the median: the other kind sits far below it here, so the same
-    # lambda keeps the copies; a closer call lets it up
-    assert list(diversify(rel, 0.5, text=vecs).order)[:3] == [0, 1, 2]
-    assert list(diversify(np.array([1.0, 0.99, 0.98, 0.975, 0.97]), 0.5, text=vecs).order)[:2] == [0, 3]
+    # a window measures relevance against the score at its mark (here the median): the other kind sits far below
+    # it, so the same lambda keeps the copies; a closer call lets it up
+    median = DiversityConfig(relevance_window=0.5)
+    assert list(diversify(rel, 0.5, text=vecs, config=median).order)[:3] == [0, 1, 2]
+    assert list(diversify(np.array([1.0, 0.99, 0.98, 0.975, 0.97]), 0.5, text=vecs, config=median).order)[:2] == [0, 3]
+    # the default window (the 30% mark: the second of five) spreads the same close scores wider: a copy stays second
+    assert list(diversify(np.array([1.0, 0.99, 0.98, 0.975, 0.97]), 0.5, text=vecs).order)[:2] == [0, 1]
+    assert list(diversify(np.array([1.0, 0.99, 0.98, 0.975, 0.97]), 0.9, text=vecs).order)[:2] == [0, 3]
     # ties in the MMR value go to the better-ranked candidate
     assert list(mmr(np.ones(3), np.zeros((3, 3)), 0.5).order) == [0, 1, 2]
 
@@ -262,4 +266,4 @@ def test_settings_diversity_default_per_index_and_weights(monkeypatch):
     with pytest.raises(ConfigError, match="products"):
         load_settings()
     monkeypatch.delenv("FUSIONRANK_DIVERSITY_BY_INDEX")
-    assert load_settings().diversity == 0.0 and math.isclose(load_settings().diversity_config().auto_max, 0.85)
+    assert load_settings().diversity == 0.0 and math.isclose(load_settings().diversity_config().auto_max, 0.9)

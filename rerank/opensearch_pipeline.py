@@ -234,6 +234,47 @@ def rerank_pipeline_body(
     return body
 
 
+# --------------------------------------------------------------------------- fusionrank's own processor (plugin)
+#: the search response processor of fusionrank's OpenSearch plugin (``rerank/opensearch_plugin``)
+PLUGIN_PROCESSOR = "fusionrank_rerank"
+DEFAULT_BUDGET_MS = 50
+
+
+def fusionrank_processor(service_url: str, api_key: str | None, *, budget_ms: int = DEFAULT_BUDGET_MS, tag: str = "fusionrank") -> dict[str, Any]:
+    """One ``fusionrank_rerank`` response processor (the plugin's): it posts the query, ``ext.fusionrank.user_id``
+    and every hit's id and score to ``{service_url}/rerank`` and fails open (first-stage order, the reason in
+    ``ext.fusionrank.degraded``) past ``budget_ms`` or on any failure. ``api_key`` (None: a service without auth)
+    is stored in the pipeline and sent as ``X-API-Key``."""
+    url = service_base_url(service_url)
+    if isinstance(budget_ms, bool) or not isinstance(budget_ms, int) or not 1 <= budget_ms <= 60_000:
+        raise ConfigError(f"budget_ms must be an integer from 1 to 60000, got {budget_ms!r}")
+    body: dict[str, Any] = {"tag": tag, "description": "rerank the hits with the fusionrank service (shopper, photos, first-stage scores)",
+                            "service_url": url, "budget_ms": budget_ms}
+    if api_key:
+        body["api_key"] = api_key
+    return {PLUGIN_PROCESSOR: body}
+
+
+def fusionrank_pipeline_body(
+    service_url: str,
+    api_key: str | None,
+    *,
+    first_stage: FirstStage = "min-max",
+    weights: Mapping[str, float] | None = None,
+    has_image: bool = False,
+    budget_ms: int = DEFAULT_BUDGET_MS,
+    description: str | None = None,
+    opensearch_version: str = DEFAULT_OPENSEARCH_VERSION,
+) -> dict[str, Any]:
+    """``PUT /_search/pipeline/<name>`` body for the plugin path: the hybrid first stage's phase-results processor
+    (as :func:`rerank_pipeline_body`; ``none``: any query, no hybrid) + the ``fusionrank_rerank`` processor."""
+    body = rerank_pipeline_body("unused", first_stage=first_stage, weights=weights, has_image=has_image,
+                                description=description or f"fusionrank: {first_stage} first stage, then the fusionrank model (plugin)",
+                                opensearch_version=opensearch_version)
+    body["response_processors"] = [fusionrank_processor(service_url, api_key, budget_ms=budget_ms)]
+    return body
+
+
 def rerank_search_body(
     query: str,
     *,

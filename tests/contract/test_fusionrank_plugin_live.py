@@ -1,0 +1,189 @@
+"""fusionrank's own OpenSearch plugin on the real node (marked ``opensearch``): the ``fusionrank_rerank`` search
+response processor (``rerank/opensearch_plugin``, loaded as a bundle by ``workers/devnode.py``) calling the real
+service (``tests/service/world.py``'s world, served by uvicorn in this process, where the node reaches it).
+
+The node's index holds the world's products (documents and vectors as the service's own index has them), so the
+first stage is the node's and the model's inputs are the service's; the order through the pipeline must be the
+order the Python drop-in call (``Reranker.rerank``) gives for the same query, user and first-stage hits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Iterator
+
+import pytest
+
+from indexing import fields as F
+from mappings import load_mapping
+from rerank import opensearch_bodies as B
+from rerank import opensearch_pipeline as P
+from tests.service.world import API_KEY, IMAGE_DIM, service_world  # noqa: F401  (the shared fixture)
+from workers.devnode import free_port
+
+pytestmark = [pytest.mark.opensearch, pytest.mark.slow]
+
+
+def serve_in_thread(app) -> tuple[str, Any]:
+    """Serve a FastAPI app with uvicorn on a free loopback port in a daemon thread; (url, server)."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    threading.Thread(target=server.run, name="live-service", daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the in-process service did not start"
+    return f"http://127.0.0.1:{port}", server
+
+
+@pytest.fixture(scope="module")
+def service_url(service_world) -> Iterator[str]:
+    from rerank.service.app import create_app
+
+    url, server = serve_in_thread(create_app(service_world.state()))
+    yield url
+    server.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def node_index(opensearch_node, service_world) -> Iterator[tuple[Any, str, list[str]]]:
+    """(engine, index, pipelines to delete): the world's products copied to the node, vectors included."""
+    eng = opensearch_node.engine()
+    index = f"fr-plugin-{uuid.uuid4().hex[:8]}"
+    eng.create_index(index, load_mapping("products-v1", text_dim=service_world.text.dim, image_dim=IMAGE_DIM,
+                                         hnsw_engine=opensearch_node.hnsw_engine))
+    lines = []
+    for d in service_world.engine.iter_documents(service_world.index):
+        lines += [{"index": {"_index": index, "_id": d[F.ID]}}, d]
+    assert not eng.client.bulk(body=lines, params={"refresh": "true"})["errors"]
+    pipelines: list[str] = []
+    yield eng, index, pipelines
+    for p in pipelines:
+        eng.client.transport.perform_request("DELETE", f"/_search/pipeline/{p}")
+    eng.delete_index(index)
+    eng.close()
+
+
+def _pipeline(eng, pipelines: list[str], body: dict) -> str:
+    name = f"fr-plugin-{uuid.uuid4().hex[:8]}"
+    eng.client.transport.perform_request("PUT", f"/_search/pipeline/{name}", body=body)
+    pipelines.append(name)
+    return name
+
+
+def _search(eng, index, body, pipeline=None) -> dict:
+    params = {"search_pipeline": pipeline} if pipeline else {}
+    return eng.client.transport.perform_request("POST", f"/{index}/_search", params=params, body=body)
+
+
+def _ids(resp) -> list[str]:
+    return [h["_id"] for h in resp["hits"]["hits"]]
+
+
+QUERY = "black leather shoes"
+SOURCE = [F.ID, F.TITLE, F.COLOUR, F.PRICE]
+
+
+def test_the_plugin_is_loaded(node_index):
+    eng, _, _ = node_index
+    names = {p["component"] for p in eng.client.transport.perform_request("GET", "/_cat/plugins", params={"format": "json"})}
+    assert "fusionrank" in names
+
+
+def test_a_personalized_search_through_the_pipeline_is_the_drop_in_order(node_index, service_url, service_world):
+    eng, index, pipelines = node_index
+    name = _pipeline(eng, pipelines, P.fusionrank_pipeline_body(service_url, API_KEY, first_stage="none", budget_ms=10_000))
+    plain = _search(eng, index, {"query": {"match": {F.TITLE: QUERY}}, "size": 12, "_source": SOURCE})
+    assert len(plain["hits"]["hits"]) >= 5
+    body = {"query": {"match": {F.TITLE: QUERY}}, "size": 12, "_source": SOURCE, "ext": {"fusionrank": {"user_id": "u1"}}}
+    resp = _search(eng, index, body, name)
+
+    want = service_world.reranker.rerank(QUERY, plain, user_id="u1")
+    assert want["fusionrank"]["degraded"] is None
+    assert _ids(resp) == _ids(want)
+    cold = service_world.reranker.rerank(QUERY, plain)
+    # this small untrained model keeps the order with or without the history, but not the scores: the user id
+    # reached the model when the pipeline's scores are u1's and not the cold start's
+    cold_scores = {h["_id"]: h["_score"] for h in cold["hits"]["hits"]}
+    assert any(abs(h["_score"] - cold_scores[h["_id"]]) > 1e-4 for h in want["hits"]["hits"]), "u1's history changes the scores"
+
+    status = resp["ext"]["fusionrank"]
+    assert status["reranked"] is True and status["degraded"] is None and status["model_version"] == service_world.artifact.version
+    by_id = {h["_id"]: (r, h) for r, h in enumerate(plain["hits"]["hits"], 1)}
+    for got, exp in zip(resp["hits"]["hits"], want["hits"]["hits"]):
+        assert got["_score"] == pytest.approx(exp["_score"], rel=1e-5, abs=1e-6)
+        rank, first = by_id[got["_id"]]
+        assert got["_source"] == first["_source"], "the hit keeps its _source"
+        info = got["fields"]["fusionrank"][0]
+        assert info["previous_score"] == pytest.approx(first["_score"], rel=1e-6) and info["previous_rank"] == rank
+        assert set(info["explanation"]) == set(exp["_explanation"]) - {"first_stage"}
+    assert resp["hits"]["max_score"] == pytest.approx(max(h["_score"] for h in resp["hits"]["hits"]))
+    assert resp["hits"]["total"] == plain["hits"]["total"]
+
+    # no user id: a cold start, the drop-in call's cold order
+    resp_cold = _search(eng, index, {k: v for k, v in body.items() if k != "ext"}, name)
+    assert _ids(resp_cold) == _ids(cold) and resp_cold["ext"]["fusionrank"]["reranked"] is True
+    assert [h["_score"] for h in resp_cold["hits"]["hits"]] == pytest.approx([h["_score"] for h in cold["hits"]["hits"]], rel=1e-5, abs=1e-6)
+    # the query text can be given apart from the query (here: the query has none)
+    resp_all = _search(eng, index, {"query": {"match_all": {}}, "size": 12, "ext": {"fusionrank": {"user_id": "u1", "query_text": QUERY}}}, name)
+    plain_all = _search(eng, index, {"query": {"match_all": {}}, "size": 12})
+    assert _ids(resp_all) == _ids(service_world.reranker.rerank(QUERY, plain_all, user_id="u1"))
+
+
+def test_bad_ext_is_refused_with_the_key_named(node_index, service_url):
+    eng, index, pipelines = node_index
+    name = _pipeline(eng, pipelines, P.fusionrank_pipeline_body(service_url, API_KEY, first_stage="none"))
+    with pytest.raises(Exception, match=r"unknown key \[user\]; valid: query_text, user_id"):
+        _search(eng, index, {"query": {"match": {F.TITLE: QUERY}}, "ext": {"fusionrank": {"user": "u1"}}}, name)
+
+
+@pytest.mark.parametrize("case", ["wrong key", "service down", "over budget", "no query text"])
+def test_the_search_fails_open_and_says_why(node_index, service_url, case, caplog):
+    eng, index, pipelines = node_index
+    url, key, budget = service_url, API_KEY, 10_000
+    if case == "wrong key":
+        key = "wrong-key-that-must-not-show-0042"
+    elif case == "service down":
+        url = f"http://127.0.0.1:{free_port()}"
+    elif case == "over budget":
+        budget = 1
+    name = _pipeline(eng, pipelines, P.fusionrank_pipeline_body(url, key, first_stage="none", budget_ms=budget))
+    query = {"match_all": {}} if case == "no query text" else {"match": {F.TITLE: QUERY}}
+    plain = _search(eng, index, {"query": query, "size": 12, "_source": SOURCE})
+    with caplog.at_level(logging.WARNING, logger="rerank.service.auth"):
+        resp = _search(eng, index, {"query": query, "size": 12, "_source": SOURCE, "ext": {"fusionrank": {"user_id": "u1"}}}, name)
+    assert _ids(resp) == _ids(plain)
+    assert [h["_score"] for h in resp["hits"]["hits"]] == [h["_score"] for h in plain["hits"]["hits"]]
+    assert [h["_source"] for h in resp["hits"]["hits"]] == [h["_source"] for h in plain["hits"]["hits"]]
+    status = resp["ext"]["fusionrank"]
+    assert status["reranked"] is False
+    expected = {"wrong key": "the service refused the pipeline's API key (HTTP 401)", "service down": "service unreachable",
+                "over budget": "timeout", "no query text": "no query text"}[case]
+    assert status["degraded"].startswith(expected), status
+    assert "wrong-key-that-must-not-show" not in json.dumps(resp)
+    if case == "wrong key":
+        refused = [r.getMessage() for r in caplog.records if r.name == "rerank.service.auth"]
+        assert any("refused POST /rerank" in m and "an invalid API key" in m for m in refused), refused
+        assert not any("wrong-key-that-must-not-show" in r.getMessage() for r in caplog.records)
+
+
+def test_the_hybrid_first_stage_then_the_model_in_one_request(node_index, service_url, service_world):
+    eng, index, pipelines = node_index
+    fused = _pipeline(eng, pipelines, P.fusionrank_pipeline_body(service_url, API_KEY, first_stage="min-max", budget_ms=10_000))
+    first_only = _pipeline(eng, pipelines, B.normalization_pipeline_body())
+    q = service_world.text.encode([QUERY])[0]
+    search = B.hybrid_search_body(QUERY, text_vector=q, size=12, per_list=12, source=SOURCE)
+    plain = _search(eng, index, search, first_only)
+    assert len(plain["hits"]["hits"]) == 12, "the kNN list brings every product"
+    resp = _search(eng, index, {**search, "ext": {"fusionrank": {"user_id": "u1"}}}, fused)
+    assert resp["ext"]["fusionrank"]["reranked"] is True
+    assert _ids(resp) == _ids(service_world.reranker.rerank(QUERY, plain, user_id="u1"))
+    prev = {h["_id"]: h["_score"] for h in plain["hits"]["hits"]}
+    assert all(h["fields"]["fusionrank"][0]["previous_score"] == pytest.approx(prev[h["_id"]], rel=1e-6) for h in resp["hits"]["hits"]), \
+        "the processor saw the normalized hybrid scores"

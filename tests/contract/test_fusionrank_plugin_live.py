@@ -187,3 +187,97 @@ def test_the_hybrid_first_stage_then_the_model_in_one_request(node_index, servic
     prev = {h["_id"]: h["_score"] for h in plain["hits"]["hits"]}
     assert all(h["fields"]["fusionrank"][0]["previous_score"] == pytest.approx(prev[h["_id"]], rel=1e-6) for h in resp["hits"]["hits"]), \
         "the processor saw the normalized hybrid scores"
+
+
+# ----------------------------------------------------------------------------- the simulated shoppers
+SAMPLE_SEED = 23
+SAMPLE_SIZE = 24
+
+
+@pytest.fixture(scope="module")
+def shoppers(shared_data, opensearch_node, service_world, tmp_path_factory):
+    """A seeded sample of the simulated shoppers' personal queries (fashion bench, dev), with a world of their own:
+    the products they judged or touched, text-encoded into a LocalEngine (the service's index) and copied to the
+    node (the first stage); their events in a SQLite history store; a small untrained seeded model; the service
+    serving that reranker. Yields (engine, node index, pipeline, reranker, [(query, user)])."""
+    import csv
+    import random
+    from datetime import datetime, timezone
+
+    from indexing.engines import create_engine
+    from indexing.engines.base import BulkAction
+    from rerank.history import EngineVectorSource, HistoryStore, ProfileService
+    from rerank.history.store import upgrade
+    from rerank.reranker import Reranker
+    from rerank.service.app import create_app
+    from tests.service.world import untrained_artifact
+
+    dev = shared_data / "fashion" / "bench" / "dev"
+    rows = [line.rstrip("\n").split("\t") for line in open(dev / "personal_queries.tsv", encoding="utf-8")][1:]
+    sample = random.Random(SAMPLE_SEED).sample(rows, SAMPLE_SIZE)
+    qids, users = {r[0] for r in sample}, {r[2] for r in sample}
+    wanted = {line.split()[2] for line in open(dev / "personal_qrels.tsv", encoding="utf-8") if line.split()[0] in qids}
+    with open(dev / "events.csv", encoding="utf-8", newline="") as f:
+        events = [r for r in csv.DictReader(f) if r["user_id"] in users]
+    wanted |= {e["product_id"] for e in events}
+    with open(shared_data / "fashion" / "bench" / "catalog.csv", encoding="utf-8", newline="") as f:
+        products = [r for r in csv.DictReader(f) if r["product_id"] in wanted]
+
+    d = tmp_path_factory.mktemp("shoppers")
+    text = service_world.text
+    local = create_engine("local", path=d / "engine")
+    index = "products"
+    local.create_index(index, load_mapping("products-v1", text_dim=text.dim, image_dim=IMAGE_DIM))
+    vecs = text.encode([p["title"] for p in products])
+    docs = [{F.ID: p["product_id"], F.TITLE: p["title"], F.ARTICLE_TYPE: p["article_type"], F.COLOUR: p["base_colour"],
+             F.GENDER: p["gender"], F.TEXT_VEC: v.tolist()} for p, v in zip(products, vecs)]
+    assert local.bulk(index, [BulkAction.index(doc[F.ID], doc) for doc in docs]).ok
+    local.refresh(index)
+    url = f"sqlite:///{d / 'history.sqlite3'}"
+    upgrade(url)
+    store = HistoryStore(url)
+    store.insert_events([{"event_id": f"e{i}", "user_id": e["user_id"], "product_id": e["product_id"], "type": e["event"],
+                          "ts": datetime.fromtimestamp(int(e["timestamp"]), timezone.utc)} for i, e in enumerate(events)])
+    reranker = Reranker(local, index, untrained_artifact(d / "model", local, index, text), text_encoder=text,
+                        history=ProfileService(store, EngineVectorSource(local, index), ttl_s=600), budget_ms=10_000)
+    service, server = serve_in_thread(create_app(service_world.state(reranker=reranker, index_alias=index)))
+
+    eng = opensearch_node.engine()
+    node_index = f"fr-shoppers-{uuid.uuid4().hex[:8]}"
+    eng.create_index(node_index, load_mapping("products-v1", text_dim=text.dim, image_dim=IMAGE_DIM, hnsw_engine=opensearch_node.hnsw_engine))
+    lines = []
+    for doc in docs:
+        lines += [{"index": {"_index": node_index, "_id": doc[F.ID]}}, doc]
+    assert not eng.client.bulk(body=lines, params={"refresh": "true"})["errors"]
+    pipeline = f"fr-shoppers-{uuid.uuid4().hex[:8]}"
+    eng.client.transport.perform_request("PUT", f"/_search/pipeline/{pipeline}",
+                                         body=P.fusionrank_pipeline_body(service, API_KEY, first_stage="none", budget_ms=10_000))
+    yield eng, node_index, pipeline, reranker, [(r[1], r[2]) for r in sample]
+    server.should_exit = True
+    eng.client.transport.perform_request("DELETE", f"/_search/pipeline/{pipeline}")
+    eng.delete_index(node_index)
+    eng.close()
+    store.close()
+
+
+def test_the_shoppers_personal_queries_come_back_in_the_drop_in_order(shoppers):
+    """Every query of the seeded sample: the order through the node's pipeline == ``Reranker.rerank`` of the same
+    query, shopper and first-stage hits (the node's BM25 top 50)."""
+    eng, index, pipeline, reranker, sample = shoppers
+    with_history = 0
+    compared = 0
+    for query, user in sample:
+        body = eng.bm25_body(query, size=50, source=[F.ID, F.TITLE])
+        plain = _search(eng, index, body)
+        if not plain["hits"]["hits"]:
+            continue
+        want = reranker.rerank(query, plain, user_id=user)
+        assert want["fusionrank"]["degraded"] is None
+        got = _search(eng, index, {**body, "ext": {"fusionrank": {"user_id": user}}}, pipeline)
+        assert got["ext"]["fusionrank"]["reranked"] is True, (query, user, got["ext"])
+        assert _ids(got) == _ids(want), (query, user)
+        assert [h["_score"] for h in got["hits"]["hits"]] == pytest.approx([h["_score"] for h in want["hits"]["hits"]], rel=1e-5, abs=1e-6)
+        with_history += any(h["_explanation"].get("history_top") for h in want["hits"]["hits"])
+        compared += 1
+    assert compared >= SAMPLE_SIZE - 2, f"only {compared} of {SAMPLE_SIZE} queries had BM25 hits on the node"
+    assert with_history >= compared // 2, f"only {with_history} of {compared} queries read a shopper history"

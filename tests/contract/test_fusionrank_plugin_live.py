@@ -281,3 +281,15 @@ def test_the_shoppers_personal_queries_come_back_in_the_drop_in_order(shoppers):
         compared += 1
     assert compared >= SAMPLE_SIZE - 2, f"only {compared} of {SAMPLE_SIZE} queries had BM25 hits on the node"
     assert with_history >= compared // 2, f"only {with_history} of {compared} queries read a shopper history"
+
+
+def test_setup_pipeline_checks_the_plugin_on_the_node_and_creates_a_working_pipeline(node_index, service_url):
+    eng, index, pipelines = node_index
+    name = f"fr-plugin-{uuid.uuid4().hex[:8]}"
+    P.setup_plugin_pipeline(eng.client, P.PluginPipelineConfig(service_url=service_url, api_key=API_KEY, pipeline_name=name,
+                                                               first_stage="none", budget_ms=10_000))
+    pipelines.append(name)
+    stored = eng.client.transport.perform_request("GET", f"/_search/pipeline/{name}")[name]
+    assert stored["response_processors"][0]["fusionrank_rerank"]["budget_ms"] == 10_000
+    resp = _search(eng, index, {"query": {"match": {F.TITLE: QUERY}}, "ext": {"fusionrank": {"user_id": "u1"}}}, name)
+    assert resp["ext"]["fusionrank"]["reranked"] is True

@@ -55,9 +55,10 @@ interface ServiceClient {
         }
 
         private Reply send(final byte[] body, final int timeoutMs) throws IOException {
+            final long t0 = System.nanoTime();
             final HttpURLConnection c = (HttpURLConnection) url.openConnection();
             c.setConnectTimeout(Math.max(1, timeoutMs));
-            c.setReadTimeout(Math.max(1, timeoutMs));
+            c.setReadTimeout(Math.max(1, timeoutMs)); // applied to the socket by connect()
             c.setRequestMethod("POST");
             c.setDoOutput(true);
             c.setUseCaches(false);
@@ -66,6 +67,13 @@ interface ServiceClient {
             c.setRequestProperty("Accept", "application/json");
             if (apiKey != null) {
                 c.setRequestProperty("X-API-Key", apiKey);
+            }
+            c.connect(); // a pooled keep-alive connection: immediate
+            // a read timeout is per read and the socket's is set by connect(): a new connection can take up to the
+            // budget to connect and the budget again to answer; the processor discards an answer past the budget
+            if ((System.nanoTime() - t0) / 1_000_000L >= timeoutMs) {
+                c.disconnect();
+                throw new java.net.SocketTimeoutException("connecting took the whole budget");
             }
             try (OutputStream out = c.getOutputStream()) {
                 out.write(body);

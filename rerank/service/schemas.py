@@ -33,6 +33,7 @@ class FusionrankBlock(BaseModel):
     model_config = ConfigDict(extra="allow")
     degraded: Optional[str] = Field(None, description="null, or why the call failed open to the first-stage order")
     model_version: Optional[str] = None
+    unknown_ids: Optional[list[str]] = Field(None, description="/rerank: ids of given hits the index does not have (scored without vectors)")
 
 
 # ----------------------------------------------------------------------------- Cohere rerank (/v1/rerank)

@@ -33,7 +33,9 @@ import org.opensearch.search.pipeline.SearchResponseProcessor;
  * <p>Fail open, never fail the search: the whole call has a budget ({@code budget_ms}, default 50); past it,
  * or when the service is down, refuses the key, answers an error or an answer that is not the same hits, the
  * hits keep their first-stage order and scores. Either way the response carries {@code ext.fusionrank}:
- * {@code {"reranked": bool, "degraded": null|reason, "took_ms": n, "model_version": v}}.
+ * {@code {"reranked": bool, "degraded": null|reason, "took_ms": n, "model_version": v, "unknown_ids": [...]}}
+ * ({@code unknown_ids}: hits the service's index does not have, scored from their first-stage score alone; each
+ * such hit's {@code fields.fusionrank[0].unknown} is true).
  *
  * <p>Configuration: {@code service_url} (required, http or https), {@code api_key} (optional; sent as
  * {@code X-API-Key}, never logged nor shown), {@code budget_ms} (1..60000, default 50).
@@ -93,6 +95,7 @@ public final class FusionrankRerankProcessor extends AbstractProcessor implement
         status.put("degraded", degraded);
         status.put("took_ms", Math.round((System.nanoTime() - t0) / 1e5) / 10.0);
         status.put("model_version", answer == null ? null : answer.modelVersion());
+        status.put("unknown_ids", answer == null ? List.of() : answer.unknownIds());
         return rebuilt(response, answer == null ? null : apply(hits, answer), new FusionrankExt(status));
     }
 
@@ -152,6 +155,7 @@ public final class FusionrankRerankProcessor extends AbstractProcessor implement
         for (int i = 0; i < hits.length; i++) {
             rank.put(hits[i].getId(), i);
         }
+        final java.util.Set<String> unknown = new java.util.HashSet<>(answer.unknownIds());
         final SearchHit[] out = new SearchHit[hits.length];
         int r = 0;
         for (final Protocol.Ranked ranked : answer.order()) {
@@ -160,6 +164,7 @@ public final class FusionrankRerankProcessor extends AbstractProcessor implement
             final Map<String, Object> info = new LinkedHashMap<>();
             info.put("previous_score", h.getScore());
             info.put("previous_rank", i + 1);
+            info.put("unknown", unknown.contains(ranked.id()));
             info.put("explanation", Protocol.compact(ranked.explanation()));
             h.score(ranked.score());
             h.setDocumentField(HIT_FIELD, new DocumentField(HIT_FIELD, List.of(info)));

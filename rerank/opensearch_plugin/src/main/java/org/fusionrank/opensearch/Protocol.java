@@ -24,7 +24,8 @@ import org.opensearch.search.SearchHit;
  * in first-stage order. The service reads each product's vectors and fields from its own index by id.
  *
  * <p>Answer: {@code {"hits": {"hits": [{"_id", "_score", "_previous_score", "_explanation"}, ...]},
- * "fusionrank": {"degraded": null|reason, "model_version": v}}}: the same ids in the new order.
+ * "fusionrank": {"degraded": null|reason, "model_version": v, "unknown_ids": [...]}}}: the same ids in the new order;
+ * {@code unknown_ids}: those the service's index does not have (scored from their first-stage score alone).
  */
 final class Protocol {
 
@@ -34,7 +35,7 @@ final class Protocol {
     record Ranked(String id, float score, Map<String, Object> explanation) {}
 
     /** A checked answer: the new order, and the service's own fail-open reason (null when it reranked). */
-    record Answer(List<Ranked> order, String serviceDegraded, String modelVersion) {}
+    record Answer(List<Ranked> order, String serviceDegraded, String modelVersion, List<String> unknownIds) {}
 
     static final class BadAnswer extends Exception {
         BadAnswer(final String message) {
@@ -101,11 +102,19 @@ final class Protocol {
         }
         String degraded = null;
         String version = null;
+        final List<String> unknown = new ArrayList<>();
         if (root.get("fusionrank") instanceof Map<?, ?> fr) {
             degraded = fr.get("degraded") instanceof String d ? d : null;
             version = fr.get("model_version") instanceof String v ? v : null;
+            if (fr.get("unknown_ids") instanceof List<?> ids) {
+                for (final Object o : ids) {
+                    if (o instanceof String s && want.contains(s)) {
+                        unknown.add(s);
+                    }
+                }
+            }
         }
-        return new Answer(order, degraded, version);
+        return new Answer(order, degraded, version, unknown);
     }
 
     /** The explanation a hit carries back: the model's own parts, lists cut to their first 3 items; the

@@ -145,7 +145,7 @@ class FusionrankRerankProcessorTests {
         + "{\"_id\":\"c\",\"_score\":0.9,\"_previous_score\":1.0,\"_explanation\":{\"gates\":{\"text\":0.7,\"image\":0.3},"
         + "\"history_top\":[1,2,3,4,5],\"first_stage\":{\"bm25\":1.0}}},"
         + "{\"_id\":\"a\",\"_score\":0.5,\"_explanation\":{}},{\"_id\":\"b\",\"_score\":-0.25}],\"max_score\":0.9},"
-        + "\"fusionrank\":{\"degraded\":null,\"model_version\":\"m-1\"}}";
+        + "\"fusionrank\":{\"degraded\":null,\"model_version\":\"m-1\",\"unknown_ids\":[\"b\",\"zz\"]}}";
 
     @Test
     @SuppressWarnings("unchecked")
@@ -162,6 +162,9 @@ class FusionrankRerankProcessorTests {
         final Map<String, Object> info = ((List<Map<String, Object>>) ((Map<String, Object>) hs.get(0).get("fields")).get("fusionrank")).get(0);
         assertEquals(1.0, ((Number) info.get("previous_score")).doubleValue(), 1e-6);
         assertEquals(3, info.get("previous_rank"));
+        assertEquals(false, info.get("unknown"));
+        final Map<String, Object> infoB = ((List<Map<String, Object>>) ((Map<String, Object>) hs.get(2).get("fields")).get("fusionrank")).get(0);
+        assertEquals(true, infoB.get("unknown"), "b is flagged as unknown to the service");
         final Map<String, Object> ex = (Map<String, Object>) info.get("explanation");
         assertEquals(List.of(1, 2, 3), ex.get("history_top"), "lists are cut to 3");
         assertFalse(ex.containsKey("first_stage"));
@@ -169,6 +172,7 @@ class FusionrankRerankProcessorTests {
         assertEquals(true, st.get("reranked"));
         assertNull(st.get("degraded"));
         assertEquals("m-1", st.get("model_version"));
+        assertEquals(List.of("b"), st.get("unknown_ids"), "only ids that were sent");
 
         final Map<String, Object> sent = lastRequest.get();
         assertEquals("black running shoes", sent.get("query"), "the query text is taken from the match query");
@@ -194,6 +198,7 @@ class FusionrankRerankProcessorTests {
         assertEquals(Map.of("title", "product a"), hits(out).get(0).get("_source"));
         final Map<String, Object> st = status(out);
         assertEquals(false, st.get("reranked"));
+        assertEquals(List.of(), st.get("unknown_ids"));
         final String reason = (String) st.get("degraded");
         assertTrue(reason != null && reason.startsWith(reasonStart), "reason: " + reason);
         assertFalse(reason.contains(KEY), "the key is never shown");

@@ -306,3 +306,21 @@ def test_setup_pipeline_checks_the_plugin_on_the_node_and_creates_a_working_pipe
     assert stored["response_processors"][0]["fusionrank_rerank"]["budget_ms"] == 10_000
     resp = _search(eng, index, {"query": {"match": {F.TITLE: QUERY}}, "ext": {"fusionrank": {"user_id": "u1"}}}, name)
     assert resp["ext"]["fusionrank"]["reranked"] is True
+
+
+def test_bench_serve_via_opensearch_on_tiny_numbers(opensearch_node):
+    """The bench's JSON shape, on the session's node (the plugin is loaded there) with a tiny synthetic world."""
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "serve", "--via-opensearch", "--opensearch-url", opensearch_node.url, "--synthetic-size", "100",
+                                 "--requests", "6", "--candidates", "10", "--budget-ms", "5000", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert set(out["levels"]) == {"1", "8"}
+    for level in out["levels"].values():
+        assert {"pipeline_p50_ms", "pipeline_p99_ms", "plain_p50_ms", "plain_p99_ms"} <= set(level)
+        assert 0 < level["plain_p50_ms"] <= level["plain_p99_ms"] and 0 < level["pipeline_p50_ms"] <= level["pipeline_p99_ms"]
+        assert 0 <= level["pipeline_degraded"] <= 6
+    assert out["budget_ms"] == 5000 and out["candidates"] == 10

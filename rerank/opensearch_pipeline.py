@@ -234,6 +234,47 @@ def rerank_pipeline_body(
     return body
 
 
+# --------------------------------------------------------------------------- fusionrank's own processor (plugin)
+#: the search response processor of fusionrank's OpenSearch plugin (``rerank/opensearch_plugin``)
+PLUGIN_PROCESSOR = "fusionrank_rerank"
+DEFAULT_BUDGET_MS = 50
+
+
+def fusionrank_processor(service_url: str, api_key: str | None, *, budget_ms: int = DEFAULT_BUDGET_MS, tag: str = "fusionrank") -> dict[str, Any]:
+    """One ``fusionrank_rerank`` response processor (the plugin's): it posts the query, ``ext.fusionrank.user_id``
+    and every hit's id and score to ``{service_url}/rerank`` and fails open (first-stage order, the reason in
+    ``ext.fusionrank.degraded``) past ``budget_ms`` or on any failure. ``api_key`` (None: a service without auth)
+    is stored in the pipeline and sent as ``X-API-Key``."""
+    url = service_base_url(service_url)
+    if isinstance(budget_ms, bool) or not isinstance(budget_ms, int) or not 1 <= budget_ms <= 60_000:
+        raise ConfigError(f"budget_ms must be an integer from 1 to 60000, got {budget_ms!r}")
+    body: dict[str, Any] = {"tag": tag, "description": "rerank the hits with the fusionrank service (shopper, photos, first-stage scores)",
+                            "service_url": url, "budget_ms": budget_ms}
+    if api_key:
+        body["api_key"] = api_key
+    return {PLUGIN_PROCESSOR: body}
+
+
+def fusionrank_pipeline_body(
+    service_url: str,
+    api_key: str | None,
+    *,
+    first_stage: FirstStage = "min-max",
+    weights: Mapping[str, float] | None = None,
+    has_image: bool = False,
+    budget_ms: int = DEFAULT_BUDGET_MS,
+    description: str | None = None,
+    opensearch_version: str = DEFAULT_OPENSEARCH_VERSION,
+) -> dict[str, Any]:
+    """``PUT /_search/pipeline/<name>`` body for the plugin path: the hybrid first stage's phase-results processor
+    (as :func:`rerank_pipeline_body`; ``none``: any query, no hybrid) + the ``fusionrank_rerank`` processor."""
+    body = rerank_pipeline_body("unused", first_stage=first_stage, weights=weights, has_image=has_image,
+                                description=description or f"fusionrank: {first_stage} first stage, then the fusionrank model (plugin)",
+                                opensearch_version=opensearch_version)
+    body["response_processors"] = [fusionrank_processor(service_url, api_key, budget_ms=budget_ms)]
+    return body
+
+
 def rerank_search_body(
     query: str,
     *,
@@ -495,6 +536,61 @@ def setup_search_pipeline(
                          f"/<index>/_search?search_pipeline={config.pipeline_name}")
 
 
+# --------------------------------------------------------------------------- the plugin path
+PLUGIN_NAME = "fusionrank"
+
+
+@dataclass(frozen=True)
+class PluginPipelineConfig:
+    """What :func:`setup_plugin_pipeline` creates: one search pipeline whose ``fusionrank_rerank`` processor
+    (fusionrank's OpenSearch plugin) calls ``{service_url}/rerank``. ``api_key`` "" : a service without auth."""
+
+    service_url: str
+    api_key: str = field(default="", repr=False)
+    pipeline_name: str = DEFAULT_PIPELINE
+    first_stage: FirstStage = "min-max"
+    weights: Mapping[str, float] | None = None
+    has_image: bool = False
+    budget_ms: int = DEFAULT_BUDGET_MS
+    opensearch_version: str = DEFAULT_OPENSEARCH_VERSION
+
+    def body(self) -> dict[str, Any]:
+        return fusionrank_pipeline_body(self.service_url, self.api_key or None, first_stage=self.first_stage, weights=self.weights,
+                                        has_image=self.has_image, budget_ms=self.budget_ms, opensearch_version=self.opensearch_version)
+
+    def __post_init__(self) -> None:
+        _check_name(self.pipeline_name, "pipeline name")
+        self.body()  # fail early on a bad URL, budget, first stage or weights
+
+
+def plugin_planned_steps(config: PluginPipelineConfig) -> list[Step]:
+    """The requests of :func:`setup_plugin_pipeline` (``--dry-run``; print with :func:`redacted_steps`)."""
+    return [Step("check the fusionrank plugin", "GET", "/_nodes/plugins", "nodes.info"),
+            Step("create search pipeline", "PUT", pipeline_path(config.pipeline_name), "search_pipeline.put", config.body())]
+
+
+def nodes_without_plugin(nodes_info: Mapping[str, Any], plugin: str = PLUGIN_NAME) -> list[str]:
+    """Names of the nodes of a ``GET /_nodes/plugins`` answer that do not have ``plugin`` installed (pure)."""
+    nodes = nodes_info.get("nodes") if isinstance(nodes_info, Mapping) else None
+    if not isinstance(nodes, Mapping) or not nodes:
+        raise EngineError(f"the cluster's GET /_nodes/plugins answer lists no nodes: {str(nodes_info)[:300]}")
+    return [str(n.get("name", nid)) for nid, n in nodes.items() if plugin not in {p.get("name") for p in n.get("plugins", [])}]
+
+
+def setup_plugin_pipeline(client: Any, config: PluginPipelineConfig, *, display_url: str = "the cluster") -> PipelineSetup:
+    """Check that every node has fusionrank's plugin, then ``PUT`` the pipeline. EngineError names the step; a
+    node without the plugin is a ConfigError saying how to install it."""
+    send = _Sender(client, display_url, [config.api_key])
+    missing = nodes_without_plugin(send("check the fusionrank plugin", "GET", "/_nodes/plugins"))
+    if missing:
+        raise ConfigError(f"fusionrank's OpenSearch plugin is not installed on {len(missing)} node(s) ({', '.join(missing[:5])}): build it with "
+                          "`mvn -B package` in rerank/opensearch_plugin and install target/fusionrank-opensearch-*.zip on every node "
+                          "(bin/opensearch-plugin install file:///path/to/the.zip, then restart), or use --processor ml-rerank")
+    send("create search pipeline", "PUT", pipeline_path(config.pipeline_name), config.body())
+    log.info("search pipeline %s reranks with the fusionrank plugin's processor", config.pipeline_name)
+    return PipelineSetup(config.pipeline_name, "", None, None, None, None, (), f"/<index>/_search?search_pipeline={config.pipeline_name}")
+
+
 def _id(resp: Any, key: str, step: str) -> str:
     value = resp.get(key) if isinstance(resp, Mapping) else None
     if not isinstance(value, str) or not value:
@@ -504,6 +600,13 @@ def _id(resp: Any, key: str, step: str) -> str:
 
 __all__ = [
     "DEFAULT_DOCUMENT_FIELDS",
+    "PLUGIN_PROCESSOR",
+    "PluginPipelineConfig",
+    "fusionrank_pipeline_body",
+    "fusionrank_processor",
+    "nodes_without_plugin",
+    "plugin_planned_steps",
+    "setup_plugin_pipeline",
     "FIRST_STAGES",
     "PipelineConfig",
     "PipelineSetup",

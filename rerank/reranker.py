@@ -5,7 +5,8 @@
 * an OpenSearch response dict -> a **new** dict (the input is not mutated) with ``hits.hits``
   reordered, ``_score`` replaced by the model score, the old score kept as ``_previous_score``, an
   ``_explanation`` per hit, ``hits.max_score`` updated, and a top-level ``"fusionrank"`` block
-  (``degraded``: ``None`` or the reason, ``model_version``, ``timings_ms``);
+  (``degraded``: ``None`` or the reason, ``model_version``, ``timings_ms``, ``unknown_ids``: the hits' ids the
+  call looked up in the index and did not find, scored from their first-stage signals alone);
 * a list of hits (dicts with ``_id``/``_score`` or :class:`indexing.engines.base.Hit`) -> a
   :class:`RankedHits`; iterating it (or ``.items``) gives the same kind of objects as given, reordered
   (dict copies carrying ``_score``/``_previous_score``/``_explanation``; ``Hit`` objects with the new
@@ -444,7 +445,8 @@ class Reranker:
         diversity step for this call (a number in [0, 1] or ``"auto"``; None: the reranker's default)."""
         requested = self._check_diversity(diversity)
         text, inp, cands, docs = self._inputs(query, hits_or_opensearch_response, user_id, top_k, query_image)
-        ranked, degraded, timings, div = self._score(text, cands, docs, user_id, query_image, requested, top_k)
+        unknown: list[str] = []
+        ranked, degraded, timings, div = self._score(text, cands, docs, user_id, query_image, requested, top_k, unknown)
         if top_k is not None:
             ranked = ranked[:top_k]
         items = self._render(inp, ranked)
@@ -455,7 +457,7 @@ class Reranker:
             inner["max_score"] = max((h.score for h in ranked), default=None)
             resp["hits"] = inner
             resp["fusionrank"] = {"degraded": degraded, "reranker": self.name, "model_version": self._version(), "timings_ms": timings,
-                                  "diversity": div}
+                                  "diversity": div, "unknown_ids": unknown}
             return resp
         return RankedHits(tuple(ranked), degraded, timings, tuple(items), self._version(), div)
 
@@ -507,8 +509,11 @@ class Reranker:
         return parse_diversity(diversity), "request"
 
     def _score(self, text: str, cands: Sequence[Candidate], docs: dict[str, Mapping[str, Any]], user_id: str | None, query_image: Any,
-               requested: tuple[float | str, str] = (0.0, "default"), depth: int | None = None,
+               requested: tuple[float | str, str] = (0.0, "default"), depth: int | None = None, unknown: list[str] | None = None,
                ) -> tuple[list[RankedHit], str | None, dict[str, float], dict[str, Any]]:
+        """The new order (or the first-stage one when failing open) and the diversity block; ``unknown`` (when given)
+        receives the ids the call looked up in the index and did not find (scored from what the call has: the first
+        stage, no vectors)."""
         t0 = self.clock()
         timings: dict[str, float] = {}
         self._count("calls")
@@ -516,7 +521,7 @@ class Reranker:
         degraded = None
         if self.model is not None and cands:
             try:
-                scores, explain, req, all_docs = self._model_scores(text, cands, docs, user_id, query_image, t0, timings)
+                scores, explain, req, all_docs = self._model_scores(text, cands, docs, user_id, query_image, t0, timings, unknown)
                 out = self._diversified(text, cands, scores, explain, req, all_docs, query_image, requested, depth, t0, timings)
             except _Degrade as d:
                 degraded = d.reason
@@ -584,8 +589,8 @@ class Reranker:
         if spent > self.budget_ms:
             raise _Degrade(TIMEOUT, f"{spent:.1f} ms spent after stage {stage!r}, budget {self.budget_ms:g} ms")
 
-    def _model_scores(self, text, cands, docs, user_id, query_image, t0, timings):
-        req, docs = self._features(text, cands, docs, user_id, query_image, t0, timings)
+    def _model_scores(self, text, cands, docs, user_id, query_image, t0, timings, unknown=None):
+        req, docs = self._features(text, cands, docs, user_id, query_image, t0, timings, unknown)
         s = self.clock()
         try:
             scored = self._forward(req, t0)
@@ -614,7 +619,7 @@ class Reranker:
         except _Degrade as d:
             raise FusionRankError(f"the features of {query!r} could not be built ({d.reason}): {d.detail}") from d
 
-    def _features(self, text, cands, docs, user_id, query_image, t0, timings):
+    def _features(self, text, cands, docs, user_id, query_image, t0, timings, unknown=None):
         """The model inputs of one call (:class:`rerank.model_features.RequestFeatures`) and the candidates' documents
         with what was fetched: fetch, history and features, the query encoded on the encoder's thread meanwhile;
         ``_Degrade`` where the call fails open."""
@@ -651,6 +656,8 @@ class Reranker:
             except EngineError as e:
                 raise _Degrade(ENGINE_ERROR, f"fetching vectors of {len(need)} hits: {e}") from e
             docs = {**docs, **{i: {**(docs.get(i) or {}), **d} for i, d in fetched.items()}}
+            if unknown is not None:
+                unknown.extend(i for i in need if i not in fetched)
         self._check_budget(t0, "fetch", timings, s)
 
         s = self.clock()

@@ -16,6 +16,10 @@ job-scheduler, all at 2.19.1. Facts about that node a user of it needs:
   classpath already has are left out of it (OpenSearch's jar-hell check refuses duplicate classes), and
   neural-search's ``extended.plugins=opensearch-knn`` is dropped: its loader sees k-NN through the classpath.
 - No Java security manager runs (an embedded node does not install one).
+- fusionrank's own plugin (``rerank/opensearch_plugin``: the ``fusionrank_rerank`` search response processor)
+  loads as one more bundle, ``plugins/fusionrank``: its zip is built with Maven (``mvn -B -q package
+  -DskipTests``; its JUnit tests run with a plain ``mvn package`` in that folder) into a cache folder keyed by
+  the hash of its sources, then unpacked where the node loads bundles.
 
 The build (``mvn -B -q package``, about a minute the first time, then Maven's own cache) lands in a folder
 of the cache directory keyed by the hash of the pom and the launcher's source, so later runs, other clones
@@ -52,7 +56,10 @@ MAIN_CLASS = "org.fusionrank.node.DevNode"
 CLASSPATH_PLUGINS: dict[str, str] = {"opensearch-knn": "org.opensearch.knn.plugin.KNNPlugin"}
 #: plugins loaded as bundles from the node's plugins/ folder (their own class loaders), in dependency order
 BUNDLES: tuple[str, ...] = ("opensearch-job-scheduler", "opensearch-ml", "opensearch-neural-search")
-PLUGINS: tuple[str, ...] = (*CLASSPATH_PLUGINS, *BUNDLES)
+#: fusionrank's own plugin: a bundle built from this repository (rerank/opensearch_plugin), not from Maven Central
+OWN_PLUGIN = "fusionrank"
+PLUGIN_PROJECT = Path(__file__).resolve().parent.parent / "rerank" / "opensearch_plugin"
+PLUGINS: tuple[str, ...] = (*CLASSPATH_PLUGINS, *BUNDLES, OWN_PLUGIN)
 #: extended plugins a bundle's descriptor names that this node has on the classpath instead
 _ON_CLASSPATH = {"opensearch-knn"}
 _JAR = re.compile(r"(.+?)-(\d[\w.\-]*)\.jar$")
@@ -71,6 +78,49 @@ def build_key() -> str:
     for p in sorted([PROJECT / "pom.xml", *PROJECT.glob("src/**/*.java")]):
         h.update(p.relative_to(PROJECT).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def plugin_build_key() -> str:
+    """Hash of the fusionrank plugin's sources (pom, Java, descriptor, policy, assembly)."""
+    h = hashlib.sha256()
+    for p in sorted([PLUGIN_PROJECT / "pom.xml", *(f for f in PLUGIN_PROJECT.glob("src/main/**/*") if f.is_file())]):
+        h.update(p.relative_to(PLUGIN_PROJECT).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_plugin(*, mvn: str | None = None) -> Path:
+    """Build fusionrank's plugin zip (or reuse an earlier build) and return the folder it is unpacked in (what a
+    node's ``plugins/fusionrank`` holds: descriptor, security policy, jar)."""
+    out = _cache_root() / "opensearch-plugin" / f"{OPENSEARCH_VERSION}-{plugin_build_key()}"
+    if (out / "plugin-descriptor.properties").is_file():
+        return out
+    mvn = mvn or shutil.which("mvn")
+    if mvn is None:
+        raise ConfigError("fusionrank's OpenSearch plugin is built with Maven, and `mvn` is not on PATH (Debian: apt-get install maven)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        log.info("building fusionrank's OpenSearch plugin with Maven into %s", out)
+        cmd = [mvn, "-B", "-q", "-f", str(PLUGIN_PROJECT / "pom.xml"), f"-Dfusionrank.build={work / 'target'}", "-DskipTests", "package"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+            raise ConfigError(f"building fusionrank's OpenSearch plugin failed (mvn exit {proc.returncode}):\n{tail}")
+        zips = sorted((work / "target").glob("fusionrank-opensearch-*.zip"))
+        if len(zips) != 1:
+            raise ConfigError(f"building fusionrank's OpenSearch plugin made {len(zips)} zips in {work / 'target'}, expected 1")
+        import zipfile
+
+        with zipfile.ZipFile(zips[0]) as z:
+            z.extractall(work / "plugin")
+        try:
+            os.replace(work / "plugin", out)
+        except OSError:  # another process finished the same build first
+            if not (out / "plugin-descriptor.properties").is_file():
+                raise
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _version_tuple(v: str) -> tuple:
@@ -200,7 +250,7 @@ class DevNode:
 
 def java_command(build_dir: Path, home: Path, http_port: int, transport_port: int, *, host: str = "127.0.0.1",
                  heap: str = "1g", plugins: Sequence[str] = tuple(PLUGINS), settings: dict[str, str] | None = None,
-                 stop_on_stdin_eof: bool = False) -> list[str]:
+                 stop_on_stdin_eof: bool = False, plugin_dir: Path | None = None) -> list[str]:
     unknown = [p for p in plugins if p not in PLUGINS]
     if unknown:
         raise ConfigError(f"unknown OpenSearch plugin(s) {', '.join(unknown)}; valid: {', '.join(PLUGINS)}")
@@ -211,6 +261,10 @@ def java_command(build_dir: Path, home: Path, http_port: int, transport_port: in
     node_plugins.mkdir(parents=True)
     for b in (b for b in BUNDLES if b in plugins):
         shutil.copytree(build_dir / "bundles" / b, node_plugins / b, copy_function=_link_or_copy)
+    if OWN_PLUGIN in plugins:
+        if plugin_dir is None:
+            raise ConfigError(f"the {OWN_PLUGIN} plugin needs its built folder (build_plugin())")
+        shutil.copytree(plugin_dir, node_plugins / OWN_PLUGIN, copy_function=_link_or_copy)
     cmd = [shutil.which("java") or "java", f"-Xms{heap}", f"-Xmx{heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
            "-Dfile.encoding=UTF-8", "-Dlog4j2.formatMsgNoLookups=true", "-Djava.io.tmpdir=" + str(home / "tmp"),
            "-cp", classpath(build_dir), MAIN_CLASS, "--home", str(home), "--host", host,
@@ -240,13 +294,14 @@ def start(home: Path, *, http_port: int | None = None, host: str = "127.0.0.1", 
     ``detach=True`` (``dev-node``): a session of its own that outlives this process; stop it by pid.
     Raises :class:`EngineUnavailableError` with the end of the node's log when it does not come up."""
     build_dir = build()
+    plugin_dir = build_plugin() if OWN_PLUGIN in plugins else None
     home.mkdir(parents=True, exist_ok=True)
     (home / "tmp").mkdir(exist_ok=True)
     http_port = http_port or free_port(host)
     transport_port = free_port(host)
     log_path = home / "node.log"
     cmd = java_command(build_dir, home, http_port, transport_port, host=host, heap=heap, plugins=plugins,
-                       settings=settings, stop_on_stdin_eof=not detach)
+                       settings=settings, stop_on_stdin_eof=not detach, plugin_dir=plugin_dir)
     logf: IO[bytes] = open(log_path, "ab")
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL if detach else subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,

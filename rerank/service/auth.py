@@ -7,8 +7,11 @@ the admin key. With auth disabled (``fusionrank serve --no-auth``) both let ever
 from __future__ import annotations
 
 import hmac
+import logging
 
 from fastapi import HTTPException, Request
+
+log = logging.getLogger(__name__)
 
 HEADER_HINT = "send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'"
 
@@ -42,8 +45,16 @@ def _given_key(request: Request, what: str) -> str | None:
         return None
     given = presented_key(request)
     if given is None:
+        _log_refusal(request, f"no {what}")
         raise HTTPException(401, f"missing {what}: {HEADER_HINT}", headers={"WWW-Authenticate": "Bearer"})
     return given
+
+
+def _log_refusal(request: Request, what: str) -> None:
+    """One warning per refused request, naming the caller and what was wrong, never the key (e.g. a search pipeline
+    configured with a wrong ``api_key``: the cluster fails open, and this line is where the service says why)."""
+    client = request.client.host if request.client else "?"
+    log.warning("refused %s %s from %s: %s (the key itself is not logged)", request.method, request.url.path, client, what)
 
 
 # Both checks are ``async def`` FastAPI dependencies: they run on the event loop (header lookups and constant-time
@@ -55,6 +66,7 @@ async def require_key(request: Request) -> None:
     s = _state(request).settings
     ok = _matches(given, s.api_key) | _matches(given, s.admin_api_key)  # both compared: no early exit
     if not ok:
+        _log_refusal(request, "an invalid API key")
         raise HTTPException(401, "invalid API key (X-API-Key or Authorization: Bearer)", headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -68,6 +80,7 @@ async def require_admin_key(request: Request) -> None:
         _matches(given, st.settings.api_key)
         raise HTTPException(403, "admin endpoints are disabled: no admin key configured (FUSIONRANK_ADMIN_API_KEY)")
     if not _matches(given, admin):
+        _log_refusal(request, "a key that is not the admin key")
         raise HTTPException(401, "invalid admin API key: this endpoint needs the admin key (X-API-Key or Authorization: Bearer)",
                             headers={"WWW-Authenticate": "Bearer"})
 

@@ -55,6 +55,7 @@ class FusionrankBlock(BaseModel):
     diversity: Optional[dict[str, Any]] = Field(None, description="/rerank and /search: the diversity lambda that applied and why "
                                                                   "(lambda, requested, source, reason, applied; with auto: qualifiers, "
                                                                   "attributes, history_strength, history_events)")
+    unknown_ids: Optional[list[str]] = Field(None, description="/rerank: ids of given hits the index does not have (scored without vectors)")
 
 
 # ----------------------------------------------------------------------------- Cohere rerank (/v1/rerank)

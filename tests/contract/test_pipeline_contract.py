@@ -232,7 +232,7 @@ def cli(ml_server, monkeypatch):
 
 
 def test_cli_setup_pipeline_creates_everything_and_prints_the_ids(cli, ml_server, spec):
-    res = cli("--service-url", SERVICE, "--pipeline-name", "shop", "--document-field", F.TITLE, "--weights", '{"bm25": 0.3, "knn_text": 0.7}', "--json")
+    res = cli("--processor", "ml-rerank", "--service-url", SERVICE, "--pipeline-name", "shop", "--document-field", F.TITLE, "--weights", '{"bm25": 0.3, "knn_text": 0.7}', "--json")
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert out["connector_id"] in ml_server.connectors and out["model_id"] in ml_server.models and out["pipeline"] == "shop"
@@ -244,7 +244,7 @@ def test_cli_setup_pipeline_creates_everything_and_prints_the_ids(cli, ml_server
 
 
 def test_cli_dry_run_prints_valid_bodies_redacts_the_key_and_sends_nothing(cli, ml_server, spec, monkeypatch):
-    res = cli("--service-url", SERVICE, "--dry-run", "--no-fail-open")
+    res = cli("--processor", "ml-rerank", "--service-url", SERVICE, "--dry-run", "--no-fail-open")
     assert res.exit_code == 0, res.output
     steps = json.loads(res.output)
     assert [s["name"] for s in steps] == ["cluster settings", "create connector", "register model", "deploy model", "create search pipeline"]
@@ -255,16 +255,16 @@ def test_cli_dry_run_prints_valid_bodies_redacts_the_key_and_sends_nothing(cli, 
     assert steps[-1]["body"]["response_processors"][0]["rerank"]["ignore_failure"] is False
     assert ml_server.requests == []
     monkeypatch.delenv("FUSIONRANK_API_KEY")
-    assert cli("--service-url", SERVICE, "--dry-run").exit_code == 0  # the plan shows before a key exists
+    assert cli("--processor", "ml-rerank", "--service-url", SERVICE, "--dry-run").exit_code == 0  # the plan shows before a key exists
 
 
 def test_cli_without_an_api_key_is_a_clear_error(cli, ml_server, monkeypatch):
     from indexing.errors import ConfigError as CE
 
     monkeypatch.delenv("FUSIONRANK_API_KEY")
-    res = cli("--service-url", SERVICE)
+    res = cli("--processor", "ml-rerank", "--service-url", SERVICE)
     assert isinstance(res.exception, CE) and "FUSIONRANK_API_KEY" in str(res.exception) and ml_server.requests == []
-    res = cli("--service-url", SERVICE, "--api-key-env", "FR_TEST_UNSET_KEY_VAR")
+    res = cli("--processor", "ml-rerank", "--service-url", SERVICE, "--api-key-env", "FR_TEST_UNSET_KEY_VAR")
     assert isinstance(res.exception, CE) and "FR_TEST_UNSET_KEY_VAR" in str(res.exception)
 
 

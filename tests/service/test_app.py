@@ -180,6 +180,17 @@ def test_rerank_keeps_the_opensearch_response_shape(client, service_world):
     assert [h["_id"] for h in top["hits"]["hits"]] == [h["_id"] for h in hits[:2]]
 
 
+def test_rerank_flags_ids_the_index_does_not_have(client):
+    """An unknown product id is scored from what the call has (its first-stage score, no vectors) and named in
+    ``fusionrank.unknown_ids`` (what the OpenSearch plugin passes on)."""
+    hits = [{"_id": "p0", "_score": 2.0}, {"_id": "gone-42", "_score": 1.5}, {"_id": "p7", "_score": 1.0}]
+    out = client.post("/rerank", json={"query": "black shoes", "hits": hits, "user_id": "u1"}, headers=H).json()
+    assert out["fusionrank"]["degraded"] is None and out["fusionrank"]["unknown_ids"] == ["gone-42"]
+    assert sorted(h["_id"] for h in out["hits"]["hits"]) == ["gone-42", "p0", "p7"]
+    known = client.post("/rerank", json={"query": "black shoes", "hits": [hits[0], hits[2]]}, headers=H).json()
+    assert known["fusionrank"]["unknown_ids"] == []
+
+
 def test_rerank_hits_list_and_bad_inputs(client, service_world):
     resp = _opensearch_response(service_world)
     hits = resp["hits"]["hits"]

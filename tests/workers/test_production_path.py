@@ -205,7 +205,7 @@ def test_the_readme_production_steps_serve_reranked_search_from_an_empty_node(pr
         auth = {"Authorization": f"Bearer {API_KEY}"}
 
         # 4. the search pipeline (the node reaches the service on 127.0.0.1)
-        setup = _last_json(_cli(env, "opensearch", "setup-pipeline", "--service-url", base, "--no-fail-open", "--json", timeout=180))
+        setup = _last_json(_cli(env, "opensearch", "setup-pipeline", "--processor", "ml-rerank", "--service-url", base, "--no-fail-open", "--json", timeout=180))
         assert setup["pipeline"] == PIPELINE and setup["deploy_state"] == "COMPLETED", setup
         pipeline_def = t.perform_request("GET", f"/_search/pipeline/{PIPELINE}")[PIPELINE]
         rerank_procs = [p["rerank"] for p in pipeline_def["response_processors"] if "rerank" in p]

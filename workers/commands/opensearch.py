@@ -55,6 +55,40 @@ def _weights(raw: Optional[str]) -> dict[str, float] | None:
     return parsed
 
 
+PROCESSORS = ("fusionrank", "ml-rerank")
+PROCESSOR_HELP = ("fusionrank: the fusionrank plugin's processor (query, user id, hit ids and scores to POST /rerank; the full model); "
+                  "ml-rerank: ML Commons + neural-search's rerank processor (query and hit texts only)")
+
+
+def _setup_plugin_pipeline(service_url: str, pipeline_name: str, api_key_env: Optional[str], first_stage: str, weights: Optional[str],
+                           image: bool, budget_ms: int, opensearch_url: Optional[str], dry_run: bool, as_json: bool,
+                           ignored: dict[str, Any]) -> None:
+    from indexing.errors import ConfigError
+    from rerank.opensearch_pipeline import PluginPipelineConfig, plugin_planned_steps, redacted_steps, setup_plugin_pipeline
+    from workers.settings import load_settings
+
+    given = [name for name, value in ignored.items() if value]
+    if given:
+        raise ConfigError(f"{', '.join(given)} apply to --processor ml-rerank only")
+    settings = load_settings()
+    key = _api_key(settings, api_key_env) or ""
+    config = PluginPipelineConfig(service_url=service_url, api_key=key, pipeline_name=pipeline_name, first_stage=first_stage,
+                                  weights=_weights(weights), has_image=image, budget_ms=budget_ms)
+    if dry_run:
+        typer.echo(json.dumps(redacted_steps(plugin_planned_steps(config), key), indent=2))
+        return
+    engine = build_opensearch_engine(settings, opensearch_url)
+    try:
+        result = setup_plugin_pipeline(engine.client, config, display_url=engine.display_url)
+    finally:
+        engine.close()
+    if as_json:
+        typer.echo(json.dumps({"pipeline": result.pipeline, "processor": "fusionrank_rerank", "search_path": result.search_path}))
+        return
+    typer.echo(f"search pipeline: {result.pipeline} (fusionrank_rerank, budget {budget_ms} ms)")
+    typer.echo(f"search with:     POST {result.search_path}  (body: ext.fusionrank.user_id = the shopper)")
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     os_app = typer.Typer(help="OpenSearch integration: a local dev node, search pipelines that call the fusionrank service.", no_args_is_help=True)
     app.add_typer(os_app, name="opensearch")
@@ -97,6 +131,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @os_app.command("setup-pipeline")
     def setup_pipeline(
         service_url: str = typer.Option(..., "--service-url", help="base URL of the fusionrank service as OpenSearch reaches it, e.g. http://api:8000"),
+        processor: str = typer.Option("fusionrank", "--processor", help=PROCESSOR_HELP),
+        budget_ms: int = typer.Option(50, "--budget-ms", min=1, max=60_000, help="fusionrank processor: time budget of the service call (then the first-stage order)"),
         pipeline_name: str = typer.Option("fusionrank-rerank", "--pipeline-name", help="search pipeline id"),
         api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="environment variable holding the service's API key (default: FUSIONRANK_API_KEY)"),
         document_field: Optional[List[str]] = typer.Option(None, "--document-field", help="_source field sent as document text (repeat; default: title, description)"),
@@ -114,7 +150,19 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="print the requests (JSON, API key redacted) and send nothing"),
         as_json: bool = typer.Option(False, "--json", help="print the created ids as one JSON object"),
     ) -> None:
-        """Create the connector, model and search pipeline that rerank OpenSearch hits with the fusionrank service."""
+        """Create the search pipeline that reranks OpenSearch hits with the fusionrank service.
+
+        --processor fusionrank (default): fusionrank's plugin processor (the full model: shopper, photos, first-stage
+        scores; the plugin must be installed on every node). --processor ml-rerank: ML Commons connector + model +
+        neural-search `rerank` processor (no plugin to install; texts only)."""
+        if processor not in PROCESSORS:
+            from indexing.errors import ConfigError
+
+            raise ConfigError(f"unknown --processor {processor!r}; valid: {', '.join(PROCESSORS)}")
+        if processor == "fusionrank":
+            _setup_plugin_pipeline(service_url, pipeline_name, api_key_env, first_stage, weights, image, budget_ms, opensearch_url, dry_run, as_json,
+                                   ignored={"--document-field": document_field, "--model-group": model_group, "--model-id": model_id})
+            return
         from rerank.opensearch_pipeline import DEFAULT_DOCUMENT_FIELDS, REDACTED, PipelineConfig, planned_steps, redacted_steps, setup_search_pipeline
         from workers.settings import load_settings
 

@@ -195,6 +195,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         server_workers: int = typer.Option(1, "--server-workers", min=1, max=64, help="uvicorn worker processes of the server under load."),
         engine: Optional[str] = engine_opt.option(),
+        via_opensearch: bool = typer.Option(False, "--via-opensearch", help="searches through an OpenSearch node with the fusionrank pipeline vs "
+                                            "without it (synthetic world; the dev node unless --opensearch-url); default levels 1,8"),
+        opensearch_url: Optional[str] = typer.Option(None, "--opensearch-url", help="--via-opensearch: a cluster with the fusionrank plugin "
+                                                     "that reaches this machine's 127.0.0.1 (default: start the dev node)"),
+        budget_ms: int = typer.Option(50, "--budget-ms", min=1, max=60_000, help="--via-opensearch: the pipeline processor's budget"),
     ) -> None:
         """Loopback load on a real uvicorn server: POST /rerank with an OpenSearch response of N hits, at each
         concurrency level: rps, p50, p99; plus the HTTP overhead over the in-process call."""
@@ -203,6 +208,17 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         lv = tuple(int(x) for x in levels.split(",") if x.strip())
         if not lv or min(lv) < 1:
             raise typer.BadParameter("--concurrency takes positive integers, e.g. 1,8,32")
+        if via_opensearch:
+            from workers.bench_via_opensearch import run_via_opensearch_bench
+
+            if levels == "1,8,32":
+                lv = (1, 8)
+            res = run_via_opensearch_bench(synthetic_size=synthetic_size, requests=requests_n, candidates=candidates, levels=lv,
+                                           seed=seed, budget_ms=budget_ms, opensearch_url=opensearch_url)
+            typer.echo(json.dumps(res, indent=None if as_json else 2))
+            return
+        if opensearch_url is not None:
+            raise typer.BadParameter("--opensearch-url goes with --via-opensearch")
         engine_name = engine_opt.use(engine)
         if synthetic and engine_name != "local":
             raise typer.BadParameter("--synthetic serves a generated catalog on the local engine; leave --engine out or say local")

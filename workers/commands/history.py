@@ -115,11 +115,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             None, "--sql-url", help="database to benchmark (PostgreSQL: in a fresh schema, dropped after); default: a temporary SQLite file"
         ),
         seed: int = typer.Option(0, "--seed"),
+        ubi_searches: int = typer.Option(15_000, "--ubi-searches", min=1, help="searches of the synthetic UBI log imported (about 12 events each)"),
     ) -> None:
-        """Import throughput and profile latency (cold from SQL, warm from the cache)."""
+        """Import throughput (events CSV; a UBI log, imported twice) and profile latency (cold from SQL, warm from the cache)."""
         from rerank.bench_history import run_history_bench
 
-        result = run_history_bench(sql_url, users=users, events=events_n, products=products, samples=samples, seed=seed)
+        result = run_history_bench(sql_url, users=users, events=events_n, products=products, samples=samples, seed=seed, ubi_searches=ubi_searches)
         typer.echo(json.dumps(result, indent=None if as_json else 2))
 
 

@@ -301,7 +301,17 @@ def compare(sessions: Sequence[Session], *, holdout: float = 0.2, seed: int = 13
     return out
 
 
-def implicit_judgments(model: ClickModel, *, min_exams: float = 0.5, prior_strength: float = 1.0, ref_quantile: float = 0.9,
+def conversion_counts(sessions: Sequence[Session]) -> dict[tuple[str, str], float]:
+    """Add-to-carts and purchases per (query, product) (a session counts a product once)."""
+    out: dict[tuple[str, str], float] = defaultdict(float)
+    for s in sessions:
+        for r in s.conversions:
+            out[(s.query, s.shown[r])] += 1.0
+    return dict(out)
+
+
+def implicit_judgments(model: ClickModel, *, conversions: Mapping[tuple[str, str], float] | None = None, conversion_weight: float = 3.0,
+                       min_exams: float = 0.5, prior_strength: float = 1.0, ref_quantile: float = 0.9,
                        max_grade: float = 2.0) -> dict[str, dict[str, float]]:
     """``{query: {product: grade}}`` on the 0..``max_grade`` scale of the fashion qrels.
 
@@ -312,18 +322,23 @@ def implicit_judgments(model: ClickModel, *, min_exams: float = 0.5, prior_stren
     (``(clicks + s * m) / (exams + s)``, ``m`` the mean over pairs, ``s`` = ``prior_strength``; ``sdbn``:
     that times its satisfaction probability), and the grade is ``max_grade * min(1, rel / ref)`` with
     ``ref`` the ``ref_quantile`` of every judged pair's relevance: one absolute scale for every query,
-    so a tail query's best guess is not promoted to a top grade."""
+    so a tail query's best guess is not promoted to a top grade. With ``conversions`` (add-to-carts and
+    purchases per pair), relevance is multiplied by ``1 + conversion_weight * conversions per click``
+    (posterior mean, same prior form): a click that leads to a purchase says more than a click."""
     keys = [k for k in model.exams if model.exams[k] >= min_exams]
     if not keys:
         return {}
     tot_c = sum(model.clicks.get(k, 0.0) for k in model.exams)
     tot_e = sum(model.exams.values())
     m = tot_c / max(tot_e, EPS)
+    mc = sum(conversions.values()) / max(tot_c, EPS) if conversions else 0.0
     rel = {}
     for k in keys:
         r = (model.clicks.get(k, 0.0) + prior_strength * m) / (model.exams[k] + prior_strength)
         if model.name == "sdbn":
             r *= model.sigma.get(k, model.prior_sigma)
+        if conversions is not None:
+            r *= 1.0 + conversion_weight * (conversions.get(k, 0.0) + prior_strength * mc) / (model.clicks.get(k, 0.0) + prior_strength)
         rel[k] = r
     ref = float(np.quantile(np.fromiter(rel.values(), dtype=np.float64), ref_quantile))
     out: dict[str, dict[str, float]] = defaultdict(dict)
@@ -340,4 +355,4 @@ def session_counts(sessions: Sequence[Session]) -> dict[str, int]:
 
 
 __all__ = ["CapStats", "ClickModel", "MODELS", "Session", "cap_sessions", "compare", "fit", "fit_ctr", "fit_pbm", "fit_sdbn",
-           "implicit_judgments", "log_likelihood", "normalize_query", "session_counts", "sessions_from_log", "split_sessions"]
+           "conversion_counts", "implicit_judgments", "log_likelihood", "normalize_query", "session_counts", "sessions_from_log", "split_sessions"]

@@ -91,7 +91,7 @@ class EvalRequest:
     train_ubi: Path | None = None
     click_model: str = "pbm"
     #: --train-ubi: products the log never showed for a query are "unknown" (left out of its training list) or "irrelevant" (gain 0)
-    ubi_unshown: str = "unknown"
+    ubi_unshown: str = "irrelevant"
 
     def check(self) -> None:
         if self.mode not in MODES:

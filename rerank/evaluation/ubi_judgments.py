@@ -3,7 +3,8 @@
 ``write_ubi_judgments(log, out_dir, exclude=...)`` reads the log (file or folder), drops every search
 whose normalised query text is in ``exclude`` (the evaluated queries: a model is never trained on
 their behaviour), caps click spam (:func:`rerank.clicks.cap_sessions`), fits the chosen click model
-and writes its judgments on the 0..2 grade scale (each query's best product = 2). No qrels are read.
+and writes its judgments on the 0..2 grade scale (:func:`rerank.clicks.implicit_judgments`: clicks per
+examination, weighted up by add-to-carts and purchases per click). No qrels are read.
 
 Click models: ``pbm`` (position-based, EM: debiased, the default: it won on held-out queries, see
 ``docs/benchmarks.md``), ``sdbn`` (simplified DBN), ``ctr`` (naive: click-through rate, no position
@@ -41,7 +42,7 @@ def ubi_query_id(text: str) -> str:
 def judgments_from_sessions(sessions: list[C.Session], *, model: str = DEFAULT_CLICK_MODEL, cap: int = 3) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     capped, stats = C.cap_sessions(sessions, max_sessions_per_client_query=cap)
     m = C.fit(model, capped)
-    return C.implicit_judgments(m), {"click_model": model, "spam_capping": stats.to_dict(), "sessions": len(capped),
+    return C.implicit_judgments(m, conversions=C.conversion_counts(capped)), {"click_model": model, "conversion_weight": 3.0, "spam_capping": stats.to_dict(), "sessions": len(capped),
                                      "fit": {k: v for k, v in m.info.items() if k != "train_log_likelihood"}}
 
 
@@ -51,7 +52,7 @@ def write_ubi_judgments(log_path: str | Path, out_dir: str | Path, *, exclude: I
     under ``out_dir/<key>/`` (the key hashes the log files, the exclusions and the settings: cached)."""
     files = ubi_files(log_path)
     excl = sorted({C.normalize_query(t) for t in exclude})
-    h = hashlib.sha256(json.dumps([model, cap, excl, 3]).encode())
+    h = hashlib.sha256(json.dumps([model, cap, excl, 4]).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())

@@ -154,3 +154,15 @@ def test_unknown_click_model_names_the_valid_ones() -> None:
 
     with pytest.raises(UnknownNameError, match="pbm"):
         C.fit("ubm", [])
+
+
+def test_conversions_lift_a_product_over_one_clicked_as_often() -> None:
+    s = [C.Session("q", ("a", "b"), frozenset({0, 1}), client=f"c{i}", conversions=frozenset({1}) if i % 2 else frozenset()) for i in range(40)]
+    s += [C.Session("q", ("b", "a"), frozenset({0, 1}), client=f"d{i}") for i in range(40)]
+    m = C.fit_pbm(s)
+    plain = C.implicit_judgments(m)["q"]
+    assert abs(plain["a"] - plain["b"]) < 0.05
+    conv = C.conversion_counts(s)
+    assert conv == {("q", "b"): 20.0}
+    lifted = C.implicit_judgments(m, conversions=conv)["q"]
+    assert lifted["b"] > lifted["a"] + 0.3

@@ -94,8 +94,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                                  "every evaluated query's searches left out."),
         click_model: str = typer.Option("pbm", "--click-model", help="--train-ubi: pbm (position-based, EM; debiased, default) | "
                                         "sdbn (simplified DBN) | ctr (naive click-through rate, no position correction)."),
-        ubi_unshown: str = typer.Option("unknown", "--ubi-unshown", help="--train-ubi: products the log never showed for a query are "
-                                        "unknown (left out of its training list, default) | irrelevant (gain 0, as unjudged qrels)."),
+        ubi_unshown: str = typer.Option("irrelevant", "--ubi-unshown", help="--train-ubi: products the log never showed for a query are "
+                                        "irrelevant (gain 0, as unjudged qrels; default: it won on held-out queries) | unknown (left out of its training list)."),
         model: list[str] = typer.Option([], "--model", help="Use a trained artifact instead of training: SYSTEM=DIR (repeatable)."),
         limit_queries: Optional[int] = typer.Option(None, "--limit-queries", min=1, help="Evaluate a seeded sample of N queries of the split."),
         top_n: int = typer.Option(200, "--top-n", min=1, max=10_000, help="retrieve mode: candidates per list and fused pool size."),

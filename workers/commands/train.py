@@ -65,7 +65,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             queries, qrels = uj.queries, uj.qrels
             dataset = list(dataset)
             given_ubi = DatasetSpec(catalog=catalog, queries=queries, qrels=qrels, gain="identity", events=events,
-                                    images_root=images_root or catalog.parent, name=f"ubi-{click_model}", mode="retrieve", judged_only=True)
+                                    images_root=images_root or catalog.parent, name=f"ubi-{click_model}", mode="retrieve")
         else:
             given_ubi = None
         given = (catalog, queries, qrels)

@@ -237,7 +237,7 @@ def test_from_opensearch_reads_the_ubi_indices_of_a_real_node(opensearch_node, t
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["queries_stored"] == 2 and out["queries_duplicate"] == 1
-    assert out["events_stored"] == 6 and out["rejected"] == 1 and out["orphaned_events"] == 1 and out["events_without_position"] == 1
+    assert out["events_stored"] == 7 and out["events_duplicate"] == 1 and out["rejected"] == 1 and out["orphaned_events"] == 1 and out["events_without_position"] == 1
     again = json.loads(runner.invoke(app, args).output)
     assert again["events_stored"] == 0 and again["queries_stored"] == 0
     with HistoryStore(url) as s:

@@ -42,3 +42,18 @@ def test_judgments_rank_the_clicked_products_first_and_leave_out_excluded_querie
     assert again.qrels == uj.qrels  # cached by content
     both = write_ubi_judgments(log, tmp_path / "out", model="ctr")
     assert both.qrels != uj.qrels and len(read_queries(both.queries).queries) == 2
+
+
+def test_cli_click_models_compares_on_held_out_searches(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    log = _log(tmp_path / "log")
+    r = CliRunner().invoke(app, ["events", "click-models", str(log), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    m = out["models"]
+    assert set(m) == {"ctr", "pbm", "sdbn"} and out["test_sessions"] + out["train_sessions"] == 400
+    assert m["pbm"]["log_likelihood"] > m["ctr"]["log_likelihood"]  # the simulated clicks are position-biased
+    assert m["pbm"]["theta"][0] > m["pbm"]["theta"][3]

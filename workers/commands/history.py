@@ -104,6 +104,41 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         if summary.rejected > 20:
             typer.echo(f"  ... {summary.rejected - 20} more rejected rows (use --json for the first 100)")
 
+    @events.command("click-models")
+    def events_click_models(
+        log: Optional[Path] = typer.Argument(None, help="UBI log (folder or .jsonl[.gz] file); without it, the UBI log in the history store"),
+        sql_url: Optional[str] = typer.Option(None, "--sql-url", help=SQL_URL_HELP),
+        holdout: float = typer.Option(0.2, "--holdout", min=0.01, max=0.9, help="share of searches held out"),
+        cap: int = typer.Option(3, "--cap", min=1, help="spam capping: searches counted per (client, query)"),
+        seed: int = typer.Option(13, "--seed"),
+        as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    ) -> None:
+        """Fit the click models (pbm by EM, sdbn, naive ctr) on a UBI log and compare them on held-out searches."""
+        from rerank import clicks as C
+
+        if log is not None:
+            from rerank.history.ubi import read_log
+
+            queries, evs, errors = read_log(log)
+        else:
+            from rerank.history.store import HistoryStore
+
+            with HistoryStore(_sql_url(sql_url)) as store:
+                queries, evs = store.ubi_log()
+            errors = []
+        sessions, counts = C.sessions_from_log(queries, evs)
+        capped, stats = C.cap_sessions(sessions, max_sessions_per_client_query=cap)
+        res = {"bad_lines": len(errors), **counts, "spam_capping": stats.to_dict(), **C.compare(capped, holdout=holdout, seed=seed)}
+        if as_json:
+            typer.echo(json.dumps(res))
+            return
+        typer.echo(f"{res['train_sessions']} training searches, {res['test_sessions']} held out; spam capping {stats.to_dict()}")
+        for name, m in res["models"].items():
+            typer.echo(f"  {name:5s} held-out log-likelihood {m['log_likelihood']:.5f} per result, perplexity {m['perplexity']:.4f}")
+        th = res["models"]["pbm"].get("theta")
+        if th:
+            typer.echo("  pbm examination by rank: " + " ".join(f"{x:.2f}" for x in th))
+
     @bench.command("history")
     def bench_history(
         as_json: bool = typer.Option(False, "--json", help="print one JSON object"),

@@ -424,8 +424,8 @@ class HistoryStore:
                                     stage = f"fusionrank_stage_{table}"
                                     cur.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
                                     with cur.copy(f"COPY {stage} ({names}) FROM STDIN") as copy:
-                                        for r in rows:
-                                            copy.write_row(r)
+                                        for s in range(0, len(rows), 5000):  # COPY text format, formatted here (write_row: ~10 us a row)
+                                            copy.write(_copy_text(rows[s : s + 5000]))
                                     cur.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} ON CONFLICT DO NOTHING")
                                     return int(cur.rowcount)
                                 marks = ", ".join("?" for _ in cols)
@@ -480,7 +480,7 @@ class HistoryStore:
                 for qid, uq, cid, uid, app in conn.exec_driver_sql("SELECT query_id, user_query, client_id, user_id, application FROM ubi_queries")
             ]
             events = [
-                ubi.UbiEvent(eid, act, ts if isinstance(ts, datetime) else datetime.fromisoformat(str(ts)), qid, oid, pos, cid, uid, sid, app)
+                ubi.UbiEvent(eid, act, _utc(ts), qid, oid, pos, cid, uid, sid, app)
                 for eid, act, qid, oid, pos, cid, uid, sid, app, ts in conn.exec_driver_sql(
                     "SELECT event_id, action_name, query_id, object_id, position, client_id, user_id, session_id, application, ts FROM ubi_events")
             ]
@@ -526,9 +526,34 @@ class HistoryStore:
         return f"HistoryStore({self.url_text!r})"
 
 
+def _utc(ts: Any) -> datetime:
+    """A timestamp read by a raw driver query: SQLite gives naive UTC text, PostgreSQL an aware datetime."""
+    if not isinstance(ts, datetime):
+        ts = datetime.fromisoformat(str(ts))
+    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+
+
 def _sqlite_ts(ts: datetime) -> str:
     """The text SQLAlchemy's SQLite ``DateTime`` stores (naive UTC, microseconds): sorts as time does."""
     return ts.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_value(v: Any) -> str:
+    if v is None:
+        return "\\N"
+    if type(v) is str:
+        return v.translate(_COPY_ESCAPES) if ("\\" in v or "\t" in v or "\n" in v or "\r" in v) else v
+    if isinstance(v, datetime):
+        return v.isoformat()
+    return str(v)
+
+
+def _copy_text(rows: Sequence[Sequence[Any]]) -> str:
+    """Rows in PostgreSQL's COPY text format (tab-separated, ``\\N`` for NULL, backslash escapes)."""
+    return "".join("\t".join(map(_copy_value, r)) + "\n" for r in rows)
 
 
 _STAGE = "fusionrank_events_stage"

@@ -245,3 +245,12 @@ def test_from_opensearch_reads_the_ubi_indices_of_a_real_node(opensearch_node, t
     for idx in (qi, ei):
         client.indices.delete(index=idx)
     eng.close()
+
+
+def test_text_with_tabs_newlines_and_backslashes_round_trips(store: HistoryStore) -> None:
+    odd = "shoes\twith\\back\nslash\r"
+    s = import_ubi(store, [("a", 1, q("q1", text=odd, hits=("p\t1", "p\\2"))), ("a", 2, e("click", "q1", "p\t1", 1))], now=NOW)
+    assert s.queries_stored == 1 and s.events_stored == 1
+    queries, events = store.ubi_log()
+    assert queries[0].user_query == odd and queries[0].hit_ids == ("p\t1", "p\\2")
+    assert events[0].object_id == "p\t1" and events[0].ts == datetime(2026, 11, 1, 10, 0, 5, tzinfo=timezone.utc)

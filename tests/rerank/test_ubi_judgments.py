@@ -57,3 +57,17 @@ def test_cli_click_models_compares_on_held_out_searches(tmp_path: Path) -> None:
     assert set(m) == {"ctr", "pbm", "sdbn"} and out["test_sessions"] + out["train_sessions"] == 400
     assert m["pbm"]["log_likelihood"] > m["ctr"]["log_likelihood"]  # the simulated clicks are position-biased
     assert m["pbm"]["theta"][0] > m["pbm"]["theta"][3]
+
+
+def test_cli_train_from_ubi_takes_a_catalog_and_no_qrels(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    log = _log(tmp_path / "log")
+    cat = tmp_path / "c.csv"
+    cat.write_text("product_id,title\ngood-0,a\n")
+    r = CliRunner().invoke(app, ["train", "--from-ubi", str(log), "--catalog", str(cat), "--queries", str(cat), "--out", str(tmp_path / "m")])
+    assert r.exit_code != 0 and "no --queries/--qrels" in r.output
+    r = CliRunner().invoke(app, ["train", "--from-ubi", str(log), "--out", str(tmp_path / "m")])
+    assert r.exit_code != 0 and "--from-ubi takes --catalog" in r.output

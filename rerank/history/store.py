@@ -553,7 +553,17 @@ def _copy_value(v: Any) -> str:
 
 def _copy_text(rows: Sequence[Sequence[Any]]) -> str:
     """Rows in PostgreSQL's COPY text format (tab-separated, ``\\N`` for NULL, backslash escapes)."""
-    return "".join("\t".join(map(_copy_value, r)) + "\n" for r in rows)
+    out = []
+    for r in rows:
+        try:  # fast path: every value a string with no character to escape
+            line = "\t".join(r)
+        except TypeError:
+            line = None
+        if line is None or line.count("\t") != len(r) - 1 or "\n" in line or "\\" in line or "\r" in line:
+            line = "\t".join(map(_copy_value, r))
+        out.append(line)
+    out.append("")
+    return "\n".join(out)
 
 
 _STAGE = "fusionrank_events_stage"

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 20_000
 DEFAULT_MAX_ERRORS = 1000
 
+#: positions as text, so that a shown row is three strings (the COPY fast path); the column is an integer
+_POS = [str(i + 1) for i in range(10_000)]
 _Q_COLS = ("query_id", "user_query", "client_id", "user_id", "application", "ts", "hits")
 _S_COLS = ("query_id", "position", "product_id")
 _E_COLS = ("event_id", "action_name", "query_id", "object_id", "position", "client_id", "user_id", "session_id", "application", "ts")
@@ -101,7 +103,7 @@ def import_ubi(
         n = store.insert_rows("ubi_queries", _Q_COLS, [(q.query_id, q.user_query, q.client_id, q.user_id, q.application, q.ts, len(q.hit_ids)) for q in qs])
         summary.queries_stored += n
         summary.queries_duplicate += len(qs) - n
-        store.insert_rows("ubi_shown", _S_COLS, [(q.query_id, i + 1, pid) for q in qs for i, pid in enumerate(q.hit_ids)])
+        store.insert_rows("ubi_shown", _S_COLS, [(q.query_id, _POS[i], pid) for q in qs for i, pid in enumerate(q.hit_ids)])
         q_batch.clear()
 
     def flush_events() -> None:

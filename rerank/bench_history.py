@@ -31,6 +31,7 @@ from indexing.errors import ConfigError
 from indexing.machine import machine_info
 from rerank.history.ingest import import_events_file
 from rerank.history.profiles import InMemoryVectorSource, ProfileConfig, ProfileService
+from rerank.history.ubi_ingest import import_ubi_path
 from rerank.history.store import HistoryStore, make_engine, normalize_url, sql_errors, upgrade, with_search_path
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 EVENT_MIX = {"view": 0.60, "click": 0.25, "add_to_cart": 0.10, "purchase": 0.05}
 TEXT_DIM, IMAGE_DIM = 384, 1280
 TARGET_WARM_P99_MS, TARGET_COLD_P99_MS = 1.0, 10.0
+TARGET_UBI_EVENTS_PER_S = 20_000
 
 
 def write_synthetic_events(path: Path, *, users: int, events: int, products: int, now: float, seed: int = 0) -> None:
@@ -58,6 +60,38 @@ def write_synthetic_events(path: Path, *, users: int, events: int, products: int
             t = rng.choice(len(types), size=n, p=probs)
             ts = (now - rng.uniform(0, 180 * 86_400, n)).astype(np.int64)
             w.writerows(zip((f"u{i:06d}" for i in u), (f"p{j}" for j in p), types[t], ts))
+
+
+def write_synthetic_ubi(d: Path, *, searches: int, products: int, users: int, now: float, seed: int = 0) -> int:
+    """A UBI 1.3 log like ``fashion/bench/dev/ubi`` (20 products shown, impressions of the first 10, clicks with a
+    position bias, some carts and purchases) in ``d``; returns the number of events written."""
+    import gzip
+    import json
+    from datetime import datetime, timezone
+
+    rng = np.random.default_rng(seed + 3)
+    d.mkdir(parents=True, exist_ok=True)
+    n_events = 0
+    exam = 1.0 / np.arange(1, 21) ** 0.9
+    with gzip.open(d / "ubi_queries.jsonl.gz", "wt") as fq, gzip.open(d / "ubi_events.jsonl.gz", "wt") as fe:
+        for i in range(searches):
+            qid = f"sq{seed}-{i:08d}"
+            user = f"u{int(rng.integers(0, users)):06d}"
+            ts = datetime.fromtimestamp(now - float(rng.uniform(0, 90 * 86_400)), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            hits = [f"p{j}" for j in rng.choice(products, size=20, replace=False)]
+            fq.write(json.dumps({"query_id": qid, "user_query": f"query {int(rng.integers(0, 300))}", "client_id": "c-" + user, "user_id": user,
+                                 "application": "bench", "timestamp": ts, "query_response_hit_ids": hits}) + "\n")
+            base = {"query_id": qid, "client_id": "c-" + user, "user_id": user, "application": "bench", "message_type": "INTERACTION", "timestamp": ts}
+            clicked = rng.random(20) < exam * 0.3
+            for r, pid in enumerate(hits):
+                acts = (["impression"] if r < 10 else []) + (["click"] if clicked[r] else [])
+                if clicked[r] and rng.random() < 0.2:
+                    acts.append("add_to_cart")
+                for a in acts:
+                    fe.write(json.dumps({"action_name": a, **base, "event_attributes": {"object": {"object_id": pid, "object_id_field": "product_id"},
+                                                                                          "position": {"ordinal": r + 1}}}) + "\n")
+                    n_events += 1
+    return n_events
 
 
 def synthetic_vectors(products: int, seed: int = 0) -> InMemoryVectorSource:
@@ -84,6 +118,7 @@ def run_history_bench(
     k: int = 50,
     batch_size: int = 20_000,
     seed: int = 0,
+    ubi_searches: int = 15_000,
 ) -> dict[str, Any]:
     """Run the benchmark and return one JSON-ready dict (see the module doc)."""
     if min(users, events, products, samples) < 1:
@@ -103,7 +138,7 @@ def run_history_bench(
                 url = u.render_as_string(hide_password=False)
         try:
             return _bench(url, tmpdir, users=users, events=events, products=products, samples=samples, k=k,
-                          batch_size=batch_size, seed=seed)
+                          batch_size=batch_size, seed=seed, ubi_searches=ubi_searches)
         finally:
             if schema is not None:
                 _run_ddl(make_engine(normalize_url(sql_url)), f"DROP SCHEMA {schema} CASCADE")
@@ -120,7 +155,7 @@ def _run_ddl(engine: Any, sql: str) -> None:
 
 
 def _bench(
-    url: str, tmpdir: Path, *, users: int, events: int, products: int, samples: int, k: int, batch_size: int, seed: int
+    url: str, tmpdir: Path, *, users: int, events: int, products: int, samples: int, k: int, batch_size: int, seed: int, ubi_searches: int = 15_000
 ) -> dict[str, Any]:
     now = time.time()
     csv_path = tmpdir / "events.csv"
@@ -132,6 +167,16 @@ def _bench(
         summary = import_events_file(store, csv_path, batch_size=batch_size, progress=False)
         import_s = time.perf_counter() - t0
         log.info("imported %d events in %.1f s", summary.stored, import_s)
+
+        # a UBI log of about the dev log's size (15,000 searches, ~185,000 events), imported twice (the second stores nothing)
+        ubi_dir = tmpdir / "ubi"
+        ubi_events = write_synthetic_ubi(ubi_dir, searches=ubi_searches, products=products, users=users, now=now, seed=seed)
+        t0 = time.perf_counter()
+        ubi_summary = import_ubi_path(store, ubi_dir, batch_size=batch_size)
+        ubi_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ubi_again = import_ubi_path(store, ubi_dir, batch_size=batch_size)
+        ubi_again_s = time.perf_counter() - t0
 
         service = ProfileService(store, vectors, config=ProfileConfig(k=k), cache_size=max(samples, 1), ttl_s=3600)
         rng = np.random.default_rng(seed + 2)
@@ -165,6 +210,14 @@ def _bench(
         "rejected": summary.rejected,
         "import_s": round(import_s, 3),
         "import_events_per_s": round(events / import_s, 1),
+        "ubi_searches": ubi_searches,
+        "ubi_events": ubi_events,
+        "ubi_events_stored": ubi_summary.events_stored,
+        "ubi_history_events_stored": ubi_summary.history_events_stored,
+        "ubi_import_s": round(ubi_s, 3),
+        "ubi_import_events_per_s": round(ubi_events / ubi_s, 1),
+        "ubi_reimport_events_stored": ubi_again.events_stored,
+        "ubi_reimport_s": round(ubi_again_s, 3),
         "k": k,
         "profile_samples": len(cold),
         "profile_items_mean": round(float(np.mean(sizes)), 2),
@@ -177,5 +230,6 @@ def _bench(
         "targets_met": {
             "warm_p99_le_1ms": w99 <= TARGET_WARM_P99_MS,
             "cold_p99_le_10ms": c99 <= TARGET_COLD_P99_MS,
+            "ubi_import_ge_20000_events_per_s": ubi_events / ubi_s >= TARGET_UBI_EVENTS_PER_S,
         },
     }

@@ -62,6 +62,8 @@ class DatasetSpec:
     images_root: Path | None = None
     name: str | None = None
     mode: str = "rerank"
+    #: train only on judged products (implicit judgments from a log: a product never shown is unknown, not irrelevant)
+    judged_only: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "DatasetSpec":
@@ -384,6 +386,9 @@ def prepare_dataset(
         for it in items:
             cands = list(it.pool_candidates.candidates)
             gains = np.array([float(it.gains.get(c.id, 0.0)) for c in cands], dtype=np.float32)
+            if part == "train" and spec.judged_only:
+                judged = [i for i, c in enumerate(cands) if c.id in it.gains]
+                cands, gains = [cands[i] for i in judged], gains[judged]
             if part == "train":
                 keep = _sample(len(cands), gains, config.max_train_candidates, rng)
                 cands, gains = [cands[i] for i in keep], gains[keep]

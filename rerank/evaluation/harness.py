@@ -23,6 +23,8 @@ Steps of :func:`evaluate`:
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import logging
@@ -101,6 +103,11 @@ class EvalRequest:
     #: a catalog file whose attribute values count for ``distinct@10`` instead of the indexed ones (e.g. one that
     #: holds the values the evaluated catalog withheld)
     attributes_catalog: Path | None = None
+    #: a UBI search log (file or folder): trainable systems learn from implicit judgments of a click model instead of qrels
+    train_ubi: Path | None = None
+    click_model: str = "pbm"
+    #: --train-ubi: products the log never showed for a query are "unknown" (left out of its training list) or "irrelevant" (gain 0)
+    ubi_unshown: str = "irrelevant"
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -112,6 +119,15 @@ class EvalRequest:
             raise ConfigError("no systems to evaluate")
         if (self.train_queries is None) != (self.train_qrels is None):
             raise ConfigError("--train-queries and --train-qrels go together")
+        if self.train_ubi is not None and self.train_queries is not None:
+            raise ConfigError("--train-ubi replaces --train-queries/--train-qrels: give one or the other")
+        if self.train_ubi is not None:
+            from rerank.clicks import MODELS
+
+            if self.click_model not in MODELS:
+                raise ConfigError(f"unknown click model {self.click_model!r}; valid: {', '.join(MODELS)}")
+            if self.ubi_unshown not in ("unknown", "irrelevant"):
+                raise ConfigError(f"--ubi-unshown must be unknown or irrelevant, got {self.ubi_unshown!r}")
         if self.limit_queries is not None and self.limit_queries < 1:
             raise ConfigError(f"--limit-queries must be >= 1, got {self.limit_queries}")
         for name, p in (("catalog", self.catalog), ("queries", self.queries), ("qrels", self.qrels)):
@@ -500,12 +516,23 @@ def evaluate(
         splits = load_or_create_splits(qs.queries, data_dir, name=dataset, seed=req.seed)
         wanted = splits.get(req.split)
         eval_pool = [q for q in qs.queries if q.id in wanted]
-        if trainable and req.split in ("train", "validation", "all"):
+        if trainable and req.split in ("train", "validation", "all") and req.train_ubi is None:
             log.warning("evaluating trainable systems on the %r split, which overlaps their training data", req.split)
         train_q = [q for q in qs.queries if q.id in splits.train]
         valid_q = [q for q in qs.queries if q.id in splits.validation]
         info["splits_file"] = splits.path
         info["split_sizes"] = {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)}
+        if req.train_ubi is not None:  # learn from the log's behaviour on every query but the evaluated ones; no qrels
+            from rerank.evaluation.ubi_judgments import write_ubi_judgments
+
+            uj = write_ubi_judgments(req.train_ubi, data_dir / "ubi-judgments", exclude=[q.text for q in eval_pool], model=req.click_model)
+            tq = read_queries(uj.queries)
+            train_qrels = read_qrels(uj.qrels)
+            inner = assign(tq.queries, seed=req.seed, fractions=(0.9, 0.1, 0.0))
+            train_q = [q for q in tq.queries if inner[q.id] == "train"]
+            valid_q = [q for q in tq.queries if inner[q.id] == "validation"]
+            req = dataclasses.replace(req, train_queries=uj.queries, train_qrels=uj.qrels)
+            info["train"] = {"ubi": {**uj.info, "judgments_file": str(uj.qrels)}, "train": len(train_q), "validation": len(valid_q)}
 
     eval_q, no_rel = _eval_queries(eval_pool, qrels, req.gain)
     if req.limit_queries is not None:
@@ -577,7 +604,10 @@ def evaluate(
             file_sha256(req.train_queries or req.queries),
             q2i_id,  # the knn_image list for text queries (its features) depends on the alignment
             lists_ran,
+            *((["ubi", "judged-only"],) if req.train_ubi is not None and req.ubi_unshown == "unknown" else ()),
         )
+        if req.train_ubi is not None and req.ubi_unshown == "unknown":  # products the log never showed are unknown, not irrelevant
+            ctx.options["train_judged_only"] = True
         info["training"] = {"queries": len(ctx.train_items), "validation_queries": len(ctx.valid_items),
                             "lists": lists_ran, "query_to_image_space": q2i_id}
         eval_queries_by_id = {q.id: q for q in eval_q}
@@ -593,7 +623,9 @@ def evaluate(
                                  gain=req.gain, events=req.train_events, images_root=req.train_images_root, name=f"{dataset}-train", mode=req.mode)
         elif req.train_queries is not None:
             t_spec = DatasetSpec(Path(req.catalog), Path(req.train_queries), Path(req.train_qrels),  # type: ignore[arg-type]
-                                 gain=req.gain, events=req.train_events or req.events, images_root=req.images_root, name=f"{dataset}-train", mode=req.mode)
+                                 gain=req.gain, events=req.train_events or req.events, images_root=req.images_root,
+                                 name=f"{dataset}-ubi-{req.click_model}" if req.train_ubi is not None else f"{dataset}-train", mode=req.mode,
+                                 judged_only=req.train_ubi is not None and req.ubi_unshown == "unknown")
         else:
             t_spec = DatasetSpec(Path(req.catalog), Path(req.queries), Path(req.qrels), gain=req.gain, events=req.events,
                                  images_root=req.images_root, name=dataset, mode=req.mode)

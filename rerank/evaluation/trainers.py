@@ -116,10 +116,12 @@ class LambdaMARTModel:
         return cls(lgb.Booster(model_file=str(f)), meta)
 
     @staticmethod
-    def _matrix(items: Sequence[EvalItem]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    def _matrix(items: Sequence[EvalItem], judged_only: bool = False) -> tuple[np.ndarray, np.ndarray, list[int]]:
         xs, ys, groups = [], [], []
         for it in items:
             cands = it.pool_candidates.candidates
+            if judged_only:
+                cands = [c for c in cands if c.id in it.gains]
             if not cands:
                 continue
             xs.append(first_stage_features(cands))
@@ -132,7 +134,7 @@ class LambdaMARTModel:
     @classmethod
     def train(cls, ctx: EvalContext, lgb: Any) -> "LambdaMARTModel":
         t0 = time.perf_counter()
-        X, y, g = cls._matrix(ctx.train_items)
+        X, y, g = cls._matrix(ctx.train_items, bool(ctx.options.get("train_judged_only")))
         if not g:
             raise ModelArtifactError("lambdamart: no training queries with candidates (is the training split empty?)")
         max_label = int(max(y.max(), 1))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Index, MetaData, String, Text, func
+from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, func
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -98,6 +98,51 @@ class Event(Base):
     query: Mapped[str | None] = mapped_column(Text, nullable=True)
     ingested_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
 
+
+
+class UbiQuery(Base):
+    """One search of a UBI log (``ubi_queries``): the query text and who searched; what it showed is in ``ubi_shown``."""
+
+    __tablename__ = "ubi_queries"
+
+    query_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    user_query: Mapped[str] = mapped_column(Text)
+    client_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    user_id: Mapped[str | None] = mapped_column(String(MAX_ID_LEN), nullable=True)
+    application: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    ts: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    hits: Mapped[int] = mapped_column(Integer)
+    ingested_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+
+
+class UbiShown(Base):
+    """The product a search showed at a (1-based) position."""
+
+    __tablename__ = "ubi_shown"
+
+    query_id: Mapped[str] = mapped_column(String(100), ForeignKey("ubi_queries.query_id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    product_id: Mapped[str] = mapped_column(String(256))
+
+
+class UbiEvent(Base):
+    """One UBI event, as logged (impressions, clicks, carts, purchases, any other action). ``event_id`` is derived
+    from the event's content (:func:`rerank.history.ubi.derive_event_id`): re-imports store nothing twice."""
+
+    __tablename__ = "ubi_events"
+    __table_args__ = (Index("ix_ubi_events_query_id", "query_id"),)
+
+    event_id: Mapped[str] = mapped_column(String(MAX_EVENT_ID_LEN), primary_key=True)
+    action_name: Mapped[str] = mapped_column(String(100))
+    query_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    object_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    position: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    client_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    user_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    session_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    application: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    ingested_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
 
 
 # the reindex job records share this metadata (migration 0003); imported last, it needs Base above

@@ -403,6 +403,89 @@ class HistoryStore:
         finally:
             cur.close()
 
+    # -- UBI search logs (migration 0004)
+    def insert_rows(self, table: str, cols: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+        """Insert rows into one of the UBI tables in one transaction, skipping rows whose key is stored
+        already (``ON CONFLICT DO NOTHING``); returns how many were new. PostgreSQL: COPY into a temporary
+        table, then one ``INSERT ... SELECT``; SQLite: ``executemany``. Timestamps are aware datetimes."""
+        if table not in _UBI_TABLES:
+            raise HistoryError(f"insert_rows: unknown table {table!r}; valid: {', '.join(_UBI_TABLES)}")
+        if not rows:
+            return 0
+        names = ", ".join(cols)
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                with sql_errors(f"storing {len(rows)} rows into {table}", self.url):
+                    try:
+                        with self.engine.begin() as conn:
+                            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                            try:
+                                if self.dialect == "postgresql":
+                                    stage = f"fusionrank_stage_{table}"
+                                    cur.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+                                    with cur.copy(f"COPY {stage} ({names}) FROM STDIN") as copy:
+                                        for s in range(0, len(rows), 5000):  # COPY text format, formatted here (write_row: ~10 us a row)
+                                            copy.write(_copy_text(rows[s : s + 5000]))
+                                    cur.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} ON CONFLICT DO NOTHING")
+                                    return int(cur.rowcount)
+                                marks = ", ".join("?" for _ in cols)
+                                conv: Sequence[Sequence[Any]] = rows
+                                if "ts" in cols:  # SQLite stores naive UTC text (as SQLAlchemy's DateTime does)
+                                    k = list(cols).index("ts")
+                                    conv = [(*r[:k], _sqlite_ts(r[k]) if r[k] is not None else None, *r[k + 1 :]) for r in rows]
+                                cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING", conv)
+                                return int(cur.rowcount)
+                            finally:
+                                cur.close()
+                    except exc.DBAPIError as e:
+                        if attempt < WRITE_ATTEMPTS and _is_transient(e):
+                            raise _Retry from e
+                        raise
+            except _Retry as r:
+                log.warning("history write conflict (%s); retrying (%d/%d)", _first_line(r.__cause__), attempt, WRITE_ATTEMPTS)
+                time.sleep(0.05 * 2**attempt)
+            except Exception as e:  # the driver's own errors (psycopg / sqlite3) -> HistoryError
+                if isinstance(e, HistoryError):
+                    raise
+                raise HistoryError(f"storing {len(rows)} rows into {table} failed on {self.url_text}: {e}") from e
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def known_query_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are stored UBI searches."""
+        from rerank.history.models import UbiQuery
+
+        out: set[str] = set()
+        ids = sorted(set(ids))
+        with sql_errors("reading UBI query ids", self.url), self.engine.connect() as conn:
+            for s in range(0, len(ids), 1000):
+                out.update(conn.execute(select(UbiQuery.query_id).where(UbiQuery.query_id.in_(ids[s : s + 1000]))).scalars())
+        return out
+
+    def count_rows(self, table: str) -> int:
+        if table not in _UBI_TABLES:
+            raise HistoryError(f"count_rows: unknown table {table!r}")
+        with sql_errors(f"counting {table}", self.url), self.engine.connect() as conn:
+            return int(conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar_one())
+
+    def ubi_log(self) -> tuple[list[Any], list[Any]]:
+        """The stored UBI log as :class:`rerank.history.ubi.UbiQuery` / ``UbiEvent`` records (for the click models)."""
+        from rerank.history import ubi
+
+        with sql_errors("reading the UBI log", self.url), self.engine.connect() as conn:
+            shown: dict[str, list[tuple[int, str]]] = {}
+            for qid, pos, pid in conn.exec_driver_sql("SELECT query_id, position, product_id FROM ubi_shown"):
+                shown.setdefault(qid, []).append((pos, pid))
+            queries = [
+                ubi.UbiQuery(qid, uq, None, cid, uid, app, tuple(p for _, p in sorted(shown.get(qid, []))))
+                for qid, uq, cid, uid, app in conn.exec_driver_sql("SELECT query_id, user_query, client_id, user_id, application FROM ubi_queries")
+            ]
+            events = [
+                ubi.UbiEvent(eid, act, _utc(ts), qid, oid, pos, cid, uid, sid, app)
+                for eid, act, qid, oid, pos, cid, uid, sid, app, ts in conn.exec_driver_sql(
+                    "SELECT event_id, action_name, query_id, object_id, position, client_id, user_id, session_id, application, ts FROM ubi_events")
+            ]
+        return queries, events
+
     def analyze(self) -> None:
         """Refresh the planner statistics after a bulk load (PostgreSQL ``ANALYZE``; SQLite plans the
         history queries from the indexes alone, so nothing is done there)."""
@@ -443,12 +526,48 @@ class HistoryStore:
         return f"HistoryStore({self.url_text!r})"
 
 
+def _utc(ts: Any) -> datetime:
+    """A timestamp read by a raw driver query: SQLite gives naive UTC text, PostgreSQL an aware datetime."""
+    if not isinstance(ts, datetime):
+        ts = datetime.fromisoformat(str(ts))
+    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+
+
 def _sqlite_ts(ts: datetime) -> str:
     """The text SQLAlchemy's SQLite ``DateTime`` stores (naive UTC, microseconds): sorts as time does."""
     return ts.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_value(v: Any) -> str:
+    if v is None:
+        return "\\N"
+    if type(v) is str:
+        return v.translate(_COPY_ESCAPES) if ("\\" in v or "\t" in v or "\n" in v or "\r" in v) else v
+    if isinstance(v, datetime):
+        return v.isoformat()
+    return str(v)
+
+
+def _copy_text(rows: Sequence[Sequence[Any]]) -> str:
+    """Rows in PostgreSQL's COPY text format (tab-separated, ``\\N`` for NULL, backslash escapes)."""
+    out = []
+    for r in rows:
+        try:  # fast path: every value a string with no character to escape
+            line = "\t".join(r)
+        except TypeError:
+            line = None
+        if line is None or line.count("\t") != len(r) - 1 or "\n" in line or "\\" in line or "\r" in line:
+            line = "\t".join(map(_copy_value, r))
+        out.append(line)
+    out.append("")
+    return "\n".join(out)
+
+
 _STAGE = "fusionrank_events_stage"
+_UBI_TABLES = ("ubi_queries", "ubi_shown", "ubi_events")
 _COL_NAMES = ("event_id", "user_id", "product_id", "type", "ts", "session_id", "query")
 _COLS = ", ".join(_COL_NAMES)
 

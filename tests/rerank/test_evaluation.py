@@ -335,3 +335,44 @@ def test_pool_completion_and_random_runs():
     assert bm25 == ["b", "a", "z"]  # list order, then the judged product BM25 did not return
     m = score_runs([{"q1": ["a", "z", "b"]}], [item], MetricSpec())
     assert m["ndcg@10"] == pytest.approx(1.0) and m["mrr@10"] == 1.0
+
+
+@pytest.mark.slow
+def test_train_ubi_learns_from_a_simulated_log_without_the_evaluated_queries(fashion_slice, eval_dir, tmp_path):
+    """A simulated UBI log of the slice's queries (shown: the judged products, shuffled; clicks by grade with a
+    position bias); lambdamart trains on the click model's judgments, never on the evaluated queries' searches."""
+    import random
+
+    from rerank.evaluation.data import read_qrels, read_queries
+
+    rng = random.Random(3)
+    qs = read_queries(fashion_slice.queries).queries
+    qrels = read_qrels(fashion_slice.qrels)
+    log = tmp_path / "ubi"
+    log.mkdir()
+    with open(log / "ubi_queries.jsonl", "w") as fq, open(log / "ubi_events.jsonl", "w") as fe:
+        for i in range(600):
+            q = qs[i % len(qs)]
+            g = qrels.for_query(q.id)
+            shown = sorted(g)
+            rng.shuffle(shown)
+            qid = f"s{i}"
+            fq.write(json.dumps({"query_id": qid, "user_query": q.text, "client_id": f"c{i}", "timestamp": "2026-11-01T10:00:00Z",
+                                 "query_response_hit_ids": shown}) + "\n")
+            for r, d in enumerate(shown):
+                if rng.random() < (1 / (r + 1)) * (0.1 + 0.4 * float(g[d])):
+                    fe.write(json.dumps({"action_name": "click", "query_id": qid, "client_id": f"c{i}", "timestamp": "2026-11-01T10:00:05Z",
+                                         "event_attributes": {"object": {"object_id": d}, "position": {"ordinal": r + 1}}}) + "\n")
+    req = EvalRequest(catalog=fashion_slice.catalog, queries=fashion_slice.queries, qrels=fashion_slice.qrels, gain="identity",
+                      images_root=fashion_slice.images_root, systems=("bm25", "lambdamart"), train_ubi=log)
+    out = evaluate(req, data_dir=eval_dir, indexer=_indexer(eval_dir)).to_json()
+    ubi = out["train"]["ubi"]
+    assert ubi["click_model"] == "pbm" and ubi["excluded_query_texts"] == out["queries"] > 0
+    trained = {q.text.lower() for q in read_queries(Path(ubi["judgments_file"]).with_name("queries.tsv")).queries}
+    evaluated = {q.text.lower() for q in qs} - trained
+    assert len(evaluated) >= out["queries"] and not trained & evaluated
+    assert out["train"]["train"] + out["train"]["validation"] == len(trained)
+    assert 0.0 < out["systems"]["lambdamart"]["ndcg@10"] <= 1.0
+    with pytest.raises(ConfigError, match="--train-ubi replaces"):
+        evaluate(EvalRequest(catalog=fashion_slice.catalog, queries=fashion_slice.queries, qrels=fashion_slice.qrels, gain="identity",
+                             train_ubi=log, train_queries=fashion_slice.queries, train_qrels=fashion_slice.qrels), data_dir=eval_dir, indexer=_indexer(eval_dir))

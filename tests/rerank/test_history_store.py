@@ -49,7 +49,8 @@ def _columns(url: str, table: str) -> set[str]:
 
 def test_migrations_up_and_down_keep_data(db_url: str) -> None:
     assert current_revision(db_url) is None
-    assert upgrade(db_url) == head_revision() == "0003"
+    assert upgrade(db_url) == head_revision() == "0004"
+    assert {"ubi_queries", "ubi_shown", "ubi_events"} <= _tables(db_url)
     assert {"users", "events", VERSION_TABLE} <= _tables(db_url)
     assert "ingested_at" in _columns(db_url, "events")
     with HistoryStore(db_url) as s:
@@ -63,7 +64,7 @@ def test_migrations_up_and_down_keep_data(db_url: str) -> None:
         assert conn.execute(text("SELECT event_id, type FROM events ORDER BY event_id")).all() == [("e1", "view"), ("e2", "purchase")]
     engine.dispose()
 
-    assert upgrade(db_url) == "0003"  # and up again (batch mode on SQLite once more)
+    assert upgrade(db_url) == "0004"  # and up again (batch mode on SQLite once more)
     with HistoryStore(db_url) as s:
         assert s.count_events() == 2
         assert s.recent_events("u1", 10)[0][0] in {"p1", "p2"}
@@ -129,7 +130,7 @@ def test_store_refuses_an_unmigrated_database(db_url: str) -> None:
 
 def test_store_refuses_a_database_behind_or_ahead(db_url: str) -> None:
     upgrade(db_url, "0001")
-    with pytest.raises(NotMigratedError, match=r"'0001', behind.*'0003'.*fusionrank db upgrade"):
+    with pytest.raises(NotMigratedError, match=r"'0001', behind.*'0004'.*fusionrank db upgrade"):
         HistoryStore(db_url)
     upgrade(db_url)
     engine = make_engine(db_url)

@@ -123,6 +123,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         train_events: Optional[Path] = typer.Option(None, "--train-events", help="Events of the training users."),
         train_catalog: Optional[Path] = typer.Option(None, "--train-catalog", help="Catalog of the training queries (default: --catalog)."),
         train_images_root: Optional[Path] = typer.Option(None, "--train-images-root", help="Images root of --train-catalog."),
+        train_ubi: Optional[Path] = typer.Option(None, "--train-ubi", help="Train trainable systems from this UBI search log (queries + "
+                                                 "events JSONL, a file or a folder) instead of qrels: implicit judgments of a click model, "
+                                                 "every evaluated query's searches left out."),
+        click_model: str = typer.Option("pbm", "--click-model", help="--train-ubi: pbm (position-based, EM; debiased, default) | "
+                                        "sdbn (simplified DBN) | ctr (naive click-through rate, no position correction)."),
+        ubi_unshown: str = typer.Option("irrelevant", "--ubi-unshown", help="--train-ubi: products the log never showed for a query are "
+                                        "irrelevant (gain 0, as unjudged qrels; default: it won on held-out queries) | unknown (left out of its training list)."),
         model: list[str] = typer.Option([], "--model", help="Use a trained artifact instead of training: SYSTEM=DIR (repeatable)."),
         limit_queries: Optional[int] = typer.Option(None, "--limit-queries", min=1, help="Evaluate a seeded sample of N queries of the split."),
         top_n: int = typer.Option(200, "--top-n", min=1, max=10_000, help="retrieve mode: candidates per list and fused pool size."),
@@ -190,6 +197,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             options={"ce_max_pairs": ce_pairs, "fusion_options": parse_fusion_options(fusion_option)},
             subsets=parse_subsets(subset),
             train_also=tuple(DatasetSpec.parse(d) for d in train_also),
+            train_ubi=train_ubi,
+            click_model=click_model,
+            ubi_unshown=ubi_unshown,
             progress=show,
             diversity=parse_diversity_list(diversity),
             diversity_config=parse_diversity_options(diversity_option, settings),

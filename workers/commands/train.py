@@ -39,6 +39,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads for training (default: torch's; 1 on a busy shared CPU)."),
         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: when stderr is a terminal)."),
         as_json: bool = typer.Option(False, "--json", help="Print the training report as JSON."),
+        from_ubi: Optional[Path] = typer.Option(None, "--from-ubi", help="Train from a UBI search log (queries + events JSONL, a file or a "
+                                                "folder) with --catalog, no qrels: implicit judgments of a click model."),
+        click_model: str = typer.Option("pbm", "--click-model", help="--from-ubi: pbm (debiased, default) | sdbn | ctr (naive)."),
+        exclude_queries: Optional[Path] = typer.Option(None, "--exclude-queries", help="--from-ubi: leave these queries' searches out "
+                                                       "(a queries TSV; e.g. the ones you will evaluate on)."),
     ) -> None:
         """Train the fusion ranker (alignment, listwise loss, early stopping) and write its artifact."""
         from rerank.train import DatasetSpec, TrainConfig, train_ranker
@@ -47,10 +52,31 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         settings = load_settings()
         show = sys.stderr.isatty() if progress is None else progress
+        if from_ubi is not None:
+            from rerank.evaluation.data import read_queries
+            from rerank.evaluation.ubi_judgments import write_ubi_judgments
+
+            if catalog is None or queries is not None or qrels is not None:
+                raise typer.BadParameter("--from-ubi takes --catalog (the products the log shows) and no --queries/--qrels")
+            excl = [q.text for q in read_queries(exclude_queries).queries] if exclude_queries is not None else []
+            uj = write_ubi_judgments(from_ubi, settings.data_dir / "ubi-judgments", exclude=excl, model=click_model)
+            typer.echo(f"UBI judgments ({click_model}): {uj.info['queries']} queries, {uj.info['judgments']} judged pairs, "
+                       f"spam capping {uj.info['spam_capping']}; {uj.qrels}", err=True)
+            queries, qrels = uj.queries, uj.qrels
+            dataset = list(dataset)
+            given_ubi = DatasetSpec(catalog=catalog, queries=queries, qrels=qrels, gain="identity", events=events,
+                                    images_root=images_root or catalog.parent, name=f"ubi-{click_model}", mode="retrieve")
+        else:
+            given_ubi = None
         given = (catalog, queries, qrels)
-        if any(given) and not all(given):
+        if given_ubi is not None:
+            pass
+        elif any(given) and not all(given):
             raise typer.BadParameter("--catalog, --queries and --qrels go together (or describe each dataset with --dataset)")
-        datasets = [DatasetSpec(catalog=catalog, queries=queries, qrels=qrels, gain=gain, events=events, images_root=images_root or catalog.parent)] if all(given) else []
+        if given_ubi is not None:
+            datasets = [given_ubi]
+        else:
+            datasets = [DatasetSpec(catalog=catalog, queries=queries, qrels=qrels, gain=gain, events=events, images_root=images_root or catalog.parent)] if all(given) else []
         datasets += [DatasetSpec.parse(d) for d in dataset]
         if not datasets:
             raise typer.BadParameter("no training data: give --catalog/--queries/--qrels and/or --dataset")

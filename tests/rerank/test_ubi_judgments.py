@@ -1,0 +1,73 @@
+"""Implicit judgments from a (simulated) UBI log as the harness's training files: evaluated queries left out, cached."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from rerank.evaluation.data import read_qrels, read_queries
+from rerank.evaluation.ubi_judgments import ubi_query_id, write_ubi_judgments
+
+
+def _log(d: Path, seed: int = 0) -> Path:
+    """Two queries; products 'good-*' are clicked often, 'bad-*' rarely (simulated, position-biased)."""
+    rng = random.Random(seed)
+    d.mkdir(parents=True)
+    with open(d / "ubi_queries.jsonl", "w") as fq, open(d / "ubi_events.jsonl", "w") as fe:
+        for i in range(400):
+            text = "Black Shoes" if i % 2 else "red dress"
+            prods = [f"good-{j}" for j in range(3)] + [f"bad-{j}" for j in range(5)]
+            rng.shuffle(prods)
+            qid = f"q{i}"
+            fq.write(json.dumps({"query_id": qid, "user_query": text, "client_id": f"c{i}", "timestamp": "2026-11-01T10:00:00Z",
+                                 "query_response_hit_ids": prods}) + "\n")
+            for r, p in enumerate(prods):
+                if rng.random() < (1.0 / (r + 1)) * (0.8 if p.startswith("good") else 0.05):
+                    fe.write(json.dumps({"action_name": "click", "query_id": qid, "client_id": f"c{i}", "timestamp": "2026-11-01T10:00:05Z",
+                                         "event_attributes": {"object": {"object_id": p}, "position": {"ordinal": r + 1}}}) + "\n")
+    return d
+
+
+def test_judgments_rank_the_clicked_products_first_and_leave_out_excluded_queries(tmp_path: Path) -> None:
+    log = _log(tmp_path / "log")
+    uj = write_ubi_judgments(log, tmp_path / "out", exclude=["red  DRESS"], model="pbm")
+    qs = read_queries(uj.queries).queries
+    assert [q.text for q in qs] == ["Black Shoes"]
+    assert qs[0].id == ubi_query_id("black shoes")
+    g = read_qrels(uj.qrels).for_query(qs[0].id)
+    assert min(g[f"good-{j}"] for j in range(3)) > max(g[f"bad-{j}"] for j in range(5))
+    assert max(g.values()) <= 2.0 and uj.info["sessions_excluded"] == 200 and uj.info["excluded_query_texts"] == 1
+    again = write_ubi_judgments(log, tmp_path / "out", exclude=["red dress"], model="pbm")
+    assert again.qrels == uj.qrels  # cached by content
+    both = write_ubi_judgments(log, tmp_path / "out", model="ctr")
+    assert both.qrels != uj.qrels and len(read_queries(both.queries).queries) == 2
+
+
+def test_cli_click_models_compares_on_held_out_searches(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    log = _log(tmp_path / "log")
+    r = CliRunner().invoke(app, ["events", "click-models", str(log), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    m = out["models"]
+    assert set(m) == {"ctr", "pbm", "sdbn"} and out["test_sessions"] + out["train_sessions"] == 400
+    assert m["pbm"]["log_likelihood"] > m["ctr"]["log_likelihood"]  # the simulated clicks are position-biased
+    assert m["pbm"]["theta"][0] > m["pbm"]["theta"][3]
+
+
+def test_cli_train_from_ubi_takes_a_catalog_and_no_qrels(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    log = _log(tmp_path / "log")
+    cat = tmp_path / "c.csv"
+    cat.write_text("product_id,title\ngood-0,a\n")
+    r = CliRunner().invoke(app, ["train", "--from-ubi", str(log), "--catalog", str(cat), "--queries", str(cat), "--out", str(tmp_path / "m")])
+    assert r.exit_code != 0 and "no --queries/--qrels" in r.output
+    r = CliRunner().invoke(app, ["train", "--from-ubi", str(log), "--out", str(tmp_path / "m")])
+    assert r.exit_code != 0 and "--from-ubi takes --catalog" in r.output

@@ -90,7 +90,7 @@ def run_via_opensearch_bench(*, synthetic_size: int = 300, requests: int = 200, 
     from indexing.machine import machine_info
     from mappings import load_mapping
     from rerank import opensearch_pipeline as P
-    from rerank.service.bench import N_USERS, _start_server, _wait_ready, build_synthetic_world, world_settings
+    from rerank.service.bench import N_USERS, _start_server, _wait_ready, build_synthetic_world, stop_process, world_settings
     from rerank.service.drill_services import free_port
     from workers import devnode
 
@@ -150,13 +150,7 @@ def run_via_opensearch_bench(*, synthetic_size: int = 300, requests: int = 200, 
                 "synthetic_size": synthetic_size, "node": "dev node (workers/devnode.py, 1 GB heap)" if node else opensearch_url,
                 "server": "fusionrank serve, 1 worker process, subprocess", "cpu_count": os.cpu_count(), "machine": machine_info()}
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         if node is not None:
             node.stop()
         shutil.rmtree(tmp, ignore_errors=True)

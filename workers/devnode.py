@@ -88,15 +88,21 @@ def plugin_build_key() -> str:
     return h.hexdigest()[:16]
 
 
+def _maven(mvn: str | None, what: str) -> str:
+    """The Maven to build ``what`` with: ``mvn`` as given, else the one on PATH; a clear error when there is none."""
+    found = mvn or shutil.which("mvn")
+    if found is None:
+        raise ConfigError(f"{what} is built with Maven, and `mvn` is not on PATH (Debian: apt-get install maven)")
+    return found
+
+
 def build_plugin(*, mvn: str | None = None) -> Path:
     """Build fusionrank's plugin zip (or reuse an earlier build) and return the folder it is unpacked in (what a
     node's ``plugins/fusionrank`` holds: descriptor, security policy, jar)."""
     out = _cache_root() / "opensearch-plugin" / f"{OPENSEARCH_VERSION}-{plugin_build_key()}"
     if (out / "plugin-descriptor.properties").is_file():
         return out
-    mvn = mvn or shutil.which("mvn")
-    if mvn is None:
-        raise ConfigError("fusionrank's OpenSearch plugin is built with Maven, and `mvn` is not on PATH (Debian: apt-get install maven)")
+    mvn = _maven(mvn, "fusionrank's OpenSearch plugin")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -149,9 +155,7 @@ def build(*, quiet: bool = True, mvn: str | None = None) -> Path:
     out = _cache_root() / "opensearch-node" / f"{OPENSEARCH_VERSION}-{build_key()}"
     if (out / "classpath.txt").is_file():
         return out
-    mvn = mvn or shutil.which("mvn")
-    if mvn is None:
-        raise ConfigError("the OpenSearch dev node is built with Maven, and `mvn` is not on PATH (Debian: apt-get install maven)")
+    mvn = _maven(mvn, "the OpenSearch dev node")
     if shutil.which("java") is None:
         raise ConfigError("the OpenSearch dev node needs Java 17+ (`java` is not on PATH; Debian: apt-get install openjdk-17-jre-headless)")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,18 @@ log = logging.getLogger(__name__)
 N_USERS = 20
 
 
+def stop_process(proc: "subprocess.Popen | None", timeout: float = 20.0) -> None:
+    """Stop a server subprocess a benchmark started: terminate, wait ``timeout`` s, then kill (None: nothing)."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _pct(xs: Sequence[float], q: float) -> float:
     s = sorted(xs)
     if not s:
@@ -348,13 +360,7 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
             "model_runtime": runtime,
         }
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         gc.unfreeze()  # a caller that goes on (a test process) gets its collector back as it was
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -84,6 +84,7 @@ class EvalContext:
     progress: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # per system, shown in the report
+    serving: dict[str, dict[str, Any]] = field(default_factory=dict)  # per fusion system: what its artifact serves (rerank.safe)
     artifacts: dict[str, str] = field(default_factory=dict)  # per system: the model directory it scored with
     fusion: "FusionInputs | None" = None  # what the fusion systems need beyond the items (set by the harness)
 
@@ -116,6 +117,8 @@ class FusionInputs:
 class System:
     name: str = ""
     trainable: bool = False
+    #: a first-stage order (a single list or a hybrid of them): a candidate for the report's best baseline
+    first_stage: bool = False
 
     def runs(self, ctx: EvalContext) -> list[Run]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -174,6 +177,7 @@ class RandomSystem(System):
 # --------------------------------------------------------------------------- single lists
 class _ListSystem(System):
     list_name = ""
+    first_stage = True
 
     def runs(self, ctx: EvalContext) -> list[Run]:
         ran = [it for it in ctx.items if self.list_name in it.stage.lists]
@@ -208,6 +212,7 @@ class KnnImageSystem(_ListSystem):
 # --------------------------------------------------------------------------- hybrids
 class _HybridSystem(System):
     method = ""
+    first_stage = True
 
     def runs(self, ctx: EvalContext) -> list[Run]:
         run: Run = {}

@@ -132,6 +132,19 @@ def test_retrieve_mode_baselines_beat_random_and_share_the_index(fashion_slice, 
     assert out["systems"]["random"]["runs"] == 5
     for name in ("bm25", "knn_text", "hybrid_rrf", "hybrid_minmax"):
         assert out["systems"][name]["ndcg@10"] > out["systems"]["random"]["ndcg@10"] + 0.1, name
+    # every row: a 95% interval over the queries around its mean, and a paired test against the best first-stage system
+    best = out["best_baseline"]
+    assert best in ("bm25", "knn_text", "hybrid_rrf", "hybrid_minmax")
+    assert out["systems"][best]["ndcg@10"] == max(out["systems"][n]["ndcg@10"] for n in ("bm25", "knn_text", "hybrid_rrf", "hybrid_minmax"))
+    for name, m in out["systems"].items():
+        for k in ("ndcg@10", "mrr@10"):
+            lo, hi = m["ci95"][k]
+            assert 0.0 <= lo <= m[k] <= hi <= 1.0 and hi - lo < 0.6, (name, k)
+        vs = m["vs_best_baseline"]
+        assert vs["system"] == best and vs["is_best_baseline"] == (name == best)
+        assert vs["ndcg@10"]["diff"] == pytest.approx(m["ndcg@10"] - out["systems"][best]["ndcg@10"], abs=2e-6)
+    rnd = out["systems"]["random"]["vs_best_baseline"]["ndcg@10"]
+    assert rnd["significant"] and rnd["diff"] < -0.1 and rnd["p"] < 0.01  # 16 queries: random is clearly worse
     # a second evaluation reuses the cached index (no indexer call)
     def no_indexing(engine, job):
         raise AssertionError("the catalog was indexed twice")
@@ -282,8 +295,11 @@ def test_diversity_metrics_and_the_trade_off_by_lambda(fashion_slice, eval_dir, 
     # lambda 0 is the plain fusion system, metric for metric
     plain = evaluate(_req(fashion_slice, systems=("fusion",), **common), data_dir=eval_dir, indexer=_indexer(eval_dir)).to_json()
     assert "by_diversity" not in plain and "diversity" not in plain
-    assert {k: v for k, v in plain["systems"]["fusion"].items() if k not in ("seconds", "note")} == \
-        {k: v for k, v in f0.items() if k not in ("seconds", "note", "diversity")}
+    assert {k: v for k, v in plain["systems"]["fusion"].items() if k not in ("seconds", "note", "vs_best_baseline")} == \
+        {k: v for k, v in f0.items() if k not in ("seconds", "note", "diversity", "vs_best_baseline")}
+    # alone, fusion has no first-stage system to be tested against; beside bm25 it is, at every lambda
+    assert plain["best_baseline"] is None and plain["systems"]["fusion"]["vs_best_baseline"] is None
+    assert all(by[k]["best_baseline"] == "bm25" and by[k]["systems"]["fusion"]["vs_best_baseline"]["system"] == "bm25" for k in by)
     table = format_tradeoff(rep)
     assert "fusion:" in table and "bm25" not in table.split("fusion:")[1] and "colours@10" in table and "vs λ 0" in table
     assert "ild@10" in format_table(rep) and "colours@10" in format_table(rep)

@@ -488,15 +488,32 @@ class _FusionSystem(System):
             requests.append(build_request_features(qvecs[i], list(cands[it.query_id]), docs, spec, history=h, project=project,
                                                    text_dim=art.text_encoder.dim, image_dim=image_dim, colour=art.colour))
         out = []
-        with torch_threads(1):
-            for s in range(0, len(requests), 16):
-                for it, req, scored in zip(ctx.items[s : s + 16], requests[s : s + 16], art.ranker.score_requests(requests[s : s + 16])):
-                    out.append((it, scored, req, docs))
+        serving = art.serving
+        ctx.serving[self.name] = serving
+        if art.serves_safe_choice:  # what the artifact serves: the signal's order, as the rerank call does
+            from rerank.safe import signal_scores
+
+            for it, req in zip(ctx.items, requests):
+                out.append((it, _SignalScored(req.ids, signal_scores(serving["signal"], req, spec.lists)), req, docs))
+        else:
+            with torch_threads(1):
+                for s in range(0, len(requests), 16):
+                    for it, req, scored in zip(ctx.items[s : s + 16], requests[s : s + 16], art.ranker.score_requests(requests[s : s + 16])):
+                        out.append((it, scored, req, docs))
         rep = art.report or {}
+        served = f"serves the safe choice ({serving['signal']}), not the model" if art.serves_safe_choice else "serves the model"
         ctx.notes.setdefault(self.name, f"fusion ranker ({art.ranker.config.strategy}, {rep.get('ablation', 'given')}), "
-                                        f"artifact {art.version}, best validation NDCG@10 {rep.get('best_validation_ndcg@10', 'n/a')}; {image_list}; "
+                                        f"artifact {art.version} {served}, best validation NDCG@10 {rep.get('best_validation_ndcg@10', 'n/a')}; {image_list}; "
                                         f"{with_history} of {len(ctx.items)} queries with a user history")
         return out
+
+
+@dataclass(frozen=True)
+class _SignalScored:
+    """A request scored by a first-stage signal (an artifact serving the safe choice): ids and scores, as ScoredRequest."""
+
+    ids: tuple[str, ...]
+    scores: np.ndarray
 
 
 def _fusion(name: str, strategy: str = "attention", use_image: bool = True, use_history: bool = True, doc: str = "") -> type[_FusionSystem]:

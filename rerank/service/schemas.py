@@ -55,6 +55,9 @@ class FusionrankBlock(BaseModel):
     diversity: Optional[dict[str, Any]] = Field(None, description="/rerank and /search: the diversity lambda that applied and why "
                                                                   "(lambda, requested, source, reason, applied; with auto: qualifiers, "
                                                                   "attributes, history_strength, history_events)")
+    serving: Optional[dict[str, Any]] = Field(None, description="what the model artifact serves: policy 'model' (the trained model) or "
+                                                                "'safe_choice' (the first-stage signal's order, when training could "
+                                                                "not show the model beats it), the signal and why; null for noop")
 
 
 # ----------------------------------------------------------------------------- Cohere rerank (/v1/rerank)

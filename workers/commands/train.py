@@ -97,3 +97,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 f"validation NDCG@10 {rep['best_validation_ndcg@10']:.4f} (untrained {rep['untrained_validation_ndcg@10']:.4f}); "
                 f"best epoch {rep['best_epoch']} of {rep['epochs_run']}; {rep['stopped']}"
             )
+            sv = rep["serving"]
+            v = sv["verdict"]
+            typer.echo(f"the model against the first stage on {v['validation_queries']} validation queries (paired randomization test):")
+            typer.echo(f"  {'model':<12} NDCG@10 {v['model_ndcg@10'] if v['model_ndcg@10'] is not None else float('nan'):.4f}")
+            for name, b in v["baselines"].items():
+                t = b["model_vs"]
+                p = "n/a" if t["p"] is None else f"{t['p']:.4f}"
+                typer.echo(f"  {name:<12} NDCG@10 {b['ndcg@10']:.4f}  model {t['diff']:+.4f}, p {p}"
+                           f"{'  model significantly better' if b['model_better'] else ''}{'  <- best signal' if name == v['best_signal'] else ''}")
+            typer.echo(f"verdict: {v['summary']}")
+            typer.echo(f"serving: {'the trained model' if sv['policy'] == 'model' else 'the safe choice, ' + str(sv['signal']) + ' (written to config.json)'}")

@@ -3,8 +3,9 @@
 A reranker must never make search worse than the order it reorders. :func:`decide_serving` runs when
 ``rerank.train`` has fitted a model: on the validation queries it compares the model with every first-stage signal
 (:data:`SIGNALS`) by a paired randomization test over queries (:func:`rerank.evaluation.stats.paired_test`). When
-the model beats the best signal significantly (p < 0.05, mean difference > 0) the artifact serves the model;
-otherwise it serves the **safe choice**: the best signal's own order. The decision and its numbers go into the
+the model beats the best signal (by NDCG@10) significantly (p < 0.05, mean difference > 0) *and* no signal has a
+significantly better MRR@10 (the model must not put a non-relevant product first more often than the first stage
+does), the artifact serves the model; otherwise it serves the **safe choice**: the best signal's own order. The decision and its numbers go into the
 artifact's ``config.json`` (``"serving"``), the training report, every response's ``fusionrank`` block and the
 harness's report.
 
@@ -126,7 +127,7 @@ def decide_serving(model_scores: Sequence[tuple[Sequence[str], np.ndarray, Mappi
     model is tested against each with :func:`rerank.evaluation.stats.paired_test`. Returns the artifact's
     ``serving`` block: ``{"policy", "signal", "verdict": {...}}``."""
     from rerank.evaluation.stats import TEST_METHOD, derive_seed, paired_test
-    from rerank.metrics import ndcg_at_k
+    from rerank.metrics import DEFAULT_REL_THRESHOLD, mrr_at_k, ndcg_at_k
 
     if not model_scores:
         return {"policy": SAFE_CHOICE, "signal": "first_stage",
@@ -135,30 +136,49 @@ def decide_serving(model_scores: Sequence[tuple[Sequence[str], np.ndarray, Mappi
                             "summary": "no validation query: the model could not be compared with the first stage; serving the first-stage order"}}
     have = {s for _, _, _, f in model_scores for s in available_signals(f, lists)}
     signals = [s for s in SIGNALS if s in have]
-    model_v = np.array([ndcg_at_k(order(ids, sc), gains, 10) for ids, sc, gains, _ in model_scores])
-    sig_v = {s: np.array([ndcg_at_k(order(ids, signal_scores(s, f, lists)), gains, 10) for ids, _, gains, f in model_scores]) for s in signals}
+    def metrics(ids: Sequence[str], scores: Any, gains: Mapping[str, float]) -> tuple[float, float]:
+        o = order(ids, scores)
+        return ndcg_at_k(o, gains, 10), mrr_at_k(o, gains, 10, threshold=DEFAULT_REL_THRESHOLD)
+
+    model_m = np.array([metrics(ids, sc, gains) for ids, sc, gains, _ in model_scores]).reshape(-1, 2)
+    sig_m = {s: np.array([metrics(ids, signal_scores(s, f, lists), gains) for ids, _, gains, f in model_scores]).reshape(-1, 2) for s in signals}
+    model_v, sig_v = model_m[:, 0], {s: v[:, 0] for s, v in sig_m.items()}
     best = min(signals, key=lambda s: (-float(sig_v[s].mean()), SIGNALS.index(s)))
     baselines = {}
     for s in signals:
         t = paired_test(model_v, sig_v[s], seed=derive_seed(seed, "verdict", s), alpha=alpha)
+        tm = paired_test(model_m[:, 1], sig_m[s][:, 1], seed=derive_seed(seed, "verdict-mrr", s), alpha=alpha)
         baselines[s] = {"system": BASELINE_OF[s], "ndcg@10": round(float(sig_v[s].mean()), 6), "model_vs": t.to_dict(),
-                        "model_better": t.better}
+                        "model_better": t.better, "mrr@10": round(float(sig_m[s][:, 1].mean()), 6), "model_vs_mrr": tm.to_dict(),
+                        "model_worse_mrr": tm.significant and tm.diff < 0}
     bt = baselines[best]["model_vs"]
     beats = bool(baselines[best]["model_better"])
+    # never lose what the first stage gets right: a model significantly worse at the first relevant hit than any signal
+    # (MRR@10: a product of the asked type first) is not served, whatever its NDCG@10
+    mrr_losses = [s for s in signals if baselines[s]["model_worse_mrr"]]
     n = len(model_scores)
     p = "n/a" if bt["p"] is None else f"{bt['p']:.4g}"
-    if beats:
+    if beats and not mrr_losses:
         summary = (f"the model beats the best first-stage signal {best} on {n} validation queries: NDCG@10 {model_v.mean():.4f} vs "
-                   f"{sig_v[best].mean():.4f} ({bt['diff']:+.4f}, p {p}); serving the model")
+                   f"{sig_v[best].mean():.4f} ({bt['diff']:+.4f}, p {p}), and no signal has a significantly better MRR@10; serving the model")
+    elif beats:
+        worst = min(mrr_losses, key=lambda s: baselines[s]["model_vs_mrr"]["diff"])
+        tm = baselines[worst]["model_vs_mrr"]
+        summary = (f"the model beats the best first-stage signal {best} on NDCG@10 on {n} validation queries ({model_v.mean():.4f} vs "
+                   f"{sig_v[best].mean():.4f}, {bt['diff']:+.4f}, p {p}) but its MRR@10 is significantly below "
+                   f"{', '.join(mrr_losses)}'s ({worst}: {tm['diff']:+.4f}, p {tm['p']:.4g}): it puts a non-relevant product first more "
+                   f"often than the first stage; serving the safe choice, {best}'s order")
     else:
         summary = (f"the model does not beat the best first-stage signal {best} significantly on {n} validation queries: NDCG@10 "
                    f"{model_v.mean():.4f} vs {sig_v[best].mean():.4f} ({bt['diff']:+.4f}, p {p}, alpha {alpha}); serving the safe "
                    f"choice, {best}'s order")
+    served = beats and not mrr_losses
     return {
-        "policy": MODEL if beats else SAFE_CHOICE,
-        "signal": None if beats else best,
-        "verdict": {"validation_queries": n, "model_ndcg@10": round(float(model_v.mean()), 6), "baselines": baselines, "best_signal": best,
-                    "model_beats_best": beats, "alpha": alpha, "test": TEST_METHOD, "summary": summary},
+        "policy": MODEL if served else SAFE_CHOICE,
+        "signal": None if served else best,
+        "verdict": {"validation_queries": n, "model_ndcg@10": round(float(model_v.mean()), 6), "model_mrr@10": round(float(model_m[:, 1].mean()), 6),
+                    "baselines": baselines, "best_signal": best, "model_beats_best": beats, "model_worse_mrr_than": mrr_losses,
+                    "alpha": alpha, "test": TEST_METHOD, "summary": summary},
     }
 
 

@@ -69,6 +69,21 @@ def test_verdict_serves_the_model_only_when_it_beats_the_best_signal_significant
     assert null["policy"] == SAFE_CHOICE and null["signal"] == null["verdict"]["best_signal"]
     assert not null["verdict"]["model_beats_best"] and "serving the safe choice" in null["verdict"]["summary"]
     assert decide_serving(rows_null, LISTS, seed=13) == null  # seeded
+    assert good["verdict"]["model_worse_mrr_than"] == [] and 0.0 < good["verdict"]["model_mrr@10"] <= 1.0
+    # better NDCG@10 but a non-relevant product first where the first stage put a relevant one: not served
+    rows_mrr = []
+    for q in range(40):
+        f = _features(20, rng)
+        grades = [1] + [0] * 14 + [1, 1, 2, 2, 2]  # the first stage (row order) has a relevant product first, the best ones last
+        gains = {d: float(g) for d, g in zip(f.ids, grades)}
+        model = np.array([4.0] + [0.0] * 14 + [5, 5, 8, 8, 8])
+        model[1] = 11.0  # a non-relevant product first, then the grade-2 ones, then the grade-1 ones
+        rows_mrr.append((f.ids, model, gains, f))
+    mr = decide_serving(rows_mrr, LISTS, seed=13)
+    fs = mr["verdict"]["baselines"]["first_stage"]
+    assert fs["mrr@10"] == 1.0 and mr["verdict"]["model_mrr@10"] == 0.5 and fs["model_worse_mrr"]
+    assert mr["verdict"]["model_beats_best"] and "first_stage" in mr["verdict"]["model_worse_mrr_than"]
+    assert mr["policy"] == SAFE_CHOICE and "MRR@10 is significantly below" in mr["verdict"]["summary"]
     empty = decide_serving([], LISTS, seed=13)
     assert empty["policy"] == SAFE_CHOICE and empty["signal"] == "first_stage"
     # no photo anywhere: knn_image is not a candidate

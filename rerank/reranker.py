@@ -272,6 +272,9 @@ class Reranker:
         self.scorer = None
         #: what the artifact serves (rerank.safe): the signal of the safe choice, or None when it serves its model
         self._safe_signal = model.serving["signal"] if model is not None and model.serves_safe_choice else None
+        from rerank.safe import response_block
+
+        self._serving = None if model is None else response_block(model.serving)  # read once: the artifact does not change
         if model is not None:
             from rerank.onnx_ranker import cpu_runtime
 
@@ -441,10 +444,8 @@ class Reranker:
     @property
     def serving(self) -> dict[str, Any] | None:
         """The response's ``fusionrank.serving``: ``{"policy": "model" | "safe_choice", "signal", "reason"}`` from the
-        artifact's training verdict (:mod:`rerank.safe`); None for the noop reranker."""
-        from rerank.safe import response_block
-
-        return None if self.model is None else response_block(self.model.serving)
+        artifact's training verdict (:mod:`rerank.safe`); None for the noop reranker. A copy per call."""
+        return None if self._serving is None else dict(self._serving)
 
     @property
     def stats(self) -> dict[str, int]:

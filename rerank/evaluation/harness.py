@@ -503,7 +503,8 @@ def best_baseline(results: Mapping[str, "SystemResult"]) -> str | None:
 
 def with_statistics(results: Mapping[str, "SystemResult"], *, seed: int) -> tuple[dict[str, "SystemResult"], str | None]:
     """Every system with its 95% intervals of :data:`~rerank.evaluation.stats.STAT_METRICS` over queries and its paired
-    test against the best baseline (:func:`best_baseline`), seeded by ``seed`` and the system's name."""
+    test against the best baseline (:func:`best_baseline`), seeded by ``seed`` and the metric (intervals: the same query
+    resamples for every system) and the two systems' names (tests)."""
     from dataclasses import replace
 
     from rerank.evaluation.stats import STAT_METRICS, bootstrap_ci, derive_seed, paired_test
@@ -511,7 +512,8 @@ def with_statistics(results: Mapping[str, "SystemResult"], *, seed: int) -> tupl
     best = best_baseline(results)
     out: dict[str, SystemResult] = {}
     for name, r in results.items():
-        ci = {m: bootstrap_ci(r.per_query[m], seed=derive_seed(seed, "ci", name, m)) for m in STAT_METRICS if m in r.per_query}
+        # the same resamples of the queries for every system (common random numbers): equal vectors, equal intervals
+        ci = {m: bootstrap_ci(r.per_query[m], seed=derive_seed(seed, "ci", m)) for m in STAT_METRICS if m in r.per_query}
         vs: dict[str, Any] | None = None
         if best is not None:
             b = results[best]

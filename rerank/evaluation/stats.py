@@ -12,8 +12,9 @@ e.g. random's five seeds), in the same query order for every system, so two syst
   swaps otherwise), two-sided. ``significant`` is ``p < alpha`` (0.05); p-values are *not* corrected for the
   number of systems compared. The mean difference also gets its bootstrap interval.
 
-Seeds: every call takes ``seed``; :func:`derive_seed` makes one per (run seed, system, metric), so a report is
-the same on every run and does not depend on the order the systems ran in.
+Seeds: every call takes ``seed``; :func:`derive_seed` makes one per (run seed, metric) for the intervals (every system
+is resampled with the same query draws) and per (run seed, both systems, metric) for the tests, so a report is the
+same on every run and does not depend on the order the systems ran in.
 """
 
 from __future__ import annotations

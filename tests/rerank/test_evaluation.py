@@ -351,3 +351,28 @@ def test_pool_completion_and_random_runs():
     assert bm25 == ["b", "a", "z"]  # list order, then the judged product BM25 did not return
     m = score_runs([{"q1": ["a", "z", "b"]}], [item], MetricSpec())
     assert m["ndcg@10"] == pytest.approx(1.0) and m["mrr@10"] == 1.0
+
+
+@pytest.mark.slow
+def test_an_artifact_serving_the_safe_choice_is_scored_as_it_serves(fashion_slice, eval_dir, tmp_path):
+    """A fusion artifact whose verdict chose the first-stage order scores exactly like hybrid_rrf (the order it reorders),
+    and the report says what it served."""
+    model = _untrained_fusion(tmp_path / "model")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["serving"] = {"policy": "safe_choice", "signal": "first_stage", "verdict": {"summary": "test: nothing learned"}}
+    (model / "config.json").write_text(json.dumps(cfg))
+    for mode in ("retrieve", "rerank"):
+        out = evaluate(_req(fashion_slice, systems=("hybrid_rrf", "fusion"), mode=mode, split="all", top_n=50, model_dirs={"fusion": model}),
+                       data_dir=eval_dir, indexer=_indexer(eval_dir)).to_json()
+        f, h = out["systems"]["fusion"], out["systems"]["hybrid_rrf"]
+        for k in ("ndcg@10", "mrr@10", "recall@100", "judged@10"):
+            assert f[k] == h[k], (mode, k)
+        assert f["ci95"] == h["ci95"] and out["best_baseline"] == "hybrid_rrf"
+        assert f["vs_best_baseline"]["ndcg@10"] == {"diff": 0.0, "p": 1.0, "significant": False, "diff_ci95": [0.0, 0.0],
+                                                    "queries": fashion_slice.n_queries}
+        assert f["serving"]["policy"] == "safe_choice" and f["serving"]["signal"] == "first_stage"
+        assert "serves the safe choice (first_stage), not the model" in f["note"]
+    # the untrained model itself (serving its model) orders differently
+    plain = evaluate(_req(fashion_slice, systems=("hybrid_rrf", "fusion"), mode="retrieve", split="all", top_n=50,
+                          model_dirs={"fusion": _untrained_fusion(tmp_path / "plain")}), data_dir=eval_dir, indexer=_indexer(eval_dir)).to_json()
+    assert plain["systems"]["fusion"]["serving"]["policy"] == "model" and plain["systems"]["fusion"]["ndcg@10"] != plain["systems"]["hybrid_rrf"]["ndcg@10"]

@@ -12,6 +12,10 @@ An artifact directory holds:
   colour head's (``colour.*``);
 * ``training_report.json``: what :mod:`rerank.train` measured (optional).
 
+``config.json``'s ``serving`` (:mod:`rerank.safe`) says what the artifact serves: ``{"policy": "model"}`` when training
+showed the model beats every first-stage signal on its validation queries, else ``{"policy": "safe_choice", "signal":
+...}`` (that signal's order), with the ``verdict`` that decided it. An artifact without the block serves its model.
+
 :func:`load_artifact` refuses (``ModelArtifactError`` naming both sides) an artifact whose encoder
 dimensions disagree with the index mapping's ``knn_vector`` dimensions, whose colour head reads a field the
 index does not have (``image_colour`` before products-v3), or whose encoder model ids disagree with the ones
@@ -71,6 +75,20 @@ class ModelArtifact:
     @property
     def version(self) -> str:
         return str(self.config.get("artifact_version", ""))
+
+    @property
+    def serving(self) -> dict[str, Any]:
+        """What this artifact serves (:func:`rerank.safe.serving_of` of ``config.json``'s ``serving``): ``policy`` ``model``
+        or ``safe_choice`` (the first-stage ``signal``'s order, when training could not show the model beats it)."""
+        from rerank.safe import serving_of
+
+        return serving_of(self.config)
+
+    @property
+    def serves_safe_choice(self) -> bool:
+        from rerank.safe import SAFE_CHOICE
+
+        return self.serving["policy"] == SAFE_CHOICE
 
 
 def save_artifact(

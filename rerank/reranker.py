@@ -6,7 +6,8 @@
   reordered, ``_score`` replaced by the model score, the old score kept as ``_previous_score``, an
   ``_explanation`` per hit, ``hits.max_score`` updated, and a top-level ``"fusionrank"`` block
   (``degraded``: ``None`` or the reason, ``model_version``, ``timings_ms``, ``unknown_ids``: the hits' ids the
-  call looked up in the index and did not find, scored from their first-stage signals alone);
+  call looked up in the index and did not find, scored from their first-stage signals alone; ``serving``: what the
+  artifact serves, the trained model or the safe choice, see below);
 * a list of hits (dicts with ``_id``/``_score`` or :class:`indexing.engines.base.Hit`) -> a
   :class:`RankedHits`; iterating it (or ``.items``) gives the same kind of objects as given, reordered
   (dict copies carrying ``_score``/``_previous_score``/``_explanation``; ``Hit`` objects with the new
@@ -49,6 +50,12 @@ says which lambda applied and why, and each hit's explanation carries ``diversit
 the model score) and ``max_similarity`` to the hits placed above it. With a lambda above 0 the hits are no longer
 in ``_score`` order: ``_score`` stays the model's relevance. A noop reranker or a call that failed open keeps the
 first-stage order (lambda 0, the block says why). A lambda outside [0, 1] raises :class:`ConfigError`.
+
+The safe choice (:mod:`rerank.safe`): when training could not show that the model beats the best first-stage signal
+on its validation queries, the artifact says so (``config.json`` ``serving``) and the call serves that signal's order
+(``first_stage``: the order the call received; ``bm25``; ``knn_text``: the query-text cosine; ``knn_image``: the
+query-photo cosine), computed from the same inputs, without the forward pass. ``fusionrank.serving`` (and
+``RankedHits.serving``) says which, and why; each hit's explanation carries ``safe_choice: {signal, score}``.
 
 Aligned photos are cached: a candidate's (or history item's) aligned image vector does not depend on the
 query, so the reranker keeps the model alignment's output per product in a bounded LRU
@@ -111,6 +118,8 @@ class RankedHits:
     model_version: str | None = None
     #: which diversity lambda applied and why (:meth:`rerank.diversity.LambdaChoice.to_dict`, plus ``applied``)
     diversity: Mapping[str, Any] | None = None
+    #: what the artifact serves (:attr:`Reranker.serving`: the model, or the safe choice and why); None for noop
+    serving: Mapping[str, Any] | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -262,6 +271,11 @@ class Reranker:
         self.batcher = None
         #: what scores requests: the torch ranker or its ONNX export (rerank.onnx_ranker)
         self.scorer = None
+        #: what the artifact serves (rerank.safe): the signal of the safe choice, or None when it serves its model
+        self._safe_signal = model.serving["signal"] if model is not None and model.serves_safe_choice else None
+        from rerank.safe import response_block
+
+        self._serving = None if model is None else response_block(model.serving)  # read once: the artifact does not change
         if model is not None:
             from rerank.onnx_ranker import cpu_runtime
 
@@ -429,6 +443,12 @@ class Reranker:
         return "noop" if self.model is None else "fusion"
 
     @property
+    def serving(self) -> dict[str, Any] | None:
+        """The response's ``fusionrank.serving``: ``{"policy": "model" | "safe_choice", "signal", "reason"}`` from the
+        artifact's training verdict (:mod:`rerank.safe`); None for the noop reranker. A copy per call."""
+        return None if self._serving is None else dict(self._serving)
+
+    @property
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters: calls, degraded, degraded:<reason>."""
         with self._lock:
@@ -457,9 +477,9 @@ class Reranker:
             inner["max_score"] = max((h.score for h in ranked), default=None)
             resp["hits"] = inner
             resp["fusionrank"] = {"degraded": degraded, "reranker": self.name, "model_version": self._version(), "timings_ms": timings,
-                                  "diversity": div, "unknown_ids": unknown}
+                                  "diversity": div, "unknown_ids": unknown, "serving": self.serving}
             return resp
-        return RankedHits(tuple(ranked), degraded, timings, tuple(items), self._version(), div)
+        return RankedHits(tuple(ranked), degraded, timings, tuple(items), self._version(), div, self.serving)
 
     def search(self, query: str, *, user_id: str | None = None, size: int = 10, filters: Filters | None = None, query_image: Any | None = None,
                diversity: float | str | None = None) -> RankedHits:
@@ -474,7 +494,7 @@ class Reranker:
         ranked, degraded, timings, div = self._score(text, cs.candidates, docs, user_id, query_image, requested, size)
         ranked = ranked[:size]
         items = tuple(Hit(h.id, h.score, docs.get(h.id)) for h in ranked)
-        return RankedHits(tuple(ranked), degraded, timings, items, self._version(), div)
+        return RankedHits(tuple(ranked), degraded, timings, items, self._version(), div, self.serving)
 
     # ------------------------------------------------------------------ internals
     def _inputs(self, query: Any, hits_or_opensearch_response: Any, user_id: Any, top_k: Any, query_image: Any) -> tuple[str, _Input, tuple[Candidate, ...], dict[str, Mapping[str, Any]]]:
@@ -592,6 +612,16 @@ class Reranker:
     def _model_scores(self, text, cands, docs, user_id, query_image, t0, timings, unknown=None):
         req, docs = self._features(text, cands, docs, user_id, query_image, t0, timings, unknown)
         s = self.clock()
+        if self._safe_signal is not None:  # the artifact serves the safe choice: the signal's order, no forward pass
+            from rerank.safe import signal_scores
+
+            try:
+                scores = signal_scores(self._safe_signal, req, self.model.feature_spec.lists)
+            except Exception as e:  # fail open, as a model failure would
+                raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e
+            self._check_budget(t0, "model", timings, s)
+            explain = [{"gates": {}, "history_top": [], "safe_choice": {"signal": self._safe_signal, "score": round(float(v), 6)}} for v in scores]
+            return scores.tolist(), explain, req, docs
         try:
             scored = self._forward(req, t0)
             scores = np.asarray(scored.scores, dtype=np.float64)

@@ -650,6 +650,8 @@ def train_ranker(
         use_product=config.use_product,
     )
     model, fit_report = fit(train, valid, rcfg, config)
+    serving = verdict(model, [e for p in prepared for e in p.validation], fspec, seed=config.seed)
+    log.info("verdict: %s", serving["verdict"]["summary"])
     img_info = image_encoder_info(config.image_model)
     report = {
         "ablation": config.ablation,
@@ -658,6 +660,7 @@ def train_ranker(
         "alignment": alignment.report if alignment is not None else None,
         "colour": colour.report if colour is not None else None,
         **fit_report,
+        "serving": serving,
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     path = save_artifact(
@@ -669,9 +672,22 @@ def train_ranker(
         alignment=alignment,
         colour=colour,
         report=report,
-        extra={"ablation": config.ablation},
+        extra={"ablation": config.ablation, "serving": serving},
     )
     return TrainResult(path, report)
+
+
+def verdict(model: Any, examples: Sequence[Example], spec: FeatureSpec, *, seed: int, batch_size: int = 16) -> dict[str, Any]:
+    """The trained model against every first-stage signal on the validation ``examples`` (every dataset's, pooled):
+    :func:`rerank.safe.decide_serving`, the artifact's ``serving`` block."""
+    from rerank.safe import decide_serving
+
+    rows = []
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s : s + batch_size]
+        for e, r in zip(chunk, model.score_requests([e.features for e in chunk])):
+            rows.append((tuple(r.ids), np.asarray(r.scores, dtype=np.float64), e.all_gains, e.features))
+    return decide_serving(rows, spec.lists, seed=seed)
 
 
 __all__ = [
@@ -689,4 +705,5 @@ __all__ = [
     "read_events",
     "train_ranker",
     "validation_ndcg",
+    "verdict",
 ]

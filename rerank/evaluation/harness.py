@@ -157,6 +157,14 @@ class SystemResult:
     subsets: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # subset name -> metrics
     #: ``{"ild@10": x, "distinct@10": {field: mean}}`` and, for a diversified system, ``"diversity"``: the lambdas applied
     diversity: Mapping[str, Any] = field(default_factory=dict)
+    #: metric -> one value per evaluated query (the mean over runs), in the report's query order (not in the JSON)
+    per_query: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: metric -> the 95% interval of the mean over queries ``(lo, hi)`` (None below two queries)
+    ci95: Mapping[str, tuple[float, float] | None] = field(default_factory=dict)
+    #: ``{"system": best baseline, "is_best_baseline": bool, metric: PairedTest}``; None without a first-stage system
+    vs_best_baseline: Mapping[str, Any] | None = None
+    #: what a fusion system's artifact serves (``{"policy": "model" | "safe_choice", ...}``, see rerank.safe); None otherwise
+    serving: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,8 @@ class EvalReport:
     diversity: str | None = None
     #: with several lambdas: one report per lambda (this one among them), in the order given
     by_diversity: Mapping[str, "EvalReport"] = field(default_factory=dict)
+    #: the best first-stage system by NDCG@10, every row's paired test is against it (None: no first-stage system ran)
+    best_baseline: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The report as one JSON object; with several lambdas ``{"by_diversity": {label: <that lambda's object>}}``."""
@@ -187,6 +197,13 @@ class EvalReport:
                 out[k] = {f: round(x, 4) for f, x in v.items()} if k == "distinct@10" else (round(v, 6) if isinstance(v, float) else v)
             return out
 
+        def stats(r: SystemResult) -> dict[str, Any]:
+            vs = None
+            if r.vs_best_baseline is not None:
+                vs = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in r.vs_best_baseline.items()}
+            return {"ci95": {m: (None if ci is None else [round(ci[0], 6), round(ci[1], 6)]) for m, ci in r.ci95.items()},
+                    "vs_best_baseline": vs, **({"serving": dict(r.serving)} if r.serving is not None else {})}
+
         return {
             "dataset": self.dataset,
             "mode": self.mode,
@@ -194,8 +211,11 @@ class EvalReport:
             "split": self.split,
             "gain": self.gain,
             "gain_mapping": GAIN_DESCRIPTIONS.get(self.gain, self.gain),
+            "best_baseline": self.best_baseline,
+            "statistics": statistics_info(),
             "systems": {
-                n: {**{k: round(v, 6) for k, v in r.metrics.items()}, **div(r), "runs": r.runs, "seconds": round(r.seconds, 2), **({"note": r.note} if r.note else {}),
+                n: {**{k: round(v, 6) for k, v in r.metrics.items()}, **stats(r), **div(r), "runs": r.runs, "seconds": round(r.seconds, 2),
+                    **({"note": r.note} if r.note else {}),
                     **({"subsets": {s: {k: round(v, 6) for k, v in m.items()} for s, m in r.subsets.items()}} if r.subsets else {})}
                 for n, r in self.systems.items()
             },
@@ -203,6 +223,15 @@ class EvalReport:
             **({"diversity": self.diversity} if self.diversity is not None else {}),
             **dict(self.info),
         }
+
+
+def statistics_info() -> dict[str, Any]:
+    """How the report's intervals and tests were computed (the JSON's ``"statistics"``)."""
+    from rerank.evaluation.stats import ALPHA, CI_METHOD, STAT_METRICS, TEST_METHOD
+
+    return {"metrics": list(STAT_METRICS), "ci95": CI_METHOD, "test": TEST_METHOD, "alpha": ALPHA,
+            "best_baseline": "the first-stage system (bm25, knn_text, knn_image, hybrid_rrf, hybrid_minmax) with the highest NDCG@10 "
+                             "among those evaluated; every row is tested against it on the same queries"}
 
 
 # --------------------------------------------------------------------------- the cached index
@@ -457,12 +486,59 @@ def diversity_metrics(runs: Sequence[Mapping[str, Sequence[str]]], items: Sequen
     return {f"ild@{k}": float(np.mean(ild)) if ild else 0.0, f"distinct@{k}": {f: float(np.mean(v)) if v else 0.0 for f, v in distinct.items()}}
 
 
-def score_runs(runs: Sequence[Mapping[str, Sequence[str]]], items: Sequence[EvalItem], spec: MetricSpec) -> dict[str, float]:
-    """Mean over runs of the mean over queries (a query a run left out scores 0)."""
-    per_run = []
+def per_query_metrics(runs: Sequence[Mapping[str, Sequence[str]]], items: Sequence[EvalItem], spec: MetricSpec) -> dict[str, np.ndarray]:
+    """``{metric: (len(items),) array}``: each query's metric, the mean over the runs (a query a run left out scores 0),
+    in the order of ``items`` (so two systems' vectors are paired query by query)."""
+    if not runs or not items:
+        return {}
+    names = list(query_metrics([], items[0].gains, spec))
+    out = {k: np.zeros(len(items), dtype=np.float64) for k in names}
     for run in runs:
-        per_run.append(mean_metrics(query_metrics(run.get(it.query_id, []), it.gains, spec) for it in items))
-    return mean_metrics(per_run)
+        for i, it in enumerate(items):
+            for k, v in query_metrics(run.get(it.query_id, []), it.gains, spec).items():
+                out[k][i] += v
+    return {k: v / len(runs) for k, v in out.items()}
+
+
+def score_runs(runs: Sequence[Mapping[str, Sequence[str]]], items: Sequence[EvalItem], spec: MetricSpec) -> dict[str, float]:
+    """Mean over queries of the per-query means over runs (:func:`per_query_metrics`; with every run covering every
+    query this is the mean over runs of the mean over queries)."""
+    return {k: float(v.mean()) for k, v in per_query_metrics(runs, items, spec).items()}
+
+
+def best_baseline(results: Mapping[str, "SystemResult"]) -> str | None:
+    """The best first-stage system of ``results`` by NDCG@10 (``System.first_stage``: bm25, knn_text, knn_image,
+    hybrid_rrf, hybrid_minmax; ties by name); None when none was evaluated."""
+    from rerank.evaluation.systems import SYSTEMS
+
+    first = [r for n, r in results.items() if SYSTEMS.get(n).first_stage]
+    if not first:
+        return None
+    return min(first, key=lambda r: (-r.metrics.get("ndcg@10", 0.0), r.name)).name
+
+
+def with_statistics(results: Mapping[str, "SystemResult"], *, seed: int) -> tuple[dict[str, "SystemResult"], str | None]:
+    """Every system with its 95% intervals of :data:`~rerank.evaluation.stats.STAT_METRICS` over queries and its paired
+    test against the best baseline (:func:`best_baseline`), seeded by ``seed`` and the metric (intervals: the same query
+    resamples for every system) and the two systems' names (tests)."""
+    from dataclasses import replace
+
+    from rerank.evaluation.stats import STAT_METRICS, bootstrap_ci, derive_seed, paired_test
+
+    best = best_baseline(results)
+    out: dict[str, SystemResult] = {}
+    for name, r in results.items():
+        # the same resamples of the queries for every system (common random numbers): equal vectors, equal intervals
+        ci = {m: bootstrap_ci(r.per_query[m], seed=derive_seed(seed, "ci", m)) for m in STAT_METRICS if m in r.per_query}
+        vs: dict[str, Any] | None = None
+        if best is not None:
+            b = results[best]
+            vs = {"system": best, "is_best_baseline": name == best}
+            for m in STAT_METRICS:
+                if m in r.per_query and m in b.per_query:
+                    vs[m] = paired_test(r.per_query[m], b.per_query[m], seed=derive_seed(seed, "test", name, best, m))
+        out[name] = replace(r, ci95=ci, vs_best_baseline=vs)
+    return out, best
 
 
 # --------------------------------------------------------------------------- the harness
@@ -686,12 +762,13 @@ def evaluate(
         same = len({id(r) for r, _ in by.values()}) == 1
         div_once = diversity_metrics(next(iter(by.values()))[0], items, list_docs) if same else None
         for lab, (runs, applied) in by.items():
-            m = score_runs(runs, items, spec)
+            pq = per_query_metrics(runs, items, spec)
+            m = {k: float(v.mean()) for k, v in pq.items()}
             subs = {n: score_runs(runs, v, spec) for n, v in subset_items.items() if v}
             dm = dict(div_once) if div_once is not None else diversity_metrics(runs, items, list_docs)
             if applied is not None:
                 dm["diversity"] = applied
-            results[lab][name] = SystemResult(name, m, len(runs), seconds, ctx.notes.get(name), subs, dm)
+            results[lab][name] = SystemResult(name, m, len(runs), seconds, ctx.notes.get(name), subs, dm, pq, serving=ctx.serving.get(name))
             log.info("%s%s: %s", name, "" if lab is None else f" (diversity {lab})", {k: round(v, 4) for k, v in m.items()})
     if req.mode == "rerank":
         info["note"] = ("rerank mode: each system reorders the judged products of a query (judged@10 is 1 whenever a query has 10 "
@@ -703,13 +780,18 @@ def evaluate(
     if ctx.artifacts:
         info["artifacts"] = dict(ctx.artifacts)
     info["seconds"] = round(time.perf_counter() - t0, 1)
-    reports = {lab: EvalReport(dataset, req.mode, len(items), split_name, req.gain, results[lab], skipped, info, lab) for lab in labels}
+    best: dict[str | None, str | None] = {}
+    for lab in labels:
+        results[lab], best[lab] = with_statistics(results[lab], seed=req.seed)
+    reports = {lab: EvalReport(dataset, req.mode, len(items), split_name, req.gain, results[lab], skipped, info, lab, best_baseline=best[lab])
+               for lab in labels}
     first = reports[labels[0]]
     if len(labels) > 1:
         first = EvalReport(dataset, req.mode, len(items), split_name, req.gain, results[labels[0]], skipped, info, labels[0],
-                           {str(lab): r for lab, r in reports.items()})
+                           {str(lab): r for lab, r in reports.items()}, best_baseline=best[labels[0]])
     return first
 
 
 __all__ = ["CachedIndex", "DIVERSITY_FIELDS", "EvalReport", "EvalRequest", "ListDocs", "MODES", "SystemResult", "attribute_values", "build_items",
-           "cached_index", "dataset_name", "diversity_metrics", "evaluate", "index_key", "score_runs", "transform_id"]
+           "best_baseline", "cached_index", "dataset_name", "diversity_metrics", "evaluate", "index_key", "per_query_metrics", "score_runs",
+           "statistics_info", "transform_id", "with_statistics"]

@@ -10,6 +10,7 @@ from typing import Any
 
 from indexing.errors import ConfigError, MissingDependencyError
 from rerank.evaluation.harness import EvalReport
+from rerank.evaluation.stats import ALPHA, STAT_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,38 @@ def format_table(report: EvalReport) -> str:
     name_w = max([len("system")] + [len(n) for n in list(report.systems) + list(report.skipped)])
     dfields = _distinct_fields(report)
     dcols = ["ild@10", *(DISTINCT_NAMES.get(f, f"{f}@10") for f in dfields)] if any(r.diversity for r in report.systems.values()) else []
-    lines = [head, "", f"{'system':<{name_w}}  " + "  ".join(f"{c:>10}" for c in (*COLUMNS, *dcols)) + f"  {'seconds':>8}"]
+    best = report.best_baseline
+    heads = []
+    for c in COLUMNS:
+        heads.append(f"{c:>10}")
+        if c in STAT_METRICS:
+            heads.append(f"{'95% CI':>17}")
+    vs_head = "".join(f"  {'Δ' + m.split('@')[0]:>8} {'p':>7} " for m in STAT_METRICS)
+    lines = [head, "", f"{'system':<{name_w}}  " + "  ".join([*heads, *(f"{c:>10}" for c in dcols)]) + f"  {'seconds':>8}"
+             + (vs_head if best else "")]
     lines.append("-" * len(lines[-1]))
     rows = sorted(report.systems.values(), key=lambda r: (-r.metrics.get("ndcg@10", 0.0), r.name))
     for r in rows:
-        cells = "  ".join(f"{r.metrics.get(c, float('nan')):>10.4f}" for c in COLUMNS)
+        cells = []
+        for c in COLUMNS:
+            cells.append(f"{r.metrics.get(c, float('nan')):>10.4f}")
+            if c in STAT_METRICS:
+                cells.append(_ci_cell(r.ci95.get(c)))
+        line = f"{r.name:<{name_w}}  " + "  ".join(cells)
         if dcols:
-            cells += "  " + _div_cells(r, dfields)
-        lines.append(f"{r.name:<{name_w}}  {cells}  {r.seconds:>8.1f}")
+            line += "  " + _div_cells(r, dfields)
+        line += f"  {r.seconds:>8.1f}"
+        if best:
+            line += _vs_cells(r)
+        lines.append(line)
     for n, why in report.skipped.items():
         lines.append(f"{n:<{name_w}}  {'n/a':>10}  ({why})")
+    lines.append("")
+    lines.append("95% CI: bootstrap interval of the mean over queries; Δ / p: the mean per-query difference from the best baseline "
+                 f"({best or 'none: no first-stage system ran'}) and the two-sided p of a paired randomization test, * = p < {ALPHA}")
+    servings = [(r.name, r.serving) for r in rows if r.serving is not None]
+    for n, sv in servings:
+        lines.append(f"serving {n}: {describe_serving(sv)}")
     for sub, meta in (report.info.get("subsets") or {}).items():
         lines.append("")
         lines.append(f"subset {sub!r} ({meta['queries']} queries matching /{meta['pattern']}/), NDCG@10:")
@@ -66,6 +89,37 @@ def format_table(report: EvalReport) -> str:
     if report.mode == "rerank":
         lines.append("rerank mode: every system reorders the judged products of each query (judged@10 and recall@100 reflect the pool size)")
     return "\n".join(lines)
+
+
+def _ci_cell(ci) -> str:
+    return f"{'n/a':>17}" if ci is None else f"{f'[{ci[0]:.4f}, {ci[1]:.4f}]':>17}"
+
+
+def _vs_cells(r) -> str:
+    vs = r.vs_best_baseline
+    if vs is None:
+        return ""
+    if vs.get("is_best_baseline"):
+        return "  (best baseline)"
+    out = ""
+    for m in STAT_METRICS:
+        t = vs.get(m)
+        if t is None:
+            out += f"  {'n/a':>8} {'':>7} "
+            continue
+        p = "n/a" if t.p is None else (f"{t.p:.4f}" if t.p >= 1e-4 else "<1e-4")
+        out += f"  {t.diff:>+8.4f} {p:>7}{'*' if t.significant else ' '}"
+    return out
+
+
+def describe_serving(serving) -> str:
+    """One line on what a fusion artifact serves (``SystemResult.serving`` / the artifact's ``serving`` block)."""
+    policy = serving.get("policy")
+    verdict = serving.get("verdict") or {}
+    why = verdict.get("summary") or serving.get("reason") or ""
+    if policy == "safe_choice":
+        return f"the safe choice ({serving.get('signal')}), not the model: {why}"
+    return f"the trained model{': ' + why if why else ''}"
 
 
 def _tradeoff_systems(report: EvalReport) -> list[str]:
@@ -203,4 +257,4 @@ def plot_ndcg(report: EvalReport, path: str | Path) -> Path:
     return _save(plt, fig, out)
 
 
-__all__ = ["format_table", "format_tradeoff", "plot_ndcg", "plot_tradeoff"]
+__all__ = ["describe_serving", "format_table", "format_tradeoff", "plot_ndcg", "plot_tradeoff"]

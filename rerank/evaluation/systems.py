@@ -84,6 +84,7 @@ class EvalContext:
     progress: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # per system, shown in the report
+    serving: dict[str, dict[str, Any]] = field(default_factory=dict)  # per fusion system: what its artifact serves (rerank.safe)
     artifacts: dict[str, str] = field(default_factory=dict)  # per system: the model directory it scored with
     fusion: "FusionInputs | None" = None  # what the fusion systems need beyond the items (set by the harness)
 
@@ -116,6 +117,8 @@ class FusionInputs:
 class System:
     name: str = ""
     trainable: bool = False
+    #: a first-stage order (a single list or a hybrid of them): a candidate for the report's best baseline
+    first_stage: bool = False
 
     def runs(self, ctx: EvalContext) -> list[Run]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -174,6 +177,7 @@ class RandomSystem(System):
 # --------------------------------------------------------------------------- single lists
 class _ListSystem(System):
     list_name = ""
+    first_stage = True
 
     def runs(self, ctx: EvalContext) -> list[Run]:
         ran = [it for it in ctx.items if self.list_name in it.stage.lists]
@@ -208,6 +212,7 @@ class KnnImageSystem(_ListSystem):
 # --------------------------------------------------------------------------- hybrids
 class _HybridSystem(System):
     method = ""
+    first_stage = True
 
     def runs(self, ctx: EvalContext) -> list[Run]:
         run: Run = {}
@@ -483,15 +488,32 @@ class _FusionSystem(System):
             requests.append(build_request_features(qvecs[i], list(cands[it.query_id]), docs, spec, history=h, project=project,
                                                    text_dim=art.text_encoder.dim, image_dim=image_dim, colour=art.colour))
         out = []
-        with torch_threads(1):
-            for s in range(0, len(requests), 16):
-                for it, req, scored in zip(ctx.items[s : s + 16], requests[s : s + 16], art.ranker.score_requests(requests[s : s + 16])):
-                    out.append((it, scored, req, docs))
+        serving = art.serving
+        ctx.serving[self.name] = serving
+        if art.serves_safe_choice:  # what the artifact serves: the signal's order, as the rerank call does
+            from rerank.safe import signal_scores
+
+            for it, req in zip(ctx.items, requests):
+                out.append((it, _SignalScored(req.ids, signal_scores(serving["signal"], req, spec.lists)), req, docs))
+        else:
+            with torch_threads(1):
+                for s in range(0, len(requests), 16):
+                    for it, req, scored in zip(ctx.items[s : s + 16], requests[s : s + 16], art.ranker.score_requests(requests[s : s + 16])):
+                        out.append((it, scored, req, docs))
         rep = art.report or {}
+        served = f"serves the safe choice ({serving['signal']}), not the model" if art.serves_safe_choice else "serves the model"
         ctx.notes.setdefault(self.name, f"fusion ranker ({art.ranker.config.strategy}, {rep.get('ablation', 'given')}), "
-                                        f"artifact {art.version}, best validation NDCG@10 {rep.get('best_validation_ndcg@10', 'n/a')}; {image_list}; "
+                                        f"artifact {art.version} {served}, best validation NDCG@10 {rep.get('best_validation_ndcg@10', 'n/a')}; {image_list}; "
                                         f"{with_history} of {len(ctx.items)} queries with a user history")
         return out
+
+
+@dataclass(frozen=True)
+class _SignalScored:
+    """A request scored by a first-stage signal (an artifact serving the safe choice): ids and scores, as ScoredRequest."""
+
+    ids: tuple[str, ...]
+    scores: np.ndarray
 
 
 def _fusion(name: str, strategy: str = "attention", use_image: bool = True, use_history: bool = True, doc: str = "") -> type[_FusionSystem]:

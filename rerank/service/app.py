@@ -368,7 +368,7 @@ def cohere_rerank(st: ServiceState, body: S.CohereRerankRequest) -> dict[str, An
     st.metrics.count_degraded(degraded)
     return {
         "id": uuid.uuid4().hex, "results": results, "meta": {"api_version": COHERE_API_VERSION},
-        "fusionrank": {"degraded": degraded, "reranker": r.name, "model_version": st.model_version},
+        "fusionrank": {"degraded": degraded, "reranker": r.name, "model_version": st.model_version, "serving": getattr(r, "serving", None)},
     }
 
 
@@ -521,7 +521,7 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None, balan
         ]
         return FastJSON({"hits": hits, "fusionrank": {"degraded": res.degraded, "reranker": st.reranker.name,
                                                       "model_version": res.model_version, "timings_ms": dict(res.timings),
-                                                      "diversity": res.diversity}})
+                                                      "diversity": res.diversity, "serving": res.serving}})
 
     # ------------------------------------------------------------------ events
     @app.post("/events", response_model=S.EventsResponse, responses=_STD, dependencies=[Depends(require_key)], tags=["history"])

@@ -56,6 +56,9 @@ class FusionrankBlock(BaseModel):
                                                                   "(lambda, requested, source, reason, applied; with auto: qualifiers, "
                                                                   "attributes, history_strength, history_events)")
     unknown_ids: Optional[list[str]] = Field(None, description="/rerank: ids of given hits the index does not have (scored without vectors)")
+    serving: Optional[dict[str, Any]] = Field(None, description="what the model artifact serves: policy 'model' (the trained model) or "
+                                                                "'safe_choice' (the first-stage signal's order, when training could "
+                                                                "not show the model beats it), the signal and why; null for noop")
 
 
 # ----------------------------------------------------------------------------- Cohere rerank (/v1/rerank)

@@ -132,6 +132,19 @@ def test_retrieve_mode_baselines_beat_random_and_share_the_index(fashion_slice, 
     assert out["systems"]["random"]["runs"] == 5
     for name in ("bm25", "knn_text", "hybrid_rrf", "hybrid_minmax"):
         assert out["systems"][name]["ndcg@10"] > out["systems"]["random"]["ndcg@10"] + 0.1, name
+    # every row: a 95% interval over the queries around its mean, and a paired test against the best first-stage system
+    best = out["best_baseline"]
+    assert best in ("bm25", "knn_text", "hybrid_rrf", "hybrid_minmax")
+    assert out["systems"][best]["ndcg@10"] == max(out["systems"][n]["ndcg@10"] for n in ("bm25", "knn_text", "hybrid_rrf", "hybrid_minmax"))
+    for name, m in out["systems"].items():
+        for k in ("ndcg@10", "mrr@10"):
+            lo, hi = m["ci95"][k]
+            assert 0.0 <= lo <= m[k] <= hi <= 1.0 and hi - lo < 0.6, (name, k)
+        vs = m["vs_best_baseline"]
+        assert vs["system"] == best and vs["is_best_baseline"] == (name == best)
+        assert vs["ndcg@10"]["diff"] == pytest.approx(m["ndcg@10"] - out["systems"][best]["ndcg@10"], abs=2e-6)
+    rnd = out["systems"]["random"]["vs_best_baseline"]["ndcg@10"]
+    assert rnd["significant"] and rnd["diff"] < -0.1 and rnd["p"] < 0.01  # 16 queries: random is clearly worse
     # a second evaluation reuses the cached index (no indexer call)
     def no_indexing(engine, job):
         raise AssertionError("the catalog was indexed twice")
@@ -282,8 +295,11 @@ def test_diversity_metrics_and_the_trade_off_by_lambda(fashion_slice, eval_dir, 
     # lambda 0 is the plain fusion system, metric for metric
     plain = evaluate(_req(fashion_slice, systems=("fusion",), **common), data_dir=eval_dir, indexer=_indexer(eval_dir)).to_json()
     assert "by_diversity" not in plain and "diversity" not in plain
-    assert {k: v for k, v in plain["systems"]["fusion"].items() if k not in ("seconds", "note")} == \
-        {k: v for k, v in f0.items() if k not in ("seconds", "note", "diversity")}
+    assert {k: v for k, v in plain["systems"]["fusion"].items() if k not in ("seconds", "note", "vs_best_baseline")} == \
+        {k: v for k, v in f0.items() if k not in ("seconds", "note", "diversity", "vs_best_baseline")}
+    # alone, fusion has no first-stage system to be tested against; beside bm25 it is, at every lambda
+    assert plain["best_baseline"] is None and plain["systems"]["fusion"]["vs_best_baseline"] is None
+    assert all(by[k]["best_baseline"] == "bm25" and by[k]["systems"]["fusion"]["vs_best_baseline"]["system"] == "bm25" for k in by)
     table = format_tradeoff(rep)
     assert "fusion:" in table and "bm25" not in table.split("fusion:")[1] and "colours@10" in table and "vs λ 0" in table
     assert "ild@10" in format_table(rep) and "colours@10" in format_table(rep)
@@ -376,3 +392,28 @@ def test_train_ubi_learns_from_a_simulated_log_without_the_evaluated_queries(fas
     with pytest.raises(ConfigError, match="--train-ubi replaces"):
         evaluate(EvalRequest(catalog=fashion_slice.catalog, queries=fashion_slice.queries, qrels=fashion_slice.qrels, gain="identity",
                              train_ubi=log, train_queries=fashion_slice.queries, train_qrels=fashion_slice.qrels), data_dir=eval_dir, indexer=_indexer(eval_dir))
+
+
+@pytest.mark.slow
+def test_an_artifact_serving_the_safe_choice_is_scored_as_it_serves(fashion_slice, eval_dir, tmp_path):
+    """A fusion artifact whose verdict chose the first-stage order scores exactly like hybrid_rrf (the order it reorders),
+    and the report says what it served."""
+    model = _untrained_fusion(tmp_path / "model")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["serving"] = {"policy": "safe_choice", "signal": "first_stage", "verdict": {"summary": "test: nothing learned"}}
+    (model / "config.json").write_text(json.dumps(cfg))
+    for mode in ("retrieve", "rerank"):
+        out = evaluate(_req(fashion_slice, systems=("hybrid_rrf", "fusion"), mode=mode, split="all", top_n=50, model_dirs={"fusion": model}),
+                       data_dir=eval_dir, indexer=_indexer(eval_dir)).to_json()
+        f, h = out["systems"]["fusion"], out["systems"]["hybrid_rrf"]
+        for k in ("ndcg@10", "mrr@10", "recall@100", "judged@10"):
+            assert f[k] == h[k], (mode, k)
+        assert f["ci95"] == h["ci95"] and out["best_baseline"] == "hybrid_rrf"
+        assert f["vs_best_baseline"]["ndcg@10"] == {"diff": 0.0, "p": 1.0, "significant": False, "diff_ci95": [0.0, 0.0],
+                                                    "queries": fashion_slice.n_queries}
+        assert f["serving"]["policy"] == "safe_choice" and f["serving"]["signal"] == "first_stage"
+        assert "serves the safe choice (first_stage), not the model" in f["note"]
+    # the untrained model itself (serving its model) orders differently
+    plain = evaluate(_req(fashion_slice, systems=("hybrid_rrf", "fusion"), mode="retrieve", split="all", top_n=50,
+                          model_dirs={"fusion": _untrained_fusion(tmp_path / "plain")}), data_dir=eval_dir, indexer=_indexer(eval_dir)).to_json()
+    assert plain["systems"]["fusion"]["serving"]["policy"] == "model" and plain["systems"]["fusion"]["ndcg@10"] != plain["systems"]["hybrid_rrf"]["ndcg@10"]

@@ -116,6 +116,8 @@ def test_cohere_round_trip_is_a_permutation_sorted_by_relevance(client):
     assert scores == sorted(scores, reverse=True) and all(0.0 <= s <= 1.0 for s in scores)
     assert all(isinstance(s, float) for s in scores)  # ML Commons casts relevance_score to Double
     assert out["fusionrank"]["degraded"] is None and out["fusionrank"]["model_version"]
+    # an artifact saved without a training verdict serves its model and says it was never tested against the first stage
+    assert out["fusionrank"]["serving"]["policy"] == "model" and "not tested" in out["fusionrank"]["serving"]["reason"]
     # what connector.post_process.cohere.rerank does: scores[index] = relevance_score, in document order
     by_doc = [None] * len(out["results"])
     for x in out["results"]:
@@ -176,6 +178,7 @@ def test_rerank_keeps_the_opensearch_response_shape(client, service_world):
     prev = {h["_id"]: h["_score"] for h in resp["hits"]["hits"]}
     assert all(h["_previous_score"] == prev[h["_id"]] and "_explanation" in h and h["_source"]["title"] for h in hits)
     assert out["fusionrank"]["degraded"] is None
+    assert out["fusionrank"]["serving"]["policy"] == "model" and out["fusionrank"]["serving"]["signal"] is None
     top = client.post("/rerank", json={"query": "black leather shoes", "response": resp, "user_id": "u1", "top_k": 2}, headers=H).json()
     assert [h["_id"] for h in top["hits"]["hits"]] == [h["_id"] for h in hits[:2]]
 
@@ -226,6 +229,7 @@ def test_events_then_search_sees_the_new_history(client):
         assert r.status_code == 200, r.text
         out = r.json()
         assert out["fusionrank"]["degraded"] is None and len(out["hits"]) == 5
+        assert out["fusionrank"]["serving"]["policy"] == "model"
         assert [h["rank"] for h in out["hits"]] == [1, 2, 3, 4, 5]
         assert all("text_vec" not in h["source"] and h["source"]["product_id"] == h["id"] for h in out["hits"])
         return {x["product_id"] for x in out["hits"][0]["explanation"]["history_top"]}

@@ -123,3 +123,17 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 f"validation NDCG@10 {rep['best_validation_ndcg@10']:.4f} (untrained {rep['untrained_validation_ndcg@10']:.4f}); "
                 f"best epoch {rep['best_epoch']} of {rep['epochs_run']}; {rep['stopped']}"
             )
+            sv = rep["serving"]
+            v = sv["verdict"]
+            typer.echo(f"the model against the first stage on {v['validation_queries']} validation queries (paired randomization test):")
+            nan = float("nan")
+            typer.echo(f"  {'model':<12} NDCG@10 {v.get('model_ndcg@10') or nan:.4f}  MRR@10 {v.get('model_mrr@10') or nan:.4f}")
+            for name, b in v["baselines"].items():
+                t, tm = b["model_vs"], b["model_vs_mrr"]
+                p = "n/a" if t["p"] is None else f"{t['p']:.4f}"
+                pm = "n/a" if tm["p"] is None else f"{tm['p']:.4f}"
+                typer.echo(f"  {name:<12} NDCG@10 {b['ndcg@10']:.4f} (model {t['diff']:+.4f}, p {p})  MRR@10 {b['mrr@10']:.4f} (model {tm['diff']:+.4f}, p {pm})"
+                           f"{'  model significantly better' if b['model_better'] else ''}{'  model significantly worse at MRR' if b['model_worse_mrr'] else ''}"
+                           f"{'  <- best signal' if name == v['best_signal'] else ''}")
+            typer.echo(f"verdict: {v['summary']}")
+            typer.echo(f"serving: {'the trained model' if sv['policy'] == 'model' else 'the safe choice, ' + str(sv['signal']) + ' (written to config.json)'}")

@@ -19,7 +19,7 @@ import time
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from sqlalchemy import Connection, Engine, bindparam, create_engine, event, exc, func, select
 from sqlalchemy.engine import URL, make_url
@@ -35,6 +35,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: Attempts for a write transaction that hit a transient conflict (deadlock, serialization, busy).
 WRITE_ATTEMPTS = 5
+_T = TypeVar("_T")
 
 _UPGRADE_HINT = "run `fusionrank db upgrade` (or pass the same --sql-url to it)"
 
@@ -316,14 +317,18 @@ class HistoryStore:
             ),
             key=lambda r: r[0],
         )
+        insert = self._copy_insert if self.dialect == "postgresql" else self._sqlite_insert
+        return self._write(f"storing {len(events)} events", lambda conn: insert(conn, events))
+
+    def _write(self, what: str, work: Callable[[Connection], _T], *, driver_errors: bool = False) -> _T:
+        """``work(conn)`` in one transaction, retried a few times on deadlocks and lock timeouts; ``driver_errors``:
+        the driver's own errors (psycopg / sqlite3, raised by work on the raw cursor) become :class:`HistoryError`."""
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
-                with sql_errors(f"storing {len(events)} events", self.url):
+                with sql_errors(what, self.url):
                     try:
                         with self.engine.begin() as conn:
-                            if self.dialect == "postgresql":
-                                return self._copy_insert(conn, events)
-                            return self._sqlite_insert(conn, events)
+                            return work(conn)
                     except exc.DBAPIError as e:
                         if attempt < WRITE_ATTEMPTS and _is_transient(e):
                             raise _Retry from e
@@ -331,6 +336,10 @@ class HistoryStore:
             except _Retry as r:
                 log.warning("history write conflict (%s); retrying (%d/%d)", _first_line(r.__cause__), attempt, WRITE_ATTEMPTS)
                 time.sleep(0.05 * 2**attempt)
+            except Exception as e:
+                if not driver_errors or isinstance(e, HistoryError):
+                    raise
+                raise HistoryError(f"{what} failed on {self.url_text}: {e}") from e
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _sqlite_insert(self, conn: Connection, events: list[tuple[Any, ...]]) -> list[str]:
@@ -413,42 +422,29 @@ class HistoryStore:
         if not rows:
             return 0
         names = ", ".join(cols)
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
+
+        def work(conn: Connection) -> int:
+            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             try:
-                with sql_errors(f"storing {len(rows)} rows into {table}", self.url):
-                    try:
-                        with self.engine.begin() as conn:
-                            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-                            try:
-                                if self.dialect == "postgresql":
-                                    stage = f"fusionrank_stage_{table}"
-                                    cur.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
-                                    with cur.copy(f"COPY {stage} ({names}) FROM STDIN") as copy:
-                                        for s in range(0, len(rows), 5000):  # COPY text format, formatted here (write_row: ~10 us a row)
-                                            copy.write(_copy_text(rows[s : s + 5000]))
-                                    cur.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} ON CONFLICT DO NOTHING")
-                                    return int(cur.rowcount)
-                                marks = ", ".join("?" for _ in cols)
-                                conv: Sequence[Sequence[Any]] = rows
-                                if "ts" in cols:  # SQLite stores naive UTC text (as SQLAlchemy's DateTime does)
-                                    k = list(cols).index("ts")
-                                    conv = [(*r[:k], _sqlite_ts(r[k]) if r[k] is not None else None, *r[k + 1 :]) for r in rows]
-                                cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING", conv)
-                                return int(cur.rowcount)
-                            finally:
-                                cur.close()
-                    except exc.DBAPIError as e:
-                        if attempt < WRITE_ATTEMPTS and _is_transient(e):
-                            raise _Retry from e
-                        raise
-            except _Retry as r:
-                log.warning("history write conflict (%s); retrying (%d/%d)", _first_line(r.__cause__), attempt, WRITE_ATTEMPTS)
-                time.sleep(0.05 * 2**attempt)
-            except Exception as e:  # the driver's own errors (psycopg / sqlite3) -> HistoryError
-                if isinstance(e, HistoryError):
-                    raise
-                raise HistoryError(f"storing {len(rows)} rows into {table} failed on {self.url_text}: {e}") from e
-        raise AssertionError("unreachable")  # pragma: no cover
+                if self.dialect == "postgresql":
+                    stage = f"fusionrank_stage_{table}"
+                    cur.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+                    with cur.copy(f"COPY {stage} ({names}) FROM STDIN") as copy:
+                        for s in range(0, len(rows), 5000):  # COPY text format, formatted here (write_row: ~10 us a row)
+                            copy.write(_copy_text(rows[s : s + 5000]))
+                    cur.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} ON CONFLICT DO NOTHING")
+                    return int(cur.rowcount)
+                marks = ", ".join("?" for _ in cols)
+                conv: Sequence[Sequence[Any]] = rows
+                if "ts" in cols:  # SQLite stores naive UTC text (as SQLAlchemy's DateTime does)
+                    k = list(cols).index("ts")
+                    conv = [(*r[:k], _sqlite_ts(r[k]) if r[k] is not None else None, *r[k + 1 :]) for r in rows]
+                cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING", conv)
+                return int(cur.rowcount)
+            finally:
+                cur.close()
+
+        return self._write(f"storing {len(rows)} rows into {table}", work, driver_errors=True)
 
     def known_query_ids(self, ids: Sequence[str]) -> set[str]:
         """Which of ``ids`` are stored UBI searches."""

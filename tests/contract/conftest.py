@@ -39,3 +39,11 @@ def live(opensearch_node):
     for name in eng.list_indices(prefix):
         eng.delete_index(name)
     eng.close()
+
+
+def put_pipeline(eng, pipelines: list[str], body: dict, prefix: str = "fr-test") -> str:
+    """PUT a search pipeline under a fresh name on the node and remember it in ``pipelines`` (the fixture deletes them)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    eng.client.transport.perform_request("PUT", f"/_search/pipeline/{name}", body=body)
+    pipelines.append(name)
+    return name

@@ -22,6 +22,7 @@ from indexing import fields as F
 from mappings import load_mapping
 from rerank import opensearch_bodies as B
 from rerank import opensearch_pipeline as P
+from tests.contract.conftest import put_pipeline
 from tests.service.world import API_KEY, IMAGE_DIM, service_world  # noqa: F401  (the shared fixture)
 from workers.devnode import free_port
 
@@ -73,10 +74,7 @@ def node_index(opensearch_node, service_world) -> Iterator[tuple[Any, str, list[
 
 
 def _pipeline(eng, pipelines: list[str], body: dict) -> str:
-    name = f"fr-plugin-{uuid.uuid4().hex[:8]}"
-    eng.client.transport.perform_request("PUT", f"/_search/pipeline/{name}", body=body)
-    pipelines.append(name)
-    return name
+    return put_pipeline(eng, pipelines, body, prefix="fr-plugin")
 
 
 def _search(eng, index, body, pipeline=None) -> dict:

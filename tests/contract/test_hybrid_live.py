@@ -18,6 +18,8 @@ import uuid
 import numpy as np
 import pytest
 
+from tests.contract.conftest import put_pipeline
+
 from indexing import fields as F
 from mappings import load_mapping
 from rerank import opensearch_bodies as B
@@ -63,10 +65,7 @@ def hybrid_index(opensearch_node):
 
 
 def _pipeline(eng, pipelines: list[str], body: dict) -> str:
-    name = f"fr-test-{uuid.uuid4().hex[:8]}"
-    eng.client.transport.perform_request("PUT", f"/_search/pipeline/{name}", body=body)
-    pipelines.append(name)
-    return name
+    return put_pipeline(eng, pipelines, body, prefix="fr-test")
 
 
 def _lists(eng, index, query, q, qi, per_list):

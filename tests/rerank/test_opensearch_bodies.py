@@ -22,7 +22,7 @@ from rerank.retrieval import BM25, KNN_IMAGE, KNN_TEXT, fuse_first_stage
 
 pytestmark = pytest.mark.contract
 
-spec_mod = pytest.importorskip("indexing.opensearch_spec")
+import indexing.opensearch_spec as spec_mod  # noqa: E402
 
 
 @pytest.fixture(scope="module")

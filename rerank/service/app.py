@@ -272,7 +272,7 @@ async def _in_model_thread(st: ServiceState, fn: Any, *args: Any) -> Any:
     Why not FastAPI's default pool (40 threads): under load every waiting request held a thread blocked at the
     gate (~16 per worker process at ``bench serve`` concurrency 32), and those processes served fewer requests per
     second: 138 against 158 on average over four alternating rounds of 1,200 requests (``serve --workers 2``; the
-    README's *bench serve* section has the runs); concurrency 8 was unchanged."""
+    docs/benchmarks.md has the runs); concurrency 8 was unchanged."""
     return await anyio.to_thread.run_sync(fn, *args, limiter=st.model_limiter())
 
 

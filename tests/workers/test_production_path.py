@@ -1,4 +1,4 @@
-"""The README's production steps (section "Production stack"), minus the docker lines, end to end against the
+"""The production steps of docs/operations.md (section "Production stack"), minus the docker lines, end to end against the
 session's real OpenSearch node (marked ``opensearch`` and ``slow``).
 
 Each step is the real CLI (the venv's ``fusionrank`` console script) in a subprocess, from a node with no

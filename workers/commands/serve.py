@@ -52,7 +52,7 @@ def setup_server_process(threads: int) -> None:
     the query-encoding thread). A thread that wants the GIL while another computes in Python waits for the holder to
     release it, up to the switch interval (5 ms by default), so a request parsed on the loop or a query handed to
     the encoder sat waiting behind feature code. Measured with ``bench serve --synthetic --server-workers 2`` at
-    concurrency 8 (README, *bench serve*)."""
+    concurrency 8 (docs/service.md, *bench serve*)."""
     import sys
 
     from indexing.encoders import limit_threads

@@ -24,7 +24,6 @@ import os
 import random
 import secrets
 import shutil
-import subprocess
 import tempfile
 import threading
 import time

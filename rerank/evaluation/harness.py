@@ -45,8 +45,7 @@ from rerank.diversity import DiversityConfig, diversity_label, parse_diversity
 from rerank.evaluation.data import Qrels, Query, file_sha256, read_event_users, read_qrels, read_queries
 from rerank.evaluation.splits import DEFAULT_SEED, assign, load_or_create_splits
 from rerank.evaluation.systems import DEFAULT_SYSTEMS, SYSTEMS, EvalContext, EvalItem, FusionInputs, NotApplicable, candidates_for_pool
-from rerank.metrics import (GAIN_DESCRIPTIONS, MetricSpec, distinct_at_k, gain_mapping, has_positive_gain, ild_at_k, map_gains, mean_metrics,
-                            query_metrics)
+from rerank.metrics import (GAIN_DESCRIPTIONS, MetricSpec, distinct_at_k, gain_mapping, has_positive_gain, ild_at_k, map_gains, query_metrics)
 from rerank.retrieval import LISTS, FirstStage, RetrievalConfig, Retriever, fuse_first_stage
 from rerank.train import DatasetSpec
 
@@ -619,7 +618,7 @@ def evaluate(
         raise ConfigError(f"no query of the {split_name!r} split has a judged product with a positive gain under --gain {req.gain}")
 
     # the index and the retriever
-    from indexing.encoders import get_image_encoder, get_text_encoder
+    from indexing.encoders import get_text_encoder
 
     common = dict(text_model=req.text_model, text_backend=req.text_backend, image_model=req.image_model, device=req.device, mapping=req.mapping)
     idx = cached_index(req.catalog, req.images_root, data_dir=data_dir, indexer=indexer, **common)

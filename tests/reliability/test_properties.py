@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from indexing import fields as F
 from indexing.catalog import Product, RowError, read_catalog, scan_catalog
-from indexing.errors import CatalogError, ImageError
+from indexing.errors import CatalogError
 from indexing.images import check_image_ref
-from rerank.fusion import MIN_SCORE, RRF_RANK_CONSTANT, minmax, ranked_list, rrf
+from rerank.fusion import MIN_SCORE, minmax, ranked_list, rrf
 from rerank.model_features import EVENT_TYPES, FeatureSpec, HistoryInput, build_request_features
 from rerank.retrieval import LISTS, Candidate
 

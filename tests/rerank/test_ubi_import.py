@@ -3,7 +3,6 @@ bad input counted, history fed), the CLI, and --from-opensearch on the real node
 
 from __future__ import annotations
 
-import copy
 import gzip
 import json
 from datetime import datetime, timedelta, timezone

@@ -24,7 +24,7 @@ CASES = [
     {"a": 1, "b": [1.5, "x", None, True], "c": {"d": "é ü 漢字 \u2028"}},
     {"score": np.float32(0.1), "n": np.int64(7), "ok": np.bool_(True), "v": np.arange(3, dtype=np.float32), "h": np.float16(1.5)},
     {"m": np.arange(6, dtype=np.float64).reshape(2, 3), "strided": np.arange(6)[::2], "t": (1, 2), "s": {3}},
-    {1: "int key", 2.5: "float key", None: "none key", True: "bool key"},
+    {1: "int key", 2.5: "float key", None: "none key", False: "bool key"},
     {"big": 2**70, "neg": -(2**65)},
 ]
 NON_FINITE = [

@@ -3,7 +3,7 @@
     from rerank import Reranker, RankedHits, load_artifact
 
 The names are imported on first use (:pep:`562`), so ``import rerank`` stays light and a submodule such as
-:mod:`rerank.metrics` can be imported without the model's dependencies.
+:mod:`rerank.datasets.metrics` can be imported without the model's dependencies.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ _WHERE = {
     "Reranker": "rerank.reranker",
     "RankedHits": "rerank.reranker",
     "RankedHit": "rerank.reranker",
-    "load_artifact": "rerank.artifacts",
-    "ModelArtifact": "rerank.artifacts",
+    "load_artifact": "rerank.model.artifact",
+    "ModelArtifact": "rerank.model.artifact",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rerank.artifacts import ModelArtifact, load_artifact
+    from rerank.model.artifact import ModelArtifact, load_artifact
     from rerank.reranker import RankedHit, RankedHits, Reranker
 
 

@@ -86,7 +86,7 @@ def test_the_readme_is_a_guide_with_the_drop_in_call_right_after_the_two_command
     names = [lines[i][3:] for i in heads]
     assert names[:2] == ["The two commands", "The drop-in rerank call"], names
     start = heads[1]
-    assert any(l.strip() == "from rerank import Reranker" for l in lines[start : start + 10])
+    assert any(l.strip().startswith("from rerank import Reranker") for l in lines[start : start + 10])
 
 
 def test_every_link_in_the_guides_points_at_a_file_that_exists():

@@ -1,6 +1,6 @@
 """Install a trained model (and, on the embedded engine, an index) as what the rerank call serves.
 
-``Reranker.from_settings()`` and ``fusionrank serve`` read the model at ``settings.effective_model_dir``
+``build_reranker()`` and ``fusionrank serve`` read the model at ``settings.effective_model_dir``
 (default ``<data_dir>/models/current``) and search ``settings.index_alias`` in the configured engine.
 
 * :func:`install_model` copies an artifact directory to ``<data_dir>/models/<artifact_version>/`` and
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def install_model(settings: Any, artifact_dir: str | Path) -> tuple[Path, str]:
     """Copy ``artifact_dir`` under ``<data_dir>/models/`` and make it ``current``; ``(dir, version)``."""
-    from rerank.artifacts import CONFIG_FILE, read_config
+    from rerank.model.artifact import CONFIG_FILE, read_config
 
     src = Path(artifact_dir)
     if not (src / CONFIG_FILE).is_file():
@@ -162,7 +162,7 @@ def _copy_tree(src: Path, dest: Path) -> None:
 
 def model_fits(artifact_dir: str | Path) -> Callable[[Mapping[str, Any]], str | None]:
     """``fits(mapping)``: None when the artifact can serve an index of that mapping, else why not."""
-    from rerank.artifacts import check_compatible, read_config
+    from rerank.model.artifact import check_compatible, read_config
 
     config = read_config(artifact_dir)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -107,6 +107,21 @@ class Settings(BaseSettings):
     admin_api_key: SecretStr | None = None
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest accepted HTTP request body (413 above)")
     max_candidates: int = Field(1000, ge=1, description="most documents/hits one rerank request may carry (422 above)")
+    serve_max_concurrent: int | None = Field(
+        None, ge=1, description="most reranker calls running at once in one `fusionrank serve` process; default: 1 for a CPU "
+                                "model (scale with --workers), 32 for a micro-batched (CUDA) model")
+    serve_switch_interval_ms: float = Field(
+        1.0, ge=0.01, le=1000.0, description="the interpreter's thread switch interval in each `fusionrank serve` process, ms "
+                                             "(Python's own default: 5)")
+    # set by `fusionrank serve --workers N` for its worker processes (uvicorn starts them from the environment)
+    serve_no_auth: bool = Field(False, description="set by `fusionrank serve --no-auth --workers N` for its worker processes")
+    serve_images_root: Path | None = Field(None, description="set by `fusionrank serve --images-root DIR --workers N` for its worker processes")
+    serve_balance_file: str | None = Field(None, description="set by `fusionrank serve --workers N`: the workers' shared connection table")
+    serve_workers: int | None = Field(None, ge=1, description="set by `fusionrank serve --workers N`: how many worker processes share the port")
+
+    # caches and tooling
+    cache_dir: str | None = Field(None, description="where built onnx-q8 text models are kept between processes; off: nowhere; "
+                                                    "default: $XDG_CACHE_HOME/fusionrank, else ~/.cache/fusionrank")
 
     @field_validator("engine")
     @classmethod
@@ -227,5 +242,27 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"invalid settings: {msgs}") from None
+        raise ConfigError(f"invalid settings: {'; '.join(_describe(err) for err in e.errors())}") from None
+
+
+_SECRET_FIELDS = {name for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)}
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    """One validation error named by its environment variable (``FUSIONRANK_SERVE_WORKERS: ... (got '0')``); the
+    value is shown unless it is a secret (URL passwords redacted)."""
+    loc = [str(p) for p in err.get("loc", ())]
+    name = f"FUSIONRANK_{loc[0].upper()}" + "".join(f".{p}" for p in loc[1:]) if loc else "settings"
+    got = ""
+    if loc and loc[0] not in _SECRET_FIELDS and isinstance(err.get("input"), (str, int, float)) and not isinstance(err.get("input"), bool):
+        shown = redact_url(str(err["input"])) if isinstance(err["input"], str) else err["input"]
+        got = f" (got {shown!r})"
+    return f"{name}: {err['msg']}{got}"
+
+
+def apply_process_settings(settings: Settings) -> None:
+    """What the settings configure process-wide rather than per call: the cache directory of built ONNX models.
+    Called once at each process edge (the CLI, every `fusionrank serve` worker)."""
+    from indexing.onnx_runtime import configure_cache_dir
+
+    configure_cache_dir(settings.cache_dir)

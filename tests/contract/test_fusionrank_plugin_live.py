@@ -20,8 +20,8 @@ import pytest
 
 from indexing import fields as F
 from mappings import load_mapping
-from rerank import opensearch_bodies as B
-from rerank import opensearch_pipeline as P
+from rerank.retrieval.retriever import opensearch_bodies as B
+from rerank.retrieval.retriever import opensearch_pipeline as P
 from tests.contract.conftest import put_pipeline
 from tests.service.world import API_KEY, IMAGE_DIM, service_world  # noqa: F401  (the shared fixture)
 from workers.devnode import free_port
@@ -45,7 +45,7 @@ def serve_in_thread(app) -> tuple[str, Any]:
 
 @pytest.fixture(scope="module")
 def service_url(service_world) -> Iterator[str]:
-    from rerank.service.app import create_app
+    from workers.service.app import create_app
 
     url, server = serve_in_thread(create_app(service_world.state()))
     yield url
@@ -175,7 +175,7 @@ def test_the_search_fails_open_and_says_why(node_index, service_url, case, caplo
     name = _pipeline(eng, pipelines, P.fusionrank_pipeline_body(url, key, first_stage="none", budget_ms=budget))
     query = {"match_all": {}} if case == "no query text" else {"match": {F.TITLE: QUERY}}
     plain = _search(eng, index, {"query": query, "size": 12, "_source": SOURCE})
-    with caplog.at_level(logging.WARNING, logger="rerank.service.auth"):
+    with caplog.at_level(logging.WARNING, logger="workers.service.auth"):
         resp = _search(eng, index, {"query": query, "size": 12, "_source": SOURCE, "ext": {"fusionrank": {"user_id": "u1"}}}, name)
     assert _ids(resp) == _ids(plain)
     assert [h["_score"] for h in resp["hits"]["hits"]] == [h["_score"] for h in plain["hits"]["hits"]]
@@ -187,7 +187,7 @@ def test_the_search_fails_open_and_says_why(node_index, service_url, case, caplo
     assert status["degraded"].startswith(expected), status
     assert "wrong-key-that-must-not-show" not in json.dumps(resp)
     if case == "wrong key":
-        refused = [r.getMessage() for r in caplog.records if r.name == "rerank.service.auth"]
+        refused = [r.getMessage() for r in caplog.records if r.name == "workers.service.auth"]
         assert any("refused POST /rerank" in m and "an invalid API key" in m for m in refused), refused
         assert not any("wrong-key-that-must-not-show" in r.getMessage() for r in caplog.records)
 
@@ -228,7 +228,7 @@ def shoppers(shared_data, opensearch_node, service_world, tmp_path_factory):
     from rerank.history import EngineVectorSource, HistoryStore, ProfileService
     from rerank.history.store import upgrade
     from rerank.reranker import Reranker
-    from rerank.service.app import create_app
+    from workers.service.app import create_app
     from tests.service.world import untrained_artifact
 
     dev = shared_data / "fashion" / "bench" / "dev"

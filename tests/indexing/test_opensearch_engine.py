@@ -31,7 +31,7 @@ from indexing.errors import (
 )
 from indexing.opensearch_spec import load_spec
 from mappings import load_mapping
-from rerank.service.drill_services import free_port  # a local port nothing listens on
+from workers.drill.services import free_port  # a local port nothing listens on
 from tests.contract.opensearch_fake import FakeOpenSearchServer, error_body
 
 DIM = 8

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from indexing.errors import ConfigError, UnknownNameError
-from rerank.metrics import (
+from rerank.datasets.metrics import (
     MetricSpec,
     dcg,
     gain_mapping,

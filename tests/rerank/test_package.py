@@ -11,7 +11,7 @@ import rerank
 
 
 def test_the_front_door_names_the_drop_in_call_and_the_artifact_loader() -> None:
-    from rerank.artifacts import ModelArtifact, load_artifact
+    from rerank.model.artifact import ModelArtifact, load_artifact
     from rerank.reranker import RankedHit, RankedHits, Reranker
 
     assert (rerank.Reranker, rerank.RankedHits, rerank.RankedHit) == (Reranker, RankedHits, RankedHit)
@@ -25,6 +25,6 @@ def test_an_unknown_name_is_an_attribute_error_naming_it() -> None:
 
 
 def test_importing_the_package_loads_neither_torch_nor_the_model() -> None:
-    code = "import sys, rerank; print(sorted(m for m in ('torch', 'rerank.reranker', 'rerank.model') if m in sys.modules))"
+    code = "import sys, rerank; print(sorted(m for m in ('torch', 'rerank.reranker', 'rerank.model.ranker') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

@@ -10,8 +10,8 @@ import pytest
 from indexing import fields as F
 from indexing.engines.base import Filters
 from indexing.errors import ConfigError, UnknownNameError
-from rerank.features import feature_names, first_stage_features
-from rerank.retrieval import BM25, KNN_IMAGE, KNN_TEXT, RetrievalConfig, Retriever, fuse_first_stage
+from rerank.retrieval.signals import feature_names, first_stage_features
+from rerank.retrieval.retriever import BM25, KNN_IMAGE, KNN_TEXT, RetrievalConfig, Retriever, fuse_first_stage
 from tests.rerank.evaldata import build_fashion_slice
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from indexing.errors import CatalogError, ConfigError
-from rerank.metrics import ndcg_at_k
-from rerank.train import DatasetSpec, TrainConfig, histories, lambda_loss, listwise_softmax_loss, read_events, train_ranker
+from rerank.datasets.metrics import ndcg_at_k
+from rerank.training.ranker import DatasetSpec, TrainConfig, histories, lambda_loss, listwise_softmax_loss, read_events, train_ranker
 
 
 def test_listwise_losses_prefer_the_graded_order():
@@ -53,8 +53,8 @@ def test_bad_training_requests_are_refused(tmp_path):
 @pytest.mark.slow
 def test_training_on_a_real_slice_learns_and_writes_an_artifact(shared_data, tmp_path):
     """80 fashion dev queries, 10 judged products each (text only: no photos in the slice)."""
-    from rerank.artifacts import load_artifact
-    from rerank.train import fit  # noqa: F401  (the loop under test, run by train_ranker)
+    from rerank.model.artifact import load_artifact
+    from rerank.training.ranker import fit  # noqa: F401  (the loop under test, run by train_ranker)
     from tests.rerank.evaldata import build_fashion_slice
     from workers.jobs import run_index_job
     from workers.settings import load_settings
@@ -75,8 +75,8 @@ def test_training_on_a_real_slice_learns_and_writes_an_artifact(shared_data, tmp
     # the best validation NDCG@10 beats a random order of the same pools (mean of 20 shuffles)
     art = load_artifact(res.artifact, device="cpu")
     assert art.ranker.config.use_image is False
-    from rerank.evaluation.data import read_qrels
-    from rerank.metrics import map_gains
+    from rerank.datasets.data import read_qrels
+    from rerank.datasets.metrics import map_gains
 
     qrels = read_qrels(sl.qrels)
     splits_file = info["splits_file"]

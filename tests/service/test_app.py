@@ -75,7 +75,7 @@ def test_admin_disabled_without_admin_key_and_auth_required_to_start(service_wor
     with TestClient(service_world.app(admin_api_key=None)) as c:
         r = c.post("/admin/reload", headers=H)
         assert r.status_code == 403 and "FUSIONRANK_ADMIN_API_KEY" in r.json()["detail"]
-    from rerank.service.app import create_app
+    from workers.service.app import create_app
 
     with pytest.raises(ConfigError, match="--no-auth"):
         create_app(service_world.state(api_key=None))
@@ -130,7 +130,7 @@ def test_cohere_relevance_scores_are_json_numbers_ml_commons_reads_as_double(cli
     BigDecimal and connector.post_process.cohere.rerank fails casting it to Double (the whole search fails)."""
     import re
 
-    from rerank.service.app import wire_score
+    from workers.service.app import wire_score
 
     for x in (0.000676683925427717, 0.30000000000000004, 1.0 - 19 / 20, 1e-30 / 3, 1.0 - 1e-12, 0.0, 1.0):
         w = wire_score(x)
@@ -316,8 +316,8 @@ def test_metrics_count_requests_and_degraded_calls_without_keys(service_world):
 
 # ----------------------------------------------------------------------------- readiness
 def test_readyz_is_503_until_the_background_load_finishes(service_world):
-    from rerank.service.app import create_app
-    from rerank.service.state import ServiceState
+    from workers.service.app import create_app
+    from workers.service.state import ServiceState
 
     gate = threading.Event()
 
@@ -341,8 +341,8 @@ def test_readyz_is_503_until_the_background_load_finishes(service_world):
 
 
 def test_failed_load_is_reported(service_world):
-    from rerank.service.app import create_app
-    from rerank.service.state import ServiceState
+    from workers.service.app import create_app
+    from workers.service.state import ServiceState
 
     def loader(settings):
         from indexing.errors import ModelArtifactError
@@ -413,7 +413,7 @@ def test_the_openapi_schema_documents_the_diversity(client):
 
 def test_a_reranker_with_a_default_diversity_serves_it(service_world):
     from rerank.reranker import Reranker
-    from rerank.service.app import create_app
+    from workers.service.app import create_app
 
     w = service_world
     r = Reranker(w.engine, w.index, w.artifact, text_encoder=w.text, history=w.profiles, budget_ms=10_000, diversity="auto")

@@ -1,4 +1,4 @@
-"""Least-connections rebalancing of keep-alive connections across serve worker processes (rerank.service.balance)."""
+"""Least-connections rebalancing of keep-alive connections across serve worker processes (workers.service.balance)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rerank.service.balance import STALE_S, ConnectionBalancer, from_env
+from workers.service.balance import STALE_S, ConnectionBalancer, from_env
 
 
 class Clock:
@@ -95,7 +95,7 @@ def test_the_heartbeat_keeps_an_idle_worker_alive_and_ages_its_connections(tmp_p
 
 _CLAIM = """
 import sys, time
-from rerank.service.balance import ConnectionBalancer
+from workers.service.balance import ConnectionBalancer
 b = ConnectionBalancer(sys.argv[1], 2, heartbeat_s=None)
 print(b.slot, flush=True)
 time.sleep(float(sys.argv[2]))
@@ -132,8 +132,8 @@ def test_from_env_needs_the_file_and_two_workers(monkeypatch, tmp_path):
 def test_the_app_closes_the_connection_of_an_overloaded_worker(tmp_path):
     from fastapi.testclient import TestClient
 
-    from rerank.service.app import create_app
-    from rerank.service.state import ServiceState
+    from workers.service.app import create_app
+    from workers.service.state import ServiceState
     from workers.settings import load_settings
 
     clock = Clock()

@@ -14,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from rerank.service import app as A
-from rerank.bench_rerank import closed_loop
-from rerank.service import bench as B
+from workers.service import app as A
+from workers.bench.rerank import closed_loop
+from workers.bench import serve as B
 from workers.commands import serve as S
 
 # ----------------------------------------------------------------------------- JSON rendering
@@ -253,7 +253,7 @@ def _wait_until(cond, timeout=10.0):
 
 
 def test_fifo_gate_admits_in_arrival_order_without_barging():
-    from rerank.service.state import FifoGate
+    from workers.service.state import FifoGate
 
     gate = FifoGate(1)
     order: list[int] = []
@@ -279,7 +279,7 @@ def test_fifo_gate_admits_in_arrival_order_without_barging():
 
 
 def test_fifo_gate_counts_and_refuses_extra_releases():
-    from rerank.service.state import FifoGate, ServiceState
+    from workers.service.state import FifoGate, ServiceState
 
     gate = FifoGate(2)
     gate.acquire()
@@ -331,7 +331,7 @@ class _BlockingReranker(_FakeReranker):
 def test_model_endpoints_hold_gate_size_plus_one_threads_and_serve_in_arrival_order():
     import httpx
 
-    from rerank.service.state import MODEL_THREAD_SLACK, ServiceState
+    from workers.service.state import MODEL_THREAD_SLACK, ServiceState
     from workers.settings import load_settings
 
     fake = _BlockingReranker()
@@ -377,7 +377,7 @@ def test_model_endpoints_hold_gate_size_plus_one_threads_and_serve_in_arrival_or
 def test_load_freezes_the_heap_only_when_asked():
     import gc
 
-    from rerank.service.state import ServiceState
+    from workers.service.state import ServiceState
 
     assert gc.get_freeze_count() == 0
     try:

@@ -13,7 +13,7 @@ from tests.service.world import ADMIN_KEY, build_world
 
 pytestmark = pytest.mark.slow
 
-#: routes of the search page (rerank/service/page.py, fuzzed by its own tests) and /admin/reindex (it queues a
+#: routes of the search page (workers/service/page.py, fuzzed by its own tests) and /admin/reindex (it queues a
 #: Celery task on the broker: tested against real Redis in test_app.py instead)
 NOT_HERE = ("/admin/reindex", "/v1/users", "/v1/products/{product_id}/image", "/", "/static")
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

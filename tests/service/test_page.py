@@ -91,7 +91,7 @@ def test_product_image_is_served_from_the_images_root_only(client, service_world
 
 
 def test_resolve_under_refuses_escapes(tmp_path):
-    from rerank.service.page import resolve_under
+    from workers.service.page import resolve_under
 
     (tmp_path / "a").mkdir()
     assert resolve_under(tmp_path, "a/b.png") == (tmp_path / "a" / "b.png").resolve()

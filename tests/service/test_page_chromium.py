@@ -5,7 +5,7 @@ a SQLite history store).
 Enter the key, search, see the photos load (fetched with the key, shown via blob URLs), switch the shopper to
 a simulated user whose history strongly favours the shoes and see the order change, open a "why" panel, and
 see a degraded (fail-open) answer flagged. A screenshot is saved under the test's tmp_path and, when
-``FUSIONRANK_SCREENSHOT_DIR`` is set, there too.
+``TEST_SCREENSHOT_DIR`` is set, there too.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from rerank.model import MODALITIES
+from rerank.model.ranker import MODALITIES
 from tests.service.browser import CHROMIUM_ARGS, draw_photos, ensure_chromium, live_server
 from tests.service.world import API_KEY, PRODUCTS
 
@@ -32,7 +32,7 @@ FAN_PRODUCTS = ("p0", "p10", "p11")
 QUERY = "leather"
 TIMEOUT_MS = 20_000
 #: read at import: tests/conftest.py clears every FUSIONRANK_* variable around each test
-SCREENSHOT_DIR = os.environ.get("FUSIONRANK_SCREENSHOT_DIR")
+SCREENSHOT_DIR = os.environ.get("TEST_SCREENSHOT_DIR")
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def test_switch_interval_setting(monkeypatch, raw, ms):
 @pytest.mark.parametrize("raw", ["fast", "0", "-1", "nan", "inf", "1001"])
 def test_switch_interval_setting_refuses_what_is_not_a_duration(monkeypatch, raw):
     monkeypatch.setenv(S.SWITCH_INTERVAL_ENV, raw)
-    with pytest.raises(ConfigError, match=f"{S.SWITCH_INTERVAL_ENV} must be .* got '{raw}'"):
+    with pytest.raises(ConfigError, match=rf"{S.SWITCH_INTERVAL_ENV}: .*\(got '{raw}'\)"):
         S.switch_interval_ms()
 
 
@@ -78,7 +78,7 @@ def test_bench_serve_synthetic_tiny():
 
 @pytest.mark.slow
 def test_bench_batch_builds_saves_and_replays_a_served_world(tmp_path, monkeypatch):
-    from rerank.service.bench import build_synthetic_world
+    from workers.bench.serve import build_synthetic_world
 
     for k, v in build_synthetic_world(tmp_path / "world", size=120).items():
         monkeypatch.setenv(k, v)

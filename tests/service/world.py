@@ -1,5 +1,5 @@
 """A small real world for the HTTP service tests: LocalEngine + a dozen products indexed with the real MiniLM
-text encoder, a real (untrained) FusionRanker artifact saved and loaded through ``rerank.artifacts``, a SQLite
+text encoder, a real (untrained) FusionRanker artifact saved and loaded through ``rerank.model.artifact``, a SQLite
 history store with a few (simulated) events, and product photos (drawn PNGs) under ``images_root``.
 
 ``build_world(tmp_dir) -> World``; ``World.state(**settings) -> ServiceState`` (ready, auth on with the keys
@@ -61,12 +61,12 @@ class World:
         return load_settings(**base)
 
     def state(self, *, auth: bool = True, reranker: Any = None, **settings: Any):
-        from rerank.service.state import ServiceState
+        from workers.service.state import ServiceState
 
         return ServiceState.from_reranker(self.settings(**settings), reranker or self.reranker, auth=auth, images_root=self.images_root)
 
     def app(self, *, auth: bool = True, **settings: Any):
-        from rerank.service.app import create_app
+        from workers.service.app import create_app
 
         return create_app(self.state(auth=auth, **settings))
 
@@ -124,9 +124,9 @@ def service_world(tmp_path_factory) -> World:
 
 def untrained_artifact(out, engine, index, text):
     """A small real (untrained, seeded) FusionRanker artifact, saved and loaded back against ``index``."""
-    from rerank.artifacts import EncoderRef, load_artifact, save_artifact
-    from rerank.model import RankerConfig, build_ranker
-    from rerank.model_features import FeatureSpec
+    from rerank.model.artifact import EncoderRef, load_artifact, save_artifact
+    from rerank.model.ranker import RankerConfig, build_ranker
+    from rerank.model.inputs import FeatureSpec
 
     spec = FeatureSpec(history_k=6)
     cfg = RankerConfig(text_dim=text.dim, first_stage_dim=spec.first_stage_dim, n_cat_fields=len(spec.cat_fields),

@@ -20,8 +20,8 @@ import pytest
 
 from indexing import fields as F
 from mappings import load_mapping
-from rerank.retrieval.retriever import opensearch_bodies as B
-from rerank.retrieval.retriever import opensearch_pipeline as P
+from rerank.retrieval import opensearch_bodies as B
+from rerank.retrieval import opensearch_pipeline as P
 from tests.contract.conftest import put_pipeline
 from tests.service.world import API_KEY, IMAGE_DIM, service_world  # noqa: F401  (the shared fixture)
 from workers.devnode import free_port

@@ -22,7 +22,7 @@ from tests.contract.conftest import put_pipeline
 
 from indexing import fields as F
 from mappings import load_mapping
-from rerank.retrieval.retriever import opensearch_bodies as B
+from rerank.retrieval import opensearch_bodies as B
 from rerank.retrieval.fusion import minmax, rrf
 from rerank.retrieval.retriever import BM25, KNN_IMAGE, KNN_TEXT
 

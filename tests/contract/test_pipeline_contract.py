@@ -16,7 +16,7 @@ from indexing import fields as F
 from indexing.engines.opensearch import OpenSearchEngine
 from indexing.errors import ConfigError, EngineError
 from indexing.opensearch_spec import OpenSearchSpec, SpecViolationError
-from rerank.retrieval.retriever import opensearch_pipeline as P
+from rerank.retrieval import opensearch_pipeline as P
 from tests.contract.ml_fake import DEFAULT_TRUSTED, TRUSTED, FakeMLOpenSearchServer
 
 pytestmark = pytest.mark.contract

@@ -20,7 +20,7 @@ from typing import Iterator
 import pytest
 
 from indexing import fields as F
-from rerank.retrieval.retriever import opensearch_pipeline as P
+from rerank.retrieval import opensearch_pipeline as P
 from tests.service.world import API_KEY, service_world  # noqa: F401  (the shared fixture)
 from workers.devnode import free_port
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from indexing.errors import ConfigError
-from rerank.model.ranker import onnx_ranker
+from rerank.model import onnx_ranker
 from rerank.model.ranker import STRATEGIES
 from rerank.model.onnx_ranker import OnnxExportError, OnnxRanker, cpu_runtime, runtime_name
 from tests.rerank.test_model import _model, _request

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from workers.service.balance import STALE_S, ConnectionBalancer, from_env
+from workers.service.balance import STALE_S, ConnectionBalancer, from_settings
+from workers.settings import load_settings
 
 
 class Clock:
@@ -117,14 +118,15 @@ def test_processes_claim_different_slots_and_a_dead_one_frees_its_slot(tmp_path)
     assert int(third.stdout) == 0  # the killed process's lock went with it
 
 
-def test_from_env_needs_the_file_and_two_workers(monkeypatch, tmp_path):
+def test_the_workers_settings_need_the_file_and_two_workers(monkeypatch, tmp_path):
+    # what `fusionrank serve --workers N` sets in its workers' environment, read through the settings
     monkeypatch.delenv("FUSIONRANK_SERVE_BALANCE_FILE", raising=False)
-    assert from_env() is None
+    assert from_settings(load_settings()) is None
     monkeypatch.setenv("FUSIONRANK_SERVE_BALANCE_FILE", str(tmp_path / "c"))
     monkeypatch.setenv("FUSIONRANK_SERVE_WORKERS", "1")
-    assert from_env() is None
+    assert from_settings(load_settings()) is None
     monkeypatch.setenv("FUSIONRANK_SERVE_WORKERS", "3")
-    b = from_env()
+    b = from_settings(load_settings())
     assert b is not None and b.workers == 3 and b.slot == 0
     b.close()
 

@@ -150,7 +150,7 @@ def _cleanup_node(eng, setup: dict | None, extra_pipelines: list[str]) -> None:
 def test_the_readme_production_steps_serve_reranked_search_from_an_empty_node(prod_env, opensearch_node, tmp_path):
     from indexing.catalog import Product, read_catalog
     from indexing.encoders import get_text_encoder
-    from rerank.retrieval.retriever import opensearch_pipeline as P
+    from rerank.retrieval import opensearch_pipeline as P
 
     env = prod_env
     eng = opensearch_node.engine()

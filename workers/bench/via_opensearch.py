@@ -88,7 +88,7 @@ def run_via_opensearch_bench(*, synthetic_size: int = 300, requests: int = 200, 
     from indexing.engines.opensearch import OpenSearchEngine
     from indexing.machine import machine_info
     from mappings import load_mapping
-    from rerank.retrieval.retriever import opensearch_pipeline as P
+    from rerank.retrieval import opensearch_pipeline as P
     from workers.bench.serve import N_USERS, _start_server, _wait_ready, build_synthetic_world, stop_process, world_settings
     from workers.drill.services import free_port
     from workers import devnode

@@ -1,6 +1,6 @@
 """fusionrank's own OpenSearch plugin on the real node (marked ``opensearch``): the ``fusionrank_rerank`` search
 response processor (``rerank/opensearch_plugin``, loaded as a bundle by ``workers/devnode.py``) calling the real
-service (``tests/service/world.py``'s world, served by uvicorn in this process, where the node reaches it).
+service (``tests/workers/service/world.py``'s world, served by uvicorn in this process, where the node reaches it).
 
 The node's index holds the world's products (documents and vectors as the service's own index has them), so the
 first stage is the node's and the model's inputs are the service's; the order through the pipeline must be the
@@ -23,7 +23,7 @@ from mappings import load_mapping
 from rerank.retrieval import opensearch_bodies as B
 from rerank.retrieval import opensearch_pipeline as P
 from tests.contract.conftest import put_pipeline
-from tests.service.world import API_KEY, IMAGE_DIM, service_world  # noqa: F401  (the shared fixture)
+from tests.workers.service.world import API_KEY, IMAGE_DIM, service_world  # noqa: F401  (the shared fixture)
 from workers.devnode import free_port
 
 pytestmark = [pytest.mark.opensearch, pytest.mark.slow]
@@ -229,7 +229,7 @@ def shoppers(shared_data, opensearch_node, service_world, tmp_path_factory):
     from rerank.history.store import upgrade
     from rerank.reranker import Reranker
     from workers.service.app import create_app
-    from tests.service.world import untrained_artifact
+    from tests.workers.service.world import untrained_artifact
 
     dev = shared_data / "fashion" / "bench" / "dev"
     rows = [line.rstrip("\n").split("\t") for line in open(dev / "personal_queries.tsv", encoding="utf-8")][1:]

@@ -1,7 +1,7 @@
 """The search-pipeline integration against a real cluster and a running fusionrank service (marked ``opensearch``).
 
 The cluster is the OpenSearch node the test session starts (``tests/conftest.py``; ML Commons loads on it) or the
-one at ``OPENSEARCH_URL``. The service is the small real world of ``tests/service/world.py`` served by uvicorn on
+one at ``OPENSEARCH_URL``. The service is the small real world of ``tests/workers/service/world.py`` served by uvicorn on
 127.0.0.1 in this process, where the node reaches it (``TEST_SERVICE_URL`` + ``FUSIONRANK_API_KEY``
 name another service instead, e.g. ``docker compose up -d``'s ``http://api:8000``). The rerank processor runs with
 ``ignore_failure: false`` here, so a search that succeeds went through the service; the service's own request
@@ -21,7 +21,7 @@ import pytest
 
 from indexing import fields as F
 from rerank.retrieval import opensearch_pipeline as P
-from tests.service.world import API_KEY, service_world  # noqa: F401  (the shared fixture)
+from tests.workers.service.world import API_KEY, service_world  # noqa: F401  (the shared fixture)
 from workers.devnode import free_port
 
 pytestmark = [pytest.mark.opensearch, pytest.mark.slow]

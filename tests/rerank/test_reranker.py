@@ -54,7 +54,7 @@ def world(tmp_path_factory):
     from mappings import load_mapping
     from rerank.history import EngineVectorSource, HistoryStore, ProfileService
     from rerank.history.store import upgrade
-    from tests.service.world import untrained_artifact
+    from tests.workers.service.world import untrained_artifact
 
     d = tmp_path_factory.mktemp("reranker")
     text = get_text_encoder("minilm")

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from indexing.errors import ConfigError
-from tests.service.world import ADMIN_KEY, API_KEY, INDEX, PRODUCTS
+from tests.workers.service.world import ADMIN_KEY, API_KEY, INDEX, PRODUCTS
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ history store with a few (simulated) events, and product photos (drawn PNGs) und
 
 ``build_world(tmp_dir) -> World``; ``World.state(**settings) -> ServiceState`` (ready, auth on with the keys
 below); ``World.app(**settings)`` the FastAPI app. The pytest fixture ``service_world`` (module scope) is
-defined here and re-exported by ``tests/service/conftest.py``; other test folders can import it too.
+defined here and re-exported by ``tests/workers/service/conftest.py``; other test folders can import it too.
 """
 
 from __future__ import annotations

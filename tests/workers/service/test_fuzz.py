@@ -9,7 +9,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import content_type_conformance, not_a_server_error, response_schema_conformance, status_code_conformance
 
-from tests.service.world import ADMIN_KEY, build_world
+from tests.workers.service.world import ADMIN_KEY, build_world
 
 pytestmark = pytest.mark.slow
 

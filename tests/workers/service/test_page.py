@@ -10,7 +10,7 @@ import pytest
 
 from indexing import fields as F
 from indexing.engines.base import BulkAction
-from tests.service.world import API_KEY, U1_EVENTS
+from tests.workers.service.world import API_KEY, U1_EVENTS
 
 pytestmark = pytest.mark.slow  # builds the MiniLM world
 

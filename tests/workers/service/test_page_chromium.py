@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from rerank.model.ranker import MODALITIES
-from tests.service.browser import CHROMIUM_ARGS, draw_photos, ensure_chromium, live_server
-from tests.service.world import API_KEY, PRODUCTS
+from tests.workers.service.browser import CHROMIUM_ARGS, draw_photos, ensure_chromium, live_server
+from tests.workers.service.world import API_KEY, PRODUCTS
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@ import sys
 
 import pytest
 
-from tests.service.world import service_world  # noqa: F401  (the shared fixture)
+from tests.workers.service.world import service_world  # noqa: F401  (the shared fixture)
 
 
 @pytest.fixture(autouse=True)

@@ -218,6 +218,7 @@ async def require_ready(request: Request) -> ServiceState:
     if not st.ready:
         why = f" (loading failed: {st.error})" if st.error else ""
         raise HTTPException(503, f"the service is not ready: the model is not loaded{why}; poll /readyz")
+    st.check_model_link()  # a promoted model: loaded in the background, this request is served by the current one
     return st
 
 

@@ -4,7 +4,9 @@
 * ``fusionrank_request_seconds{endpoint}`` — latency histogram;
 * ``fusionrank_degraded_total{reason}`` — rerank calls that failed open to the first-stage order;
 * ``fusionrank_model_info{version,runtime}`` — 1 for the served model version (``none`` for the noop reranker) and what
-  runs its forward pass (``onnx`` / ``torch``; ``none`` without a model).
+  runs its forward pass (``onnx`` / ``torch``; ``none`` without a model);
+* ``fusionrank_model_reloads_total`` / ``fusionrank_model_reload_failures_total`` — promoted models the service followed
+  (loaded and swapped in), and those that failed to load (the old model kept serving).
 
 Labels are route templates (``/v1/rerank``), never raw paths, headers or bodies: no key can end up here.
 """
@@ -31,6 +33,9 @@ class ServiceMetrics:
                                 registry=self.registry)
         self.rebalanced = Counter("fusionrank_rebalanced_connections", "keep-alive connections this worker closed to even out "
                                   "the connections across serve --workers processes", registry=self.registry)
+        self.reloads = Counter("fusionrank_model_reloads", "promoted models loaded and swapped in (the model link moved)", registry=self.registry)
+        self.reload_failures = Counter("fusionrank_model_reload_failures", "promoted models that failed to load (the old one kept serving)",
+                                       registry=self.registry)
         self._lock = threading.Lock()
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
@@ -40,6 +45,9 @@ class ServiceMetrics:
     def count_degraded(self, reason: str | None) -> None:
         if reason:
             self.degraded.labels(reason=reason).inc()
+
+    def count_reload(self, *, ok: bool) -> None:
+        (self.reloads if ok else self.reload_failures).inc()
 
     def set_model(self, version: str | None, runtime: str | None = None) -> None:
         with self._lock:

@@ -7,7 +7,11 @@ state that :meth:`ServiceState.load` fills later (``fusionrank serve`` loads in 
 Tests build one directly from parts (:meth:`ServiceState.from_reranker`).
 
 :meth:`ServiceState.reload` swaps in a freshly loaded reranker (``POST /admin/reload``); requests in
-flight finish on the old one.
+flight finish on the old one. :meth:`ServiceState.check_model_link` follows a promotion: a state with
+``watch_model`` (``fusionrank serve``) looks at where the model link (``<data_dir>/models/current``, see
+:mod:`rerank.model_registry`) points at most once per ``watch_interval_s``, from the request path; when it moved, a
+background thread loads the new target and swaps it in, and requests go on being served by the old model until
+then (no request fails or waits for the load).
 """
 
 from __future__ import annotations
@@ -144,6 +148,14 @@ class ServiceState:
     #: after a (re)load, collect once and :func:`gc.freeze` what is alive (see :meth:`_freeze_heap`); set by
     #: ``fusionrank serve`` (``ServiceState.loading(..., freeze_gc=True)``), not for states built in tests
     freeze_gc: bool = False
+    #: follow the model link (:meth:`check_model_link`): a promoted model is loaded in the background and swapped in
+    watch_model: bool = False
+    watch_interval_s: float = 1.0
+    #: the model directory the served reranker was loaded from (the link's target, resolved at load time)
+    model_path: str | None = None
+    _next_check: float = field(default=0.0, repr=False)
+    _reloading: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _failed_target: str | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     gate: FifoGate = field(init=False, repr=False)
     gate_size: int = field(init=False, default=1)
@@ -194,12 +206,65 @@ class ServiceState:
         return st
 
     # ------------------------------------------------------------------ (re)loading
-    def _build(self) -> Any:
-        if self.loader is not None:
-            return self.loader(self.settings)
-        from rerank.reranker import Reranker
+    def _link_target(self) -> str | None:
+        """The resolved model directory of the settings (``current``'s target now), or None without settings."""
+        d = getattr(self.settings, "effective_model_dir", None) if self.settings is not None else None
+        return os.path.realpath(d) if d is not None else None
 
-        return Reranker.from_settings(self.settings)
+    def _build(self, target: str | None = None) -> Any:
+        """A reranker over ``target`` (a resolved model directory; default: where the link points now). The settings
+        handed to the loader name the resolved directory, so a promotion during the load cannot mix two models."""
+        target = target or self._link_target()
+        settings = self.settings
+        if target is not None and hasattr(settings, "model_copy"):
+            settings = settings.model_copy(update={"model_dir": Path(target)})
+        if self.loader is not None:
+            r = self.loader(settings)
+        else:
+            from rerank.reranker import Reranker
+
+            r = Reranker.from_settings(settings)
+        self.model_path = target
+        return r
+
+    def check_model_link(self) -> None:
+        """Called on the request path (cheap: one ``realpath`` at most every ``watch_interval_s``): when the model link
+        points somewhere else than the loaded model, load the new target on a background thread and swap it in.
+        A target that failed to load is not retried until the link moves again (the old model keeps serving; the
+        failure is logged and counted in ``/metrics`` as ``fusionrank_model_reload_failures_total``)."""
+        if not self.watch_model or not self.ready:
+            return
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.watch_interval_s
+        try:
+            target = self._link_target()
+        except OSError:
+            return
+        if target is None or target == self.model_path or target == self._failed_target:
+            return
+        if not self._reloading.acquire(blocking=False):
+            return  # a load is running already
+        threading.Thread(target=self._follow, args=(target,), name="fusionrank-model-follow", daemon=True).start()
+
+    def _follow(self, target: str) -> None:
+        try:
+            old = self.model_version
+            t = time.perf_counter()
+            reranker = self._build(target)
+            self._install(reranker)
+            self._freeze_heap()
+            self._failed_target = None
+            self.metrics.count_reload(ok=True)
+            log.info("model link moved: %s -> %s (%s), loaded in %.1f s", old, self.model_version, target, time.perf_counter() - t)
+        except Exception as e:
+            self._failed_target = target
+            self.metrics.count_reload(ok=False)
+            log.error("model link moved to %s, but it failed to load (still serving %s): %s: %s", target, self.model_version,
+                      type(e).__name__, e)
+        finally:
+            self._reloading.release()
 
     def _install(self, reranker: Any) -> None:
         profiles = reranker.history
@@ -250,7 +315,8 @@ class ServiceState:
     def reload(self) -> str | None:
         """Load the model again from settings and swap it in; returns the new model version."""
         old = self.model_version
-        self._install(self._build())
+        with self._reloading:
+            self._install(self._build())
         self._freeze_heap()  # after the swap: the old reranker is collected (unless a call in flight still holds it: then at the next reload)
         log.info("model reloaded: %s -> %s", old, self.model_version)
         return self.model_version

@@ -75,6 +75,7 @@ def app_factory():
     root = os.environ.get(IMAGES_ROOT_ENV)
     state = ServiceState.loading(load_settings(), auth=os.environ.get(NO_AUTH_ENV) != "1", images_root=Path(root) if root else None,
                                  freeze_gc=True)
+    state.watch_model = True  # follow `fusionrank model promote | rollback` and the retrain task's promotions
     from rerank.service.balance import from_env
 
     return create_app(state, balancer=from_env())  # fusionrank serve --workers N: even out keep-alive connections
@@ -151,6 +152,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             raise typer.Exit(2) from None
         settings = load_settings()
         state = ServiceState.loading(settings, auth=not no_auth, images_root=images_root.resolve() if images_root else None, freeze_gc=True)
+        state.watch_model = True  # follow `fusionrank model promote | rollback` and the retrain task's promotions
         try:
             state.check_auth_config()
         except ConfigError as e:

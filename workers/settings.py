@@ -118,6 +118,8 @@ class Settings(BaseSettings):
                                             "behaviour (0: never scheduled, run it by hand)")
 
     # service
+    ubi_record: bool = Field(True, description="the service records what /search and /rerank served (query id, positions) into the "
+                             "history store's UBI tables, off the request path")
     api_key: SecretStr | None = None
     admin_api_key: SecretStr | None = None
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest accepted HTTP request body (413 above)")

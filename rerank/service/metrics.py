@@ -6,7 +6,9 @@
 * ``fusionrank_model_info{version,runtime}`` — 1 for the served model version (``none`` for the noop reranker) and what
   runs its forward pass (``onnx`` / ``torch``; ``none`` without a model);
 * ``fusionrank_model_reloads_total`` / ``fusionrank_model_reload_failures_total`` — promoted models the service followed
-  (loaded and swapped in), and those that failed to load (the old model kept serving).
+  (loaded and swapped in), and those that failed to load (the old model kept serving);
+* ``fusionrank_ubi_searches{outcome}`` — what the UBI recording did with the answered searches (recorded, written, dropped,
+  failed, queued).
 
 Labels are route templates (``/v1/rerank``), never raw paths, headers or bodies: no key can end up here.
 """
@@ -36,6 +38,9 @@ class ServiceMetrics:
         self.reloads = Counter("fusionrank_model_reloads", "promoted models loaded and swapped in (the model link moved)", registry=self.registry)
         self.reload_failures = Counter("fusionrank_model_reload_failures", "promoted models that failed to load (the old one kept serving)",
                                        registry=self.registry)
+        self.ubi = Gauge("fusionrank_ubi_searches", "searches answered by /search and /rerank for the UBI tables, by outcome (recorded: "
+                         "queued; written; dropped: the queue was full; failed: the store refused; queued now)", ["outcome"], registry=self.registry)
+        self.ubi_stats = None  # () -> {"recorded", "written", "dropped", "failed", "queued"}: the state's UbiRecorder.stats
         self._lock = threading.Lock()
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
@@ -55,6 +60,9 @@ class ServiceMetrics:
             self.model_info.labels(version=version or "none", runtime=runtime or "none").set(1)
 
     def render(self) -> bytes:
+        if self.ubi_stats is not None:
+            for k, v in self.ubi_stats().items():
+                self.ubi.labels(outcome=k).set(v)
         return generate_latest(self.registry)
 
 

@@ -153,6 +153,9 @@ class ServiceState:
     watch_interval_s: float = 1.0
     #: the model directory the served reranker was loaded from (the link's target, resolved at load time)
     model_path: str | None = None
+    #: writes what /search and /rerank served into the store's UBI tables (rerank.history.ubi_recorder); made at the first
+    #: install when there is a history store and ``settings.ubi_record`` is on
+    ubi_recorder: Any = None
     _next_check: float = field(default=0.0, repr=False)
     _reloading: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _failed_target: str | None = field(default=None, repr=False)
@@ -281,6 +284,14 @@ class ServiceState:
                 self.images_root = getattr(self.settings, "fashion_dir", None)
             self.error = None
             self.ready = True
+            if self.history_store is not None and getattr(self.settings, "ubi_record", True):
+                if self.ubi_recorder is None:
+                    from rerank.history.ubi_recorder import UbiRecorder
+
+                    self.ubi_recorder = UbiRecorder(self.history_store)
+                    self.metrics.ubi_stats = self.ubi_recorder.stats
+                else:
+                    self.ubi_recorder.store = self.history_store  # a reload's new store
         self.metrics.set_model(self.model_version, getattr(reranker, "model_runtime", None))
 
     def _freeze_heap(self) -> None:
@@ -325,6 +336,16 @@ class ServiceState:
     def model_version(self) -> str | None:
         r = self.reranker
         return None if r is None or r.model is None else r.model.version
+
+    def record_served(self, query_id: str, query: str, hit_ids: list[str], *, user_id: str | None, client_id: str | None) -> None:
+        """Queue what a /search or /rerank answer served for the UBI tables; never raises (fail-open, counted)."""
+        rec = self.ubi_recorder
+        if rec is None:
+            return
+        try:
+            rec.record(query_id, query, hit_ids, user_id=user_id, client_id=client_id)
+        except Exception as e:  # pragma: no cover - record() only queues
+            log.warning("UBI recording of %s failed: %s", query_id, e)
 
     def check_auth_config(self) -> None:
         """Refuse to serve with auth enabled but no API key configured."""

@@ -75,6 +75,21 @@ def _write_log(out: Path, queries: dict[str, str], qrels: dict[str, dict[str, in
     return n_events
 
 
+def _write_spam(out: Path, text: str, product: str, others: list[str], *, searches: int = 2000) -> None:
+    """One client searching ``text`` again and again and clicking ``product`` (shown first) every time."""
+    rng = random.Random(9)
+    ts = datetime.now(timezone.utc) - timedelta(days=1)
+    out.mkdir(parents=True, exist_ok=True)
+    with gzip.open(out / "ubi_queries.jsonl.gz", "wt") as fq, gzip.open(out / "ubi_events.jsonl.gz", "wt") as fe:
+        for s in range(searches):
+            sid = f"spam-{s}"
+            t = (ts + timedelta(seconds=s)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            fq.write(json.dumps({"query_id": sid, "user_query": text, "client_id": "spammer", "timestamp": t,
+                                 "query_response_hit_ids": [product, *rng.sample(others, 9)]}) + "\n")
+            fe.write(json.dumps({"action_name": "click", "query_id": sid, "client_id": "spammer", "timestamp": t,
+                                 "event_attributes": {"object": {"object_id": product}, "position": {"ordinal": 1}}}) + "\n")
+
+
 def _import(sql_url: str, folder: Path) -> dict:
     from rerank.history import HistoryStore
     from rerank.history.ubi_ingest import import_ubi_path
@@ -118,6 +133,24 @@ def env(world, tmp_path, redis_url, monkeypatch):
         monkeypatch.setenv(f"FUSIONRANK_{k}", v)
     yield {k: v for k, v in os.environ.items()}, sql, tmp_path
     redis.Redis.from_url(url).flushdb()
+
+
+def _top10(settings, model_dir: Path, text: str) -> list[str]:
+    """What the model serves for ``text`` over the retrain task's evaluation index (the catalog's cached index)."""
+    from indexing.encoders import get_text_encoder
+    from rerank.evaluation.harness import cached_index
+    from workers.jobs import run_index_job
+    from workers.retrain import _reranker
+
+    cat, root = settings.retrain_inputs()
+    idx = cached_index(cat, root, data_dir=settings.data_dir, indexer=lambda e, j: run_index_job(e, settings, j, progress=False),
+                       text_model=settings.text_model, text_backend=settings.text_backend, image_model=settings.image_model,
+                       device="cpu", mapping=settings.mapping)
+    r = _reranker(idx, model_dir, get_text_encoder(settings.text_model, device="cpu"), settings)
+    try:
+        return r.search(text, size=10).ids
+    finally:
+        r.close()
 
 
 def _bad_model(world, tmp_path, settings) -> Path:
@@ -177,6 +210,11 @@ def test_the_retrain_task_promotes_a_better_model_refuses_a_worse_one_and_rolls_
         assert n > 500
         summary = _import(sql, tmp / "good")
         assert summary["rejected"] == 0
+        # ... and a spammer hammering an irrelevant product for one training query
+        spam_text = sorted(t for t in queries.values() if not is_heldout(t, HOLDOUT))[0]
+        spam_product = others[0]
+        _write_spam(tmp / "spam", spam_text, spam_product, others[1:])
+        _import(sql, tmp / "spam")
         out = run()
         assert out["status"] == "promoted", out
         good = out["version"]
@@ -184,6 +222,10 @@ def test_the_retrain_task_promotes_a_better_model_refuses_a_worse_one_and_rolls_
         assert ev["diff"] >= MARGIN and ev["candidate"]["ndcg@10"] > ev["serving"]["ndcg@10"]
         assert out["evaluation"]["against"] == bad and out["heldout"]["queries"] >= 5 and out["train"]["queries"] >= 20
         assert reg.current() == good
+        capped = out["train"]["spam_capping"]
+        assert capped["sessions_capped"] >= 1997 and capped["clicks_capped"] >= 1999  # 3 searches kept, their click counted once
+        top = _top10(settings, reg.path(good), spam_text)
+        assert spam_product not in top, (spam_text, top)
 
         # no new behaviour: nothing trained
         again = run()

@@ -102,7 +102,24 @@ class Settings(BaseSettings):
         None, description="project the indexed photos into the reranker's aligned-photo cache at start-up (default: only "
                           "with the local engine, whose vectors are on disk; with OpenSearch it scrolls the index)")
 
+    # the retraining loop (workers/retrain.py, the Celery task fusionrank.model.retrain)
+    retrain_min_new_events: int = Field(10_000, ge=1, description="UBI events that must have arrived in the history store since "
+                                        "the last retraining before the retrain task trains again (a forced run ignores it)")
+    retrain_margin: float = Field(0.01, ge=0, le=1, description="NDCG@10 the candidate must gain over the serving model on the "
+                                  "held-out log (and on qrels, when given) to be promoted")
+    retrain_holdout: float = Field(0.2, gt=0, lt=1, description="share of the log's query texts that no retrained model learns "
+                                   "from: the behaviour the candidate and the serving model are compared on")
+    retrain_catalog: Path | None = Field(None, description="catalog file the retrain task indexes and trains against (default: "
+                                         "the fashion benchmark's catalog in the shared data folder)")
+    retrain_images_root: Path | None = Field(None, description="images root of retrain_catalog (default: its folder)")
+    retrain_click_model: Literal["pbm", "sdbn", "ctr"] = Field("pbm", description="click model of the retrain task's judgments")
+    retrain_max_minutes: float = Field(20.0, gt=0, description="time budget of the retrain task's training loop")
+    retrain_check_interval_s: float = Field(3600.0, ge=0, description="celery beat: how often the retrain task checks for new "
+                                            "behaviour (0: never scheduled, run it by hand)")
+
     # service
+    ubi_record: bool = Field(True, description="the service records what /search and /rerank served (query id, positions) into the "
+                             "history store's UBI tables, off the request path")
     api_key: SecretStr | None = None
     admin_api_key: SecretStr | None = None
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest accepted HTTP request body (413 above)")
@@ -202,6 +219,15 @@ class Settings(BaseSettings):
         if fashion is None:
             raise ConfigError("no fashion data found: pass --catalog and --images-root or set FUSIONRANK_SHARED_DATA")
         return fashion / "bench" / "catalog.csv", images_root or fashion
+
+    def retrain_inputs(self) -> tuple[Path, Path]:
+        """``(catalog, images_root)`` the retrain task trains against; ConfigError when none is configured."""
+        if self.retrain_catalog is not None:
+            return self.retrain_catalog, self.retrain_images_root or self.retrain_catalog.parent
+        fashion = self.fashion_dir
+        if fashion is None:
+            raise ConfigError("the retrain task needs a catalog: set FUSIONRANK_RETRAIN_CATALOG (and _RETRAIN_IMAGES_ROOT)")
+        return fashion / "bench" / "catalog.csv", self.retrain_images_root or fashion
 
     def redacted(self) -> dict[str, Any]:
         """Every setting, JSON-friendly, with secrets and URL passwords replaced by ``**********``."""

@@ -280,8 +280,58 @@ def _level(base_url: str, bodies: Sequence[bytes], c: int, headers: dict[str, st
             "requests": len(res), "errors": sum(r[1] != 200 for r in res), "degraded": sum(r[2] for r in res)}
 
 
+def _ubi_metrics(client: Any, headers: dict[str, str]) -> dict[str, float]:
+    """The server's ``fusionrank_ubi_searches{outcome}`` values (what its UBI recording did)."""
+    import re
+
+    text = client.get("/metrics", headers=headers).text
+    return {m[1]: float(m[2]) for m in re.finditer(r'fusionrank_ubi_searches\{outcome="(\w+)"\} ([0-9.e+]+)', text)}
+
+
+def _ubi_record_rounds(env: dict[str, str], tmp: Path, payloads: Sequence[bytes], levels: Sequence[int], headers: dict[str, str],
+                       server_workers: int, rounds: int = 2) -> dict[str, Any]:
+    """The same levels against servers with the UBI recording off and on, alternating (off, on, off, on...): p50/p99 per
+    level and state, the median of the rounds, and what the recording servers wrote."""
+    import httpx
+
+    from workers.drill.services import free_port
+
+    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    written: list[dict[str, float]] = []
+    for r in range(rounds):
+        for state in ("off", "on"):
+            e = {**env, "FUSIONRANK_UBI_RECORD": "true" if state == "on" else "false"}
+            port = free_port()
+            proc = _start_server(e, port, tmp / f"server-ubi-{state}-{r}.log", server_workers)
+            try:
+                base_url = f"http://127.0.0.1:{port}"
+                with httpx.Client(base_url=base_url, timeout=60.0) as client:
+                    _wait_ready(client, proc, tmp / f"server-ubi-{state}-{r}.log", workers=server_workers)
+                    runs[state].append({str(c): _level(base_url, payloads, c, headers) for c in levels})
+                    if state == "on":
+                        time.sleep(1.0)  # the writer thread drains its queue
+                        written.append(_ubi_metrics(client, headers))
+            finally:
+                stop_process(proc)
+    out: dict[str, Any] = {"rounds": rounds, "order": "off, on, alternating", "levels": {}}
+    for c in levels:
+        k = str(c)
+        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        off50, on50 = med([x[k]["p50_ms"] for x in runs["off"]]), med([x[k]["p50_ms"] for x in runs["on"]])
+        off99, on99 = med([x[k]["p99_ms"] for x in runs["off"]]), med([x[k]["p99_ms"] for x in runs["on"]])
+        out["levels"][k] = {"off_p50_ms": off50, "on_p50_ms": on50, "p50_diff_ms": round(on50 - off50, 2),
+                            "off_p99_ms": off99, "on_p99_ms": on99, "p99_diff_ms": round(on99 - off99, 2),
+                            "off_rps": med([x[k]["rps"] for x in runs["off"]]), "on_rps": med([x[k]["rps"] for x in runs["on"]]),
+                            "errors": sum(x[k].get("errors", 0) for st in runs.values() for x in st)}
+    out["recorded_by_round"] = written
+    return out
+
+
 def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, requests: int = 300, candidates: int = 100,
-                    levels: Sequence[int] = (1, 8, 32), seed: int = 0, settings: Any = None, server_workers: int = 1) -> dict[str, Any]:
+                    levels: Sequence[int] = (1, 8, 32), seed: int = 0, settings: Any = None, server_workers: int = 1,
+                    compare_ubi_record: bool = False) -> dict[str, Any]:
+    """``compare_ubi_record``: instead of one server, servers with the UBI recording off and on, alternating (two rounds);
+    the result's ``ubi_record`` block has both and their differences."""
     import httpx
 
     from indexing.encoders import limit_threads, threads_from_env
@@ -333,12 +383,17 @@ def run_serve_bench(*, synthetic: bool = False, synthetic_size: int = 300, reque
         # level stalled every client thread at once, adding that much to each request in flight (c=32 p99 ~500 ms)
         gc.collect()
         gc.freeze()
+        headers = {"X-API-Key": key}
+        payloads = encode_bodies(bodies)
+        if compare_ubi_record:
+            return {"ubi_record": _ubi_record_rounds(env, tmp, payloads, levels, headers, server_workers),
+                    "candidates": candidates, "requests_per_level": requests, "synthetic": synthetic, "endpoint": "/rerank",
+                    "model_version": version, "cpu_count": os.cpu_count(), "machine": machine_info(), "server_workers": server_workers,
+                    "model_runtime": runtime, "in_process_p50_ms": round(inproc_p50, 2)}
         port = free_port()
         log_path = tmp / "server.log"
         proc = _start_server(env, port, log_path, server_workers)
-        headers = {"X-API-Key": key}
         base_url = f"http://127.0.0.1:{port}"
-        payloads = encode_bodies(bodies)
         with httpx.Client(base_url=base_url, timeout=60.0) as client:
             _wait_ready(client, proc, log_path, workers=server_workers)
         out_levels = {str(c): _level(base_url, payloads, c, headers) for c in levels}

@@ -67,6 +67,7 @@ def app_factory():
     settings = load_settings()
     apply_process_settings(settings)
     state = ServiceState.loading(settings, auth=not settings.serve_no_auth, images_root=settings.serve_images_root, freeze_gc=True)
+    state.watch_model = True  # follow `fusionrank model promote | rollback` and the retrain task's promotions
     from workers.service.balance import from_settings
 
     return create_app(state, balancer=from_settings(settings))  # fusionrank serve --workers N: even out keep-alive connections
@@ -143,6 +144,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             raise typer.Exit(2) from None
         settings = load_settings()
         state = ServiceState.loading(settings, auth=not no_auth, images_root=images_root.resolve() if images_root else None, freeze_gc=True)
+        state.watch_model = True  # follow `fusionrank model promote | rollback` and the retrain task's promotions
         try:
             state.check_auth_config()
         except ConfigError as e:
@@ -187,6 +189,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         server_workers: int = typer.Option(1, "--server-workers", min=1, max=64, help="uvicorn worker processes of the server under load."),
         engine: Optional[str] = engine_opt.option(),
+        compare_ubi_record: bool = typer.Option(False, "--compare-ubi-record", help="servers with the UBI recording (FUSIONRANK_UBI_RECORD) "
+                                                "off and on, alternating over two rounds: p50/p99 of each and the difference"),
         via_opensearch: bool = typer.Option(False, "--via-opensearch", help="searches through an OpenSearch node with the fusionrank pipeline vs "
                                             "without it (synthetic world; the dev node unless --opensearch-url); default levels 1,8"),
         opensearch_url: Optional[str] = typer.Option(None, "--opensearch-url", help="--via-opensearch: a cluster with the fusionrank plugin "
@@ -215,6 +219,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         if synthetic and engine_name != "local":
             raise typer.BadParameter("--synthetic serves a generated catalog on the local engine; leave --engine out or say local")
         result = run_serve_bench(synthetic=synthetic, synthetic_size=synthetic_size, requests=requests_n,
-                                 candidates=candidates, levels=lv, seed=seed, server_workers=server_workers)
+                                 candidates=candidates, levels=lv, seed=seed, server_workers=server_workers,
+                                 compare_ubi_record=compare_ubi_record)
         result = {"engine": engine_name, **result}
         typer.echo(json.dumps(result, indent=None if as_json else 2))

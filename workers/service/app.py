@@ -218,6 +218,7 @@ async def require_ready(request: Request) -> ServiceState:
     if not st.ready:
         why = f" (loading failed: {st.error})" if st.error else ""
         raise HTTPException(503, f"the service is not ready: the model is not loaded{why}; poll /readyz")
+    st.check_model_link()  # a promoted model: loaded in the background, this request is served by the current one
     return st
 
 
@@ -274,6 +275,38 @@ async def _in_model_thread(st: ServiceState, fn: Any, *args: Any) -> Any:
     second: 138 against 158 on average over four alternating rounds of 1,200 requests (``serve --workers 2``; the
     docs/benchmarks.md has the runs); concurrency 8 was unchanged."""
     return await anyio.to_thread.run_sync(fn, *args, limiter=st.model_limiter())
+
+
+def _ubi_ext(obj: Any) -> dict[str, Any]:
+    """``obj["ext"]["ubi"]`` when it is a mapping (an OpenSearch request's or response's UBI block), else ``{}``; only
+    string ``query_id`` / ``client_id`` values of at most 100 characters are taken."""
+    ext = obj.get("ext") if isinstance(obj, Mapping) else None
+    ubi = ext.get("ubi") if isinstance(ext, Mapping) else None
+    if not isinstance(ubi, Mapping):
+        return {}
+    return {k: ubi[k] for k in ("query_id", "client_id") if isinstance(ubi.get(k), str) and 0 < len(ubi[k]) <= 100}
+
+
+def _mixed_events(st: ServiceState, events: list[Any], ubi_rows: set[int], now: datetime) -> dict[str, Any]:
+    """``POST /events`` with UBI 1.3 events among them: those go through the UBI import (the UBI log; history events
+    with a user_id also into the user's history), the others as before; one summary, errors by row."""
+    from rerank.history.ubi_ingest import import_ubi
+
+    plain_rows = [i for i in range(len(events)) if i not in ubi_rows]
+    out = {"stored": 0, "duplicates": 0, "rejected": 0, "errors": []}
+    if plain_rows:
+        evs = [{**e, "ts": now} if isinstance(e, dict) and e.get("ts") is None and e.get("timestamp") is None else e
+               for e in (events[i] for i in plain_rows)]
+        d = _call(st.profiles.record_events, evs, _gate=contextlib.nullcontext()).to_dict(max_errors=100)
+        out.update(stored=d["stored"], duplicates=d["duplicates"], rejected=d["rejected"],
+                   errors=[{"row": plain_rows[e["row"]], "reason": e["reason"]} for e in d["errors"] if 0 <= e["row"] < len(plain_rows)])
+    recs = [("events", i, {**events[i], "timestamp": events[i].get("timestamp") or now.isoformat()}) for i in sorted(ubi_rows)]
+    u = _call(import_ubi, st.history_store, recs, on_stored=st.profiles.invalidate_many, now=now, _gate=contextlib.nullcontext())
+    out["stored"] += u.events_stored
+    out["duplicates"] += u.events_duplicate
+    out["rejected"] += u.rejected
+    out["errors"] = sorted(out["errors"] + [{"row": line, "reason": reason} for _s, line, reason in u.errors], key=lambda e: e["row"])[:100]
+    return out
 
 
 def _filters(m: S.FiltersModel | None):
@@ -409,6 +442,8 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None, balan
 
             threading.Thread(target=load, name="fusionrank-load", daemon=True).start()
         yield
+        if state.ubi_recorder is not None:  # write what was served before the process goes
+            state.ubi_recorder.flush(timeout=5.0)
 
     from importlib.metadata import PackageNotFoundError, version
 
@@ -500,6 +535,13 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None, balan
         out = _call(st.reranker.rerank, body.query, payload, user_id=body.user_id, top_k=body.top_k, query_image=image,
                     diversity=body.diversity, _gate=st.gate)
         st.metrics.count_degraded(out["fusionrank"].get("degraded"))
+        ubi_in = _ubi_ext(payload)
+        qid = body.query_id or ubi_in.get("query_id") or uuid.uuid4().hex
+        out["fusionrank"]["query_id"] = qid
+        ext = out.get("ext") if isinstance(out.get("ext"), Mapping) else {}
+        out["ext"] = {**ext, "ubi": {**_ubi_ext(out), "query_id": qid}}  # new dicts: the caller's response is not changed
+        st.record_served(qid, body.query, [h.get("_id") for h in out["hits"]["hits"] if isinstance(h, Mapping)], user_id=body.user_id,
+                         client_id=body.client_id or ubi_in.get("client_id"))
         return FastJSON(out)
 
     @app.post("/search", response_model=S.SearchResponse, responses=_STD, dependencies=[Depends(require_key)], tags=["rerank"])
@@ -519,9 +561,12 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None, balan
              "source": _public_source(item.source), "explanation": h.explanation}
             for h, item in zip(res.hits, res.items)
         ]
-        return FastJSON({"hits": hits, "fusionrank": {"degraded": res.degraded, "reranker": st.reranker.name,
-                                                      "model_version": res.model_version, "timings_ms": dict(res.timings),
-                                                      "diversity": res.diversity, "serving": res.serving}})
+        ubi_in = _ubi_ext(body.model_dump(include={"ext"}))
+        qid = body.query_id or ubi_in.get("query_id") or uuid.uuid4().hex
+        st.record_served(qid, body.query, [h.id for h in res.hits], user_id=body.user_id, client_id=body.client_id or ubi_in.get("client_id"))
+        return FastJSON({"query_id": qid, "hits": hits, "fusionrank": {"degraded": res.degraded, "reranker": st.reranker.name,
+                                                                       "model_version": res.model_version, "timings_ms": dict(res.timings),
+                                                                       "diversity": res.diversity, "serving": res.serving, "query_id": qid}})
 
     # ------------------------------------------------------------------ events
     @app.post("/events", response_model=S.EventsResponse, responses=_STD, dependencies=[Depends(require_key)], tags=["history"])
@@ -532,9 +577,12 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None, balan
         if st.profiles is None:
             raise HTTPException(503, "no history store is configured for this service")
         now = datetime.now(timezone.utc)
-        evs = [{**e, "ts": now} if isinstance(e, dict) and e.get("ts") is None and e.get("timestamp") is None else e for e in body.events]
-        summary = _call(st.profiles.record_events, evs, _gate=contextlib.nullcontext())
-        return FastJSON(summary.to_dict(max_errors=100))
+        ubi_rows = [i for i, e in enumerate(body.events) if isinstance(e, dict) and "action_name" in e]
+        if not ubi_rows:
+            evs = [{**e, "ts": now} if isinstance(e, dict) and e.get("ts") is None and e.get("timestamp") is None else e for e in body.events]
+            summary = _call(st.profiles.record_events, evs, _gate=contextlib.nullcontext())
+            return FastJSON(summary.to_dict(max_errors=100))
+        return FastJSON(_mixed_events(st, body.events, set(ubi_rows), now))
 
     # ------------------------------------------------------------------ admin
     @app.post("/admin/reload", response_model=S.ReloadResponse, responses=_responses(401, 403, 503), dependencies=[Depends(require_admin_key)], tags=["admin"])

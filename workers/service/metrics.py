@@ -4,7 +4,11 @@
 * ``fusionrank_request_seconds{endpoint}`` — latency histogram;
 * ``fusionrank_degraded_total{reason}`` — rerank calls that failed open to the first-stage order;
 * ``fusionrank_model_info{version,runtime}`` — 1 for the served model version (``none`` for the noop reranker) and what
-  runs its forward pass (``onnx`` / ``torch``; ``none`` without a model).
+  runs its forward pass (``onnx`` / ``torch``; ``none`` without a model);
+* ``fusionrank_model_reloads_total`` / ``fusionrank_model_reload_failures_total`` — promoted models the service followed
+  (loaded and swapped in), and those that failed to load (the old model kept serving);
+* ``fusionrank_ubi_searches{outcome}`` — what the UBI recording did with the answered searches (recorded, written, dropped,
+  failed, queued).
 
 Labels are route templates (``/v1/rerank``), never raw paths, headers or bodies: no key can end up here.
 """
@@ -31,6 +35,12 @@ class ServiceMetrics:
                                 registry=self.registry)
         self.rebalanced = Counter("fusionrank_rebalanced_connections", "keep-alive connections this worker closed to even out "
                                   "the connections across serve --workers processes", registry=self.registry)
+        self.reloads = Counter("fusionrank_model_reloads", "promoted models loaded and swapped in (the model link moved)", registry=self.registry)
+        self.reload_failures = Counter("fusionrank_model_reload_failures", "promoted models that failed to load (the old one kept serving)",
+                                       registry=self.registry)
+        self.ubi = Gauge("fusionrank_ubi_searches", "searches answered by /search and /rerank for the UBI tables, by outcome (recorded: "
+                         "queued; written; dropped: the queue was full; failed: the store refused; queued now)", ["outcome"], registry=self.registry)
+        self.ubi_stats = None  # () -> {"recorded", "written", "dropped", "failed", "queued"}: the state's UbiRecorder.stats
         self._lock = threading.Lock()
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
@@ -41,12 +51,18 @@ class ServiceMetrics:
         if reason:
             self.degraded.labels(reason=reason).inc()
 
+    def count_reload(self, *, ok: bool) -> None:
+        (self.reloads if ok else self.reload_failures).inc()
+
     def set_model(self, version: str | None, runtime: str | None = None) -> None:
         with self._lock:
             self.model_info.clear()
             self.model_info.labels(version=version or "none", runtime=runtime or "none").set(1)
 
     def render(self) -> bytes:
+        if self.ubi_stats is not None:
+            for k, v in self.ubi_stats().items():
+                self.ubi.labels(outcome=k).set(v)
         return generate_latest(self.registry)
 
 

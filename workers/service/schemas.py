@@ -59,6 +59,12 @@ class FusionrankBlock(BaseModel):
     serving: Optional[dict[str, Any]] = Field(None, description="what the model artifact serves: policy 'model' (the trained model) or "
                                                                 "'safe_choice' (the first-stage signal's order, when training could "
                                                                 "not show the model beats it), the signal and why; null for noop")
+    query_id: Optional[str] = Field(None, description="/rerank and /search: the UBI query id of this answer (the caller's, else a new "
+                                                      "one); send the shopper's events with it to POST /events")
+
+
+_QUERY_ID_DOC = ("UBI query id of this search (at most 100 characters; default: the response's ext.ubi.query_id for /rerank, else a new "
+                 "one); the answer carries it and the service records what it served under it")
 
 
 # ----------------------------------------------------------------------------- Cohere rerank (/v1/rerank)
@@ -112,6 +118,8 @@ class RerankRequest(BaseModel):
     top_k: Optional[int] = Field(None, ge=1, le=10_000)
     image: Optional[str] = Field(None, description="query image, base64 (optionally a data: URL)")
     diversity: DiversityField = Field(None, description=_DIVERSITY_DOC)
+    query_id: Optional[str] = Field(None, min_length=1, max_length=100, description=_QUERY_ID_DOC)
+    client_id: Optional[str] = Field(None, min_length=1, max_length=100, description="UBI client id (the shopper's browser or app), recorded with the search")
 
     _diversity = field_validator("diversity", mode="before")(_check_diversity)
 
@@ -151,6 +159,9 @@ class SearchRequest(BaseModel):
     filters: Optional[FiltersModel] = None
     image: Optional[str] = Field(None, description="query image, base64 (optionally a data: URL)")
     diversity: DiversityField = Field(None, description=_DIVERSITY_DOC)
+    query_id: Optional[str] = Field(None, min_length=1, max_length=100, description=_QUERY_ID_DOC)
+    client_id: Optional[str] = Field(None, min_length=1, max_length=100, description="UBI client id (the shopper's browser or app), recorded with the search")
+    ext: Optional[dict[str, Any]] = Field(None, description="as in an OpenSearch request: ext.ubi.query_id / ext.ubi.client_id")
 
     _diversity = field_validator("diversity", mode="before")(_check_diversity)
 
@@ -166,6 +177,7 @@ class SearchHit(BaseModel):
 
 
 class SearchResponse(BaseModel):
+    query_id: str = Field(..., description="the UBI query id of this answer (also in fusionrank.query_id)")
     hits: list[SearchHit]
     fusionrank: FusionrankBlock
 
@@ -173,7 +185,10 @@ class SearchResponse(BaseModel):
 # ----------------------------------------------------------------------------- /events
 class EventsRequest(BaseModel):
     events: list[dict[str, Any]] = Field(
-        ..., description="each {event_id?, user_id, product_id, type: view|click|add_to_cart|purchase, ts?}; bad events are rejected one by one"
+        ..., description="each {event_id?, user_id, product_id, type: view|click|add_to_cart|purchase, ts?}, or a UBI 1.3 event "
+                         "({action_name, query_id, client_id, timestamp, event_attributes: {object: {object_id}, position: {ordinal}}}: "
+                         "stored in the UBI log; with a user_id, clicks, carts and purchases also feed that user's history); bad events "
+                         "are rejected one by one"
     )
 
 

@@ -7,13 +7,18 @@ state that :meth:`ServiceState.load` fills later (``fusionrank serve`` loads in 
 Tests build one directly from parts (:meth:`ServiceState.from_reranker`).
 
 :meth:`ServiceState.reload` swaps in a freshly loaded reranker (``POST /admin/reload``); requests in
-flight finish on the old one.
+flight finish on the old one. :meth:`ServiceState.check_model_link` follows a promotion: a state with
+``watch_model`` (``fusionrank serve``) looks at where the model link (``<data_dir>/models/current``, see
+:mod:`rerank.model_registry`) points at most once per ``watch_interval_s``, from the request path; when it moved, a
+background thread loads the new target and swaps it in, and requests go on being served by the old model until
+then (no request fails or waits for the load).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 import uuid
@@ -143,6 +148,17 @@ class ServiceState:
     #: after a (re)load, collect once and :func:`gc.freeze` what is alive (see :meth:`_freeze_heap`); set by
     #: ``fusionrank serve`` (``ServiceState.loading(..., freeze_gc=True)``), not for states built in tests
     freeze_gc: bool = False
+    #: follow the model link (:meth:`check_model_link`): a promoted model is loaded in the background and swapped in
+    watch_model: bool = False
+    watch_interval_s: float = 1.0
+    #: the model directory the served reranker was loaded from (the link's target, resolved at load time)
+    model_path: str | None = None
+    #: writes what /search and /rerank served into the store's UBI tables (rerank.history.ubi_recorder); made at the first
+    #: install when there is a history store and ``settings.ubi_record`` is on
+    ubi_recorder: Any = None
+    _next_check: float = field(default=0.0, repr=False)
+    _reloading: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _failed_target: str | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     gate: FifoGate = field(init=False, repr=False)
     gate_size: int = field(init=False, default=1)
@@ -195,12 +211,65 @@ class ServiceState:
         return st
 
     # ------------------------------------------------------------------ (re)loading
-    def _build(self) -> Any:
-        if self.loader is not None:
-            return self.loader(self.settings)
-        from workers.composition import build_reranker
+    def _link_target(self) -> str | None:
+        """The resolved model directory of the settings (``current``'s target now), or None without settings."""
+        d = getattr(self.settings, "effective_model_dir", None) if self.settings is not None else None
+        return os.path.realpath(d) if d is not None else None
 
-        return build_reranker(self.settings)
+    def _build(self, target: str | None = None) -> Any:
+        """A reranker over ``target`` (a resolved model directory; default: where the link points now). The settings
+        handed to the loader name the resolved directory, so a promotion during the load cannot mix two models."""
+        target = target or self._link_target()
+        settings = self.settings
+        if target is not None and hasattr(settings, "model_copy"):
+            settings = settings.model_copy(update={"model_dir": Path(target)})
+        if self.loader is not None:
+            r = self.loader(settings)
+        else:
+            from workers.composition import build_reranker
+
+            r = build_reranker(settings)
+        self.model_path = target
+        return r
+
+    def check_model_link(self) -> None:
+        """Called on the request path (cheap: one ``realpath`` at most every ``watch_interval_s``): when the model link
+        points somewhere else than the loaded model, load the new target on a background thread and swap it in.
+        A target that failed to load is not retried until the link moves again (the old model keeps serving; the
+        failure is logged and counted in ``/metrics`` as ``fusionrank_model_reload_failures_total``)."""
+        if not self.watch_model or not self.ready:
+            return
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.watch_interval_s
+        try:
+            target = self._link_target()
+        except OSError:
+            return
+        if target is None or target == self.model_path or target == self._failed_target:
+            return
+        if not self._reloading.acquire(blocking=False):
+            return  # a load is running already
+        threading.Thread(target=self._follow, args=(target,), name="fusionrank-model-follow", daemon=True).start()
+
+    def _follow(self, target: str) -> None:
+        try:
+            old = self.model_version
+            t = time.perf_counter()
+            reranker = self._build(target)
+            self._install(reranker)
+            self._freeze_heap()
+            self._failed_target = None
+            self.metrics.count_reload(ok=True)
+            log.info("model link moved: %s -> %s (%s), loaded in %.1f s", old, self.model_version, target, time.perf_counter() - t)
+        except Exception as e:
+            self._failed_target = target
+            self.metrics.count_reload(ok=False)
+            log.error("model link moved to %s, but it failed to load (still serving %s): %s: %s", target, self.model_version,
+                      type(e).__name__, e)
+        finally:
+            self._reloading.release()
 
     def _install(self, reranker: Any) -> None:
         profiles = reranker.history
@@ -217,6 +286,14 @@ class ServiceState:
                 self.images_root = getattr(self.settings, "fashion_dir", None)
             self.error = None
             self.ready = True
+            if self.history_store is not None and getattr(self.settings, "ubi_record", True):
+                if self.ubi_recorder is None:
+                    from rerank.history.ubi_recorder import UbiRecorder
+
+                    self.ubi_recorder = UbiRecorder(self.history_store)
+                    self.metrics.ubi_stats = self.ubi_recorder.stats
+                else:
+                    self.ubi_recorder.store = self.history_store  # a reload's new store
         self.metrics.set_model(self.model_version, getattr(reranker, "model_runtime", None))
 
     def _freeze_heap(self) -> None:
@@ -251,7 +328,8 @@ class ServiceState:
     def reload(self) -> str | None:
         """Load the model again from settings and swap it in; returns the new model version."""
         old = self.model_version
-        self._install(self._build())
+        with self._reloading:
+            self._install(self._build())
         self._freeze_heap()  # after the swap: the old reranker is collected (unless a call in flight still holds it: then at the next reload)
         log.info("model reloaded: %s -> %s", old, self.model_version)
         return self.model_version
@@ -260,6 +338,16 @@ class ServiceState:
     def model_version(self) -> str | None:
         r = self.reranker
         return None if r is None or r.model is None else r.model.version
+
+    def record_served(self, query_id: str, query: str, hit_ids: list[str], *, user_id: str | None, client_id: str | None) -> None:
+        """Queue what a /search or /rerank answer served for the UBI tables; never raises (fail-open, counted)."""
+        rec = self.ubi_recorder
+        if rec is None:
+            return
+        try:
+            rec.record(query_id, query, hit_ids, user_id=user_id, client_id=client_id)
+        except Exception as e:  # pragma: no cover - record() only queues
+            log.warning("UBI recording of %s failed: %s", query_id, e)
 
     def check_auth_config(self) -> None:
         """Refuse to serve with auth enabled but no API key configured."""

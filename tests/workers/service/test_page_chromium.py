@@ -235,3 +235,46 @@ def test_diversity_control_sends_the_lambda_and_shows_which_applied(browser, sit
     page.wait_for_selector("#results[data-state=done]:not([aria-busy])", state="attached", timeout=TIMEOUT_MS)
     page.wait_for_function("() => document.querySelector('[data-testid=diversity-note]').textContent.includes('auto:')", timeout=TIMEOUT_MS)
     ctx.close()
+
+
+def test_the_page_sends_ubi_impressions_and_clicks_with_the_served_query_id(browser, site, service_world):
+    """As a shop's page: impressions of the rendered results and a click on a product go to POST /events with the
+    query_id of the /search answer; the store joins them to what the service recorded it served."""
+    from rerank.datasets import clicks as C
+
+    ctx = browser.new_context(viewport={"width": 1360, "height": 900})
+    page = ctx.new_page()
+    page.add_init_script(f"localStorage.setItem('fusionrank.apiKey', {API_KEY!r})")
+    page.goto(site + "/")
+    page.wait_for_selector("body[data-ready='1']")
+    page.fill("[data-testid=query]", QUERY)
+    with page.expect_response(lambda r: r.url.endswith("/events")) as impressions:
+        with page.expect_response(lambda r: r.url.endswith("/search")) as answer:
+            page.press("[data-testid=query]", "Enter")
+    qid = answer.value.json()["query_id"]
+    sent = impressions.value.request.post_data_json["events"]
+    shown = _result_ids(page)
+    assert [e["action_name"] for e in sent] == ["impression"] * len(shown)
+    assert [e["event_attributes"]["object"]["object_id"] for e in sent] == shown
+    assert [e["event_attributes"]["position"]["ordinal"] for e in sent] == list(range(1, len(shown) + 1))
+    assert {e["query_id"] for e in sent} == {qid} and impressions.value.json()["rejected"] == 0
+    client = sent[0]["client_id"]
+    assert client.startswith("page-") and answer.value.request.post_data_json["client_id"] == client
+
+    third = page.locator("[data-testid=result]").nth(2)
+    with page.expect_response(lambda r: r.url.endswith("/events")) as click:
+        third.locator("[data-testid=product-link]").click()
+    ev = click.value.request.post_data_json["events"]
+    assert [(e["action_name"], e["query_id"], e["event_attributes"]["position"]["ordinal"], e["event_attributes"]["object"]["object_id"])
+            for e in ev] == [("click", qid, 3, shown[2])]
+    assert click.value.json()["stored"] == 1 and third.get_attribute("data-clicked") == "1"
+    ctx.close()
+
+    state = None
+    for _ in range(100):  # the service writes what it served off the request path
+        sessions, _ = C.sessions_from_log(*service_world.store.ubi_log())
+        state = [s for s in sessions if s.query_id == qid]
+        if state:
+            break
+        time.sleep(0.05)
+    assert state and state[0].shown[: len(shown)] == tuple(shown) and state[0].clicks == frozenset({2}) and state[0].client == client

@@ -4,6 +4,8 @@
 
 (function () {
   const KEY_STORE = "fusionrank.apiKey";
+  const CLIENT_STORE = "fusionrank.clientId"; // this browser's UBI client id
+  const APPLICATION = "fusionrank-search-page";
   const $ = (id) => document.getElementById(id);
   const els = {
     keyForm: $("key-form"), key: $("api-key"), form: $("search-form"), query: $("query"), shopper: $("shopper"),
@@ -16,6 +18,37 @@
   let titles = new Map(); // product id -> title, of the shown results (names history items in "why")
 
   function apiKey() { return els.key.value.trim(); }
+
+  function clientId() {
+    let id = localStorage.getItem(CLIENT_STORE);
+    if (!id) {
+      id = "page-" + (window.crypto && crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2) + Date.now());
+      localStorage.setItem(CLIENT_STORE, id);
+    }
+    return id;
+  }
+
+  // ------------------------------------------------------------------ UBI events (as a shop's page sends them)
+  // impressions of the shown results when they are rendered, a click when a product is opened; each names the
+  // search's query_id (from the /search answer) and the product's position, so the service joins them to what it served.
+  function ubiEvent(action, queryId, userId, productId, position) {
+    const ev = { action_name: action, query_id: queryId, client_id: clientId(), application: APPLICATION, message_type: "INTERACTION",
+      timestamp: new Date().toISOString(),
+      event_attributes: { object: { object_id: productId, object_id_field: "product_id" }, position: { ordinal: position } } };
+    if (userId) ev.user_id = userId;
+    return ev;
+  }
+
+  async function sendUbi(events) {
+    if (!events.length) return;
+    try {
+      const resp = await api("/events", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ events }) });
+      const out = await resp.json();
+      els.results.dataset.ubiSent = String((Number(els.results.dataset.ubiSent) || 0) + (out.stored || 0) + (out.duplicates || 0));
+    } catch (e) {
+      els.results.dataset.ubiError = e.message; // behaviour logging never gets in the shopper's way
+    }
+  }
 
   function setStatus(text, isError) {
     els.status.textContent = text || "";
@@ -97,7 +130,7 @@
     const query = els.query.value.trim();
     if (!apiKey()) { setStatus("Enter the API key first.", true); els.key.focus(); return; }
     if (!query && !queryImage) { setStatus("Type a query or choose a photo.", true); return; }
-    const body = { query, size: Number(els.size.value) || 20 };
+    const body = { query, size: Number(els.size.value) || 20, client_id: clientId() };
     if (els.shopper.value) body.user_id = els.shopper.value;
     if (els.diversity.value) body.diversity = els.diversity.value === "auto" ? "auto" : Number(els.diversity.value);
     if (queryImage) body.image = queryImage;
@@ -139,12 +172,14 @@
     els.results.dataset.diversity = typeof div.lambda === "number" ? String(div.lambda) : "";
     els.results.dataset.userId = request.user_id || "";
     els.results.dataset.query = request.query;
-    els.results.replaceChildren(...hits.map(renderHit));
+    els.results.dataset.queryId = data.query_id || "";
+    els.results.replaceChildren(...hits.map((h) => renderHit(h, data.query_id, request.user_id)));
+    if (data.query_id) sendUbi(hits.map((h) => ubiEvent("impression", data.query_id, request.user_id, String(h.id), h.rank)));
     setStatus(hits.length ? `${hits.length} results.` : "No results.");
     els.results.dataset.state = "done";
   }
 
-  function renderHit(hit) {
+  function renderHit(hit, queryId, userId) {
     const node = els.template.content.firstElementChild.cloneNode(true);
     const src = hit.source || {};
     const id = String(hit.id);
@@ -152,7 +187,13 @@
     node.dataset.productId = id;
     node.dataset.rank = String(hit.rank);
     node.dataset.previousRank = String(hit.previous_rank);
-    node.querySelector(".title").textContent = title;
+    const link = node.querySelector(".product-link");
+    link.textContent = title;
+    link.addEventListener("click", (ev) => {
+      ev.preventDefault(); // a shop would open the product page here
+      node.dataset.clicked = "1";
+      if (queryId) sendUbi([ubiEvent("click", queryId, userId, id, hit.rank)]);
+    });
     node.querySelector(".meta").textContent = [src.brand, src.colour, src.article_type, typeof src.price === "number" ? `${src.price.toFixed(2)}` : null]
       .filter(Boolean).join(" · ") + ` · #${id}`;
     node.querySelector(".prev").textContent = `#${hit.previous_rank}`;

@@ -3,7 +3,7 @@
 ``build_reranker()`` and ``fusionrank serve`` read the model at ``settings.effective_model_dir``
 (default ``<data_dir>/models/current``) and search ``settings.index_alias`` in the configured engine.
 
-* :func:`install_model` copies an artifact directory into the model registry (:class:`rerank.model_registry.ModelRegistry`,
+* :func:`install_model` copies an artifact directory into the model registry (:class:`rerank.model.registry.ModelRegistry`,
   ``<data_dir>/models/<artifact_version>/``) and promotes it: the ``current`` symlink is replaced atomically, the
   previous version stays on disk and in the ledger (``fusionrank model rollback`` goes back to it).
 * :func:`install_opensearch_index` (``FUSIONRANK_ENGINE=opensearch``) copies an evaluation-cache index, documents
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 def install_model(settings: Any, artifact_dir: str | Path) -> tuple[Path, str]:
     """Copy ``artifact_dir`` into the model registry (``<data_dir>/models/``) and promote it to ``current``;
     ``(dir, version)``. Installing the served version again changes nothing (no ledger line)."""
-    from rerank.model_registry import ModelRegistry
+    from rerank.model.registry import ModelRegistry
 
     reg = ModelRegistry(Path(settings.data_dir) / "models")
     reg.current()  # a `current` that is not a symlink: ConfigError before anything is copied

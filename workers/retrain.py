@@ -5,8 +5,8 @@ candidate against the serving model on held-out behaviour, promote it only when 
 ``fusionrank model retrain`` run:
 
 1. count the UBI events in the store; fewer than ``retrain_min_new_events`` since the last retraining (the ledger
-   of :class:`rerank.model_registry.ModelRegistry` records the count each run saw): ``skipped``;
-2. read the log, build sessions, split them by query (:mod:`rerank.model_loop`: the held-out queries are never
+   of :class:`rerank.model.registry.ModelRegistry` records the count each run saw): ``skipped``;
+2. read the log, build sessions, split them by query (:mod:`rerank.training.loop`: the held-out queries are never
    trained on), fit the click model on the training part (spam capped) and train the fusion ranker on its
    implicit judgments against ``retrain_catalog``; the artifact becomes a registry version;
 3. estimate both models on the held-out part (and on ``qrels``, when given); promote (the registry's ``current``
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def registry_of(settings: Any) -> Any:
-    from rerank.model_registry import ModelRegistry
+    from rerank.model.registry import ModelRegistry
 
     d = Path(settings.effective_model_dir)
     return ModelRegistry(d.parent, link=d.name)
@@ -118,7 +118,7 @@ def retrain(settings: Any, *, force: bool = False, queries: Path | None = None, 
     from rerank.datasets import clicks as C
     from rerank.datasets.ubi_judgments import judgments_from_sessions
     from rerank.history import HistoryStore
-    from rerank.model_loop import decide, estimate, paired, split_sessions_by_query, write_judgments
+    from rerank.training.loop import decide, estimate, paired, split_sessions_by_query, write_judgments
 
     if (queries is None) != (qrels is None):
         raise ConfigError("queries and qrels go together")

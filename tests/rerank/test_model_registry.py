@@ -24,7 +24,7 @@ def _fake_artifact(d, version: str):
 
 @pytest.fixture()
 def reg(tmp_path):
-    from rerank.model_registry import ModelRegistry
+    from rerank.model.registry import ModelRegistry
 
     r = ModelRegistry(tmp_path / "models")
     for i, v in enumerate(("20261201T000000Z-aaa", "20261202T000000Z-bbb", "20261203T000000Z-ccc")):
@@ -67,7 +67,7 @@ def test_bad_requests_change_nothing(reg, tmp_path):
 
 
 def test_adding_twice_keeps_one_copy_and_a_plain_current_folder_is_refused(reg, tmp_path):
-    from rerank.model_registry import ModelRegistry
+    from rerank.model.registry import ModelRegistry
 
     n = len(reg.versions())
     v = reg.add(_fake_artifact(tmp_path / "again", "20261201T000000Z-aaa"))
@@ -102,7 +102,7 @@ def test_concurrent_promotions_leave_a_consistent_link_and_ledger(reg):
 
 def test_the_held_out_split_is_by_query_and_stable():
     from rerank.datasets.clicks import Session
-    from rerank.model_loop import is_heldout, split_sessions_by_query
+    from rerank.training.loop import is_heldout, split_sessions_by_query
 
     texts = [f"query number {i}" for i in range(2000)]
     held = [t for t in texts if is_heldout(t, 0.2)]
@@ -116,7 +116,7 @@ def test_the_held_out_split_is_by_query_and_stable():
 
 
 def test_the_estimate_and_the_rule():
-    from rerank.model_loop import decide, estimate, paired
+    from rerank.training.loop import decide, estimate, paired
 
     judg = {"red dress": {"d1": 2, "d2": 1, "d3": 0}, "blue jeans": {"j1": 2}, "nothing": {"x": 0}}
     good = estimate(lambda q: ["d1", "d2", "d3"] if q == "red dress" else ["j1"], judg)

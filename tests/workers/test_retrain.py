@@ -176,7 +176,7 @@ def _bad_model(world, tmp_path, settings) -> Path:
 
 
 def test_the_retrain_task_promotes_a_better_model_refuses_a_worse_one_and_rolls_back(world, env):
-    from rerank.model_loop import is_heldout
+    from rerank.training.loop import is_heldout
     from workers.cli import app
     from workers.celery_app import create_app
     from workers.retrain import registry_of

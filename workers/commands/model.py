@@ -1,7 +1,7 @@
 """``fusionrank model list | promote VERSION | rollback | retrain``: the model registry and the retraining loop.
 
 The registry is the folder of the served model link (``<data_dir>/models``, ``current``; see
-:mod:`rerank.model_registry`); a running ``fusionrank serve`` follows its ``current`` link (no restart, no failed
+:mod:`rerank.model.registry`); a running ``fusionrank serve`` follows its ``current`` link (no restart, no failed
 request).
 """
 

@@ -9,7 +9,7 @@ Tests build one directly from parts (:meth:`ServiceState.from_reranker`).
 :meth:`ServiceState.reload` swaps in a freshly loaded reranker (``POST /admin/reload``); requests in
 flight finish on the old one. :meth:`ServiceState.check_model_link` follows a promotion: a state with
 ``watch_model`` (``fusionrank serve``) looks at where the model link (``<data_dir>/models/current``, see
-:mod:`rerank.model_registry`) points at most once per ``watch_interval_s``, from the request path; when it moved, a
+:mod:`rerank.model.registry`) points at most once per ``watch_interval_s``, from the request path; when it moved, a
 background thread loads the new target and swaps it in, and requests go on being served by the old model until
 then (no request fails or waits for the load).
 """

@@ -29,7 +29,7 @@ def _artifact(out, world, seed: int):
 @pytest.fixture()
 def registry_state(service_world, tmp_path):
     from rerank.model.artifact import load_artifact
-    from rerank.model_registry import ModelRegistry
+    from rerank.model.registry import ModelRegistry
     from rerank.reranker import Reranker
     from workers.service.state import ServiceState
 

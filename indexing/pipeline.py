@@ -33,13 +33,23 @@ class IndexJob:
     image_model: str = "efficientnet_lite0"
     device: str = "auto"
     batch_size: int = 256
+    #: networks (CIDR) image URLs may lead to besides public addresses: a shop's own image host (setting
+    #: ``image_url_allow_networks``); everything loopback/private/link-local/metadata outside them is refused
+    image_allow_networks: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "IndexJob":
+        d = dict(d)
+        d["image_allow_networks"] = tuple(d.get("image_allow_networks") or ())
         return cls(**d)
+
+    def url_policy(self):
+        from indexing.url_fetch import UrlPolicy
+
+        return UrlPolicy.from_strings(self.image_allow_networks)
 
 
 @dataclass(frozen=True)
@@ -63,16 +73,20 @@ class BatchResult:
     errors: tuple[ItemError, ...]
     seconds: float
     encode_seconds: float = 0.0
+    #: products indexed *without* their photo because its URL was refused (counted in ``indexed``, not in errors)
+    photos_dropped: tuple[ItemError, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["errors"] = [e.to_dict() for e in self.errors]
+        d["photos_dropped"] = [e.to_dict() for e in self.photos_dropped]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BatchResult":
         d = dict(d)
         d["errors"] = tuple(ItemError(**e) for e in d["errors"])
+        d["photos_dropped"] = tuple(ItemError(**e) for e in d.get("photos_dropped", ()))
         return cls(**d)
 
 
@@ -90,6 +104,9 @@ class IndexSummary:
     seconds: float
     batches: int
     reasons: dict[str, int] = field(default_factory=dict)
+    #: products indexed without their photo (a refused image URL), with the reason; ``photo_reasons`` counts kinds
+    photos_dropped: tuple[ItemError, ...] = ()
+    photo_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def docs_per_s(self) -> float:
@@ -106,6 +123,9 @@ class IndexSummary:
             "failure_reasons": self.reasons,
             "errors": [e.to_dict() for e in self.errors[:max_errors]],
             "errors_truncated": max(0, len(self.errors) - max_errors),
+            "photos_dropped": len(self.photos_dropped),
+            "photo_drop_reasons": self.photo_reasons,
+            "photo_errors": [e.to_dict() for e in self.photos_dropped[:max_errors]],
             "batches": self.batches,
             "seconds": round(self.seconds, 3),
             "docs_per_s": round(self.docs_per_s, 1),
@@ -124,13 +144,18 @@ def reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0].strip()[:80]
 
 
-def summarize(index: str, via: str, rows: int, results: Iterable[BatchResult], seconds: float) -> IndexSummary:
-    results = list(results)
-    errors = tuple(e for r in results for e in r.errors)
+def _count_kinds(errors: Iterable[ItemError]) -> dict[str, int]:
     reasons: dict[str, int] = {}
     for e in errors:
         k = reason_kind(e.reason)
         reasons[k] = reasons.get(k, 0) + 1
+    return dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
+
+
+def summarize(index: str, via: str, rows: int, results: Iterable[BatchResult], seconds: float) -> IndexSummary:
+    results = list(results)
+    errors = tuple(e for r in results for e in r.errors)
+    dropped = tuple(e for r in results for e in r.photos_dropped)
     return IndexSummary(
         index=index,
         via=via,
@@ -141,7 +166,9 @@ def summarize(index: str, via: str, rows: int, results: Iterable[BatchResult], s
         errors=errors,
         seconds=seconds,
         batches=len(results),
-        reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        reasons=_count_kinds(errors),
+        photos_dropped=dropped,
+        photo_reasons=_count_kinds(dropped),
     )
 
 
@@ -208,14 +235,16 @@ def index_batch(
 
     from indexing.catalog import Product, RowError, read_catalog
     from indexing.documents import build_document, content_hash, is_unchanged, product_text
-    from indexing.errors import FusionRankError
+    from indexing.errors import FusionRankError, ImageRefusedError
     from indexing.images import decode_image, fetch_image_bytes
     from indexing.lifecycle import stores_image_colour
 
     t0 = time.perf_counter()
     enc = encoders or Encoders.for_job(job)
     root = Path(job.images_root) if job.images_root else None
+    policy = job.url_policy()
     errors: list[ItemError] = []
+    dropped: list[ItemError] = []
     products: list[Product] = []
     for item in read_catalog(
         job.catalog, field_map=_field_map(job), images_root=root, start=start, stop=stop,
@@ -233,7 +262,11 @@ def index_batch(
         digest = None
         if p.image:
             try:
-                image_bytes[p.id] = fetch_image_bytes(p.image, root)
+                image_bytes[p.id] = fetch_image_bytes(p.image, root, policy=policy)
+            except ImageRefusedError as e:  # permanent and seller-made: the product goes in without its photo
+                dropped.append(ItemError(p.row, p.id, f"image refused: {e}"))
+                hashed.append((p, content_hash(p, None), False))
+                continue
             except FusionRankError as e:
                 errors.append(ItemError(p.row, p.id, f"image: {e}"))
                 continue
@@ -303,6 +336,7 @@ def index_batch(
         errors=tuple(errors),
         seconds=time.perf_counter() - t0,
         encode_seconds=encode_s,
+        photos_dropped=tuple(dropped),
     )
     log.info("batch [%d, %d): indexed %d, unchanged %d, failed %d", start, stop, result.indexed, unchanged, len(errors))
     return result

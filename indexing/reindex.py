@@ -90,13 +90,17 @@ class ReindexPlan:
     device: str = "auto"
     batch_size: int = 256
     hnsw_engine: str | None = None
+    #: networks image URLs may lead to besides public addresses (see :class:`indexing.pipeline.IndexJob`)
+    image_allow_networks: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ReindexPlan":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        kw["image_allow_networks"] = tuple(kw.get("image_allow_networks") or ())
+        return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -447,7 +451,11 @@ def _read_photo(plan: ReindexPlan, doc: Mapping[str, Any]):
     ref = doc.get(F.IMAGE)
     if not ref:
         raise ReindexError("the stored document has an image vector but no image reference")
-    return decode_image(fetch_image_bytes(ref, Path(plan.images_root) if plan.images_root else None), source=f"image {ref!r}")
+    from indexing.url_fetch import UrlPolicy
+
+    root = Path(plan.images_root) if plan.images_root else None
+    policy = UrlPolicy.from_strings(plan.image_allow_networks)
+    return decode_image(fetch_image_bytes(ref, root, policy=policy), source=f"image {ref!r}")
 
 
 def _reencode_images(plan: ReindexPlan, enc, docs: list[dict[str, Any]], image_id: str, errors: list, *, colour: bool = False) -> None:

@@ -42,6 +42,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             image_model=settings.image_model,
             device=settings.device,
             batch_size=batch_size,
+            image_allow_networks=tuple(settings.image_url_allow_networks),
         )
         eng = build_engine(settings)
         try:

@@ -36,6 +36,11 @@ class IndexJob:
     #: networks (CIDR) image URLs may lead to besides public addresses: a shop's own image host (setting
     #: ``image_url_allow_networks``); everything loopback/private/link-local/metadata outside them is refused
     image_allow_networks: tuple[str, ...] = ()
+    #: photo attribute model directory (indexing.photo_attributes; setting attribute_model_dir): with a products-v4
+    #: index, each photo's colour, type, gender and usage are predicted and missing catalog values completed from
+    #: ``attribute_threshold`` confidence on
+    attribute_model: str | None = None
+    attribute_threshold: float = 0.8
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -237,7 +242,7 @@ def index_batch(
     from indexing.documents import build_document, content_hash, is_unchanged, product_text
     from indexing.errors import FusionRankError, ImageRefusedError
     from indexing.images import decode_image, fetch_image_bytes
-    from indexing.lifecycle import stores_image_colour
+    from indexing.lifecycle import stores_image_colour, stores_photo_attributes
 
     t0 = time.perf_counter()
     enc = encoders or Encoders.for_job(job)
@@ -275,11 +280,20 @@ def index_batch(
 
     text_model_id = enc.text_info.model_id
     image_model_id = enc.image_info.model_id
-    existing = engine.get(job.index, [p.id for p, _, _ in hashed], fields=[F.CONTENT_HASH, F.TEXT_MODEL_ID, F.IMAGE_MODEL_ID]) if hashed else {}
+    mapping = engine.get_mapping(job.index)
+    with_attributes = stores_photo_attributes(mapping)
+    attr_model = attr_model_id = None
+    if with_attributes and job.attribute_model:
+        from indexing.photo_attributes import load_cached
+
+        attr_model, attr_model_id = load_cached(job.attribute_model, image_model_id)
+    existing = engine.get(job.index, [p.id for p, _, _ in hashed],
+                          fields=[F.CONTENT_HASH, F.TEXT_MODEL_ID, F.IMAGE_MODEL_ID, F.ATTRIBUTE_MODEL_ID]) if hashed else {}
     todo: list[tuple[Product, str, bool]] = []
     unchanged = 0
     for p, h, has_img in hashed:
-        if is_unchanged(existing.get(p.id), h, text_model_id, image_model_id if has_img else None):
+        if is_unchanged(existing.get(p.id), h, text_model_id, image_model_id if has_img else None,
+                        attr_model_id if has_img else None):
             unchanged += 1
             image_bytes.pop(p.id, None)
         else:
@@ -301,11 +315,18 @@ def index_batch(
     with_img = [p.id for p, _, has_img in ready if has_img]
     image_vecs = dict(zip(with_img, enc.image.encode([images[i] for i in with_img]))) if with_img else {}
     colours: dict[str, Any] = {}
-    if with_img and stores_image_colour(engine.get_mapping(job.index), repr(job.index)):
+    if with_img and stores_image_colour(mapping, repr(job.index)):
         from indexing.photo_colour import colour_descriptor
 
         colours = {i: colour_descriptor(images[i]) for i in with_img}
+    predictions: dict[str, Any] = {}
+    if with_img and attr_model is not None:
+        from indexing.photo_attributes import predict_images
+
+        predictions = dict(zip(with_img, predict_images(attr_model, [images[i] for i in with_img], [image_vecs[i] for i in with_img])))
     encode_s = time.perf_counter() - t_enc
+
+    from indexing.photo_attributes import attribute_document_fields
 
     ts = int(time.time() if now is None else now)
     rows_by_id = {p.id: p.row for p, _, _ in ready}
@@ -322,6 +343,8 @@ def index_batch(
                 content_hash=h,
                 indexed_at=ts,
                 image_colour=colours.get(p.id),
+                attribute_fields=attribute_document_fields(p.fields, predictions.get(p.id), attr_model_id, job.attribute_threshold)
+                if with_attributes else None,
             )
             yield BulkAction.index(p.id, doc)
 

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
                             "it on probe texts (cosine >= 0.995), checked at start-up. auto: onnx-q8 on the CPU when it agrees "
                             "and is faster there, else text_backend; None: text_backend")
     image_model: str = "efficientnet_lite0"
+    attribute_model_dir: Path | None = Field(None, description="photo attribute model (`fusionrank attributes train --out DIR`): "
+                                               "indexing into a products-v4 index predicts each photo's colour, article type, gender "
+                                               "and usage with it and completes missing catalog values")
+    attribute_completion_threshold: float = Field(0.8, gt=0, le=1, description="confidence from which a photo's predicted "
+                                                  "attribute completes a missing catalog value (marked in completed_attributes)")
     image_url_allow_networks: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="networks (CIDR, e.g. 10.20.0.0/16; a bare address is its own /32) that catalog "
                                           "image URLs may lead to besides public addresses: a shop's own image host. "

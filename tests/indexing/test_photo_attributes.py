@@ -291,3 +291,25 @@ def test_reindex_into_products_v4_predicts_once_and_copies_predictions_without_r
     finally:
         store.close()
         eng.close()
+
+
+@pytest.mark.slow
+def test_eval_attributes_prints_each_heads_held_out_accuracy_as_json(trained, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    _, _, _, d, _ = trained
+    monkeypatch.setenv("FUSIONRANK_DATA_DIR", str(d / "cache"))  # the fixture's feature cache
+    monkeypatch.setenv("FUSIONRANK_DEVICE", "cpu")
+    r = CliRunner().invoke(app, ["eval", "--attributes", "--catalog", str(d / "catalog.csv"), "--images-root", str(d), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out["attributes"]) == {"colour", "article_type", "gender", "usage"}
+    for a, v in out["attributes"].items():
+        assert set(v) == {"top1", "top3", "majority", "n"} and 0 <= v["majority"] <= 1 and v["n"] > 0
+    assert out["attributes"]["article_type"]["top1"] > out["attributes"]["article_type"]["majority"]
+    r = CliRunner().invoke(app, ["eval", "--catalog", str(d / "catalog.csv")])
+    assert r.exit_code != 0 and "--queries, --qrels, --gain required" in r.output

@@ -105,11 +105,14 @@ def build_document(
     content_hash: str,
     indexed_at: int | float | datetime,
     image_colour: Sequence[float] | np.ndarray | None = None,
+    attribute_fields: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The index document of ``product`` (``_id`` is ``product.id``; keys from :mod:`indexing.fields` only).
 
     ``image_colour`` is the photo's colour descriptor (:func:`indexing.photo_colour.colour_descriptor`), given
-    only for indexes whose mapping has the field (products-v3 and later); it needs an image vector."""
+    only for indexes whose mapping has the field (products-v3 and later); it needs an image vector.
+    ``attribute_fields``: the photo attribute fields (:func:`indexing.photo_attributes.attribute_document_fields`),
+    only for products-v4 and later."""
     if not text_model_id:
         raise ValueError("text_model_id is required")
     if (image_vec is None) != (image_model_id is None):
@@ -130,6 +133,8 @@ def build_document(
         doc[F.IMAGE_MODEL_ID] = image_model_id
         if image_colour is not None:
             doc[F.IMAGE_COLOUR] = _vector(image_colour, F.IMAGE_COLOUR)
+    if attribute_fields:
+        doc.update(attribute_fields)
     doc[F.CONTENT_HASH] = content_hash
     doc[F.INDEXED_AT] = _epoch_seconds(indexed_at)
     return doc
@@ -140,8 +145,10 @@ def is_unchanged(
     content_hash: str,
     text_model_id: str,
     image_model_id: str | None,
+    attribute_model_id: str | None = None,
 ) -> bool:
     """True when the stored document has this content hash and these model ids (nothing to re-encode or rewrite).
+    ``attribute_model_id`` is compared only when given (an index with photo attributes and a configured model).
 
     ``image_model_id`` is None for a product without an image; a stored document that has an image vector
     then counts as changed (the image went away), and vice versa.
@@ -152,6 +159,7 @@ def is_unchanged(
         existing_source.get(F.CONTENT_HASH) == content_hash
         and existing_source.get(F.TEXT_MODEL_ID) == text_model_id
         and existing_source.get(F.IMAGE_MODEL_ID) == image_model_id
+        and (attribute_model_id is None or existing_source.get(F.ATTRIBUTE_MODEL_ID) == attribute_model_id)
     )
 
 

@@ -102,3 +102,8 @@ class ModelArtifactError(FusionRankError):
 class ImageError(EncoderError):
     """One product image cannot be used: missing, outside the images root, unreachable, not an image,
     corrupt or truncated, too large (bytes) or a decompression bomb (pixels). Per-item: the job goes on."""
+
+
+class ImageRefusedError(ImageError):
+    """An image URL leads (directly, through DNS or a redirect) to an address the URL policy refuses: loopback,
+    private, link-local, cloud metadata... Permanent for the row: the product is indexed without its photo."""

@@ -8,6 +8,8 @@ names the cause, so that the bulk pipeline records it against the product and go
 - ``outside the images root``: ``../../etc/passwd``, an absolute path elsewhere, or a symlink that
   leads out of the root;
 - ``unreachable``: a URL that cannot be fetched (no retries: a dead host must not stall a batch);
+- ``refused``: a URL that leads to a loopback, private, link-local or cloud-metadata address, directly, through
+  DNS or through a redirect (:class:`~indexing.errors.ImageRefusedError`; see :mod:`indexing.url_fetch`);
 - ``too large``: more bytes than ``max_bytes``;
 - ``decompression bomb``: more pixels than ``max_pixels`` (checked from the header, before decoding);
 - ``not an image`` / ``corrupt or truncated``: the bytes do not decode completely, or are in a format
@@ -33,15 +35,13 @@ import hashlib
 import io
 import logging
 import os
-import socket
 import stat
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from indexing.errors import ImageError
+from indexing.url_fetch import DEFAULT_POLICY, URL_SCHEMES, UrlPolicy, fetch_url
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 #: default timeout of one URL fetch, in seconds (no retries)
 DEFAULT_URL_TIMEOUT_S = 5.0
-URL_SCHEMES = ("http", "https")
 #: image formats PIL may decode (everything else is "not an image"); JPEG covers camera files PIL reads as MPO.
 #: Only names of PIL open plugins that ship with Pillow (an unknown name makes ``Image.open`` fail).
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -112,28 +111,9 @@ def resolve_image_path(ref: str, images_root: Path | str | None) -> Path:
     return real
 
 
-def _fetch_url(ref: str, max_bytes: int, timeout_s: float) -> bytes:
+def _fetch_url(ref: str, max_bytes: int, timeout_s: float, policy: UrlPolicy | None) -> bytes:
     check_image_ref(ref, None)
-    req = urllib.request.Request(ref, headers={"User-Agent": "fusionrank-indexer"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 (scheme checked above)
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise ImageError(f"image URL {ref!r} is too large: {int(length)} bytes (limit {max_bytes})")
-            data = resp.read(max_bytes + 1)
-    except ImageError:
-        raise
-    except urllib.error.HTTPError as e:
-        raise ImageError(f"image URL {ref!r} is unreachable: HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        raise ImageError(f"image URL {ref!r} is unreachable: {e.reason}") from None
-    except (socket.timeout, TimeoutError):
-        raise ImageError(f"image URL {ref!r} is unreachable: timed out after {timeout_s:g} s") from None
-    except (OSError, ValueError) as e:
-        raise ImageError(f"image URL {ref!r} is unreachable: {e}") from None
-    if len(data) > max_bytes:
-        raise ImageError(f"image URL {ref!r} is too large: more than {max_bytes} bytes")
-    return data
+    return fetch_url(ref, policy=policy or DEFAULT_POLICY, max_bytes=max_bytes, timeout_s=timeout_s)
 
 
 def fetch_image_bytes(
@@ -142,10 +122,12 @@ def fetch_image_bytes(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     timeout_s: float = DEFAULT_URL_TIMEOUT_S,
+    policy: UrlPolicy | None = None,
 ) -> bytes:
-    """The raw bytes of an image reference (file or URL), within ``max_bytes``."""
+    """The raw bytes of an image reference (file or URL), within ``max_bytes``; a URL's addresses are checked by
+    ``policy`` (default: public addresses only, see :mod:`indexing.url_fetch`)."""
     if is_url(ref):
-        return _fetch_url(ref, max_bytes, timeout_s)
+        return _fetch_url(ref, max_bytes, timeout_s, policy)
     path = resolve_image_path(ref, images_root)
     # the one place an image path is opened: O_NOFOLLOW (the resolved path has no symlink left, so one
     # appearing now is a swap), O_NONBLOCK (a FIFO swapped in must not hang the batch), then fstat
@@ -220,9 +202,10 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     timeout_s: float = DEFAULT_URL_TIMEOUT_S,
+    policy: UrlPolicy | None = None,
 ):
     """Read and fully decode the image ``ref`` (path under ``images_root`` or URL) -> RGB ``PIL.Image``."""
-    data = fetch_image_bytes(ref, images_root, max_bytes=max_bytes, timeout_s=timeout_s)
+    data = fetch_image_bytes(ref, images_root, max_bytes=max_bytes, timeout_s=timeout_s, policy=policy)
     return decode_image(data, max_pixels=max_pixels, source=f"image {ref!r}")
 
 

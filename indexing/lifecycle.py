@@ -71,6 +71,13 @@ def stores_image_colour(mapping_body: Mapping[str, Any], index: str = "the index
     return True
 
 
+def stores_photo_attributes(mapping_body: Mapping[str, Any]) -> bool:
+    """True when a mapping has the photo attribute fields (products-v4 and later): indexing then writes
+    ``effective_*`` attributes for every product and the photo's predictions where an attribute model is configured."""
+    props = mappings.properties(dict(mapping_body))
+    return F.COMPLETED_ATTRIBUTES in props and all(f in props for f in F.EFFECTIVE_FIELDS.values())
+
+
 def ensure_alias(
     engine: SearchEngine, alias: str, mapping: str, *, text_dim: int, image_dim: int, hnsw_engine: str | None = None
 ) -> str:

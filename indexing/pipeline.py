@@ -33,13 +33,28 @@ class IndexJob:
     image_model: str = "efficientnet_lite0"
     device: str = "auto"
     batch_size: int = 256
+    #: networks (CIDR) image URLs may lead to besides public addresses: a shop's own image host (setting
+    #: ``image_url_allow_networks``); everything loopback/private/link-local/metadata outside them is refused
+    image_allow_networks: tuple[str, ...] = ()
+    #: photo attribute model directory (indexing.photo_attributes; setting attribute_model_dir): with a products-v4
+    #: index, each photo's colour, type, gender and usage are predicted and missing catalog values completed from
+    #: ``attribute_threshold`` confidence on
+    attribute_model: str | None = None
+    attribute_threshold: float = 0.8
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "IndexJob":
+        d = dict(d)
+        d["image_allow_networks"] = tuple(d.get("image_allow_networks") or ())
         return cls(**d)
+
+    def url_policy(self):
+        from indexing.url_fetch import UrlPolicy
+
+        return UrlPolicy.from_strings(self.image_allow_networks)
 
 
 @dataclass(frozen=True)
@@ -63,16 +78,20 @@ class BatchResult:
     errors: tuple[ItemError, ...]
     seconds: float
     encode_seconds: float = 0.0
+    #: products indexed *without* their photo because its URL was refused (counted in ``indexed``, not in errors)
+    photos_dropped: tuple[ItemError, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["errors"] = [e.to_dict() for e in self.errors]
+        d["photos_dropped"] = [e.to_dict() for e in self.photos_dropped]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BatchResult":
         d = dict(d)
         d["errors"] = tuple(ItemError(**e) for e in d["errors"])
+        d["photos_dropped"] = tuple(ItemError(**e) for e in d.get("photos_dropped", ()))
         return cls(**d)
 
 
@@ -90,6 +109,9 @@ class IndexSummary:
     seconds: float
     batches: int
     reasons: dict[str, int] = field(default_factory=dict)
+    #: products indexed without their photo (a refused image URL), with the reason; ``photo_reasons`` counts kinds
+    photos_dropped: tuple[ItemError, ...] = ()
+    photo_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def docs_per_s(self) -> float:
@@ -106,6 +128,9 @@ class IndexSummary:
             "failure_reasons": self.reasons,
             "errors": [e.to_dict() for e in self.errors[:max_errors]],
             "errors_truncated": max(0, len(self.errors) - max_errors),
+            "photos_dropped": len(self.photos_dropped),
+            "photo_drop_reasons": self.photo_reasons,
+            "photo_errors": [e.to_dict() for e in self.photos_dropped[:max_errors]],
             "batches": self.batches,
             "seconds": round(self.seconds, 3),
             "docs_per_s": round(self.docs_per_s, 1),
@@ -124,13 +149,18 @@ def reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0].strip()[:80]
 
 
-def summarize(index: str, via: str, rows: int, results: Iterable[BatchResult], seconds: float) -> IndexSummary:
-    results = list(results)
-    errors = tuple(e for r in results for e in r.errors)
+def _count_kinds(errors: Iterable[ItemError]) -> dict[str, int]:
     reasons: dict[str, int] = {}
     for e in errors:
         k = reason_kind(e.reason)
         reasons[k] = reasons.get(k, 0) + 1
+    return dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
+
+
+def summarize(index: str, via: str, rows: int, results: Iterable[BatchResult], seconds: float) -> IndexSummary:
+    results = list(results)
+    errors = tuple(e for r in results for e in r.errors)
+    dropped = tuple(e for r in results for e in r.photos_dropped)
     return IndexSummary(
         index=index,
         via=via,
@@ -141,7 +171,9 @@ def summarize(index: str, via: str, rows: int, results: Iterable[BatchResult], s
         errors=errors,
         seconds=seconds,
         batches=len(results),
-        reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        reasons=_count_kinds(errors),
+        photos_dropped=dropped,
+        photo_reasons=_count_kinds(dropped),
     )
 
 
@@ -208,14 +240,16 @@ def index_batch(
 
     from indexing.catalog import Product, RowError, read_catalog
     from indexing.documents import build_document, content_hash, is_unchanged, product_text
-    from indexing.errors import FusionRankError
+    from indexing.errors import FusionRankError, ImageRefusedError
     from indexing.images import decode_image, fetch_image_bytes
-    from indexing.lifecycle import stores_image_colour
+    from indexing.lifecycle import stores_image_colour, stores_photo_attributes
 
     t0 = time.perf_counter()
     enc = encoders or Encoders.for_job(job)
     root = Path(job.images_root) if job.images_root else None
+    policy = job.url_policy()
     errors: list[ItemError] = []
+    dropped: list[ItemError] = []
     products: list[Product] = []
     for item in read_catalog(
         job.catalog, field_map=_field_map(job), images_root=root, start=start, stop=stop,
@@ -233,7 +267,11 @@ def index_batch(
         digest = None
         if p.image:
             try:
-                image_bytes[p.id] = fetch_image_bytes(p.image, root)
+                image_bytes[p.id] = fetch_image_bytes(p.image, root, policy=policy)
+            except ImageRefusedError as e:  # permanent and seller-made: the product goes in without its photo
+                dropped.append(ItemError(p.row, p.id, f"image refused: {e}"))
+                hashed.append((p, content_hash(p, None), False))
+                continue
             except FusionRankError as e:
                 errors.append(ItemError(p.row, p.id, f"image: {e}"))
                 continue
@@ -242,11 +280,20 @@ def index_batch(
 
     text_model_id = enc.text_info.model_id
     image_model_id = enc.image_info.model_id
-    existing = engine.get(job.index, [p.id for p, _, _ in hashed], fields=[F.CONTENT_HASH, F.TEXT_MODEL_ID, F.IMAGE_MODEL_ID]) if hashed else {}
+    mapping = engine.get_mapping(job.index)
+    with_attributes = stores_photo_attributes(mapping)
+    attr_model = attr_model_id = None
+    if with_attributes and job.attribute_model:
+        from indexing.photo_attributes import load_cached
+
+        attr_model, attr_model_id = load_cached(job.attribute_model, image_model_id)
+    existing = engine.get(job.index, [p.id for p, _, _ in hashed],
+                          fields=[F.CONTENT_HASH, F.TEXT_MODEL_ID, F.IMAGE_MODEL_ID, F.ATTRIBUTE_MODEL_ID]) if hashed else {}
     todo: list[tuple[Product, str, bool]] = []
     unchanged = 0
     for p, h, has_img in hashed:
-        if is_unchanged(existing.get(p.id), h, text_model_id, image_model_id if has_img else None):
+        if is_unchanged(existing.get(p.id), h, text_model_id, image_model_id if has_img else None,
+                        attr_model_id if has_img else None):
             unchanged += 1
             image_bytes.pop(p.id, None)
         else:
@@ -268,11 +315,18 @@ def index_batch(
     with_img = [p.id for p, _, has_img in ready if has_img]
     image_vecs = dict(zip(with_img, enc.image.encode([images[i] for i in with_img]))) if with_img else {}
     colours: dict[str, Any] = {}
-    if with_img and stores_image_colour(engine.get_mapping(job.index), repr(job.index)):
+    if with_img and stores_image_colour(mapping, repr(job.index)):
         from indexing.photo_colour import colour_descriptor
 
         colours = {i: colour_descriptor(images[i]) for i in with_img}
+    predictions: dict[str, Any] = {}
+    if with_img and attr_model is not None:
+        from indexing.photo_attributes import predict_images
+
+        predictions = dict(zip(with_img, predict_images(attr_model, [images[i] for i in with_img], [image_vecs[i] for i in with_img])))
     encode_s = time.perf_counter() - t_enc
+
+    from indexing.photo_attributes import attribute_document_fields
 
     ts = int(time.time() if now is None else now)
     rows_by_id = {p.id: p.row for p, _, _ in ready}
@@ -289,6 +343,8 @@ def index_batch(
                 content_hash=h,
                 indexed_at=ts,
                 image_colour=colours.get(p.id),
+                attribute_fields=attribute_document_fields(p.fields, predictions.get(p.id), attr_model_id, job.attribute_threshold)
+                if with_attributes else None,
             )
             yield BulkAction.index(p.id, doc)
 
@@ -303,6 +359,7 @@ def index_batch(
         errors=tuple(errors),
         seconds=time.perf_counter() - t0,
         encode_seconds=encode_s,
+        photos_dropped=tuple(dropped),
     )
     log.info("batch [%d, %d): indexed %d, unchanged %d, failed %d", start, stop, result.indexed, unchanged, len(errors))
     return result

@@ -43,10 +43,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
+import numpy as np
+
 from indexing import fields as F
 from indexing.engines.base import BulkAction, SearchEngine
 from indexing.errors import ConfigError, EngineError, FusionRankError, IndexNotFoundError, MappingError
-from indexing.lifecycle import check_dims, is_generation_of, load_body, stores_image_colour
+from indexing.lifecycle import check_dims, is_generation_of, load_body, stores_image_colour, stores_photo_attributes
 from indexing.photo_colour import colour_descriptor
 from mappings import properties
 
@@ -90,13 +92,21 @@ class ReindexPlan:
     device: str = "auto"
     batch_size: int = 256
     hnsw_engine: str | None = None
+    #: networks image URLs may lead to besides public addresses (see :class:`indexing.pipeline.IndexJob`)
+    image_allow_networks: tuple[str, ...] = ()
+    #: photo attribute model directory and completion threshold (see :class:`indexing.pipeline.IndexJob`); used
+    #: when the target's mapping has the photo attribute fields (products-v4)
+    attribute_model: str | None = None
+    attribute_threshold: float = 0.8
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ReindexPlan":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        kw["image_allow_networks"] = tuple(kw.get("image_allow_networks") or ())
+        return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -365,10 +375,16 @@ def fill_batch(
     enc = encoders or plan_encoders(plan)
     text_id, image_id = enc.text_info.model_id, enc.image_info.model_id
     ids = [str(d[F.ID]) for d in docs]
-    existing = engine.get(plan.target, ids, fields=[F.CONTENT_HASH, F.TEXT_MODEL_ID, F.IMAGE_MODEL_ID])
+    existing = engine.get(plan.target, ids, fields=[F.CONTENT_HASH, F.TEXT_MODEL_ID, F.IMAGE_MODEL_ID, F.ATTRIBUTE_MODEL_ID])
     target_mapping = engine.get_mapping(plan.target)
     target_fields = set(properties(target_mapping))
     with_colour = stores_image_colour(target_mapping, f"target {plan.target!r}")
+    with_attrs = stores_photo_attributes(target_mapping)
+    attr_model = attr_id = None
+    if with_attrs and plan.attribute_model:
+        from indexing.photo_attributes import load_cached
+
+        attr_model, attr_id = load_cached(plan.attribute_model, image_id)
     errors: list[tuple[str, str]] = []
     out: dict[str, dict[str, Any]] = {}
     need_text: list[dict[str, Any]] = []
@@ -379,7 +395,7 @@ def fill_batch(
         pid = str(d[F.ID])
         has_img = d.get(F.IMAGE_VEC) is not None
         want_image_id = image_id if has_img else None
-        if is_unchanged(existing.get(pid), d.get(F.CONTENT_HASH), text_id, want_image_id):
+        if is_unchanged(existing.get(pid), d.get(F.CONTENT_HASH), text_id, want_image_id, attr_id if has_img else None):
             unchanged += 1
             continue
         doc = {k: v for k, v in d.items() if k in target_fields}  # a field the target's (strict) mapping lacks is not carried over
@@ -411,6 +427,8 @@ def fill_batch(
         reencoded_ids.update(str(d[F.ID]) for d in need_image if str(d[F.ID]) in out)
     if need_colour:
         _add_colour_descriptors(plan, [d for d in need_colour if str(d[F.ID]) in out], errors)
+    if with_attrs:
+        _fill_attributes(plan, list(out.values()), attr_model, attr_id, errors)
     if reencoded_ids:
         ts = int(time.time() if now is None else now)
         for pid in reencoded_ids:
@@ -421,7 +439,7 @@ def fill_batch(
         errors.append((item.id, f"engine rejected: {item.error or item.status}"))
     written = [pid for pid in out if pid not in rejected]
     reenc = sum(1 for pid in written if pid in reencoded_ids)
-    failed_ids = {e[0] for e in errors if not e[1].startswith(("image dropped", "image colour skipped"))}
+    failed_ids = {e[0] for e in errors if not e[1].startswith(("image dropped", "image colour skipped", "image attributes skipped"))}
     res = FillBatchResult(
         batch=batch,
         start=start,
@@ -447,7 +465,11 @@ def _read_photo(plan: ReindexPlan, doc: Mapping[str, Any]):
     ref = doc.get(F.IMAGE)
     if not ref:
         raise ReindexError("the stored document has an image vector but no image reference")
-    return decode_image(fetch_image_bytes(ref, Path(plan.images_root) if plan.images_root else None), source=f"image {ref!r}")
+    from indexing.url_fetch import UrlPolicy
+
+    root = Path(plan.images_root) if plan.images_root else None
+    policy = UrlPolicy.from_strings(plan.image_allow_networks)
+    return decode_image(fetch_image_bytes(ref, root, policy=policy), source=f"image {ref!r}")
 
 
 def _reencode_images(plan: ReindexPlan, enc, docs: list[dict[str, Any]], image_id: str, errors: list, *, colour: bool = False) -> None:
@@ -481,6 +503,39 @@ def _add_colour_descriptors(plan: ReindexPlan, docs: list[dict[str, Any]], error
             doc[F.IMAGE_COLOUR] = [float(x) for x in colour_descriptor(_read_photo(plan, doc))]
         except FusionRankError as e:
             errors.append((str(doc[F.ID]), f"image colour skipped: {e}"))
+
+
+def _fill_attributes(plan: ReindexPlan, docs: list[dict[str, Any]], model, model_id: str | None, errors: list) -> None:
+    """The photo attribute fields of a products-v4 target. Only photos whose stored predictions come from another
+    model (or none) are re-read: a document whose ``attribute_model_id`` is the model's keeps its fields as copied.
+    Without a model, the ``effective_*`` fields hold the catalog's values. A photo that cannot be read any more
+    leaves the product with catalog values only (``image attributes skipped: ...``)."""
+    from indexing.photo_attributes import attribute_document_fields, predict_images
+
+    todo = []
+    for doc in docs:
+        has_img = doc.get(F.IMAGE_VEC) is not None
+        if model is not None and has_img and doc.get(F.ATTRIBUTE_MODEL_ID) == model_id:
+            continue  # predicted by this very model already (copied with the document)
+        if model is not None and has_img:
+            todo.append(doc)
+        elif F.COMPLETED_ATTRIBUTES not in doc:
+            doc.update(attribute_document_fields(doc, None, None, plan.attribute_threshold))
+    images, ok = [], []
+    for doc in todo:
+        try:
+            images.append(_read_photo(plan, doc))
+            ok.append(doc)
+        except FusionRankError as e:
+            errors.append((str(doc[F.ID]), f"image attributes skipped: {e}"))
+            doc.update(attribute_document_fields(doc, None, None, plan.attribute_threshold))
+    if ok:
+        vecs = [np.asarray(d[F.IMAGE_VEC], dtype=np.float32) for d in ok]
+        for doc, pred in zip(ok, predict_images(model, images, vecs)):
+            for k in list(doc):  # stale predictions of another model go
+                if k.startswith("photo_") or k in (F.COMPLETED_ATTRIBUTES, F.ATTRIBUTE_MODEL_ID) or k in F.EFFECTIVE_FIELDS.values():
+                    doc.pop(k)
+            doc.update(attribute_document_fields(doc, pred, model_id, plan.attribute_threshold))
 
 
 def fill(

@@ -263,13 +263,17 @@ def make_plan(
     batch_size: int = 256,
     hnsw_engine: str | None = None,
     job_id: str | None = None,
+    image_allow_networks: tuple[str, ...] | list[str] = (),
+    attribute_model: str | None = None,
+    attribute_threshold: float = 0.8,
 ) -> ReindexPlan:
     """A new job's plan: source = the alias's current generation, target = a new generation name."""
     source = current_generation(engine, alias)
     plan = ReindexPlan(
         job_id=job_id or uuid.uuid4().hex, alias=alias, source=source, target=generation_name(alias), mapping=mapping,
         text_model=text_model, text_backend=text_backend, image_model=image_model, images_root=images_root,
-        device=device, batch_size=batch_size, hnsw_engine=hnsw_engine,
+        device=device, batch_size=batch_size, hnsw_engine=hnsw_engine, image_allow_networks=tuple(image_allow_networks),
+        attribute_model=attribute_model, attribute_threshold=attribute_threshold,
     )
     if plan.target == source:
         raise ReindexError(f"new generation name {plan.target} equals the source's; try again")

@@ -75,7 +75,10 @@ def reindex_start_task(job_id: str, alias: str, mapping: str, text_model: str, t
             return run_job(engine, store, job_id, via="inline", settings=s, progress=False).to_dict()
         plan = make_plan(engine, alias=alias, mapping=mapping, text_model=text_model, text_backend=text_backend,
                          image_model=image_model, images_root=images_root, device=s.device, batch_size=batch_size,
-                         hnsw_engine=s.hnsw_engine, job_id=job_id)
+                         hnsw_engine=s.hnsw_engine, job_id=job_id,
+                         image_allow_networks=s.image_url_allow_networks,
+                         attribute_model=str(s.attribute_model_dir.resolve()) if s.attribute_model_dir else None,
+                         attribute_threshold=s.attribute_completion_threshold)
         return start_job(engine, store, plan, via="inline", settings=s, progress=False).to_dict()
 
 

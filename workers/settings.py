@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from indexing.errors import ConfigError
 from mappings import DEFAULT_MAPPING
@@ -77,6 +77,16 @@ class Settings(BaseSettings):
                             "it on probe texts (cosine >= 0.995), checked at start-up. auto: onnx-q8 on the CPU when it agrees "
                             "and is faster there, else text_backend; None: text_backend")
     image_model: str = "efficientnet_lite0"
+    attribute_model_dir: Path | None = Field(None, description="photo attribute model (`fusionrank attributes train --out DIR`): "
+                                               "indexing into a products-v4 index predicts each photo's colour, article type, gender "
+                                               "and usage with it and completes missing catalog values")
+    attribute_completion_threshold: float = Field(0.8, gt=0, le=1, description="confidence from which a photo's predicted "
+                                                  "attribute completes a missing catalog value (marked in completed_attributes)")
+    image_url_allow_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="networks (CIDR, e.g. 10.20.0.0/16; a bare address is its own /32) that catalog "
+                                          "image URLs may lead to besides public addresses: a shop's own image host. "
+                                          "Outside them a loopback, private, link-local or cloud-metadata address (directly, "
+                                          "through DNS or a redirect) is refused. JSON list or comma-separated")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_dir: Path | None = Field(None, description="fusion model artifact the rerank call serves; default: data_dir/models/current (written by `fusionrank demo`)")
     rerank_budget_ms: float = Field(50.0, gt=0, description="time budget of one rerank call before it fails open to the first-stage order")
@@ -148,6 +158,28 @@ class Settings(BaseSettings):
         if v not in ENGINES:
             raise ValueError(f"unknown engine {v!r}; valid engines: {', '.join(ENGINES.names())}")
         return v
+
+    @field_validator("image_url_allow_networks", mode="before")
+    @classmethod
+    def _allow_networks(cls, v: Any) -> Any:
+        from indexing.url_fetch import parse_networks
+
+        if isinstance(v, str):
+            if v.strip().startswith("["):
+                import json
+
+                try:
+                    v = json.loads(v)
+                except ValueError as e:
+                    raise ValueError(f"not a JSON list of networks: {e}") from None
+            else:
+                v = [x for x in (p.strip() for p in v.split(",")) if x]
+        if not isinstance(v, (list, tuple)):
+            return v  # pydantic says what is wrong with it
+        try:
+            return [str(n) for n in parse_networks(v)]
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("diversity", mode="before")
     @classmethod

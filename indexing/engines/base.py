@@ -87,15 +87,35 @@ class Filters:
 
     terms: Mapping[str, str | Sequence[str]] = field(default_factory=dict)
     ranges: Mapping[str, Range] = field(default_factory=dict)
+    #: terms on catalog attributes (colour, article_type, gender, usage) also match values completed from the photo
+    #: (the ``effective_*`` fields of a products-v4 index, :mod:`indexing.photo_attributes`)
+    include_completed: bool = False
 
     def is_empty(self) -> bool:
         return not self.terms and not self.ranges
+
+    def resolved(self) -> "Filters":
+        """The filter the engines run: with ``include_completed``, terms on an attribute field are moved onto its
+        ``effective_*`` field (the catalog's value, else the photo-completed one)."""
+        if not self.include_completed:
+            return self
+        from indexing.fields import EFFECTIVE_FIELDS
+
+        terms: dict[str, str | Sequence[str]] = {}
+        for f, v in self.terms.items():
+            target = EFFECTIVE_FIELDS.get(f, f)
+            if target in terms:
+                raise ConfigError(f"filters name both {f!r} and {target!r}; with include_completed give one of them")
+            terms[target] = v
+        return Filters(terms=terms, ranges=dict(self.ranges))
 
     def term_values(self) -> dict[str, list[str]]:
         return {f: ([v] if isinstance(v, (str, int, float)) else [str(x) for x in v]) for f, v in self.terms.items()}
 
     def matches(self, source: Mapping[str, Any]) -> bool:
         """Reference semantics, used by the LocalEngine and by tests."""
+        if self.include_completed:
+            return self.resolved().matches(source)
         for f, vals in self.term_values().items():
             if str(source.get(f)) not in {str(v) for v in vals}:
                 return False

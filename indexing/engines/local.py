@@ -1038,6 +1038,7 @@ class LocalEngine:
     def _filter_query(self, st: _State, filters: Filters | None):
         if filters is None or filters.is_empty():
             return None
+        filters = filters.resolved()
         tv = self._tantivy
         Q, schema, spec = tv.Query, st.schema, st.spec
         clauses = []

@@ -97,6 +97,7 @@ def format_filters(filters: Filters | None) -> list[dict[str, Any]]:
     """Filter clauses for a ``bool.filter`` (or a knn query's ``filter``): ``term``/``terms`` and ``range``."""
     if filters is None or filters.is_empty():
         return []
+    filters = filters.resolved()
     clauses: list[dict[str, Any]] = []
     for field, values in sorted(filters.term_values().items()):
         if not values:
@@ -739,7 +740,10 @@ class OpenSearchEngine:
         if filters is None or filters.is_empty():
             return
         props = self._properties(index)
-        for f in filters.term_values():
+        for f in filters.resolved().term_values():
+            if filters.include_completed and f in F.EFFECTIVE_FIELDS.values() and f not in props:
+                raise ConfigError(f"cannot filter with include_completed on {index!r}: it has no {f!r} field (photo-completed "
+                                  "attributes need a products-v4 index)")
             spec = props.get(f)
             if isinstance(spec, Mapping) and spec.get("type") == "text":
                 subs = [n for n, sub in (spec.get("fields") or {}).items() if isinstance(sub, Mapping) and sub.get("type") == "keyword"]

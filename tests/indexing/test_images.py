@@ -124,10 +124,14 @@ def test_file_over_the_byte_limit(root):
 
 
 def test_unreachable_url_fails_clearly_and_fast():
+    from indexing.url_fetch import UrlPolicy
+
     t0 = time.perf_counter()
-    with pytest.raises(ImageError, match="unreachable"):
-        load_image("http://127.0.0.1:9/shoe.jpg", None, timeout_s=2.0)
+    with pytest.raises(ImageError, match="unreachable"):  # loopback allowed here, so that the connection is tried
+        load_image("http://127.0.0.1:9/shoe.jpg", None, timeout_s=2.0, policy=UrlPolicy.from_strings(["127.0.0.1"]))
     assert time.perf_counter() - t0 < 5.0
+    with pytest.raises(ImageError, match="refused: .* a loopback address"):  # by default not even tried
+        load_image("http://127.0.0.1:9/shoe.jpg", None, timeout_s=2.0)
 
 
 @pytest.mark.parametrize("ref", ["file:///etc/passwd", "ftp://example.com/a.jpg", "gopher://x/y"])

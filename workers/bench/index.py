@@ -68,6 +68,8 @@ def run_index_bench(
         job = IndexJob(
             catalog=str(sliced), index="bench", images_root=str(images_root), text_model=settings.text_model,
             text_backend=settings.text_backend, image_model=settings.image_model, device=settings.device, batch_size=batch_size,
+            attribute_model=str(settings.attribute_model_dir.resolve()) if settings.attribute_model_dir else None,
+            attribute_threshold=settings.attribute_completion_threshold,
         )
         enc = Encoders.for_job(job)
         texts = [product_text(p) for p in products]
@@ -86,6 +88,15 @@ def run_index_bench(
             return text_s, time.perf_counter() - t
 
         raw_before = raw_run()
+        attr_s = None
+        if job.attribute_model:  # the photo attribute step alone (pixel features, object count, heads) on the same photos
+            from indexing.photo_attributes import load_cached, predict_images
+
+            model, _ = load_cached(job.attribute_model, enc.image_info.model_id)
+            vecs = enc.image.encode(images)
+            t = time.perf_counter()
+            predict_images(model, images, list(vecs))
+            attr_s = time.perf_counter() - t
 
         if via == "celery":
             # running workers write where their own settings say: a fresh alias in the shared data dir, removed after
@@ -131,4 +142,7 @@ def run_index_bench(
         "raw_encoder_s": round(raw_s, 2),
         "raw_encoder_s_runs": [round(sum(raw_before), 2), round(sum(raw_after), 2)],
         "pipeline_s": round(pipeline_s, 2),
+        "mapping": settings.mapping,
+        "attribute_model": job.attribute_model,
+        "photo_attribute_docs_per_s": round(n / attr_s, 1) if attr_s else None,
     }

@@ -105,13 +105,38 @@ def parse_diversity_options(items: list[str], settings=None):
     return replace(cfg, **kw)
 
 
+def _eval_attributes(catalog: Path, images_root: Optional[Path], *, as_json: bool, progress: Optional[bool], seed: int) -> None:
+    from indexing.encoders import get_image_encoder
+    from indexing.photo_attributes import AttributeConfig, train_attribute_model
+    from rerank.attribute_data import load_labelled_photos
+    from workers.settings import load_settings
+
+    settings = load_settings()
+    show = sys.stderr.isatty() if progress is None else progress
+    enc = get_image_encoder(settings.image_model, device=settings.device)
+    data = load_labelled_photos(catalog, images_root or catalog.parent, enc, cache_dir=settings.data_dir, progress=show)
+    model = train_attribute_model(data, enc.model_id, AttributeConfig(seed=seed))
+    out = {"attributes": {a: {k: model.report[a][k] for k in ("top1", "top3", "majority", "n")} for a in model.heads}}
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"photo attribute heads, held-out photos of {catalog} ({len(data.ids)} photos)")
+    typer.echo(f"{'attribute':<14}{'top-1':>8}{'top-3':>8}{'majority':>10}{'n':>7}{'classes':>9}")
+    for a in model.heads:
+        r = model.report[a]
+        typer.echo(f"{a:<14}{r['top1']:>8.3f}{r['top3']:>8.3f}{r['majority']:>10.3f}{r['n']:>7d}{r['classes']:>9d}")
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
         catalog: Path = typer.Option(..., "--catalog", help="Catalog file (CSV / JSONL / Parquet) the queries are judged against."),
-        queries: Path = typer.Option(..., "--queries", help="Queries TSV: query_id, query, user_id."),
-        qrels: Path = typer.Option(..., "--qrels", help="TREC qrels: query_id 0 product_id grade (int or float grades)."),
-        gain: str = typer.Option(..., "--gain", help="Grade -> gain mapping: minus1 (Home Depot ratings 1..3) | identity (fashion 0/1/2)."),
+        queries: Optional[Path] = typer.Option(None, "--queries", help="Queries TSV: query_id, query, user_id (required unless --attributes)."),
+        qrels: Optional[Path] = typer.Option(None, "--qrels", help="TREC qrels: query_id 0 product_id grade (int or float grades; required unless --attributes)."),
+        gain: Optional[str] = typer.Option(None, "--gain", help="Grade -> gain mapping: minus1 (Home Depot ratings 1..3) | identity (fashion 0/1/2); required unless --attributes."),
+        attributes: bool = typer.Option(False, "--attributes", help="Instead of ranking: train the photo attribute heads (colour, article_type, "
+                                        "gender, usage) on the catalog's labelled photos and print each head's held-out top-1 / top-3 "
+                                        "beside the majority-class baseline."),
         events: Optional[Path] = typer.Option(None, "--events", help="Events CSV of the evaluated users (history)."),
         images_root: Optional[Path] = typer.Option(None, "--images-root", help="Folder image paths are relative to (default: the catalog's folder)."),
         mode: str = typer.Option("rerank", "--mode", help="rerank: reorder each query's judged products; retrieve: rank the whole catalog."),
@@ -159,6 +184,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Evaluate baselines on a catalog + queries + graded qrels (NDCG@10, MRR@10, Recall@100, judged@10, and the
         diversity of each top 10: ild@10, distinct@10 per attribute)."""
+        if attributes:
+            _eval_attributes(catalog, images_root, as_json=as_json, progress=progress, seed=seed)
+            return
+        missing = [flag for flag, v in (("--queries", queries), ("--qrels", qrels), ("--gain", gain)) if v is None]
+        if missing:
+            raise typer.BadParameter(f"{', '.join(missing)} required (or --attributes for the photo attribute heads)")
         from rerank.evaluation.harness import EvalRequest, evaluate
         from rerank.training.ranker import DatasetSpec
         from rerank.evaluation.report import format_table, format_tradeoff, plot_ndcg, plot_tradeoff

@@ -42,6 +42,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             image_model=settings.image_model,
             device=settings.device,
             batch_size=batch_size,
+            image_allow_networks=tuple(settings.image_url_allow_networks),
+            attribute_model=str(settings.attribute_model_dir.resolve()) if settings.attribute_model_dir else None,
+            attribute_threshold=settings.attribute_completion_threshold,
         )
         eng = build_engine(settings)
         try:

@@ -83,6 +83,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 text_backend=text_backend or settings.text_backend, image_model=image_model or settings.image_model,
                 images_root=str(images_root.resolve()) if images_root else None, device=settings.device,
                 batch_size=batch_size, hnsw_engine=settings.hnsw_engine,
+                image_allow_networks=settings.image_url_allow_networks,
+                attribute_model=str(settings.attribute_model_dir.resolve()) if settings.attribute_model_dir else None,
+                attribute_threshold=settings.attribute_completion_threshold,
             )
             out = start_job(eng, store, plan, via=via, settings=settings, timeout_s=timeout).to_dict()
         _echo_summary(out, as_json)

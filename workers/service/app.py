@@ -314,7 +314,7 @@ def _filters(m: S.FiltersModel | None):
         return None
     from indexing.engines.base import Filters, Range
 
-    return Filters(terms=dict(m.terms), ranges={k: Range(**r.model_dump()) for k, r in m.ranges.items()})
+    return Filters(terms=dict(m.terms), ranges={k: Range(**r.model_dump()) for k, r in m.ranges.items()}, include_completed=m.include_completed)
 
 
 def _public_source(src: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -150,6 +150,8 @@ class RangeModel(BaseModel):
 class FiltersModel(BaseModel):
     terms: dict[str, Union[str, list[str]]] = Field(default_factory=dict, description='e.g. {"gender": ["Men", "Unisex"]}')
     ranges: dict[str, RangeModel] = Field(default_factory=dict, description='e.g. {"price": {"lte": 50}}')
+    include_completed: bool = Field(False, description="terms on colour / article_type / gender / usage also match values "
+                                                       "completed from the product photo (products-v4 index)")
 
 
 class SearchRequest(BaseModel):

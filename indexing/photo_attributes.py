@@ -1,0 +1,428 @@
+"""Product attributes read from the photo: heads for colour, article type, gender and usage, trained on the catalog.
+
+Each head is a multinomial logistic regression (scikit-learn, inputs standardized) over
+
+* the photo's pixel colour features (:func:`indexing.photo_features.pixel_features`: dominant Lab colours of the
+  product separated from its backdrop, a Lab histogram), and
+* the pooled EfficientNet-Lite0 vector the index stores anyway (``image_vec``),
+
+trained on the catalog's own labelled products (a product whose attribute is empty teaches nothing; a class needs
+``min_count`` examples), so every value a head can name is one the catalog used: no colour name is invented.
+Accuracy is measured on held-out photos (:func:`evaluate_attributes`, ``fusionrank eval --attributes``).
+
+**Bad input** earns low confidence rather than a confident guess (:func:`photo_quality`): a photo with no product
+separable from its background (all backdrop), a photo unlike every training photo (a line drawing, a logo: its
+image vector's best cosine to the training photos falls below the 1st percentile of real held-out photos'), and a
+collage (several separate objects side by side). Such a photo's confidences are multiplied by 0, so nothing is
+completed from it. A corrupt file never reaches the heads (the indexer refuses it first).
+
+The model is a versioned directory: ``config.json`` (classes, inputs, the image model id it was trained with,
+the held-out report) + ``weights.safetensors``. Prediction is numpy only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from indexing import fields as F
+from indexing.errors import ConfigError, ModelArtifactError
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTE_VERSION = 1
+#: attribute name -> the catalog field it completes
+ATTRIBUTES: dict[str, str] = {"colour": F.COLOUR, "article_type": F.ARTICLE_TYPE, "gender": F.GENDER, "usage": F.USAGE}
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+#: reasons :func:`photo_quality` gives for distrusting a photo
+NO_PRODUCT, UNFAMILIAR, COLLAGE = "no product separable from the background", "unlike the catalog's photos", "several objects (collage)"
+
+
+@dataclass(frozen=True)
+class AttributeConfig:
+    min_count: int = 5  # a value needs this many labelled training photos to be a class
+    holdout: float = 0.2  # share of labelled photos held out for the report
+    # inverse L2 strength of the logistic regressions (inputs standardized); measured on the fashion benchmark catalog
+    C: float = 0.05
+    max_iter: int = 200
+    seed: int = 13
+    novelty_sample: int = 2000  # training image vectors kept for the unfamiliar-photo check
+    novelty_quantile: float = 0.01  # held-out real photos below this quantile of best cosine count as unfamiliar
+
+    def __post_init__(self) -> None:
+        if self.min_count < 1 or not 0.0 < self.holdout < 1.0 or self.C <= 0 or self.max_iter < 1 or not 0 <= self.novelty_quantile < 0.5:
+            raise ConfigError(f"bad attribute config {self}")
+
+
+@dataclass(frozen=True)
+class AttributeHead:
+    """One attribute's softmax regression over standardized ``[pixel features, image_vec]``."""
+
+    name: str
+    classes: tuple[str, ...]
+    mean: np.ndarray
+    scale: np.ndarray
+    weight: np.ndarray  # (classes, inputs)
+    bias: np.ndarray  # (classes,)
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        z = ((x - self.mean) / self.scale) @ self.weight.T + self.bias
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A photo's predicted value of one attribute: ``value`` None when the photo was distrusted."""
+
+    value: str | None
+    confidence: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass
+class AttributeModel:
+    heads: dict[str, AttributeHead]
+    image_model_id: str
+    pixel_dim: int
+    novelty_bank: np.ndarray  # (m, image dim) unit vectors of training photos
+    novelty_threshold: float
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        return tuple(self.heads)
+
+    def features(self, pixel: np.ndarray, image_vec: np.ndarray) -> np.ndarray:
+        pixel = np.asarray(pixel, dtype=np.float32).reshape(len(pixel), -1)
+        image_vec = np.asarray(image_vec, dtype=np.float32).reshape(len(image_vec), -1)
+        if pixel.shape[1] != self.pixel_dim:
+            raise ModelArtifactError(f"attribute model expects {self.pixel_dim} pixel features, got {pixel.shape[1]}")
+        if image_vec.shape[1] != self.novelty_bank.shape[1]:
+            raise ModelArtifactError(f"attribute model expects {self.novelty_bank.shape[1]}-d image vectors, got {image_vec.shape[1]}")
+        return np.concatenate([pixel, image_vec], axis=1)
+
+    def familiarity(self, image_vec: np.ndarray) -> np.ndarray:
+        """Best cosine of each image vector to the training photos kept in the model."""
+        v = np.asarray(image_vec, dtype=np.float32)
+        v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        return (v @ self.novelty_bank.T).max(axis=1)
+
+    def predict(self, pixel: np.ndarray, image_vec: np.ndarray, *, objects: Sequence[int] | None = None,
+                top_k: int = 3) -> list[dict[str, Prediction]]:
+        """Per photo ``{attribute: Prediction}``; a distrusted photo (:func:`photo_quality`) gets value None and
+        confidence 0 (its ``top`` still says what the heads saw). ``objects``: per photo
+        :func:`indexing.photo_features.object_count` (collages are distrusted only when given)."""
+        x = self.features(pixel, image_vec)
+        objs = list(objects) if objects is not None else [None] * len(x)
+        trust = np.asarray([photo_quality(p, f, self.novelty_threshold, o) is None
+                            for p, f, o in zip(np.asarray(pixel), self.familiarity(image_vec), objs)])
+        out: list[dict[str, Prediction]] = [{} for _ in range(len(x))]
+        for name, head in self.heads.items():
+            p = head.proba(x)
+            order = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
+            for i in range(len(x)):
+                top = tuple((head.classes[j], float(p[i, j])) for j in order[i])
+                if trust[i]:
+                    out[i][name] = Prediction(top[0][0], top[0][1], top)
+                else:
+                    out[i][name] = Prediction(None, 0.0, top)
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {"novelty_bank": self.novelty_bank.astype(np.float16)}
+        for name, h in self.heads.items():
+            for part in ("mean", "scale", "weight", "bias"):
+                tensors[f"{name}.{part}"] = np.ascontiguousarray(getattr(h, part), dtype=np.float32)
+        save_file(tensors, str(d / WEIGHTS_FILE))
+        config = {
+            "kind": "fusionrank-photo-attributes",
+            "version": ATTRIBUTE_VERSION,
+            "image_model_id": self.image_model_id,
+            "pixel_dim": self.pixel_dim,
+            "novelty_threshold": self.novelty_threshold,
+            "heads": {name: {"field": ATTRIBUTES[name], "classes": list(h.classes)} for name, h in self.heads.items()},
+            "report": self.report,
+        }
+        (d / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "AttributeModel":
+        from safetensors.numpy import load_file
+
+        d = Path(directory)
+        try:
+            config = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+            tensors = load_file(str(d / WEIGHTS_FILE))
+        except FileNotFoundError as e:
+            raise ModelArtifactError(f"attribute model {str(d)!r} is incomplete: {e.filename} is missing") from None
+        except (OSError, ValueError) as e:
+            raise ModelArtifactError(f"attribute model {str(d)!r} cannot be read: {e}") from None
+        if config.get("kind") != "fusionrank-photo-attributes" or config.get("version") != ATTRIBUTE_VERSION:
+            raise ModelArtifactError(f"{str(d)!r} is not a version-{ATTRIBUTE_VERSION} photo attribute model")
+        heads = {}
+        for name, h in config["heads"].items():
+            if name not in ATTRIBUTES:
+                raise ModelArtifactError(f"attribute model {str(d)!r} has an unknown head {name!r}")
+            try:
+                heads[name] = AttributeHead(name, tuple(h["classes"]), *(tensors[f"{name}.{p}"] for p in ("mean", "scale", "weight", "bias")))
+            except KeyError as e:
+                raise ModelArtifactError(f"attribute model {str(d)!r}: tensor {e} is missing") from None
+        return cls(heads, config["image_model_id"], int(config["pixel_dim"]), tensors["novelty_bank"].astype(np.float32),
+                   float(config["novelty_threshold"]), config.get("report", {}))
+
+
+# ---------------------------------------------------------------------- bad input
+#: below this share of foreground pixels nothing was separated from the background
+MIN_FOREGROUND_SHARE = 0.02
+
+
+#: this many separate objects or more: a collage (a pair of shoes or earrings is 2)
+COLLAGE_OBJECTS = 3
+
+
+def photo_quality(pixel: np.ndarray, familiarity: float, novelty_threshold: float, objects: int | None = None) -> str | None:
+    """Why a photo's predictions should not be trusted (:data:`NO_PRODUCT`, :data:`UNFAMILIAR`, :data:`COLLAGE`), or None.
+
+    ``objects`` is :func:`indexing.photo_features.object_count` of the photo (None: not checked)."""
+    from indexing.photo_features import FG_SHARE_INDEX
+
+    fg_share = float(pixel[FG_SHARE_INDEX])
+    if fg_share >= 0.999 or fg_share < MIN_FOREGROUND_SHARE or objects == 0:  # 1.0: the "whole photo" fallback
+        return NO_PRODUCT
+    if objects is not None and objects >= COLLAGE_OBJECTS:
+        return COLLAGE
+    if familiarity < novelty_threshold:
+        return UNFAMILIAR
+    return None
+
+
+# ---------------------------------------------------------------------- training and evaluation
+@dataclass(frozen=True)
+class LabelledPhotos:
+    """Photos of a catalog with their features and catalog labels (empty string: not known)."""
+
+    ids: list[str]
+    pixel: np.ndarray
+    image_vec: np.ndarray
+    labels: dict[str, list[str]]  # attribute -> per photo
+
+
+def split_holdout(ids: Sequence[str], holdout: float, seed: int) -> np.ndarray:
+    """Boolean mask of held-out photos, a seeded function of the product ids (stable across runs and catalogs)."""
+    import hashlib
+
+    h = np.asarray([int(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for i in ids])
+    return h < holdout
+
+
+def _fit_head(name: str, x: np.ndarray, y: Sequence[str], cfg: AttributeConfig) -> AttributeHead:
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    mean = x.mean(axis=0)
+    scale = np.maximum(x.std(axis=0), 1e-6)
+    with threadpool_limits(2), warnings.catch_warnings():
+        # lbfgs stopping at max_iter is the budget (minutes on a CPU), not a failure: held-out accuracy is what counts
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        lr = LogisticRegression(C=cfg.C, max_iter=cfg.max_iter).fit((x - mean) / scale, list(y))
+    classes = tuple(str(c) for c in lr.classes_)
+    w, b = lr.coef_, lr.intercept_
+    if len(classes) == 2:  # binary: sklearn keeps one row; as a softmax: [-z/2, z/2]
+        w = np.stack([-w[0] / 2, w[0] / 2])
+        b = np.asarray([-b[0] / 2, b[0] / 2])
+    return AttributeHead(name, classes, mean.astype(np.float32), scale.astype(np.float32), w.astype(np.float32), b.astype(np.float32))
+
+
+def train_attribute_model(data: LabelledPhotos, image_model_id: str, cfg: AttributeConfig = AttributeConfig(),
+                          *, attributes: Iterable[str] = tuple(ATTRIBUTES)) -> AttributeModel:
+    """Heads trained on the labelled photos outside the hold-out; the report holds each head's held-out accuracy."""
+    held = split_holdout(data.ids, cfg.holdout, cfg.seed)
+    x = np.concatenate([data.pixel, data.image_vec], axis=1).astype(np.float32)
+    heads: dict[str, AttributeHead] = {}
+    report: dict[str, Any] = {}
+    for name in attributes:
+        if name not in ATTRIBUTES:
+            raise ConfigError(f"unknown attribute {name!r}; valid: {', '.join(ATTRIBUTES)}")
+        y = np.asarray(data.labels[name], dtype=object)
+        known = y != ""
+        counts = Counter(y[known & ~held])
+        classes = sorted(c for c, n in counts.items() if n >= cfg.min_count)
+        tr = known & ~held & np.isin(y, classes)
+        if len(classes) < 2:
+            log.warning("attribute %s: fewer than 2 values with %d labelled photos; no head", name, cfg.min_count)
+            continue
+        t0 = time.perf_counter()
+        heads[name] = _fit_head(name, x[tr], y[tr], cfg)
+        te = known & held
+        report[name] = {**_accuracy(heads[name].proba(x[te]), heads[name].classes, list(y[te]), list(y[tr])),
+                        "classes": len(classes), "train": int(tr.sum()), "seconds": round(time.perf_counter() - t0, 1)}
+        log.info("attribute head %s: %s", name, report[name])
+    bank_rows = np.flatnonzero(~held)
+    rng = np.random.default_rng(cfg.seed)
+    if len(bank_rows) > cfg.novelty_sample:
+        bank_rows = np.sort(rng.choice(bank_rows, cfg.novelty_sample, replace=False))
+    v = data.image_vec / np.maximum(np.linalg.norm(data.image_vec, axis=1, keepdims=True), 1e-12)
+    bank = v[bank_rows].astype(np.float32)
+    held_best = (v[held] @ bank.T).max(axis=1) if held.any() else np.ones(1)
+    threshold = float(np.quantile(held_best, cfg.novelty_quantile)) if cfg.novelty_quantile > 0 else -1.0
+    report["novelty"] = {"threshold": round(threshold, 4), "bank": int(len(bank))}
+    return AttributeModel(heads, image_model_id, int(data.pixel.shape[1]), bank, threshold, report)
+
+
+def _accuracy(p: np.ndarray, classes: Sequence[str], truth: Sequence[str], train_labels: Sequence[str]) -> dict[str, Any]:
+    """Top-1 / top-3 over held-out photos (a value the head cannot name counts as wrong) and the majority baseline
+    (always naming the training set's most common value)."""
+    n = len(truth)
+    if n == 0:
+        return {"top1": None, "top3": None, "majority": None, "n": 0}
+    order = np.argsort(-p, axis=1, kind="stable")
+    cls = np.asarray(classes, dtype=object)
+    t = np.asarray(truth, dtype=object)
+    top1 = float(np.mean(cls[order[:, 0]] == t))
+    top3 = float(np.mean([t[i] in set(cls[order[i, :3]]) for i in range(n)]))
+    majority_value = Counter(train_labels).most_common(1)[0][0]
+    majority = float(np.mean(t == majority_value))
+    conf = p.max(axis=1)
+    right = cls[order[:, 0]] == t
+    # what completion at a confidence threshold would do: the share of photos it fills and how often it is right
+    at = {f"{th:g}": {"coverage": round(float((conf >= th).mean()), 4),
+                      "accuracy": round(float(right[conf >= th].mean()), 4) if (conf >= th).any() else None}
+          for th in (0.5, 0.7, 0.8, 0.9)}
+    return {"top1": round(top1, 4), "top3": round(top3, 4), "majority": round(majority, 4), "n": n, "at_confidence": at}
+
+
+# ---------------------------------------------------------------------- documents
+#: attribute -> (photo value field, confidence field)
+PHOTO_FIELDS: dict[str, tuple[str, str]] = {
+    "colour": (F.PHOTO_COLOUR, F.PHOTO_COLOUR_CONFIDENCE),
+    "article_type": (F.PHOTO_ARTICLE_TYPE, F.PHOTO_ARTICLE_TYPE_CONFIDENCE),
+    "gender": (F.PHOTO_GENDER, F.PHOTO_GENDER_CONFIDENCE),
+    "usage": (F.PHOTO_USAGE, F.PHOTO_USAGE_CONFIDENCE),
+}
+#: default confidence from which a missing catalog attribute is completed from the photo (setting attribute_completion_threshold)
+DEFAULT_COMPLETION_THRESHOLD = 0.8
+
+
+def _catalog_value(fields: Mapping[str, Any], attribute: str) -> str | None:
+    v = fields.get(ATTRIBUTES[attribute])
+    v = str(v).strip() if v is not None else ""
+    return v or None
+
+
+def attribute_document_fields(catalog_fields: Mapping[str, Any], predictions: Mapping[str, Prediction] | None,
+                              model_id: str | None, threshold: float = DEFAULT_COMPLETION_THRESHOLD) -> dict[str, Any]:
+    """The products-v4 fields of one product: the photo's predictions with their confidence, the catalog attributes
+    completed from them (only where the catalog has no value and the confidence reaches ``threshold``) and each
+    attribute's ``effective_*`` value (the catalog's, else the completed one). ``predictions`` None: no photo, or no model."""
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"attribute completion threshold must be in (0, 1], got {threshold!r}")
+    out: dict[str, Any] = {}
+    completed: list[str] = []
+    for attribute, field_name in ATTRIBUTES.items():
+        catalog = _catalog_value(catalog_fields, attribute)
+        pred = (predictions or {}).get(attribute)
+        if pred is not None:
+            vf, cf = PHOTO_FIELDS[attribute]
+            if pred.value is not None:
+                out[vf] = pred.value
+            out[cf] = round(float(pred.confidence), 4)
+        if catalog is not None:
+            out[F.EFFECTIVE_FIELDS[field_name]] = catalog
+        elif pred is not None and pred.value is not None and pred.confidence >= threshold:
+            completed.append(field_name)
+            out[F.EFFECTIVE_FIELDS[field_name]] = pred.value
+    out[F.COMPLETED_ATTRIBUTES] = completed
+    if model_id is not None and predictions is not None:
+        out[F.ATTRIBUTE_MODEL_ID] = model_id
+    return out
+
+
+@dataclass(frozen=True)
+class AttributeValue:
+    """A product's value of one attribute and where it came from: ``source`` ``"catalog"`` (confidence 1.0),
+    ``"photo"`` (a value completed from the photo, with the head's confidence), or None (no value)."""
+
+    value: str | None
+    source: str | None
+    confidence: float
+
+
+def attribute_value(doc: Mapping[str, Any], attribute: str) -> AttributeValue:
+    """The value of ``attribute`` (``colour``, ``article_type``, ``gender``, ``usage``, or their field names) of an
+    indexed document: the catalog's where it has one, else the photo's where indexing completed it, else none."""
+    name = attribute
+    if name not in ATTRIBUTES:
+        by_field = {f: a for a, f in ATTRIBUTES.items()}
+        if name not in by_field:
+            raise ConfigError(f"unknown attribute {attribute!r}; valid: {', '.join(ATTRIBUTES)}")
+        name = by_field[name]
+    catalog = _catalog_value(doc, name)
+    if catalog is not None:
+        return AttributeValue(catalog, "catalog", 1.0)
+    completed = doc.get(F.COMPLETED_ATTRIBUTES) or ()
+    vf, cf = PHOTO_FIELDS[name]
+    if ATTRIBUTES[name] in completed and doc.get(vf):
+        return AttributeValue(str(doc[vf]), "photo", float(doc.get(cf) or 0.0))
+    return AttributeValue(None, None, 0.0)
+
+
+def model_id_of(directory: str | Path) -> str:
+    """``photo-attributes:<sha256 of the weights, 12 hex>``: what documents record as ``attribute_model_id``."""
+    import hashlib
+
+    h = hashlib.sha256(Path(directory, WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
+    return f"photo-attributes:{h}"
+
+
+_LOADED: dict[tuple[str, float], tuple[AttributeModel, str]] = {}
+
+
+def load_cached(directory: str | Path, image_model_id: str) -> tuple[AttributeModel, str]:
+    """``(model, model id)`` of the attribute model in ``directory``, loaded once per process (reloaded when its
+    weights change); refused when it was trained on another image model's vectors than ``image_model_id``."""
+    d = Path(directory)
+    try:
+        key = (str(d.resolve()), (d / WEIGHTS_FILE).stat().st_mtime)
+    except OSError:
+        raise ModelArtifactError(f"attribute model {str(d)!r}: {WEIGHTS_FILE} is missing (train one with `fusionrank attributes train`)") from None
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = (AttributeModel.load(d), model_id_of(d))
+    model, mid = _LOADED[key]
+    if model.image_model_id != image_model_id:
+        raise ModelArtifactError(f"attribute model {str(d)!r} was trained on {model.image_model_id} vectors; the index's image "
+                                 f"model is {image_model_id}: retrain it")
+    return model, mid
+
+
+def predict_images(model: AttributeModel, images: Sequence[Any], image_vecs: Sequence[np.ndarray]) -> list[dict[str, Prediction]]:
+    """Predictions for decoded PIL photos whose image vectors are known (what the indexer holds)."""
+    from threadpoolctl import threadpool_limits
+
+    from indexing.photo_features import object_count, pixel_features
+
+    if not images:
+        return []
+    with threadpool_limits(1):
+        pixel = np.stack([pixel_features(im) for im in images])
+        objects = [object_count(im) for im in images]
+    return model.predict(pixel, np.stack([np.asarray(v, dtype=np.float32) for v in image_vecs]), objects=objects)

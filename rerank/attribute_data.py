@@ -1,0 +1,86 @@
+"""A catalog's photographed products as training data for the photo attribute heads (:mod:`indexing.photo_attributes`).
+
+Features are cached on disk under ``cache_dir/features`` keyed by product ids and photo paths: the pooled image
+vectors through :func:`rerank.model.alignment.cached_image_features` (shared with the alignment's cache), the pixel colour
+features beside them. Labels are the catalog's own values (empty where the catalog withholds one).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from indexing import fields as F
+from indexing.errors import CatalogError, ImageError
+from indexing.photo_attributes import ATTRIBUTES, LabelledPhotos
+
+log = logging.getLogger(__name__)
+
+
+def _pixel_cache(cache_dir: Path, keys: list[str]) -> Path:
+    from indexing.photo_features import PIXEL_DIM
+    from rerank.model.alignment import _cache_file
+
+    return _cache_file(cache_dir, f"pixel-v1_{PIXEL_DIM}", keys)
+
+
+def cached_pixel_features(paths: list[Path], keys: list[str], *, cache_dir: Path | None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(features (n, PIXEL_DIM), ok (n,))`` of the photos at ``paths`` (cached by ``keys``)."""
+    from threadpoolctl import threadpool_limits
+    from tqdm import tqdm
+
+    from indexing.images import load_image
+    from indexing.photo_features import PIXEL_DIM, pixel_features
+
+    path = _pixel_cache(cache_dir, keys) if cache_dir is not None else None
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            if z["vectors"].shape == (len(keys), PIXEL_DIM):
+                return z["vectors"].astype(np.float32), z["ok"].astype(bool)
+    out = np.zeros((len(keys), PIXEL_DIM), dtype=np.float32)
+    ok = np.zeros(len(keys), dtype=bool)
+    with threadpool_limits(1):  # k-means on 2,000 points: threads only add overhead
+        for i, p in enumerate(tqdm(paths, desc="pixel features", unit="img", disable=not progress, file=sys.stderr)):
+            try:
+                out[i] = pixel_features(load_image(p.name, p.parent))
+                ok[i] = True
+            except ImageError as e:
+                log.warning("%s: photo skipped: %s", p, e)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, vectors=out, ok=ok)
+        tmp.replace(path)
+    return out, ok
+
+
+def load_labelled_photos(catalog: str | Path, images_root: str | Path | None, image_encoder: Any, *,
+                         cache_dir: str | Path | None, preset: str | None = None, progress: bool = False) -> LabelledPhotos:
+    """The catalog's products that have a readable photo, with pixel features, pooled image vectors and labels."""
+    from indexing.catalog import Product, preset_field_map, read_catalog
+    from rerank.model.alignment import Pair, cached_image_features
+
+    catalog = Path(catalog)
+    root = Path(images_root if images_root is not None else catalog.parent).resolve()
+    products = [p for p in read_catalog(catalog, field_map=preset_field_map(preset) if preset else None, images_root=root)
+                if isinstance(p, Product) and p.image and "://" not in p.image]
+    if not products:
+        raise CatalogError(f"{catalog}: no product with a photo under {root}")
+    pairs = [Pair(p.id, p.fields.get(F.TITLE, ""), root / p.image) for p in products]
+    keys = [f"{q.product_id}\t{q.image_path}" for q in pairs]
+    cache = Path(cache_dir) if cache_dir is not None else None
+    pooled, ok_v = cached_image_features(pairs, image_encoder, cache_dir=cache, progress=progress)
+    pixel, ok_p = cached_pixel_features([q.image_path for q in pairs], keys, cache_dir=cache, progress=progress)
+    ok = ok_v & ok_p
+    if not ok.all():
+        log.warning("%d of %d photos could not be read (left out)", int((~ok).sum()), len(ok))
+    keep = np.flatnonzero(ok)
+    labels = {a: [str(products[i].fields.get(field) or "").strip() for i in keep] for a, field in ATTRIBUTES.items()}
+    return LabelledPhotos([products[i].id for i in keep], pixel[keep], pooled[keep], labels)
+
+
+__all__ = ["cached_pixel_features", "load_labelled_photos"]

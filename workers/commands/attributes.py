@@ -1,0 +1,37 @@
+"""``fusionrank attributes train``: the photo attribute heads (colour, article type, gender, usage) from a catalog."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    attrs = typer.Typer(help="Photo attribute heads: product attributes read from the photo at indexing time.", no_args_is_help=True)
+    app.add_typer(attrs, name="attributes")
+
+    @attrs.command("train")
+    def train_cmd(
+        catalog: Path = typer.Option(..., "--catalog", help="Catalog whose labelled, photographed products train the heads."),
+        out: Path = typer.Option(..., "--out", help="Directory of the model (config.json + weights.safetensors); set FUSIONRANK_ATTRIBUTE_MODEL_DIR to it."),
+        images_root: Optional[Path] = typer.Option(None, "--images-root", help="Folder image paths are relative to (default: the catalog's folder)."),
+        seed: int = typer.Option(13, "--seed", help="Seed of the held-out split."),
+        as_json: bool = typer.Option(False, "--json", help="Print the held-out report as JSON."),
+    ) -> None:
+        """Train the heads on the catalog's labelled photos (a held-out share measured) and save the model."""
+        from indexing.encoders import get_image_encoder
+        from indexing.photo_attributes import AttributeConfig, model_id_of, train_attribute_model
+        from rerank.attribute_data import load_labelled_photos
+        from workers.settings import load_settings
+
+        settings = load_settings()
+        enc = get_image_encoder(settings.image_model, device=settings.device)
+        data = load_labelled_photos(catalog, images_root or catalog.parent, enc, cache_dir=settings.data_dir, progress=sys.stderr.isatty())
+        model = train_attribute_model(data, enc.model_id, AttributeConfig(seed=seed))
+        model.save(out)
+        report = {"model": str(out), "model_id": model_id_of(out), "photos": len(data.ids), "report": model.report}
+        typer.echo(json.dumps(report) if as_json else json.dumps(report, indent=2))

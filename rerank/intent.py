@@ -127,6 +127,23 @@ class IntentAssessment:
             out["model_score"] = round(float(model_score), 6)
         return out
 
+    def explain_all(self, model_scores: Sequence[float] | np.ndarray) -> list[dict[str, Any]]:
+        """``[self.explain(i, model_scores[i]) for i in range(n)]``, the same dicts, built per attribute instead of per
+        candidate (the rerank call explains every candidate)."""
+        n = len(self.tiers)
+        shown = [a for a, v in self.query.shown.items() if v]
+        cols = []
+        for a in shown:
+            head = {"query": self.query.names[a], "strength": round(float(self.query.strengths[a]), 4)}
+            bounds = a in self.bound and bool(self.query.named[a])
+            g = self.gaps[a]
+            agrees = np.where(np.isnan(g), None, g <= self.margin).tolist()
+            cols.append([{**head, "product": v, "source": src, "confidence": round(float(c), 4), "agrees": ag, "bounds": bounds}
+                         for (v, src, c), ag in zip(self.values[a], agrees)])
+        ms = np.round(np.asarray(model_scores, dtype=np.float64), 6).tolist()
+        tiers = self.tiers.tolist()
+        return [{"tier": tiers[i], "attributes": {a: col[i] for a, col in zip(shown, cols)}, "model_score": ms[i]} for i in range(n)]
+
 
 def bound_scores(scores: Sequence[float] | np.ndarray, tiers: np.ndarray) -> np.ndarray:
     """``score - tier * (max - min + 1)``: the order by tier first, then by score (ties as the scores tie). Pure."""
@@ -200,11 +217,9 @@ class IntentModel:
             g = np.full(n, np.nan)
             if qi.shown[a]:
                 idx = self._index[a]
-                sims = qi.sims[a]
-                for i, (v, _src, conf) in enumerate(vals):
-                    j = idx.get(v.lower()) if v is not None and conf >= cfg.min_confidence else None
-                    if j is not None:
-                        g[i] = qi.strengths[a] - float(sims[j])
+                at = np.array([idx.get(v.lower(), -1) if v is not None and conf >= cfg.min_confidence else -1 for v, _src, conf in vals], dtype=np.intp)
+                known = at >= 0
+                g[known] = qi.strengths[a] - qi.sims[a][at[known]].astype(np.float64)
                 if a in cfg.bound and qi.named[a]:
                     tiers += (g > cfg.margin)  # nan compares False: unknown values stay in their tier
             gaps[a] = g

@@ -649,8 +649,8 @@ class Reranker:
                 model_scores, scores = scores, bound_scores(scores, assessed.tiers)
             except Exception as e:  # fail open, as a model failure would
                 raise _Degrade(MODEL_ERROR, f"intent bound: {type(e).__name__}: {e}") from e
-            for i, ex in enumerate(explain):
-                ex["intent"] = assessed.explain(i, model_scores[i])
+            for ex, ix in zip(explain, assessed.explain_all(model_scores)):
+                ex["intent"] = ix
         self._check_budget(t0, "model", timings, s)
         return scores.tolist(), explain, req, docs
 

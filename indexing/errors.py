@@ -42,6 +42,27 @@ class EngineUnavailableError(EngineError):
     """The search engine cannot be reached (connection refused, timeout, DNS)."""
 
 
+class EngineRequestError(EngineError):
+    """The engine refused the request itself (HTTP 400): a malformed body or a parameter it does not accept."""
+
+
+class EngineAccessError(EngineError):
+    """The engine refused who is asking: the credentials (:class:`EngineAuthenticationError`) or their rights
+    (:class:`EngineAuthorizationError`)."""
+
+
+class EngineAuthenticationError(EngineAccessError):
+    """HTTP 401: no credentials or wrong ones (check FUSIONRANK_OPENSEARCH_USER / _PASSWORD)."""
+
+
+class EngineAuthorizationError(EngineAccessError):
+    """HTTP 403: the credentials are known but lack a permission for this index or action."""
+
+
+class EngineConflictError(EngineError):
+    """HTTP 409: a version conflict (the document or index changed meanwhile)."""
+
+
 class IndexNotFoundError(EngineError):
     """The index or alias does not exist."""
 

@@ -43,7 +43,7 @@ from indexing.errors import ConfigError, FusionRankError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
-SPEC_ENV = "FUSIONRANK_OPENSEARCH_SPEC"
+SPEC_ENV = "OPENSEARCH_API_SPEC"  # a test-environment variable (like OPENSEARCH_URL), not a product setting
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 #: ``../shared/opensearch-api-spec/spec`` relative to the repository
 DEFAULT_SPEC_DIR = _REPO_ROOT.parent / "shared" / "opensearch-api-spec" / "spec"
@@ -113,7 +113,7 @@ def _imports():
 
 
 def spec_dir(path: str | os.PathLike[str] | None = None) -> Path:
-    """The spec folder: ``path``, else ``$FUSIONRANK_OPENSEARCH_SPEC``, else ``../shared/opensearch-api-spec/spec``."""
+    """The spec folder: ``path``, else ``$OPENSEARCH_API_SPEC``, else ``../shared/opensearch-api-spec/spec``."""
     raw = path if path is not None else os.environ.get(SPEC_ENV) or DEFAULT_SPEC_DIR
     p = Path(raw).expanduser().resolve()
     if (p / "spec" / "namespaces").is_dir():  # the repository root was given

@@ -45,7 +45,7 @@ from indexing.errors import ConfigError
 AUTO = "auto"
 #: what the range error names (the service's 422 and the library's ConfigError say the same)
 ALLOWED = 'a number in [0, 1] or "auto"'
-#: weights of the event types of a history (rerank.model_features.EVENT_TYPES order) in :func:`history_strength`
+#: weights of the event types of a history (rerank.model.inputs.EVENT_TYPES order) in :func:`history_strength`
 EVENT_WEIGHTS: Mapping[str, float] = {"view": 0.25, "click": 0.5, "add_to_cart": 1.0, "purchase": 1.0}
 #: catalog fields whose values name a product *type*: query words found in them do not qualify the query
 TYPE_FIELDS: tuple[str, ...] = (F.ARTICLE_TYPE, F.CATEGORY)
@@ -385,7 +385,7 @@ def history_strength(events: Sequence[str], *, scale: float = 2.0) -> float:
 
 def history_events(hist_event: Any, hist_mask: Any) -> tuple[str, ...]:
     """Event type names of a request's history rows (``RequestFeatures.hist_event``: type index + 1, 0 = padding)."""
-    from rerank.model_features import EVENT_TYPES
+    from rerank.model.inputs import EVENT_TYPES
 
     ev = np.asarray(hist_event).reshape(-1)
     m = np.asarray(hist_mask, dtype=bool).reshape(-1)

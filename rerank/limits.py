@@ -8,7 +8,7 @@ any search-box query and above what the text encoder reads (MiniLM truncates at 
 NUL bytes are refused too (they reach no analyzer usefully and break some logs and stores).
 
 ``check_query_text(query)`` returns the stripped text. The retriever calls it in
-:meth:`rerank.retrieval.Retriever.first_stage`; the rerank call should call it in its argument check.
+:meth:`rerank.retrieval.retriever.Retriever.first_stage`; the rerank call should call it in its argument check.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@
 What the call can know about the first stage: only the hits it is given. Their input order and
 scores are taken as the ``bm25`` list (rank = position, score = ``_score``, min-max normalized within
 the given hits); the kNN lists are marked missing. :meth:`Reranker.search` runs the real hybrid
-retrieval (:class:`rerank.retrieval.Retriever`) and passes every list's signals to the model.
+retrieval (:class:`rerank.retrieval.retriever.Retriever`) and passes every list's signals to the model.
 
 ``top_k`` keeps the best ``top_k`` hits of the new order (``None``: all). Vectors (and the categorical
 fields the model reads) of hits whose ``_source`` lacks them are fetched by id in one ``engine.get``.
@@ -38,13 +38,13 @@ instead of their sum. ``timings_ms["encode"]`` is the encoder's own time; ``"fet
 inputs, the forward pass, the explanations). ``overlap_encode=False`` encodes first, on the calling thread.
 
 The forward pass runs on :attr:`Reranker.scorer`: on the CPU by default the ranker's ONNX export on onnxruntime
-(:mod:`rerank.onnx_ranker`, checked against torch when the reranker is built; ``model_runtime="torch"`` keeps torch).
+(:mod:`rerank.model.onnx_ranker`, checked against torch when the reranker is built; ``model_runtime="torch"`` keeps torch).
 
 Diversity (:mod:`rerank.diversity`): after the forward pass, maximal marginal relevance re-orders the scored
 candidates by their text vectors, aligned photo vectors (the model's own inputs) and, where fetched for the model's
 colour head, their photos' colour descriptors (no further fetch).
 ``diversity=`` a lambda in [0, 1] or ``"auto"`` (per call; ``None``: the reranker's default, ``Reranker(...,
-diversity=...)``, from ``FUSIONRANK_DIVERSITY`` in :meth:`Reranker.from_settings`); 0 is the model's order. The
+diversity=...)``, from ``FUSIONRANK_DIVERSITY`` in :func:`workers.composition.build_reranker`); 0 is the model's order. The
 stage is timed as ``timings_ms["mmr"]``; the response's ``fusionrank.diversity`` block (``RankedHits.diversity``)
 says which lambda applied and why, and each hit's explanation carries ``diversity``: its ``relevance_rank`` (by
 the model score) and ``max_similarity`` to the hits placed above it. With a lambda above 0 the hits are no longer
@@ -57,7 +57,7 @@ on its validation queries, the artifact says so (``config.json`` ``serving``) an
 query-photo cosine), computed from the same inputs, without the forward pass. ``fusionrank.serving`` (and
 ``RankedHits.serving``) says which, and why; each hit's explanation carries ``safe_choice: {signal, score}``.
 
-The query-intent bound (:mod:`rerank.intent`; artifacts trained with it carry the catalog's attribute vocabularies):
+The query-intent bound (:mod:`rerank.model.intent`; artifacts trained with it carry the catalog's attribute vocabularies):
 after the forward pass, a product whose type contradicts the type the query names goes below every product that does
 not (``_score`` becomes ``model score - tier * (max - min + 1)``), so the history reorders among the products that
 match the query and never lifts one that does not. Each hit's explanation carries ``intent``: its ``tier`` (0: no
@@ -67,7 +67,7 @@ whether the attribute ``bounds`` the order. An artifact without the block serves
 
 Aligned photos are cached: a candidate's (or history item's) aligned image vector does not depend on the
 query, so the reranker keeps the model alignment's output per product in a bounded LRU
-(:class:`rerank.alignment.AlignedCache`, ``aligned_cache_size`` entries, default 50 000; 0 turns it off),
+(:class:`rerank.model.alignment.AlignedCache`, ``aligned_cache_size`` entries, default 50 000; 0 turns it off),
 keyed by the product id and a hash of the raw vector's bytes (a new photo is a new key, never a stale
 vector); only the rows it has not seen are projected, in one batch. :attr:`Reranker.aligned_cache` ``.stats``
 counts hits and misses.
@@ -90,11 +90,11 @@ import numpy as np
 from indexing import fields as F
 from indexing.engines.base import Filters, Hit, array_getter, check_size, copy_json
 from indexing.errors import ConfigError, EngineError, FusionRankError, HistoryError
-from rerank.alignment import DEFAULT_ALIGNED_CACHE_SIZE, AlignedCache
+from rerank.model.alignment import DEFAULT_ALIGNED_CACHE_SIZE, AlignedCache
 from rerank.diversity import AUTO, DiversityConfig, LambdaChoice, choose_lambda, diversify, history_events, parse_diversity, stack_rows
-from rerank.fusion import ListSignal
+from rerank.retrieval.fusion import ListSignal
 from rerank.limits import check_query_text
-from rerank.retrieval import BM25, LISTS, Candidate, RetrievalConfig, Retriever
+from rerank.retrieval.retriever import BM25, LISTS, Candidate, RetrievalConfig, Retriever
 
 log = logging.getLogger(__name__)
 
@@ -239,10 +239,10 @@ class Reranker:
     ):
         """``stands_in_for``: the model id of the encoder that ``text_encoder`` replaces for queries, once
         :func:`indexing.encoders.check_agreement` showed they agree (an int8 query encoder over a model and an index
-        built with the full-precision one; see ``Reranker.from_settings`` and ``query_text_backend``).
+        built with the full-precision one; see ``build_reranker`` and ``query_text_backend``).
         ``aligned_cache_size``: entries of the aligned-photo cache (see the module doc; 0: no cache).
         ``overlap_encode``: encode the query on a thread of its own while fetching and reading the profile (see the
-        module doc). ``model_runtime``: what runs the forward pass (:func:`rerank.onnx_ranker.cpu_runtime`: ``auto``,
+        module doc). ``model_runtime``: what runs the forward pass (:func:`rerank.model.onnx_ranker.cpu_runtime`: ``auto``,
         ``torch`` or ``onnx``). ``diversity``: the default lambda of the diversity step (a number in [0, 1] or
         ``"auto"``; 0: off) for calls that pass none; ``diversity_config``: its similarity weights and ``auto``'s
         scale (:class:`rerank.diversity.DiversityConfig`)."""
@@ -277,7 +277,7 @@ class Reranker:
         self._encode_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fusionrank-encode") \
             if model is not None and overlap_encode else None
         self.batcher = None
-        #: what scores requests: the torch ranker or its ONNX export (rerank.onnx_ranker)
+        #: what scores requests: the torch ranker or its ONNX export (rerank.model.onnx_ranker)
         self.scorer = None
         #: what the artifact serves (rerank.safe): the signal of the safe choice, or None when it serves its model
         self._safe_signal = model.serving["signal"] if model is not None and model.serves_safe_choice else None
@@ -285,11 +285,11 @@ class Reranker:
 
         self._serving = None if model is None else response_block(model.serving)  # read once: the artifact does not change
         if model is not None:
-            from rerank.onnx_ranker import cpu_runtime
+            from rerank.model.onnx_ranker import cpu_runtime
 
             self.scorer = cpu_runtime(model.ranker, model_runtime)
         if model is not None and (micro_batch or (micro_batch is None and getattr(model.ranker.device, "type", "cpu") == "cuda")):
-            from rerank.batching import MicroBatcher
+            from rerank.model.batching import MicroBatcher
 
             self.batcher = MicroBatcher(self.scorer, **dict(micro_batch_options or {}))
 
@@ -305,74 +305,9 @@ class Reranker:
         """Keeps the first-stage order (baseline, kill switch); same call and return shapes."""
         return cls(engine, index, None, text_encoder=text_encoder, image_encoder=image_encoder, **kw)
 
-    @classmethod
-    def from_settings(cls, settings: Any | None = None, *, engine: Any | None = None, history: bool = True) -> "Reranker":
-        """The served reranker, wired from settings (``workers.settings.Settings``; read from the
-        environment when ``None``): the configured engine and index alias, the model artifact at
-        ``settings.effective_model_dir`` (checked against the index mapping and the configured text
-        encoder), the text encoder (and the image encoder when the model has one), the history store at
-        ``settings.effective_sql_url`` behind a :class:`~rerank.history.ProfileService`,
-        ``settings.rerank_budget_ms`` and the index's default diversity (``settings.diversity_for(index)``) with
-        ``settings.diversity_config()``.
-
-        Raises :class:`ModelArtifactError` when there is no model (``fusionrank demo`` or
-        ``fusionrank train --out DIR`` make one; ``FUSIONRANK_MODEL_DIR`` points at it),
-        :class:`IndexNotFoundError` when the index is missing, and :class:`NotMigratedError` when the
-        history database is not migrated (``fusionrank db upgrade``). ``history=False`` serves without
-        personalization.
-        """
-        from indexing.encoders import get_image_encoder, get_text_encoder, select_query_encoder
-        from indexing.errors import ModelArtifactError
-        from rerank.artifacts import CONFIG_FILE, load_artifact
-        from workers.composition import build_engine
-        from workers.settings import load_settings
-
-        settings = settings if settings is not None else load_settings()
-        model_dir = settings.effective_model_dir
-        if not (model_dir / CONFIG_FILE).is_file():
-            raise ModelArtifactError(
-                f"no fusion model at {model_dir}: run `fusionrank demo` (trains and installs one there) or "
-                "`fusionrank train ... --out DIR` and set FUSIONRANK_MODEL_DIR=DIR"
-            )
-        engine = engine if engine is not None else build_engine(settings)
-        index = settings.index_alias
-        text = get_text_encoder(settings.text_model, backend=settings.text_backend, device=settings.device)
-        model = load_artifact(model_dir, mapping=engine.get_mapping(index), text_model_id=text.model_id, device=settings.device)
-        # a cheaper query encoder, only where it encodes like the index's (auto: the fastest that does, on the CPU)
-        query_text, why = select_query_encoder(text, getattr(settings, "query_text_backend", None), text_model=settings.text_model, device=settings.device)
-        log.info("queries encoded by %s: %s", query_text.model_id, why)
-        stands_in_for = text.model_id if query_text is not text else None
-        text = query_text
-        image = get_image_encoder(settings.image_model, device=settings.device) if model.image_encoder is not None else None
-        if image is not None and image.model_id != model.image_encoder.model_id:
-            raise ModelArtifactError(f"{model_dir}: trained on image encoder {model.image_encoder.model_id!r}, configured {image.model_id!r}")
-        profiles = None
-        if history:
-            from rerank.history import EngineVectorSource, HistoryStore, ProfileService
-
-            store = HistoryStore(settings.effective_sql_url)
-            profiles = ProfileService(store, EngineVectorSource(engine, index))
-        div = settings.diversity_for(index) if hasattr(settings, "diversity_for") else 0.0
-        div_cfg = settings.diversity_config() if hasattr(settings, "diversity_config") else None
-        r = cls(engine, index, model, text_encoder=text, image_encoder=image, history=profiles, budget_ms=settings.rerank_budget_ms,
-                stands_in_for=stands_in_for, model_runtime=getattr(settings, "model_runtime", "auto"), diversity=div, diversity_config=div_cfg)
-        prefill = getattr(settings, "aligned_cache_prefill", None)
-        if prefill or (prefill is None and settings.engine == "local"):
-            t = time.perf_counter()
-            n = r.prefill_aligned_cache()
-            if n:
-                log.info("aligned-photo cache: %d indexed photos projected in %.1f s", n, time.perf_counter() - t)
-        if getattr(settings, "doc_cache_prefill", False) and hasattr(engine, "prefill_doc_cache"):
-            t = time.perf_counter()
-            n = engine.prefill_doc_cache(index, r.fetch_fields())  # the candidates' and the profiles' fields alike
-            log.info("document cache: %d documents of %s read in %.1f s", n, index, time.perf_counter() - t)
-        r.warm_up()
-        log.info("reranker ready: model %s (%s runtime) from %s over %s index %r", model.version, r.model_runtime, model_dir, settings.engine, index)
-        return r
-
     def fetch_fields(self) -> list[str]:
         """The fields the call fetches by id for candidates whose ``_source`` lacks them (vectors and what the model reads)."""
-        from rerank.model_features import colour_fields
+        from rerank.model.inputs import colour_fields
 
         art = self.model
         spec = art.feature_spec
@@ -425,7 +360,7 @@ class Reranker:
         first real call is not the slow one. Not counted in :attr:`stats`."""
         if self.model is None:
             return
-        from rerank.model_features import build_request_features
+        from rerank.model.inputs import build_request_features
 
         art = self.model
         # through the pool when there is one: its first thread starts now, not in the first real call
@@ -442,7 +377,7 @@ class Reranker:
     @property
     def model_runtime(self) -> str | None:
         """``onnx`` or ``torch``: what runs the model's forward pass (None without a model)."""
-        from rerank.onnx_ranker import runtime_name
+        from rerank.model.onnx_ranker import runtime_name
 
         return None if self.scorer is None else runtime_name(self.scorer)
 
@@ -642,7 +577,7 @@ class Reranker:
         explain = scored.explain_all()  # every candidate's explanation in one vectorized pass
         intent = self.model.intent
         if intent is not None:  # the query-intent bound: products the query's named type contradicts go below the others
-            from rerank.intent import bound_scores
+            from rerank.model.intent import bound_scores
 
             try:
                 assessed = intent.assess(req.query, [docs.get(c.id) for c in cands])
@@ -655,7 +590,7 @@ class Reranker:
         return scores.tolist(), explain, req, docs
 
     def request_features(self, query: str, hits_or_opensearch_response: Any, *, user_id: str | None = None, query_image: Any | None = None) -> Any:
-        """The model's inputs for this call (a :class:`rerank.model_features.RequestFeatures`), built exactly as
+        """The model's inputs for this call (a :class:`rerank.model.inputs.RequestFeatures`), built exactly as
         :meth:`rerank` builds them (fetch, history, features, query encoding), without the forward pass: what
         ``fusionrank bench batch`` replays on another device. Raises :class:`FusionRankError` where :meth:`rerank`
         would fail open (a spent budget included), and :class:`ConfigError` without a model."""
@@ -670,10 +605,10 @@ class Reranker:
             raise FusionRankError(f"the features of {query!r} could not be built ({d.reason}): {d.detail}") from d
 
     def _features(self, text, cands, docs, user_id, query_image, t0, timings, unknown=None):
-        """The model inputs of one call (:class:`rerank.model_features.RequestFeatures`) and the candidates' documents
+        """The model inputs of one call (:class:`rerank.model.inputs.RequestFeatures`) and the candidates' documents
         with what was fetched: fetch, history and features, the query encoded on the encoder's thread meanwhile;
         ``_Degrade`` where the call fails open."""
-        from rerank.model_features import HistoryInput, prepare_request_features
+        from rerank.model.inputs import HistoryInput, prepare_request_features
 
         art = self.model
         spec = art.feature_spec
@@ -777,7 +712,7 @@ class Reranker:
         """One request's forward pass: directly, or through the micro-batcher (waiting at most the budget left)."""
         if self.batcher is None:
             return self.scorer.score(req)
-        from rerank.batching import Overloaded
+        from rerank.model.batching import Overloaded
 
         left_s = max(self.budget_ms / 1000.0 - (self.clock() - t0), 0.0)
         try:

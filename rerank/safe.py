@@ -1,7 +1,7 @@
 """The safe choice: what a fusion artifact serves when training could not show that its model beats the first stage.
 
 A reranker must never make search worse than the order it reorders. :func:`decide_serving` runs when
-``rerank.train`` has fitted a model: on the validation queries it compares the model with every first-stage signal
+``rerank.training.ranker`` has fitted a model: on the validation queries it compares the model with every first-stage signal
 (:data:`SIGNALS`) by a paired randomization test over queries (:func:`rerank.evaluation.stats.paired_test`). When
 the model beats the best signal (by NDCG@10) significantly (p < 0.05, mean difference > 0) *and* no signal has a
 significantly better MRR@10 (the model must not put a non-relevant product first more often than the first stage
@@ -9,7 +9,7 @@ does), the artifact serves the model; otherwise it serves the **safe choice**: t
 artifact's ``config.json`` (``"serving"``), the training report, every response's ``fusionrank`` block and the
 harness's report.
 
-The signals are read from what every rerank call has, its :class:`~rerank.model_features.RequestFeatures` (rows in
+The signals are read from what every rerank call has, its :class:`~rerank.model.inputs.RequestFeatures` (rows in
 the order the call received the candidates), so the safe choice is served from the same inputs in
 :meth:`rerank.reranker.Reranker.rerank` (hits given by the caller), :meth:`~rerank.reranker.Reranker.search`
 (the hybrid retrieval), the service and the harness:
@@ -32,8 +32,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from indexing.errors import ConfigError
-from rerank.features import PER_LIST
-from rerank.retrieval import BM25
+from rerank.retrieval.signals import PER_LIST
+from rerank.retrieval.retriever import BM25
 
 SIGNALS: tuple[str, ...] = ("first_stage", "bm25", "knn_text", "knn_image")
 #: the harness's system of the same order (what the verdict's numbers are comparable with)
@@ -127,7 +127,7 @@ def decide_serving(model_scores: Sequence[tuple[Sequence[str], np.ndarray, Mappi
     model is tested against each with :func:`rerank.evaluation.stats.paired_test`. Returns the artifact's
     ``serving`` block: ``{"policy", "signal", "verdict": {...}}``."""
     from rerank.evaluation.stats import TEST_METHOD, derive_seed, paired_test
-    from rerank.metrics import DEFAULT_REL_THRESHOLD, mrr_at_k, ndcg_at_k
+    from rerank.datasets.metrics import DEFAULT_REL_THRESHOLD, mrr_at_k, ndcg_at_k
 
     if not model_scores:
         return {"policy": SAFE_CHOICE, "signal": "first_stage",

@@ -1,10 +1,11 @@
 """The Celery app: queues, the routing/retry table, and reliability settings.
 
 Queues: ``embed`` (batches that encode and write; the queue a GPU machine consumes), ``index``
-(light engine work), ``admin`` (reindex jobs). Tasks are acknowledged late and rejected back to the
+(light engine work), ``admin`` (reindex jobs, the model registry and the retraining loop: ``fusionrank.model.*``). Tasks are acknowledged late and rejected back to the
 queue when their worker dies, so a killed worker's batch is redelivered; the tasks are idempotent,
 so redelivery is safe. Start a worker with ``fusionrank worker`` or
-``celery -A workers.celery_app worker -Q embed,index,admin``.
+``celery -A workers.celery_app worker -Q embed,index,admin``; ``celery -A workers.celery_app beat`` sends the
+retrain check (``fusionrank.model.retrain``) every ``retrain_check_interval_s`` seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ ROUTES: dict[str, dict[str, str]] = {
     "fusionrank.refresh_index": {"queue": "index"},
     "fusionrank.reindex.*": {"queue": "admin"},
     "fusionrank.reindex_fill_batch": {"queue": "embed"},
+    "fusionrank.model.*": {"queue": "admin"},
 }
 
 #: Transient errors only: retried with exponential backoff and jitter, a bounded number of times.
@@ -31,7 +33,7 @@ RETRY = {"autoretry_for": TRANSIENT_ERRORS, "retry_backoff": 2, "retry_backoff_m
 
 
 def create_app(settings: Settings) -> Celery:
-    app = Celery("fusionrank", broker=settings.broker_url, backend=_result_backend(settings), include=["workers.tasks", "workers.reindex_tasks"])
+    app = Celery("fusionrank", broker=settings.broker_url, backend=_result_backend(settings), include=["workers.tasks", "workers.reindex_tasks", "workers.model_tasks"])
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -50,6 +52,9 @@ def create_app(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
         worker_hijack_root_logger=False,
     )
+    if settings.retrain_check_interval_s > 0:  # celery beat: the loop checks for new behaviour (it trains only when enough arrived)
+        app.conf.beat_schedule = {"fusionrank-retrain-check": {"task": "fusionrank.model.retrain",
+                                                               "schedule": float(settings.retrain_check_interval_s)}}
     return app
 
 

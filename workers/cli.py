@@ -36,6 +36,13 @@ def _root(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from indexing.errors import ConfigError
+    from workers.settings import apply_process_settings, load_settings
+
+    try:
+        apply_process_settings(load_settings())
+    except ConfigError:
+        pass  # the command itself loads the settings and says what is wrong with them
 
 
 @app.command("config")

@@ -1,11 +1,11 @@
 """Install a trained model (and, on the embedded engine, an index) as what the rerank call serves.
 
-``Reranker.from_settings()`` and ``fusionrank serve`` read the model at ``settings.effective_model_dir``
+``build_reranker()`` and ``fusionrank serve`` read the model at ``settings.effective_model_dir``
 (default ``<data_dir>/models/current``) and search ``settings.index_alias`` in the configured engine.
 
-* :func:`install_model` copies an artifact directory to ``<data_dir>/models/<artifact_version>/`` and
-  points the ``current`` symlink at it (replaced atomically; the previous target stays on disk, so going
-  back is ``install_model(<data_dir>/models/<old version>)``).
+* :func:`install_model` copies an artifact directory into the model registry (:class:`rerank.model.registry.ModelRegistry`,
+  ``<data_dir>/models/<artifact_version>/``) and promotes it: the ``current`` symlink is replaced atomically, the
+  previous version stays on disk and in the ledger (``fusionrank model rollback`` goes back to it).
 * :func:`install_opensearch_index` (``FUSIONRANK_ENGINE=opensearch``) copies an evaluation-cache index, documents
   and stored vectors, into the cluster as ``fusionrank-eval-<key>`` and points ``settings.index_alias`` at it, with
   the same rules for an alias that is already there (an earlier demo's index, named ``fusionrank-eval-...``, is
@@ -31,29 +31,17 @@ log = logging.getLogger(__name__)
 
 
 def install_model(settings: Any, artifact_dir: str | Path) -> tuple[Path, str]:
-    """Copy ``artifact_dir`` under ``<data_dir>/models/`` and make it ``current``; ``(dir, version)``."""
-    from rerank.artifacts import CONFIG_FILE, read_config
+    """Copy ``artifact_dir`` into the model registry (``<data_dir>/models/``) and promote it to ``current``;
+    ``(dir, version)``. Installing the served version again changes nothing (no ledger line)."""
+    from rerank.model.registry import ModelRegistry
 
-    src = Path(artifact_dir)
-    if not (src / CONFIG_FILE).is_file():
-        raise ModelArtifactError(f"{src} is not a model artifact (no {CONFIG_FILE})")
-    version = str(read_config(src).get("artifact_version") or "").replace(":", "-") or src.name
-    models = Path(settings.data_dir) / "models"
-    dest = models / version
-    if src.resolve() != dest.resolve() and not (dest / CONFIG_FILE).is_file():
-        tmp = models / f".{version}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        os.replace(tmp, dest)
-    link, tmp_link = models / "current", models / ".current.tmp"
-    if link.exists() and not link.is_symlink():
-        raise ConfigError(f"{link} exists and is not a symlink; move it away to install a model")
-    if tmp_link.is_symlink() or tmp_link.exists():
-        tmp_link.unlink()
-    tmp_link.symlink_to(dest.name, target_is_directory=True)
-    os.replace(tmp_link, link)
-    log.info("model %s installed as %s", version, link)
-    return dest, version
+    reg = ModelRegistry(Path(settings.data_dir) / "models")
+    reg.current()  # a `current` that is not a symlink: ConfigError before anything is copied
+    version = reg.add(artifact_dir)
+    if reg.current() != version:
+        reg.promote(version, reason=f"installed from {artifact_dir}")
+    log.info("model %s installed as %s", version, reg.link)
+    return reg.root / version, version
 
 
 def install_local_index(settings: Any, source_engine_dir: str | Path, source_alias: str,
@@ -162,7 +150,7 @@ def _copy_tree(src: Path, dest: Path) -> None:
 
 def model_fits(artifact_dir: str | Path) -> Callable[[Mapping[str, Any]], str | None]:
     """``fits(mapping)``: None when the artifact can serve an index of that mapping, else why not."""
-    from rerank.artifacts import check_compatible, read_config
+    from rerank.model.artifact import check_compatible, read_config
 
     config = read_config(artifact_dir)
 

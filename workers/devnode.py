@@ -67,7 +67,7 @@ STARTED = "fusionrank-node started "
 
 
 def _cache_root() -> Path:
-    from indexing.onnx_text import cache_dir
+    from indexing.onnx_runtime import cache_dir
 
     return cache_dir() or Path(tempfile.gettempdir()) / "fusionrank-cache"
 

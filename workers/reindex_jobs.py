@@ -43,7 +43,7 @@ from indexing.reindex import (
     swap,
     verify,
 )
-from rerank.history.jobs_models import ReindexBatch, ReindexJob
+from rerank.history.models import ReindexBatch, ReindexJob
 from rerank.history.store import HistoryStore, sql_errors
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -102,11 +102,43 @@ class Settings(BaseSettings):
         None, description="project the indexed photos into the reranker's aligned-photo cache at start-up (default: only "
                           "with the local engine, whose vectors are on disk; with OpenSearch it scrolls the index)")
 
+    # the retraining loop (workers/retrain.py, the Celery task fusionrank.model.retrain)
+    retrain_min_new_events: int = Field(10_000, ge=1, description="UBI events that must have arrived in the history store since "
+                                        "the last retraining before the retrain task trains again (a forced run ignores it)")
+    retrain_margin: float = Field(0.01, ge=0, le=1, description="NDCG@10 the candidate must gain over the serving model on the "
+                                  "held-out log (and on qrels, when given) to be promoted")
+    retrain_holdout: float = Field(0.2, gt=0, lt=1, description="share of the log's query texts that no retrained model learns "
+                                   "from: the behaviour the candidate and the serving model are compared on")
+    retrain_catalog: Path | None = Field(None, description="catalog file the retrain task indexes and trains against (default: "
+                                         "the fashion benchmark's catalog in the shared data folder)")
+    retrain_images_root: Path | None = Field(None, description="images root of retrain_catalog (default: its folder)")
+    retrain_click_model: Literal["pbm", "sdbn", "ctr"] = Field("pbm", description="click model of the retrain task's judgments")
+    retrain_max_minutes: float = Field(20.0, gt=0, description="time budget of the retrain task's training loop")
+    retrain_check_interval_s: float = Field(3600.0, ge=0, description="celery beat: how often the retrain task checks for new "
+                                            "behaviour (0: never scheduled, run it by hand)")
+
     # service
+    ubi_record: bool = Field(True, description="the service records what /search and /rerank served (query id, positions) into the "
+                             "history store's UBI tables, off the request path")
     api_key: SecretStr | None = None
     admin_api_key: SecretStr | None = None
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest accepted HTTP request body (413 above)")
     max_candidates: int = Field(1000, ge=1, description="most documents/hits one rerank request may carry (422 above)")
+    serve_max_concurrent: int | None = Field(
+        None, ge=1, description="most reranker calls running at once in one `fusionrank serve` process; default: 1 for a CPU "
+                                "model (scale with --workers), 32 for a micro-batched (CUDA) model")
+    serve_switch_interval_ms: float = Field(
+        1.0, ge=0.01, le=1000.0, description="the interpreter's thread switch interval in each `fusionrank serve` process, ms "
+                                             "(Python's own default: 5)")
+    # set by `fusionrank serve --workers N` for its worker processes (uvicorn starts them from the environment)
+    serve_no_auth: bool = Field(False, description="set by `fusionrank serve --no-auth --workers N` for its worker processes")
+    serve_images_root: Path | None = Field(None, description="set by `fusionrank serve --images-root DIR --workers N` for its worker processes")
+    serve_balance_file: str | None = Field(None, description="set by `fusionrank serve --workers N`: the workers' shared connection table")
+    serve_workers: int | None = Field(None, ge=1, description="set by `fusionrank serve --workers N`: how many worker processes share the port")
+
+    # caches and tooling
+    cache_dir: str | None = Field(None, description="where built onnx-q8 text models are kept between processes; off: nowhere; "
+                                                    "default: $XDG_CACHE_HOME/fusionrank, else ~/.cache/fusionrank")
 
     @field_validator("engine")
     @classmethod
@@ -188,6 +220,15 @@ class Settings(BaseSettings):
             raise ConfigError("no fashion data found: pass --catalog and --images-root or set FUSIONRANK_SHARED_DATA")
         return fashion / "bench" / "catalog.csv", images_root or fashion
 
+    def retrain_inputs(self) -> tuple[Path, Path]:
+        """``(catalog, images_root)`` the retrain task trains against; ConfigError when none is configured."""
+        if self.retrain_catalog is not None:
+            return self.retrain_catalog, self.retrain_images_root or self.retrain_catalog.parent
+        fashion = self.fashion_dir
+        if fashion is None:
+            raise ConfigError("the retrain task needs a catalog: set FUSIONRANK_RETRAIN_CATALOG (and _RETRAIN_IMAGES_ROOT)")
+        return fashion / "bench" / "catalog.csv", self.retrain_images_root or fashion
+
     def redacted(self) -> dict[str, Any]:
         """Every setting, JSON-friendly, with secrets and URL passwords replaced by ``**********``."""
         out: dict[str, Any] = {}
@@ -227,5 +268,27 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"invalid settings: {msgs}") from None
+        raise ConfigError(f"invalid settings: {'; '.join(_describe(err) for err in e.errors())}") from None
+
+
+_SECRET_FIELDS = {name for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)}
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    """One validation error named by its environment variable (``FUSIONRANK_SERVE_WORKERS: ... (got '0')``); the
+    value is shown unless it is a secret (URL passwords redacted)."""
+    loc = [str(p) for p in err.get("loc", ())]
+    name = f"FUSIONRANK_{loc[0].upper()}" + "".join(f".{p}" for p in loc[1:]) if loc else "settings"
+    got = ""
+    if loc and loc[0] not in _SECRET_FIELDS and isinstance(err.get("input"), (str, int, float)) and not isinstance(err.get("input"), bool):
+        shown = redact_url(str(err["input"])) if isinstance(err["input"], str) else err["input"]
+        got = f" (got {shown!r})"
+    return f"{name}: {err['msg']}{got}"
+
+
+def apply_process_settings(settings: Settings) -> None:
+    """What the settings configure process-wide rather than per call: the cache directory of built ONNX models.
+    Called once at each process edge (the CLI, every `fusionrank serve` worker)."""
+    from indexing.onnx_runtime import configure_cache_dir
+
+    configure_cache_dir(settings.cache_dir)

@@ -39,7 +39,11 @@ from indexing.engines.base import (
 from indexing.errors import (
     BulkError,
     ConfigError,
+    EngineAuthenticationError,
+    EngineAuthorizationError,
+    EngineConflictError,
     EngineError,
+    EngineRequestError,
     EngineUnavailableError,
     IndexExistsError,
     IndexNotFoundError,
@@ -52,6 +56,17 @@ log = logging.getLogger(__name__)
 _REDACTED = "**********"
 _MGET_CHUNK = 1000
 _SCROLL_KEEPALIVE = "2m"
+
+
+#: HTTP status -> (error class, verb, hint) of a refused request, as opensearch-py's own ``HTTP_EXCEPTIONS`` table
+#: (its exceptions.py); the index-not-found and already-exists answers are told apart by their error type first
+HTTP_ERRORS: dict[int, tuple[type[EngineError], str, str]] = {
+    400: (EngineRequestError, "rejected the request while", ""),
+    401: (EngineAuthenticationError, "refused", " (check the credentials: FUSIONRANK_OPENSEARCH_USER / _PASSWORD)"),
+    403: (EngineAuthorizationError, "refused", " (the credentials lack a permission for this index or action)"),
+    404: (IndexNotFoundError, "found nothing while", ""),
+    409: (EngineConflictError, "reported a conflict while", ""),
+}
 
 
 def _opensearchpy():
@@ -279,11 +294,8 @@ class OpenSearchEngine:
             return IndexNotFoundError(self._scrub(f"index or alias {missing!r} does not exist in OpenSearch at {self.display_url} (while {what})"))
         if etype == "resource_already_exists_exception":
             return IndexExistsError(self._scrub(f"index {index!r} already exists in OpenSearch at {self.display_url}"))
-        if status == 404:
-            return IndexNotFoundError(self._scrub(f"not found while {what} in OpenSearch at {self.display_url}: {reason}"))
-        if status in (401, 403):
-            return EngineError(self._scrub(f"OpenSearch at {self.display_url} refused {what}: HTTP {status} {reason} (check the credentials)"))
-        return EngineError(self._scrub(f"OpenSearch at {self.display_url} failed {what}: HTTP {status} {reason}"))
+        cls, verb, hint = HTTP_ERRORS.get(status, (EngineError, "failed", ""))
+        return cls(self._scrub(f"OpenSearch at {self.display_url} {verb} {what}: HTTP {status} {reason}{hint}"))
 
     # ------------------------------------------------------------------ lifecycle
     def create_index(self, index: str, body: Mapping[str, Any]) -> None:

@@ -2,18 +2,18 @@
 
 Steps of :func:`evaluate`:
 
-1. Read queries and qrels (:mod:`rerank.evaluation.data`), map grades to gains (``--gain``).
+1. Read queries and qrels (:mod:`rerank.datasets.data`), map grades to gains (``--gain``).
 2. Index the catalog once per (catalog content, images root, text and image model ids, mapping) into
    a LocalEngine under ``<data_dir>/eval-cache/<key>/`` (the indexing job itself is injected by the
    caller, so ``rerank`` never imports ``workers``; the CLI passes ``workers.jobs.run_index_job``).
    A finished index is marked by ``index.json``; later runs reuse it.
 3. Choose the evaluated queries: with ``train_queries``/``train_qrels`` all of ``queries``; otherwise
-   the seeded split written to the data dir (:mod:`rerank.evaluation.splits`), ``split`` (default
+   the seeded split written to the data dir (:mod:`rerank.datasets.splits`), ``split`` (default
    ``test``). Queries without any positive gain are left out (NDCG is undefined for them) and counted.
 4. Run the first stage once per query (BM25, kNN text, kNN image when it applies). ``rerank`` mode
    restricts every list to the query's judged products (a product-id term filter); ``retrieve`` mode
    searches the whole catalog (``per_list`` = ``top_n`` hits per list).
-5. Run each system (:mod:`rerank.evaluation.systems`), score its runs (:mod:`rerank.metrics`), average.
+5. Run each system (:mod:`rerank.evaluation.systems`), score its runs (:mod:`rerank.datasets.metrics`), average.
    Beside the relevance metrics every system gets the diversity of its top 10 (:func:`diversity_metrics`):
    ``ild@10`` and ``distinct@10`` per catalog attribute (article type, colour, brand where present).
 6. With ``diversity`` (``fusionrank eval --diversity 0,0.1,0.3,auto``) the fusion systems are scored once and
@@ -26,10 +26,8 @@ from __future__ import annotations
 import dataclasses
 
 import hashlib
-import json
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,27 +36,35 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from indexing import fields as F
-from indexing.engines.base import Filters, SearchEngine
+from indexing.engines.base import SearchEngine
 from indexing.errors import ConfigError
 from mappings import DEFAULT_MAPPING
 from rerank.diversity import DiversityConfig, diversity_label, parse_diversity
-from rerank.evaluation.data import Qrels, Query, file_sha256, read_event_users, read_qrels, read_queries
-from rerank.evaluation.splits import DEFAULT_SEED, assign, load_or_create_splits
-from rerank.evaluation.systems import DEFAULT_SYSTEMS, SYSTEMS, EvalContext, EvalItem, FusionInputs, NotApplicable, candidates_for_pool
-from rerank.metrics import (GAIN_DESCRIPTIONS, MetricSpec, distinct_at_k, gain_mapping, has_positive_gain, ild_at_k, map_gains, mean_metrics,
-                            query_metrics)
-from rerank.retrieval import LISTS, FirstStage, RetrievalConfig, Retriever, fuse_first_stage
-from rerank.train import DatasetSpec
+from rerank.datasets.data import Query, file_sha256, read_event_users, read_qrels, read_queries
+from rerank.datasets.splits import DEFAULT_SEED, assign, load_or_create_splits
+from rerank.evaluation.systems import DEFAULT_SYSTEMS, SYSTEMS, EvalContext, EvalItem, FusionInputs, NotApplicable
+from rerank.datasets.metrics import (GAIN_DESCRIPTIONS, MetricSpec, distinct_at_k, gain_mapping, ild_at_k, query_metrics)
+from rerank.retrieval.retriever import FirstStage, RetrievalConfig, Retriever
+from rerank.training.ranker import DatasetSpec
+from rerank.datasets.pools import (  # noqa: F401  (re-exported: the harness's index cache and items)
+    EVAL_ALIAS,
+    MAX_POOL,
+    CachedIndex,
+    Indexer,
+    _gains,
+    _key,
+    build_items,
+    cached_index,
+    dataset_name,
+    eval_queries,
+    index_key,
+    mirror_index,
+    transform_id,
+)
 
 log = logging.getLogger(__name__)
 
 MODES = ("rerank", "retrieve")
-EVAL_ALIAS = "eval"
-#: the most judged products of one query the rerank mode filters on (the engines' size limit)
-MAX_POOL = 10_000
-
-#: indexer(engine, job) -> summary with ``to_dict()`` (``workers.jobs.run_index_job`` bound to settings)
-Indexer = Callable[[SearchEngine, Any], Any]
 #: catalog attributes whose distinct values in the top 10 are counted (``distinct@10``), where the catalog has them
 DIVERSITY_FIELDS: tuple[str, ...] = (F.ARTICLE_TYPE, F.COLOUR, F.BRAND)
 DIVERSITY_K = 10
@@ -122,7 +128,7 @@ class EvalRequest:
         if self.train_ubi is not None and self.train_queries is not None:
             raise ConfigError("--train-ubi replaces --train-queries/--train-qrels: give one or the other")
         if self.train_ubi is not None:
-            from rerank.clicks import MODELS
+            from rerank.datasets.clicks import MODELS
 
             if self.click_model not in MODELS:
                 raise ConfigError(f"unknown click model {self.click_model!r}; valid: {', '.join(MODELS)}")
@@ -235,199 +241,6 @@ def statistics_info() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the cached index
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class CachedIndex:
-    engine: SearchEngine
-    alias: str
-    key: str
-    path: Path
-    summary: Mapping[str, Any]
-
-
-def index_key(catalog: Path, images_root: Path | None, *, text_model: str, text_backend: str, image_model: str, mapping: str) -> str:
-    from indexing.encoders import image_encoder_info, text_encoder_info
-
-    return _key(
-        file_sha256(catalog),
-        str(Path(images_root).resolve()) if images_root else None,
-        text_encoder_info(text_model, backend=text_backend).model_id,
-        image_encoder_info(image_model).model_id,
-        mapping,
-    )
-
-
-def cached_index(
-    catalog: Path,
-    images_root: Path | None,
-    *,
-    data_dir: Path,
-    indexer: Indexer,
-    text_model: str = "minilm",
-    text_backend: str = "torch",
-    image_model: str = "efficientnet_lite0",
-    device: str = "auto",
-    mapping: str = DEFAULT_MAPPING,
-) -> CachedIndex:
-    """The LocalEngine index of ``catalog`` for these models, built on first use and reused after."""
-    from indexing.engines import create_engine
-    from indexing.pipeline import IndexJob
-
-    key = index_key(catalog, images_root, text_model=text_model, text_backend=text_backend, image_model=image_model, mapping=mapping)
-    d = Path(data_dir) / "eval-cache" / key
-    d.mkdir(parents=True, exist_ok=True)
-    engine = create_engine("local", path=d / "engine")
-    marker = d / "index.json"
-    if marker.is_file():
-        summary = json.loads(marker.read_text())
-        log.info("using the cached evaluation index %s (%s docs)", d, summary.get("indexed"))
-        return CachedIndex(engine, EVAL_ALIAS, key, d, summary)
-    job = IndexJob(
-        catalog=str(Path(catalog).resolve()),
-        index=EVAL_ALIAS,
-        images_root=str(Path(images_root).resolve()) if images_root else None,
-        text_model=text_model,
-        text_backend=text_backend,
-        image_model=image_model,
-        device=device,
-    )
-    log.info("indexing %s into the evaluation cache %s (once per catalog and model ids)", catalog, d)
-    result = indexer(engine, job)
-    summary = result.to_dict() if hasattr(result, "to_dict") else dict(result)
-    summary = {**summary, "catalog": str(catalog), "images_root": str(images_root) if images_root else None}
-    marker.write_text(json.dumps(summary, indent=1, default=str))
-    return CachedIndex(engine, EVAL_ALIAS, key, d, summary)
-
-
-def mirror_index(local: CachedIndex, target: SearchEngine, *, mapping: str = DEFAULT_MAPPING, hnsw_engine: str | None = None,
-                 progress: bool = False, chunk_size: int = 200) -> CachedIndex:
-    """The cached evaluation index copied, documents and stored vectors as they are, into another engine (an
-    OpenSearch cluster: ``fusionrank eval --engine opensearch``), as index ``fusionrank-eval-<key>``; reused while
-    it holds as many documents as the local one. The vectors are the local index's own, so both engines search
-    the same numbers and a difference between their reports is the engines' (BM25, HNSW), not the encoders'."""
-    import mappings as M
-    from indexing.engines.base import BulkAction
-    from indexing.errors import EngineError
-
-    name = f"fusionrank-eval-{local.key}"
-    n = local.engine.count(local.alias)
-    summary = {**dict(local.summary), "engine": getattr(target, "name", type(target).__name__), "index": name}
-    if target.index_exists(name):
-        if target.count(name) == n:
-            log.info("using the evaluation index %s on %s (%d docs)", name, target, n)
-            return CachedIndex(target, name, local.key, local.path, summary)
-        target.delete_index(name)  # a copy that died half-way
-    dims = M.vector_dims(local.engine.get_mapping(local.alias))
-    target.create_index(name, M.load_mapping(mapping, text_dim=dims[F.TEXT_VEC], image_dim=dims.get(F.IMAGE_VEC, 1280), hnsw_engine=hnsw_engine))
-    docs = local.engine.iter_documents(local.alias)
-    if progress:
-        from tqdm import tqdm
-
-        docs = tqdm(docs, total=n, desc=f"copying the evaluation index to {name}", unit="doc")
-    result = target.bulk(name, (BulkAction.index(str(d[F.ID]), d) for d in docs), chunk_size=chunk_size, refresh=True)
-    if result.failed or target.count(name) != n:
-        reasons = "; ".join(f"{f.id}: {f.error}" for f in result.failed[:5])
-        target.delete_index(name)
-        raise EngineError(f"copying the evaluation index to {name} failed ({len(result.failed)} of {n} documents): {reasons}")
-    log.info("copied %d documents into %s on %s", n, name, target)
-    return CachedIndex(target, name, local.key, local.path, summary)
-
-
-# --------------------------------------------------------------------------- helpers
-def transform_id(fn: Callable[[np.ndarray], np.ndarray] | None, dim: int) -> str | None:
-    """A content identifier of a query-vector transform (``query_to_image_space``), for cache keys.
-
-    An :class:`~rerank.alignment.Alignment`'s bound method is identified by its weights; any other
-    callable by its outputs on fixed seeded probe vectors of dimension ``dim`` (two transforms that
-    agree on them are treated as the same). ``None`` (no knn_image list for text queries) stays None."""
-    if fn is None:
-        return None
-    owner = getattr(fn, "__self__", None)
-    head = getattr(owner, "head", None)
-    if head is not None and hasattr(head, "state_dict"):
-        h = hashlib.sha256()
-        for k, v in sorted(head.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().numpy().tobytes())
-        return "alignment:" + h.hexdigest()[:16]
-    probes = np.random.default_rng(0).standard_normal((3, dim)).astype(np.float32)
-    try:
-        outs = [np.round(np.asarray(fn(p), dtype=np.float64).reshape(-1), 5) for p in probes]
-    except Exception as e:  # a transform that cannot take the probes: identify it by name (noted in the key)
-        log.warning("query_to_image_space cannot be probed (%s); keying trained models by its name", e)
-        return f"callable:{getattr(fn, '__qualname__', repr(fn))}"
-    return "probe:" + hashlib.sha256(b"".join(o.tobytes() for o in outs)).hexdigest()[:16]
-
-
-def dataset_name(queries: Path) -> str:
-    """``homedepot`` / ``fashion/bench/dev``: the queries' folder below a ``data`` folder, else its name."""
-    parts = Path(queries).resolve().parent.parts
-    if "data" in parts:
-        i = len(parts) - 1 - parts[::-1].index("data")
-        rest = parts[i + 1 :]
-        if rest:
-            return "/".join(rest)
-    return Path(queries).resolve().parent.name
-
-
-def _gains(qrels: Qrels, qid: str, gain: str) -> dict[str, float]:
-    return map_gains(qrels.for_query(qid), gain)
-
-
-def _eval_queries(queries: Sequence[Query], qrels: Qrels, gain: str) -> tuple[list[Query], int]:
-    keep = [q for q in queries if has_positive_gain(_gains(qrels, q.id, gain))]
-    return keep, len(queries) - len(keep)
-
-
-def build_items(
-    retriever: Retriever,
-    queries: Sequence[Query],
-    qrels: Qrels,
-    *,
-    gain: str,
-    mode: str,
-    top_n: int,
-    progress: bool = False,
-    desc: str = "first stage",
-) -> tuple[list[EvalItem], list[tuple[str, str]]]:
-    """First stage for every query (queries encoded in one batch), pools and pool candidates.
-
-    A query whose search fails (an engine error) is recorded as ``(query_id, reason)`` and kept with
-    empty lists, so every system still ranks its pool (rerank mode) and the run goes on."""
-    from tqdm import tqdm
-
-    from indexing.errors import FusionRankError
-
-    errors: list[tuple[str, str]] = []
-    if not queries:
-        return [], errors
-    vecs = retriever.encode_queries([q.text for q in queries]) if retriever.text_encoder is not None else None
-    out = []
-    for i, q in enumerate(tqdm(queries, desc=desc, unit="query", disable=not progress, file=sys.stderr)):
-        gains = _gains(qrels, q.id, gain)
-        qv = vecs[i] if vecs is not None else None
-        judged = sorted(gains)[:MAX_POOL]
-        try:
-            if mode == "rerank":
-                filters = Filters(terms={F.ID: judged})
-                stage = retriever.first_stage(q.text, query_vector=qv, filters=filters, per_list=len(judged), user_id=q.user_id)
-            else:
-                stage = retriever.first_stage(q.text, query_vector=qv, per_list=top_n, user_id=q.user_id)
-        except FusionRankError as e:
-            log.warning("query %s: first stage failed: %s", q.id, e)
-            errors.append((q.id, str(e)))
-            stage = FirstStage(q.text, {}, {name: f"search failed: {e}" for name in LISTS}, q.user_id)
-        if mode == "rerank":
-            pool = tuple(judged)
-        else:
-            pool = tuple(fuse_first_stage(stage, method="rrf", lists=LISTS, top_n=top_n).ids)
-        out.append(EvalItem(q.id, q.text, q.user_id, gains, stage, pool, candidates_for_pool(stage, pool)))
-    return out, errors
-
-
 def attribute_values(path: Path, fields: Sequence[str] = DIVERSITY_FIELDS) -> dict[str, dict[str, str]]:
     """``{product id: {field: value}}`` of a catalog file (``--attributes-catalog``), the fields that are set."""
     from indexing.catalog import Product, read_catalog
@@ -468,8 +281,8 @@ class ListDocs:
 
 def diversity_metrics(runs: Sequence[Mapping[str, Sequence[str]]], items: Sequence[EvalItem], docs: ListDocs, *, k: int = DIVERSITY_K) -> dict[str, Any]:
     """``{"ild@k": mean, "distinct@k": {field: mean}}`` over the queries (and the runs) of their top k
-    (:func:`rerank.metrics.ild_at_k` on the indexed ``text_vec`` and raw ``image_vec``, weighted equally whatever the
-    diversity step's settings, so that reports compare; :func:`rerank.metrics.distinct_at_k` of each
+    (:func:`rerank.datasets.metrics.ild_at_k` on the indexed ``text_vec`` and raw ``image_vec``, weighted equally whatever the
+    diversity step's settings, so that reports compare; :func:`rerank.datasets.metrics.distinct_at_k` of each
     :data:`DIVERSITY_FIELDS` field that some document has). A query a run left out counts as an empty list."""
     tops = [[list(run.get(it.query_id, []))[:k] for it in items] for run in runs]
     docs.need(d for run in tops for top in run for d in top)
@@ -599,7 +412,7 @@ def evaluate(
         info["splits_file"] = splits.path
         info["split_sizes"] = {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)}
         if req.train_ubi is not None:  # learn from the log's behaviour on every query but the evaluated ones; no qrels
-            from rerank.evaluation.ubi_judgments import write_ubi_judgments
+            from rerank.datasets.ubi_judgments import write_ubi_judgments
 
             uj = write_ubi_judgments(req.train_ubi, data_dir / "ubi-judgments", exclude=[q.text for q in eval_pool], model=req.click_model)
             tq = read_queries(uj.queries)
@@ -610,7 +423,7 @@ def evaluate(
             req = dataclasses.replace(req, train_queries=uj.queries, train_qrels=uj.qrels)
             info["train"] = {"ubi": {**uj.info, "judgments_file": str(uj.qrels)}, "train": len(train_q), "validation": len(valid_q)}
 
-    eval_q, no_rel = _eval_queries(eval_pool, qrels, req.gain)
+    eval_q, no_rel = eval_queries(eval_pool, qrels, req.gain)
     if req.limit_queries is not None:
         eval_q = sorted(eval_q, key=lambda q: hashlib.sha256(f"{req.seed}:{q.id}".encode()).hexdigest())[: req.limit_queries]
         eval_q.sort(key=lambda q: q.id)
@@ -619,7 +432,7 @@ def evaluate(
         raise ConfigError(f"no query of the {split_name!r} split has a judged product with a positive gain under --gain {req.gain}")
 
     # the index and the retriever
-    from indexing.encoders import get_image_encoder, get_text_encoder
+    from indexing.encoders import get_text_encoder
 
     common = dict(text_model=req.text_model, text_backend=req.text_backend, image_model=req.image_model, device=req.device, mapping=req.mapping)
     idx = cached_index(req.catalog, req.images_root, data_dir=data_dir, indexer=indexer, **common)
@@ -663,8 +476,8 @@ def evaluate(
             t_idx = cached_index(req.train_catalog, req.train_images_root, data_dir=data_dir, indexer=indexer, **common)
             t_retriever = Retriever(t_idx.engine, t_idx.alias, text_encoder=text_enc, query_to_image_space=query_to_image_space, config=cfg)
             ctx.train_fetch_sources = lambda ids: t_idx.engine.get(t_idx.alias, list(ids), fields=[F.TITLE, F.BRAND, F.CATEGORY, F.ATTRIBUTES])
-        tq_keep, _ = _eval_queries(train_q, train_qrels, req.gain)
-        vq_keep, _ = _eval_queries(valid_q, train_qrels, req.gain)
+        tq_keep, _ = eval_queries(train_q, train_qrels, req.gain)
+        vq_keep, _ = eval_queries(valid_q, train_qrels, req.gain)
         ctx.train_items, _ = build_items(t_retriever, tq_keep, train_qrels, gain=req.gain, mode=req.mode, top_n=req.top_n, progress=req.progress, desc="first stage (training)")
         ctx.valid_items, _ = build_items(t_retriever, vq_keep, train_qrels, gain=req.gain, mode=req.mode, top_n=req.top_n, progress=req.progress, desc="first stage (validation)")
         q2i_id = transform_id(query_to_image_space, int(text_enc.dim))

@@ -1,10 +1,10 @@
 """Does OpenSearch's own hybrid fusion (a search pipeline) give the order fusionrank's client-side fusion gives?
 
 ``fusionrank eval --engine opensearch`` runs this on the evaluated queries: for each query, the hybrid query of
-:func:`rerank.opensearch_bodies.hybrid_search_body` (BM25 + kNN on the text vector, ``per_list`` hits each) is
-searched through a min-max pipeline (:func:`~rerank.opensearch_bodies.normalization_pipeline_body`) and an RRF
-pipeline (:func:`~rerank.opensearch_bodies.rrf_pipeline_body`), and the top ``k`` ids are compared with
-:func:`rerank.retrieval.fuse_first_stage` over the same query's ``bm25`` and ``knn_text`` lists (the harness's own
+:func:`rerank.retrieval.opensearch_bodies.hybrid_search_body` (BM25 + kNN on the text vector, ``per_list`` hits each) is
+searched through a min-max pipeline (:func:`~rerank.retrieval.opensearch_bodies.normalization_pipeline_body`) and an RRF
+pipeline (:func:`~rerank.retrieval.opensearch_bodies.rrf_pipeline_body`), and the top ``k`` ids are compared with
+:func:`rerank.retrieval.retriever.fuse_first_stage` over the same query's ``bm25`` and ``knn_text`` lists (the harness's own
 first stage on the same cluster). Both pipelines are created under random names and deleted afterwards.
 
 The report per method: ``queries``, ``same_top_k`` (queries whose top ``k`` ids come back in the same order),
@@ -27,8 +27,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from rerank.opensearch_bodies import hybrid_search_body, normalization_pipeline_body, rrf_pipeline_body
-from rerank.retrieval import BM25, KNN_TEXT, FirstStage, fuse_first_stage
+from rerank.retrieval.opensearch_bodies import hybrid_search_body, normalization_pipeline_body, rrf_pipeline_body
+from rerank.retrieval.retriever import BM25, KNN_TEXT, FirstStage, fuse_first_stage
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ list for text queries), so a model fitted without a list's features is never reu
 
 The fusion systems (``fusion``, the ablations ``fusion_no_image`` / ``fusion_no_history`` /
 ``fusion_text_only`` and one per strategy ``fusion_concat`` / ``fusion_weighted`` /
-``fusion_attention``) train the :class:`~rerank.model.FusionRanker` with :func:`rerank.train.train_ranker`
+``fusion_attention``) train the :class:`~rerank.model.ranker.FusionRanker` with :func:`rerank.training.ranker.train_ranker`
 on the same training split (:class:`FusionInputs`), one training per distinct config, cached under
 ``<data_dir>/eval-models/fusion-<key>/`` (``fusion`` and ``fusion_attention`` share one).
 """
@@ -41,8 +41,8 @@ import numpy as np
 
 from indexing.registry import Registry
 from mappings import DEFAULT_MAPPING
-from rerank.fusion import ListSignal
-from rerank.retrieval import BM25, KNN_IMAGE, KNN_TEXT, LISTS, Candidate, CandidateSet, FirstStage, fuse_first_stage
+from rerank.retrieval.retriever import BM25, KNN_IMAGE, KNN_TEXT, LISTS, Candidate, FirstStage, fuse_first_stage
+from rerank.datasets.pools import EvalItem, candidates_for_pool  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +51,6 @@ Run = dict[str, list[str]]
 
 class NotApplicable(Exception):
     """The system cannot run on this dataset/mode (e.g. knn_image with text queries and no alignment)."""
-
-
-@dataclass(frozen=True)
-class EvalItem:
-    """One query as every system sees it."""
-
-    query_id: str
-    query: str
-    user_id: str | None
-    gains: Mapping[str, float]  # mapped gains of the judged products
-    stage: FirstStage
-    pool: tuple[str, ...]  # ids a reranking system may reorder (see module doc)
-    pool_candidates: CandidateSet  # the pool with every first-stage signal, in hybrid_rrf order
 
 
 @dataclass
@@ -92,7 +79,7 @@ class EvalContext:
 
 @dataclass(frozen=True)
 class FusionInputs:
-    """What the harness hands the fusion systems: how to train (``rerank.train.train_ranker`` on
+    """What the harness hands the fusion systems: how to train (``rerank.training.ranker.train_ranker`` on
     ``dataset``: the harness's training split, or the ``--train-*`` files) and how to score its items.
 
     ``encode_queries(texts) -> (n, Dt)``; ``fetch_fields(ids, field_names) -> {id: source}`` from the
@@ -102,7 +89,7 @@ class FusionInputs:
 
     data_dir: Path
     indexer: Callable[[Any, Any], Any]
-    dataset: Any  # rerank.train.DatasetSpec
+    dataset: Any  # rerank.training.ranker.DatasetSpec
     encode_queries: Callable[[Sequence[str]], Any]
     fetch_fields: Callable[[Sequence[str], Sequence[str]], Mapping[str, Mapping[str, Any]]]
     rebuild_stages: Callable[[Any], Mapping[str, FirstStage]] | None = None
@@ -141,18 +128,6 @@ def complete(order: Sequence[str], pool: Sequence[str]) -> list[str]:
             out.append(d)
     out.extend(sorted(pool_set - seen))
     return out
-
-
-def candidates_for_pool(stage: FirstStage, pool: Sequence[str], lists: Sequence[str] = LISTS) -> CandidateSet:
-    """Every pool id as a candidate, in hybrid RRF order; ids no list returned come last (id order)."""
-    fused = fuse_first_stage(stage, method="rrf", lists=lists, top_n=None)
-    pool_set = set(pool)
-    kept = [c for c in fused.candidates if c.id in pool_set]
-    have = {c.id for c in kept}
-    absent = {n: ListSignal.absent() for n in lists}
-    rest = [Candidate(d, 0.0, 0, absent) for d in sorted(pool_set - have)]
-    cands = tuple(Candidate(c.id, c.score, i + 1, c.signals, c.source) for i, c in enumerate(kept + rest))
-    return CandidateSet(stage.query, cands, fused.lists, fused.skipped, "rrf", stage.user_id)
 
 
 # --------------------------------------------------------------------------- random
@@ -246,7 +221,7 @@ def _rerank_pool(ctx: EvalContext, it: EvalItem, scores: Mapping[str, float], de
 
 @SYSTEMS.register("lambdamart")
 class LambdaMART(System):
-    """LightGBM lambdarank on :func:`rerank.features.first_stage_features`, trained on the training split."""
+    """LightGBM lambdarank on :func:`rerank.retrieval.signals.first_stage_features`, trained on the training split."""
 
     name, trainable = "lambdamart", True
 
@@ -310,16 +285,16 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-#: ``fusion_options`` keys passed to :class:`rerank.train.TrainConfig` (the rest are refused)
+#: ``fusion_options`` keys passed to :class:`rerank.training.ranker.TrainConfig` (the rest are refused)
 FUSION_TRAIN_OPTIONS = ("loss", "epochs", "batch_size", "lr", "weight_decay", "patience", "max_minutes", "max_train_candidates",
                         "d_model", "hidden", "history_k", "use_colour", "use_intent", "min_epochs")
 
 
 def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use_history: bool, use_product: bool = True) -> Any:
-    """The :class:`rerank.train.TrainConfig` a fusion system trains with: the harness's seed, top N,
+    """The :class:`rerank.training.ranker.TrainConfig` a fusion system trains with: the harness's seed, top N,
     device and encoders, one torch thread, ``ctx.options["fusion_options"]`` (e.g. ``max_minutes``)."""
     from indexing.errors import ConfigError
-    from rerank.train import TrainConfig
+    from rerank.training.ranker import TrainConfig
 
     opts = dict(ctx.options.get("fusion_options", {}))
     bad = sorted(set(opts) - set(FUSION_TRAIN_OPTIONS))
@@ -344,7 +319,7 @@ def fusion_cache_dir(ctx: EvalContext, config: Any) -> Path | None:
 
     if ctx.cache_dir is None:
         return None
-    from rerank.evaluation.data import file_sha256
+    from rerank.datasets.data import file_sha256
 
     fi = ctx.fusion
     assert fi is not None
@@ -357,7 +332,7 @@ def fusion_cache_dir(ctx: EvalContext, config: Any) -> Path | None:
 
 
 class _FusionSystem(System):
-    """The trained :class:`~rerank.model.FusionRanker` (``rerank.train``), one training per config.
+    """The trained :class:`~rerank.model.ranker.FusionRanker` (``rerank.training.ranker``), one training per config.
 
     ``--model NAME=DIR`` scores with a given artifact. Otherwise trained on the harness's training
     split (or the ``--train-*`` files) and cached under ``<data_dir>/eval-models/fusion-<key>/``.
@@ -370,8 +345,8 @@ class _FusionSystem(System):
     def artifact(self, ctx: EvalContext) -> Any:
         from indexing.encoders import image_encoder_info, text_encoder_info
         from indexing.errors import ModelArtifactError
-        from rerank.artifacts import CONFIG_FILE, load_artifact
-        from rerank.train import train_ranker
+        from rerank.model.artifact import CONFIG_FILE, load_artifact
+        from rerank.training.ranker import train_ranker
 
         fi = ctx.fusion
         if fi is None:
@@ -441,8 +416,8 @@ class _FusionSystem(System):
         """Every item scored by the artifact: ``(item, ScoredRequest, RequestFeatures, docs)``, docs holding the
         candidates' vectors and categorical fields."""
         from indexing import fields as F
-        from rerank.model_features import CAT_FIELDS, HistoryInput, build_request_features, colour_fields
-        from rerank.train import histories, read_events
+        from rerank.model.inputs import CAT_FIELDS, HistoryInput, build_request_features, colour_fields
+        from rerank.training.ranker import histories, read_events
 
         art = self.artifact(ctx)
         ctx.artifacts[self.name] = str(art.path)
@@ -501,7 +476,7 @@ class _FusionSystem(System):
                 for s in range(0, len(requests), 16):
                     for it, req, scored in zip(ctx.items[s : s + 16], requests[s : s + 16], art.ranker.score_requests(requests[s : s + 16])):
                         if art.intent is not None:  # the query-intent bound, as the rerank call serves it
-                            from rerank.intent import bound_scores
+                            from rerank.model.intent import bound_scores
 
                             tiers = art.intent.assess(req.query, [docs.get(i) for i in req.ids]).tiers
                             scored = dataclasses.replace(scored, scores=bound_scores(scored.scores, tiers))

@@ -19,15 +19,18 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from indexing import fields as F
 from indexing.errors import MissingDependencyError, ModelArtifactError
-from rerank.evaluation.systems import EvalContext, EvalItem
-from rerank.features import feature_names, first_stage_features
-from rerank.retrieval import Candidate
+from rerank.datasets.pools import EvalItem
+
+if TYPE_CHECKING:  # the systems call these trainers; they only read a context's fields
+    from rerank.evaluation.systems import EvalContext
+from rerank.retrieval.signals import feature_names, first_stage_features
+from rerank.retrieval.retriever import Candidate
 
 log = logging.getLogger(__name__)
 

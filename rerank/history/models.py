@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 typed ORM models of the user-history store: ``users`` and ``events``.
+"""SQLAlchemy 2 typed ORM models of the user-history store: ``users``, ``events``, the UBI tables and the admin reindex job records.
 
 The schema itself is owned by the Alembic migrations in ``rerank/history/migrations``; these models
 describe it for queries (a test checks that the migrated schema and the models agree).
@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, func
+from sqlalchemy import JSON, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, func
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -145,5 +145,48 @@ class UbiEvent(Base):
     ingested_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
 
 
-# the reindex job records share this metadata (migration 0003); imported last, it needs Base above
-from rerank.history import jobs_models as _jobs_models  # noqa: E402,F401
+# ----------------------------------------------------------------------------- the admin reindex job records
+# (``reindex_jobs``, ``reindex_batches``, migration 0003; the job logic that uses them is in workers.reindex_jobs)
+JOB_STATUSES = ("running", "failed", "done", "abandoned")
+
+
+class ReindexJob(Base):
+    """One reindex job: its plan (JSON), where it is (``step``), and how it ended."""
+
+    __tablename__ = "reindex_jobs"
+    __table_args__ = (
+        CheckConstraint("status IN (" + ", ".join(f"'{s}'" for s in JOB_STATUSES) + ")", name="status"),
+        Index("ix_reindex_jobs_alias_created_at", "alias", "created_at"),
+    )
+
+    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(255))
+    source: Mapped[str] = mapped_column(String(255))
+    target: Mapped[str] = mapped_column(String(255))
+    plan: Mapped[dict[str, Any]] = mapped_column(JSON)
+    via: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    step: Mapped[str] = mapped_column(String(16))
+    total_docs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    total_batches: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+
+
+class ReindexBatch(Base):
+    """A finished fill batch of a job (ordinal range ``[start, stop)`` of the source) and what it did."""
+
+    __tablename__ = "reindex_batches"
+
+    job_id: Mapped[str] = mapped_column(String(64), ForeignKey("reindex_jobs.job_id", ondelete="CASCADE"), primary_key=True)
+    batch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start: Mapped[int] = mapped_column(Integer)
+    stop: Mapped[int] = mapped_column(Integer)
+    copied: Mapped[int] = mapped_column(Integer)
+    reencoded: Mapped[int] = mapped_column(Integer)
+    unchanged: Mapped[int] = mapped_column(Integer)
+    failed: Mapped[int] = mapped_column(Integer)
+    seconds: Mapped[float] = mapped_column(Float)
+    errors: Mapped[list[Any]] = mapped_column(JSON)

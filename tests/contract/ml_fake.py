@@ -77,7 +77,7 @@ class FakeMLOpenSearchServer(FakeOpenSearchServer):
     def _op_ml_register_model_group(self, method, segs, params, body):
         b = json.loads(body)
         if any(g["name"] == b["name"] for g in self.model_groups.values()):
-            return 400, error_body(400, "illegal_argument_exception", f"The name you provided is already being used by a model group with ID: x.")
+            return 400, error_body(400, "illegal_argument_exception", "The name you provided is already being used by a model group with ID: x.")
         gid = _new_id()
         self.model_groups[gid] = b
         return 200, {"model_group_id": gid, "status": "CREATED"}

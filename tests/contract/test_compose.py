@@ -30,7 +30,8 @@ def compose() -> dict:
 
 @pytest.fixture(scope="module")
 def compose_schema():
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     try:
         text = importlib.resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
     except ModuleNotFoundError:

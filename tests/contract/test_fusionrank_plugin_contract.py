@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from indexing.errors import ConfigError
-from rerank import opensearch_pipeline as P
+from rerank.retrieval import opensearch_pipeline as P
 
 SERVICE = "http://api:8000"
 KEY = "simulated-service-key-7c21"

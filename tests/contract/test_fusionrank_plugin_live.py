@@ -1,6 +1,6 @@
 """fusionrank's own OpenSearch plugin on the real node (marked ``opensearch``): the ``fusionrank_rerank`` search
 response processor (``rerank/opensearch_plugin``, loaded as a bundle by ``workers/devnode.py``) calling the real
-service (``tests/service/world.py``'s world, served by uvicorn in this process, where the node reaches it).
+service (``tests/workers/service/world.py``'s world, served by uvicorn in this process, where the node reaches it).
 
 The node's index holds the world's products (documents and vectors as the service's own index has them), so the
 first stage is the node's and the model's inputs are the service's; the order through the pipeline must be the
@@ -20,10 +20,10 @@ import pytest
 
 from indexing import fields as F
 from mappings import load_mapping
-from rerank import opensearch_bodies as B
-from rerank import opensearch_pipeline as P
+from rerank.retrieval import opensearch_bodies as B
+from rerank.retrieval import opensearch_pipeline as P
 from tests.contract.conftest import put_pipeline
-from tests.service.world import API_KEY, IMAGE_DIM, service_world  # noqa: F401  (the shared fixture)
+from tests.workers.service.world import API_KEY, IMAGE_DIM, service_world  # noqa: F401  (the shared fixture)
 from workers.devnode import free_port
 
 pytestmark = [pytest.mark.opensearch, pytest.mark.slow]
@@ -45,7 +45,7 @@ def serve_in_thread(app) -> tuple[str, Any]:
 
 @pytest.fixture(scope="module")
 def service_url(service_world) -> Iterator[str]:
-    from rerank.service.app import create_app
+    from workers.service.app import create_app
 
     url, server = serve_in_thread(create_app(service_world.state()))
     yield url
@@ -175,7 +175,7 @@ def test_the_search_fails_open_and_says_why(node_index, service_url, case, caplo
     name = _pipeline(eng, pipelines, P.fusionrank_pipeline_body(url, key, first_stage="none", budget_ms=budget))
     query = {"match_all": {}} if case == "no query text" else {"match": {F.TITLE: QUERY}}
     plain = _search(eng, index, {"query": query, "size": 12, "_source": SOURCE})
-    with caplog.at_level(logging.WARNING, logger="rerank.service.auth"):
+    with caplog.at_level(logging.WARNING, logger="workers.service.auth"):
         resp = _search(eng, index, {"query": query, "size": 12, "_source": SOURCE, "ext": {"fusionrank": {"user_id": "u1"}}}, name)
     assert _ids(resp) == _ids(plain)
     assert [h["_score"] for h in resp["hits"]["hits"]] == [h["_score"] for h in plain["hits"]["hits"]]
@@ -187,7 +187,7 @@ def test_the_search_fails_open_and_says_why(node_index, service_url, case, caplo
     assert status["degraded"].startswith(expected), status
     assert "wrong-key-that-must-not-show" not in json.dumps(resp)
     if case == "wrong key":
-        refused = [r.getMessage() for r in caplog.records if r.name == "rerank.service.auth"]
+        refused = [r.getMessage() for r in caplog.records if r.name == "workers.service.auth"]
         assert any("refused POST /rerank" in m and "an invalid API key" in m for m in refused), refused
         assert not any("wrong-key-that-must-not-show" in r.getMessage() for r in caplog.records)
 
@@ -228,8 +228,8 @@ def shoppers(shared_data, opensearch_node, service_world, tmp_path_factory):
     from rerank.history import EngineVectorSource, HistoryStore, ProfileService
     from rerank.history.store import upgrade
     from rerank.reranker import Reranker
-    from rerank.service.app import create_app
-    from tests.service.world import untrained_artifact
+    from workers.service.app import create_app
+    from tests.workers.service.world import untrained_artifact
 
     dev = shared_data / "fashion" / "bench" / "dev"
     rows = [line.rstrip("\n").split("\t") for line in open(dev / "personal_queries.tsv", encoding="utf-8")][1:]

@@ -1,5 +1,5 @@
 """The hybrid first stage on a real OpenSearch node (marked ``opensearch``): the pipeline bodies of
-:mod:`rerank.opensearch_bodies` searched on the node, against the client-side fusion of the same lists.
+:mod:`rerank.retrieval.opensearch_bodies` searched on the node, against the client-side fusion of the same lists.
 
 Each test here failed on the OpenSearch 2.19.1 node with the bodies as they were before (the finding it covers):
 
@@ -8,7 +8,7 @@ Each test here failed on the OpenSearch 2.19.1 node with the bodies as they were
 - the hybrid sub-queries returned only ``size`` hits each (no ``pagination_depth``), so the fused pool was not
   the client-side ``per_list``; a two-weight min-max pipeline refused a query with a photo (3 sub-queries);
 - client-side min-max averaged over the lists that returned a document, while 2.19's ``arithmetic_mean``
-  counts a missing document as 0 (``rerank.fusion.minmax``'s default is now ``missing="zero"``).
+  counts a missing document as 0 (``rerank.retrieval.fusion.minmax``'s default is now ``missing="zero"``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from tests.contract.conftest import put_pipeline
 
 from indexing import fields as F
 from mappings import load_mapping
-from rerank import opensearch_bodies as B
-from rerank.fusion import minmax, rrf
-from rerank.retrieval import BM25, KNN_IMAGE, KNN_TEXT
+from rerank.retrieval import opensearch_bodies as B
+from rerank.retrieval.fusion import minmax, rrf
+from rerank.retrieval.retriever import BM25, KNN_IMAGE, KNN_TEXT
 
 pytestmark = [pytest.mark.opensearch]
 

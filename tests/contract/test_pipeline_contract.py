@@ -1,4 +1,4 @@
-"""The search-pipeline integration (``rerank.opensearch_pipeline``, ``fusionrank opensearch setup-pipeline``):
+"""The search-pipeline integration (``rerank.retrieval.opensearch_pipeline``, ``fusionrank opensearch setup-pipeline``):
 every body it sends validates against the official OpenSearch API spec; the requests go out in order through a
 real opensearch-py client to the recording fake node; failures name the step; broken bodies are rejected."""
 
@@ -16,7 +16,7 @@ from indexing import fields as F
 from indexing.engines.opensearch import OpenSearchEngine
 from indexing.errors import ConfigError, EngineError
 from indexing.opensearch_spec import OpenSearchSpec, SpecViolationError
-from rerank import opensearch_pipeline as P
+from rerank.retrieval import opensearch_pipeline as P
 from tests.contract.ml_fake import DEFAULT_TRUSTED, TRUSTED, FakeMLOpenSearchServer
 
 pytestmark = pytest.mark.contract
@@ -89,7 +89,8 @@ def test_the_connector_speaks_the_cohere_rerank_format_to_the_service(spec):
 
 
 def test_the_service_accepts_what_the_connector_sends_and_answers_what_the_post_process_reads():
-    schemas = pytest.importorskip("rerank.service.schemas", reason="the HTTP service (rerank/service) is not installed")
+    from workers.service import schemas
+
     req = schemas.CohereRerankRequest.model_validate_json(_fill(P.connector_body(SERVICE, KEY), QUERY, DOCS))
     assert (req.query, req.documents, req.top_n, req.user_id, req.product_ids) == (QUERY, DOCS, 2, None, None)
     # connector.post_process.cohere.rerank reads $.results[*].index and .relevance_score

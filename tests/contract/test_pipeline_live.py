@@ -1,8 +1,8 @@
 """The search-pipeline integration against a real cluster and a running fusionrank service (marked ``opensearch``).
 
 The cluster is the OpenSearch node the test session starts (``tests/conftest.py``; ML Commons loads on it) or the
-one at ``OPENSEARCH_URL``. The service is the small real world of ``tests/service/world.py`` served by uvicorn on
-127.0.0.1 in this process, where the node reaches it (``FUSIONRANK_LIVE_SERVICE_URL`` + ``FUSIONRANK_API_KEY``
+one at ``OPENSEARCH_URL``. The service is the small real world of ``tests/workers/service/world.py`` served by uvicorn on
+127.0.0.1 in this process, where the node reaches it (``TEST_SERVICE_URL`` + ``FUSIONRANK_API_KEY``
 name another service instead, e.g. ``docker compose up -d``'s ``http://api:8000``). The rerank processor runs with
 ``ignore_failure: false`` here, so a search that succeeds went through the service; the service's own request
 counter shows the call. The trusted-endpoint cluster setting is left in place; the pipeline, model, connector
@@ -20,8 +20,8 @@ from typing import Iterator
 import pytest
 
 from indexing import fields as F
-from rerank import opensearch_pipeline as P
-from tests.service.world import API_KEY, service_world  # noqa: F401  (the shared fixture)
+from rerank.retrieval import opensearch_pipeline as P
+from tests.workers.service.world import API_KEY, service_world  # noqa: F401  (the shared fixture)
 from workers.devnode import free_port
 
 pytestmark = [pytest.mark.opensearch, pytest.mark.slow]
@@ -30,13 +30,13 @@ pytestmark = [pytest.mark.opensearch, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def live_service(service_world) -> Iterator[tuple[str, str, object]]:
     """(URL as the cluster reaches it, API key, the app's metrics or None for an external service)."""
-    if os.environ.get("FUSIONRANK_LIVE_SERVICE_URL"):
-        yield os.environ["FUSIONRANK_LIVE_SERVICE_URL"], os.environ["FUSIONRANK_API_KEY"], None
+    if os.environ.get("TEST_SERVICE_URL"):
+        yield os.environ["TEST_SERVICE_URL"], os.environ["FUSIONRANK_API_KEY"], None
         return
     import uvicorn
 
     state = service_world.state()
-    from rerank.service.app import create_app
+    from workers.service.app import create_app
 
     app = create_app(state)
     port = free_port()

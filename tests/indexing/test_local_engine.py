@@ -541,7 +541,7 @@ def test_a_failing_action_stream_rolls_the_call_back(eng):
 
 # --------------------------------------------------------------------------- benchmark
 def test_engine_benchmark_reports_every_key_with_exact_filtered_recall(tmp_path):
-    from indexing.bench_engine import run_engine_bench
+    from workers.bench.engine import run_engine_bench
 
     r = run_engine_bench(docs=2000, dim=32, queries=15, seed=3, path=tmp_path)
     for key in ("bm25_ms_p50", "bm25_ms_p99", "knn_ms_p50", "knn_ms_p99", "filtered_knn_ms_p50", "filtered_knn_recall", "upsert_docs_per_s"):

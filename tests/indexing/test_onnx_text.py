@@ -17,7 +17,7 @@ from indexing.encoders import (
     text_encoder_info,
 )
 from indexing.errors import ConfigError, EncoderError
-from indexing.onnx_text import RECIPE, dequantize_blocks, quantize_blocks, quantize_matmuls
+from indexing.onnx_runtime import RECIPE, dequantize_blocks, quantize_blocks, quantize_matmuls
 
 QUERIES = ["black formal shoes for men", "women's green handbags", "navy blue shirt", "heels", "2x4 lumber 8 ft",
            "BEHR Premium Textured DeckOver 1-gal. #SC-141 Tugboat Wood and Concrete Coating", "kurta", "cordless drill"]
@@ -158,7 +158,7 @@ def test_select_query_encoder_auto_keeps_a_faster_index_encoder(text_q8, text_on
 def test_a_failed_export_is_an_encoder_error_naming_the_backend(tmp_path, monkeypatch):
     import torch
 
-    from indexing import onnx_text
+    from indexing import onnx_runtime as onnx_text
     from indexing.encoders import _MiniLM
 
     with pytest.raises(EncoderError, match="could not be loaded for the ONNX export"):
@@ -175,11 +175,12 @@ def test_a_failed_export_is_an_encoder_error_naming_the_backend(tmp_path, monkey
 # ------------------------------------------------------------------------------ the on-disk cache of built models
 
 
-def test_a_built_model_is_kept_on_disk_and_the_next_load_skips_the_build(tmp_path, monkeypatch, text_q8):
-    from indexing import onnx_text
+def test_a_built_model_is_kept_on_disk_and_the_next_load_skips_the_build(tmp_path, monkeypatch, request, text_q8):
+    from indexing import onnx_runtime as onnx_text
     from indexing.encoders import _MiniLM
 
-    monkeypatch.setenv("FUSIONRANK_CACHE_DIR", str(tmp_path))
+    onnx_text.configure_cache_dir(tmp_path)  # what the process edge does with FUSIONRANK_CACHE_DIR
+    request.addfinalizer(lambda: onnx_text.configure_cache_dir(None))
     model_id = text_encoder_info(backend="onnx-q8").model_id
     first = _MiniLM.load("onnx-q8", "cpu")  # a real export and quantization, stored in tmp_path
     path = onnx_text.cache_path(tmp_path, model_id)
@@ -199,7 +200,7 @@ def test_a_built_model_is_kept_on_disk_and_the_next_load_skips_the_build(tmp_pat
 
 
 def test_a_corrupt_unwritable_or_disabled_cache_costs_a_build_never_a_failure(tmp_path, monkeypatch, caplog):
-    from indexing import onnx_text
+    from indexing import onnx_runtime as onnx_text
 
     built = []
 
@@ -217,7 +218,7 @@ def test_a_corrupt_unwritable_or_disabled_cache_costs_a_build_never_a_failure(tm
 
     path = onnx_text.cache_path(cache, "minilm:abc:384")
     path.write_bytes(b"model 1, torn")  # a damaged file: its checksum no longer matches
-    with caplog.at_level(logging.WARNING, logger="indexing.onnx_text"):
+    with caplog.at_level(logging.WARNING, logger="indexing.onnx_runtime"):
         assert onnx_text.load_q8_model(md, "minilm:abc:384", directory=cache) == b"model 3"
     assert "does not match its checksum" in caplog.text
     assert path.read_bytes() == b"model 3" and onnx_text.load_q8_model(md, "minilm:abc:384", directory=cache) == b"model 3"
@@ -226,16 +227,23 @@ def test_a_corrupt_unwritable_or_disabled_cache_costs_a_build_never_a_failure(tm
     blocked = tmp_path / "a-file"
     blocked.write_text("not a directory")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="indexing.onnx_text"):
+    with caplog.at_level(logging.WARNING, logger="indexing.onnx_runtime"):
         assert onnx_text.load_q8_model(md, "minilm:abc:384", directory=blocked) == b"model 4"
     assert "could not cache the onnx-q8 model" in caplog.text and blocked.read_text() == "not a directory"
 
     assert onnx_text.load_q8_model(md, "minilm:abc:384", directory=None) == b"model 5"  # no cache: built, nothing written
-    for off in ("off", "0", ""):
-        monkeypatch.setenv("FUSIONRANK_CACHE_DIR", off)
-        assert onnx_text.cache_dir() is None
-    monkeypatch.setenv("FUSIONRANK_CACHE_DIR", str(tmp_path / "mine"))
-    assert onnx_text.cache_dir() == tmp_path / "mine"
+    from workers.settings import apply_process_settings, load_settings
+
+    try:
+        for off in ("off", "0", ""):
+            monkeypatch.setenv("FUSIONRANK_CACHE_DIR", off)
+            apply_process_settings(load_settings())
+            assert onnx_text.cache_dir() is None
+        monkeypatch.setenv("FUSIONRANK_CACHE_DIR", str(tmp_path / "mine"))
+        apply_process_settings(load_settings())
+        assert onnx_text.cache_dir() == tmp_path / "mine"
+    finally:
+        onnx_text.configure_cache_dir(None)
     monkeypatch.delenv("FUSIONRANK_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert onnx_text.cache_dir() == tmp_path / "xdg" / "fusionrank"

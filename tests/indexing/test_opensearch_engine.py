@@ -18,7 +18,12 @@ from indexing.engines.opensearch import OpenSearchEngine, redact_url
 from indexing.errors import (
     BulkError,
     DimensionError,
+    EngineAccessError,
+    EngineAuthenticationError,
+    EngineAuthorizationError,
+    EngineConflictError,
     EngineError,
+    EngineRequestError,
     EngineUnavailableError,
     IndexExistsError,
     IndexNotFoundError,
@@ -26,7 +31,7 @@ from indexing.errors import (
 )
 from indexing.opensearch_spec import load_spec
 from mappings import load_mapping
-from rerank.service.drill_services import free_port  # a local port nothing listens on
+from workers.drill.services import free_port  # a local port nothing listens on
 from tests.contract.opensearch_fake import FakeOpenSearchServer, error_body
 
 DIM = 8
@@ -142,7 +147,24 @@ def test_other_transport_errors_carry_status_and_reason(engine, server):
     server.fail_next("POST", "search", 400, error_body(400, "parsing_exception", "[multi_match] unknown token [START_ARRAY]", line=1, col=40))
     with pytest.raises(EngineError, match=r"HTTP 400 parsing_exception: \[multi_match\] unknown token") as e:
         engine.bm25_search("products-v1", "shirt")
-    assert type(e.value) is EngineError
+    assert type(e.value) is EngineRequestError
+
+
+@pytest.mark.parametrize(
+    ("status", "etype", "cls", "hint"),
+    [
+        (401, "security_exception", EngineAuthenticationError, "check the credentials"),
+        (403, "security_exception", EngineAuthorizationError, "lack a permission"),
+        (409, "version_conflict_engine_exception", EngineConflictError, "conflict"),
+        (500, "illegal_state_exception", EngineError, "HTTP 500"),
+    ],
+)
+def test_each_http_status_maps_to_its_own_error_class(engine, server, status, etype, cls, hint):
+    server.fail_next("POST", "search", status, error_body(status, etype, "no permissions for [indices:data/read/search]"))
+    with pytest.raises(EngineError, match=rf"HTTP {status} {etype}") as e:
+        engine.bm25_search("products-v1", "shirt")
+    assert type(e.value) is cls and hint in str(e.value)
+    assert isinstance(e.value, EngineAccessError) == (status in (401, 403))
 
 
 def test_index_without_knn_setting_is_refused_before_sending(server):

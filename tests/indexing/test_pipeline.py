@@ -13,7 +13,6 @@ import pytest
 from typer.testing import CliRunner
 
 from indexing import fields as F
-from indexing.catalog import read_catalog
 from indexing.pipeline import IndexJob, plan_batches
 from workers.cli import app
 from workers.composition import build_engine

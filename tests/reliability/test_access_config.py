@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from indexing.engines.opensearch import OpenSearchEngine
 from indexing.errors import EngineUnavailableError
-from rerank.service.drill_services import free_port  # a local port nothing listens on
+from workers.drill.services import free_port  # a local port nothing listens on
 from workers.cli import app
 from workers.composition import build_engine
 from workers.settings import load_settings

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rerank.service.drill import DRILLS, Rec, Traffic, degraded_counts
+from workers.drill.drill import DRILLS, Rec, Traffic, degraded_counts
 
 ROOT = Path(__file__).resolve().parents[2]
 

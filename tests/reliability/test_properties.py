@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 
 from indexing import fields as F
 from indexing.catalog import Product, RowError, read_catalog, scan_catalog
-from indexing.errors import CatalogError, ImageError
+from indexing.errors import CatalogError
 from indexing.images import check_image_ref
-from rerank.fusion import MIN_SCORE, RRF_RANK_CONSTANT, minmax, ranked_list, rrf
-from rerank.model_features import EVENT_TYPES, FeatureSpec, HistoryInput, build_request_features
-from rerank.retrieval import LISTS, Candidate
+from rerank.retrieval.fusion import MIN_SCORE, minmax, ranked_list, rrf
+from rerank.model.inputs import EVENT_TYPES, FeatureSpec, HistoryInput, build_request_features
+from rerank.retrieval.retriever import LISTS, Candidate
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 

@@ -16,7 +16,7 @@ from indexing.engines.base import BulkAction
 from indexing.engines.local import LocalEngine
 from indexing.errors import ConfigError
 from rerank.limits import MAX_QUERY_CHARS, check_query_text
-from rerank.retrieval import BM25, RetrievalConfig, Retriever
+from rerank.retrieval.retriever import BM25, RetrievalConfig, Retriever
 
 
 def test_catalog_text_limits_are_row_errors_naming_the_limit(tmp_path):

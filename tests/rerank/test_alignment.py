@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from indexing.errors import ConfigError, DimensionError, ModelArtifactError
-from rerank.alignment import Alignment, AlignmentConfig, align_catalog, holdout_mask, read_pairs, recall_at_k, train_alignment
+from rerank.model.alignment import Alignment, AlignmentConfig, align_catalog, holdout_mask, read_pairs, recall_at_k, train_alignment
 
 
 def _paired(n: int, seed: int = 0, noise: float = 0.3):

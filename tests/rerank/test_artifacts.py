@@ -9,10 +9,10 @@ import pytest
 
 from indexing.errors import ModelArtifactError
 from mappings import load_mapping
-from rerank.alignment import AlignmentConfig, train_alignment
-from rerank.artifacts import EncoderRef, load_artifact, read_config, save_artifact
-from rerank.model import RankerConfig, build_ranker
-from rerank.model_features import FeatureSpec
+from rerank.model.alignment import AlignmentConfig, train_alignment
+from rerank.model.artifact import EncoderRef, load_artifact, read_config, save_artifact
+from rerank.model.ranker import RankerConfig, build_ranker
+from rerank.model.inputs import FeatureSpec
 from tests.rerank.test_model import SPEC, TD, _request
 
 TEXT = EncoderRef("minilm:53aa51172d14:32", TD)
@@ -86,7 +86,7 @@ def test_broken_artifacts_are_refused(tmp_path):
 
 
 def test_the_colour_head_travels_in_the_artifact(tmp_path):
-    from rerank.colour import ColourModel
+    from rerank.model.colour import ColourModel
 
     rng = np.random.default_rng(3)
     head = ColourModel(["Black", "Red", "Blue"], rng.normal(size=(3, TD)), rng.normal(size=(3, 48)), rng.normal(size=3), temperature=25.0,

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from rerank import clicks as C
+from rerank.datasets import clicks as C
 
 THETA = np.array([1.0, 0.8, 0.6, 0.45, 0.35, 0.28, 0.22, 0.18, 0.15, 0.12])
 

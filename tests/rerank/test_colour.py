@@ -7,8 +7,8 @@ import pytest
 
 from indexing import fields as F
 from indexing.errors import ConfigError, DimensionError, ModelArtifactError
-from rerank.colour import COLOUR_FEATURES, ColourConfig, ColourModel, colour_vocabulary, train_colour_model
-from rerank.model_features import PHOTO_COLOUR, FeatureSpec, build_request_features
+from rerank.model.colour import COLOUR_FEATURES, ColourConfig, ColourModel, colour_vocabulary, train_colour_model
+from rerank.model.inputs import PHOTO_COLOUR, FeatureSpec, build_request_features
 from rerank.reranker import candidates_from_hits
 
 NAMES = ("Black", "White", "Red", "Blue", "Green")
@@ -108,8 +108,8 @@ def test_a_head_on_the_pixel_descriptor_and_the_image_vector_reads_both_fields(t
     """A head whose inputs are ``image_colour`` then ``image_vec``: its rows are the two fields side by side; a photo
     without a descriptor (an index from an older mapping) is not read; the artifact check wants the field in the index."""
     from mappings import load_mapping
-    from rerank.artifacts import check_compatible
-    from rerank.model_features import colour_fields, photo_colours
+    from rerank.model.artifact import check_compatible
+    from rerank.model.inputs import colour_fields, photo_colours
 
     x, y = _photos(400, seed=2)
     rng = np.random.default_rng(3)

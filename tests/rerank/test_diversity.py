@@ -13,7 +13,7 @@ from indexing import fields as F
 from indexing.errors import ConfigError
 from rerank.diversity import (AUTO, DiversityConfig, choose_lambda, diversify, diversity_label, history_strength, intra_list_distance, mmr,
                               normalize_relevance, parse_diversity, query_qualifiers, similarity_matrix, stack_rows)
-from rerank.metrics import distinct_at_k, ild_at_k
+from rerank.datasets.metrics import distinct_at_k, ild_at_k
 
 
 # ------------------------------------------------------------------ parsing

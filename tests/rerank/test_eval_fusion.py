@@ -46,7 +46,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------ the cache key's alignment identifier (pure)
 def test_transform_id_tells_query_maps_apart():
-    from rerank.alignment import Alignment, AlignmentConfig, build_head
+    from rerank.model.alignment import Alignment, AlignmentConfig, build_head
 
     rng = np.random.default_rng(1)
     w1, w2 = rng.standard_normal((6, 4)), rng.standard_normal((6, 4))

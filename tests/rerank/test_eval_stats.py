@@ -13,8 +13,8 @@ from rerank.evaluation.harness import EvalReport, SystemResult, best_baseline, p
 from rerank.evaluation.report import format_table
 from rerank.evaluation.stats import bootstrap_ci, derive_seed, paired_test
 from rerank.evaluation.systems import EvalItem, candidates_for_pool
-from rerank.metrics import MetricSpec
-from rerank.retrieval import FirstStage
+from rerank.datasets.metrics import MetricSpec
+from rerank.retrieval.retriever import FirstStage
 
 
 def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_queries():

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from indexing.errors import CatalogError, ConfigError
-from rerank.evaluation.data import Query, read_event_users, read_qrels, read_queries
-from rerank.evaluation.splits import assign, group_of, load_or_create_splits
+from rerank.datasets.data import Query, read_event_users, read_qrels, read_queries
+from rerank.datasets.splits import assign, group_of, load_or_create_splits
 
 
 # ------------------------------------------------------------------ readers
@@ -252,9 +252,9 @@ def test_cli_json_and_plot(fashion_slice, eval_dir, monkeypatch, tmp_path):
 def _untrained_fusion(out: Path) -> Path:
     """A small real (untrained, seeded) FusionRanker artifact for the minilm index (no photos, no colour head)."""
     from indexing.encoders import get_text_encoder
-    from rerank.artifacts import EncoderRef, save_artifact
-    from rerank.model import RankerConfig, build_ranker
-    from rerank.model_features import FeatureSpec
+    from rerank.model.artifact import EncoderRef, save_artifact
+    from rerank.model.ranker import RankerConfig, build_ranker
+    from rerank.model.inputs import FeatureSpec
 
     text = get_text_encoder("minilm")
     spec = FeatureSpec(history_k=6)
@@ -335,8 +335,8 @@ def test_pool_completion_and_random_runs():
     from indexing.engines.base import Hit
     from rerank.evaluation.harness import score_runs
     from rerank.evaluation.systems import SYSTEMS, EvalContext, EvalItem, candidates_for_pool, complete
-    from rerank.metrics import MetricSpec
-    from rerank.retrieval import FirstStage
+    from rerank.datasets.metrics import MetricSpec
+    from rerank.retrieval.retriever import FirstStage
 
     assert complete(["c", "x", "a", "c"], ["a", "b", "c", "d"]) == ["c", "a", "b", "d"]  # unknown ids dropped, rest by id
     stage = FirstStage("q", {"bm25": (Hit("b", 2.0), Hit("a", 1.0)), "knn_text": (Hit("a", 0.9),)}, {"knn_image": "no image"})
@@ -359,7 +359,7 @@ def test_train_ubi_learns_from_a_simulated_log_without_the_evaluated_queries(fas
     position bias); lambdamart trains on the click model's judgments, never on the evaluated queries' searches."""
     import random
 
-    from rerank.evaluation.data import read_qrels, read_queries
+    from rerank.datasets.data import read_qrels, read_queries
 
     rng = random.Random(3)
     qs = read_queries(fashion_slice.queries).queries

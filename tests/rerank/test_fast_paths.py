@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from indexing.errors import ConfigError, DimensionError
-from rerank.alignment import AlignedCache, Alignment, AlignmentConfig, build_head
-from rerank.fusion import ListSignal
-from rerank.model import STRATEGIES, RankerConfig, ScoredRequest, build_ranker
-from rerank.model_features import (
+from rerank.model.alignment import AlignedCache, Alignment, AlignmentConfig, build_head
+from rerank.retrieval.fusion import ListSignal
+from rerank.model.ranker import STRATEGIES, RankerConfig, ScoredRequest, build_ranker
+from rerank.model.inputs import (
     ARRAY_FIELDS,
     FeatureSpec,
     HistoryInput,
@@ -32,7 +32,7 @@ from rerank.model_features import (
     hash_categories,
     to_torch,
 )
-from rerank.retrieval import Candidate
+from rerank.retrieval.retriever import Candidate
 
 SPEC = FeatureSpec(history_k=5)
 TD, ID = 24, 40
@@ -202,7 +202,7 @@ def test_score_requests_restores_training_mode_and_keeps_eval_mode():
 
 
 def test_saved_artifact_scores_the_same_through_the_fast_path(tmp_path):
-    from rerank.artifacts import EncoderRef, load_artifact, save_artifact
+    from rerank.model.artifact import EncoderRef, load_artifact, save_artifact
 
     m = _ranker("attention")
     reqs = [_request(30, seed=9, history=True, photos=True)]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from indexing.engines.base import Hit
 from indexing.errors import UnknownNameError
-from rerank.fusion import (
+from rerank.retrieval.fusion import (
     MIN_SCORE,
     FusionInputError,
     ListSignal,

@@ -20,7 +20,7 @@ TOL = dict(atol=2e-4, rtol=2e-4)
 
 def _requests(cfg, sizes, seed=0):
     """Random model inputs of the given candidate counts; every other request has a history, some photos are missing."""
-    from rerank.model_features import RequestFeatures
+    from rerank.model.inputs import RequestFeatures
 
     rng = np.random.default_rng(seed)
     dt, k = cfg.text_dim, cfg.history_k
@@ -53,7 +53,7 @@ def _same(a, b):
 
 @pytest.fixture(scope="module")
 def rankers():
-    from rerank.model import RankerConfig, build_ranker
+    from rerank.model.ranker import RankerConfig, build_ranker
 
     cfg = RankerConfig()
     cpu = build_ranker(cfg, device="cpu", seed=0).eval()
@@ -75,7 +75,7 @@ def test_cuda_scores_match_the_cpu_one_request_and_a_padded_batch(rankers):
 
 
 def test_micro_batched_cuda_calls_share_passes_and_match_direct(rankers):
-    from rerank.batching import MicroBatcher
+    from rerank.model.batching import MicroBatcher
 
     cfg, _, gpu = rankers
     reqs = _requests(cfg, [100] * 24 + [50] * 8, seed=1)

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from rerank.bench_history import run_history_bench
+from workers.bench.history import run_history_bench
 
 KEYS = {
     "import_events_per_s",

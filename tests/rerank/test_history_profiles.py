@@ -228,7 +228,7 @@ def test_in_memory_source_checks_dimensions() -> None:
 
 
 def test_engine_vector_source_over_the_local_engine(tmp_path: Path) -> None:
-    local = pytest.importorskip("indexing.engines.local", reason="LocalEngine (indexing/engines/local.py) is not written yet")
+    from indexing.engines import local
     from indexing import fields
     from indexing.engines import BulkAction
     from mappings import load_mapping

@@ -9,7 +9,7 @@ import pytest
 
 from indexing import fields as F
 from indexing.errors import ConfigError, DimensionError, ModelArtifactError
-from rerank.intent import CATALOG, IntentConfig, IntentModel, bound_scores, build_intent_model, intent_vocabularies, product_attribute
+from rerank.model.intent import CATALOG, IntentConfig, IntentModel, bound_scores, build_intent_model, intent_vocabularies, product_attribute
 
 CATALOG_DOCS = [
     {F.ARTICLE_TYPE: "Heels", F.COLOUR: "Black", F.GENDER: "Women", F.USAGE: "Casual"},
@@ -123,9 +123,9 @@ def test_persistence_round_trip_and_refusals(intent, text_encoder):
 
 
 def test_the_intent_block_travels_in_the_artifact_and_old_artifacts_load_unbounded(intent, tmp_path):
-    from rerank.artifacts import EncoderRef, load_artifact, save_artifact
-    from rerank.model import RankerConfig, build_ranker
-    from rerank.model_features import FeatureSpec
+    from rerank.model.artifact import EncoderRef, load_artifact, save_artifact
+    from rerank.model.ranker import RankerConfig, build_ranker
+    from rerank.model.inputs import FeatureSpec
 
     spec = FeatureSpec(history_k=4)
     cfg = RankerConfig(text_dim=intent.text_dim, first_stage_dim=spec.first_stage_dim, n_cat_fields=len(spec.cat_fields),

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from indexing.errors import ConfigError, UnknownNameError
-from rerank.metrics import (
+from rerank.datasets.metrics import (
     MetricSpec,
     dcg,
     gain_mapping,
@@ -22,7 +22,7 @@ from rerank.metrics import (
     recall_at_k,
 )
 
-pytrec_eval = pytest.importorskip("pytrec_eval", reason="pytrec-eval-terrier (the `test` extra) is the reference implementation")
+import pytrec_eval  # noqa: E402  (pytrec-eval-terrier, the `test` extra: the reference implementation)
 
 
 def _fixture(seed: int, n_queries: int = 60):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from indexing.errors import ConfigError, UnknownNameError
-from rerank.fusion import ListSignal
-from rerank.model import MODALITIES, STRATEGIES, FUSION_STRATEGIES, RankerConfig, build_ranker
-from rerank.model_features import FeatureSpec, HistoryInput, build_request_features, collate, first_stage_inputs
-from rerank.retrieval import Candidate
+from rerank.retrieval.fusion import ListSignal
+from rerank.model.ranker import MODALITIES, STRATEGIES, FUSION_STRATEGIES, RankerConfig, build_ranker
+from rerank.model.inputs import FeatureSpec, HistoryInput, build_request_features, collate, first_stage_inputs
+from rerank.retrieval.retriever import Candidate
 
 SPEC = FeatureSpec(history_k=6)
 TD, ID = 32, 48
@@ -131,7 +131,7 @@ def test_scores_are_permutation_equivariant_and_batching_does_not_leak(strategy)
 
 def test_padded_batch_gives_minus_inf_to_padding_and_gradients_are_finite():
     m = _model("attention").train()
-    from rerank.model_features import to_torch
+    from rerank.model.inputs import to_torch
 
     x = to_torch(collate([_request(4), _request(9, seed=2)]))
     out = m(x)

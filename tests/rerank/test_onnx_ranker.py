@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from indexing.errors import ConfigError
-from rerank import onnx_ranker
-from rerank.model import STRATEGIES
-from rerank.onnx_ranker import OnnxExportError, OnnxRanker, cpu_runtime, runtime_name
+from rerank.model import onnx_ranker
+from rerank.model.ranker import STRATEGIES
+from rerank.model.onnx_ranker import OnnxExportError, OnnxRanker, cpu_runtime, runtime_name
 from tests.rerank.test_model import _model, _request
 
 ATOL = 1e-5
@@ -85,7 +85,7 @@ def test_cpu_runtime_falls_back_to_torch_on_auto_and_raises_on_onnx(monkeypatch,
         raise RuntimeError("unsupported operator")
 
     monkeypatch.setattr(torch.onnx, "export", broken)
-    with caplog.at_level(logging.WARNING, logger="rerank.onnx_ranker"):
+    with caplog.at_level(logging.WARNING, logger="rerank.model.onnx_ranker"):
         assert cpu_runtime(m, "auto") is m
     assert "serving the fusion ranker with torch" in caplog.text and "unsupported operator" in caplog.text
     with pytest.raises(OnnxExportError, match="ONNX export of the fusion ranker failed: RuntimeError: unsupported operator"):

@@ -8,8 +8,8 @@ import pytest
 from indexing import fields as F
 from indexing.engines.base import Filters, Range
 from indexing.errors import ConfigError
-from rerank.fusion import FusionInputError
-from rerank.opensearch_bodies import (
+from rerank.retrieval.fusion import FusionInputError
+from rerank.retrieval.opensearch_bodies import (
     first_stage_from_responses,
     hits_from_response,
     hybrid_list_order,
@@ -18,11 +18,11 @@ from rerank.opensearch_bodies import (
     normalization_pipeline_body,
     rrf_pipeline_body,
 )
-from rerank.retrieval import BM25, KNN_IMAGE, KNN_TEXT, fuse_first_stage
+from rerank.retrieval.retriever import BM25, KNN_IMAGE, KNN_TEXT, fuse_first_stage
 
 pytestmark = pytest.mark.contract
 
-spec_mod = pytest.importorskip("indexing.opensearch_spec")
+import indexing.opensearch_spec as spec_mod  # noqa: E402
 
 
 @pytest.fixture(scope="module")

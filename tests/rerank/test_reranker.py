@@ -17,8 +17,9 @@ import pytest
 from indexing import fields as F
 from indexing.engines.base import BulkAction, Hit
 from indexing.errors import ConfigError
-from rerank.model import MODALITIES
+from rerank.model.ranker import MODALITIES
 from rerank.reranker import RankedHit, RankedHits, Reranker
+from workers.composition import build_reranker
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,7 @@ def world(tmp_path_factory):
     from mappings import load_mapping
     from rerank.history import EngineVectorSource, HistoryStore, ProfileService
     from rerank.history.store import upgrade
-    from tests.service.world import untrained_artifact
+    from tests.workers.service.world import untrained_artifact
 
     d = tmp_path_factory.mktemp("reranker")
     text = get_text_encoder("minilm")
@@ -239,7 +240,7 @@ def test_an_encoder_failure_or_a_slow_encoder_degrades_to_first_stage_order(worl
 
 
 def test_model_error_degrades(world):
-    from rerank.model_features import FeatureSpec
+    from rerank.model.inputs import FeatureSpec
 
     art = world[2]
     broken = dataclasses.replace(art, feature_spec=FeatureSpec(history_k=6, hash_buckets=10**7))  # category ids past the embedding table
@@ -301,7 +302,7 @@ def test_search_retrieves_and_reranks(world):
 def test_the_intent_bound_keeps_products_of_another_type_below_the_named_type(world):
     """An artifact with the intent block: the model (untrained, so its preferences are arbitrary) reorders within the
     products of the type the query names; every product of another type comes after them, in the model's order."""
-    from rerank.intent import build_intent_model
+    from rerank.model.intent import build_intent_model
 
     engine, text, art, _history, _ = world
     docs = [{F.ARTICLE_TYPE: a} for a in ARTICLES]
@@ -333,11 +334,11 @@ def test_aligned_photo_cache_gives_the_uncached_scores_and_sees_a_new_photo(worl
     import torch
 
     from mappings import load_mapping
-    from rerank.alignment import Alignment, AlignmentConfig, build_head
-    from rerank.artifacts import EncoderRef, load_artifact, save_artifact
+    from rerank.model.alignment import Alignment, AlignmentConfig, build_head
+    from rerank.model.artifact import EncoderRef, load_artifact, save_artifact
     from rerank.history import EngineVectorSource, ProfileService
-    from rerank.model import RankerConfig, build_ranker
-    from rerank.model_features import FeatureSpec
+    from rerank.model.ranker import RankerConfig, build_ranker
+    from rerank.model.inputs import FeatureSpec
 
     engine, text, _art, history, _d = world
     index = "products_with_photos"
@@ -425,7 +426,7 @@ class GatedRanker:
 def test_micro_batched_concurrent_calls_share_forward_passes_and_match_direct_scores(world):
     import threading
 
-    from rerank.batching import MicroBatcher
+    from rerank.model.batching import MicroBatcher
 
     direct = _reranker(world, budget_ms=10_000)
     batched = _reranker(world, budget_ms=10_000, micro_batch=True)
@@ -463,7 +464,7 @@ def test_micro_batched_concurrent_calls_share_forward_passes_and_match_direct_sc
 def test_a_full_micro_batch_queue_fails_open_as_overloaded(world):
     import threading
 
-    from rerank.batching import MicroBatcher, Overloaded
+    from rerank.model.batching import MicroBatcher, Overloaded
 
     gated = GatedRanker(world[2].ranker)
     r = _reranker(world, budget_ms=10_000, micro_batch=True)
@@ -492,7 +493,7 @@ def test_a_full_micro_batch_queue_fails_open_as_overloaded(world):
 
 
 def test_micro_batch_wait_past_the_budget_is_a_timeout(world):
-    from rerank.batching import MicroBatcher
+    from rerank.model.batching import MicroBatcher
 
     gated = GatedRanker(world[2].ranker)
     r = _reranker(world, budget_ms=2_000, micro_batch=True)
@@ -514,18 +515,18 @@ def test_from_settings_serves_the_installed_model_and_refuses_without_one(world,
     engine, text, art, _history, d = world
     settings = load_settings(data_dir=str(tmp_path), index_alias=INDEX, device="cpu", rerank_budget_ms=10_000.0)  # the wiring, not the budget (a shared CPU)
     with pytest.raises(ModelArtifactError, match="fusionrank demo"):
-        Reranker.from_settings(settings, engine=engine)
+        build_reranker(settings, engine=engine)
     model_dir, version = install_model(settings, art.path)
     assert version == art.version.replace(":", "-") and (tmp_path / "models" / "current").resolve() == model_dir.resolve()
     assert install_model(settings, art.path)[0] == model_dir  # idempotent
     with pytest.raises(Exception, match="not migrated|no history database"):
-        Reranker.from_settings(settings, engine=engine)  # the history DB of this data dir was never migrated
-    r = Reranker.from_settings(settings, engine=engine, history=False)
+        build_reranker(settings, engine=engine)  # the history DB of this data dir was never migrated
+    r = build_reranker(settings, engine=engine, history=False)
     assert r.model.version == art.version and r.budget_ms == settings.rerank_budget_ms and r.batcher is None  # CPU: no micro-batching
     assert r.diversity == 0.0
     per_index = load_settings(data_dir=str(tmp_path), index_alias=INDEX, device="cpu", rerank_budget_ms=10_000.0, diversity=0.2,
                               diversity_by_index={INDEX: "auto"}, diversity_colour_weight=0.0)
-    r2 = Reranker.from_settings(per_index, engine=engine, history=False)
+    r2 = build_reranker(per_index, engine=engine, history=False)
     assert r2.diversity == "auto" and r2.diversity_config.colour_weight == 0.0  # the index's own default, over the global one
     resp = _bm25_response(engine)
     out = r.rerank("black leather shoes", resp)
@@ -541,7 +542,7 @@ def test_from_settings_encodes_queries_with_the_int8_backend_when_asked(world, t
     settings = load_settings(data_dir=str(tmp_path), index_alias=INDEX, device="cpu", query_text_backend="onnx-int8",
                              rerank_budget_ms=10_000.0)  # the backend, not the budget: CI failed once at 56.9 ms of 50
     install_model(settings, art.path)
-    r = Reranker.from_settings(settings, engine=engine, history=False)  # the agreement check passed at start-up
+    r = build_reranker(settings, engine=engine, history=False)  # the agreement check passed at start-up
     assert r.text_encoder.backend == "onnx-int8" and r.text_encoder.model_id != text.model_id
     resp = _bm25_response(engine)
     out = r.rerank("black leather shoes", resp)
@@ -550,7 +551,7 @@ def test_from_settings_encodes_queries_with_the_int8_backend_when_asked(world, t
 
 
 def test_bench_rerank_reports_latency_and_the_cross_encoder_ratio(world):
-    from rerank.bench_rerank import bench_rerank
+    from workers.bench.rerank import bench_rerank
     from rerank.evaluation.trainers import CrossEncoderModel
 
     r = _reranker(world, budget_ms=10_000)
@@ -674,8 +675,8 @@ def test_request_features_are_what_rerank_scores(world):
 def test_bench_batch_saves_replays_and_times_direct_and_micro_batched(world, tmp_path):
     import numpy as np
 
-    from rerank.bench_batch import export_requests, load_requests, run_batch_bench, save_requests
-    from rerank.model_features import ARRAY_FIELDS
+    from workers.bench.batch import export_requests, load_requests, run_batch_bench, save_requests
+    from rerank.model.inputs import ARRAY_FIELDS
 
     r = _reranker(world, budget_ms=10_000)
     reqs = export_requests(r, ["black shoes", "red dress", "leather bag", "blue jeans"], ["u1", None], candidates=8)
@@ -704,7 +705,7 @@ def test_bench_batch_saves_replays_and_times_direct_and_micro_batched(world, tmp
 def test_bench_batch_refuses_what_it_cannot_replay(world, tmp_path):
     import numpy as np
 
-    from rerank.bench_batch import load_requests, main, parse_levels, run_batch_bench, save_requests
+    from workers.bench.batch import load_requests, main, parse_levels, run_batch_bench, save_requests
 
     with pytest.raises(ConfigError, match="does not exist"):
         load_requests(tmp_path / "none.npz")

@@ -10,8 +10,8 @@ import pytest
 from indexing import fields as F
 from indexing.engines.base import Filters
 from indexing.errors import ConfigError, UnknownNameError
-from rerank.features import feature_names, first_stage_features
-from rerank.retrieval import BM25, KNN_IMAGE, KNN_TEXT, RetrievalConfig, Retriever, fuse_first_stage
+from rerank.retrieval.signals import feature_names, first_stage_features
+from rerank.retrieval.retriever import BM25, KNN_IMAGE, KNN_TEXT, RetrievalConfig, Retriever, fuse_first_stage
 from tests.rerank.evaldata import build_fashion_slice
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,7 @@ def test_query_image_searches_image_vec(indexed):
     assert cs.lists == (KNN_IMAGE,) and set(cs.skipped) == {BM25, KNN_TEXT}
     assert cs.candidates[0].id == target[F.ID]  # the product's own photo is its nearest neighbour
     assert all(c.signals[KNN_IMAGE].missing is False for c in cs.candidates)
-    assert all(not c.source.get(F.HAS_IMAGE) is False for c in r.retrieve("", query_image=photo, with_source=True).candidates)
+    assert all(c.source.get(F.HAS_IMAGE) is not False for c in r.retrieve("", query_image=photo, with_source=True).candidates)
 
 
 def test_query_to_image_space_hook_lets_a_text_query_search_image_vec(indexed):

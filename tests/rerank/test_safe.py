@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from indexing.errors import ConfigError
-from rerank.features import PER_LIST
-from rerank.retrieval import LISTS
+from rerank.retrieval.signals import PER_LIST
+from rerank.retrieval.retriever import LISTS
 from rerank.safe import SAFE_CHOICE, decide_serving, order, response_block, serving_of, signal_scores
 
 
@@ -123,7 +123,7 @@ def test_train_on_labels_independent_of_every_input_serves_the_best_signal(share
     from indexing import fields as F
     from indexing.encoders import get_text_encoder
     from indexing.engines import create_engine
-    from rerank.artifacts import load_artifact
+    from rerank.model.artifact import load_artifact
     from rerank.reranker import Reranker
     from workers.cli import app
 

@@ -10,8 +10,8 @@ import torch
 
 from indexing import fields as F
 from indexing.errors import CatalogError, ConfigError
-from rerank.metrics import ndcg_at_k
-from rerank.train import DatasetSpec, TrainConfig, histories, lambda_loss, listwise_softmax_loss, read_events, train_ranker
+from rerank.datasets.metrics import ndcg_at_k
+from rerank.training.ranker import DatasetSpec, TrainConfig, histories, lambda_loss, listwise_softmax_loss, read_events, train_ranker
 
 
 def test_listwise_losses_prefer_the_graded_order():
@@ -54,8 +54,8 @@ def test_bad_training_requests_are_refused(tmp_path):
 @pytest.mark.slow
 def test_training_on_a_real_slice_learns_and_writes_an_artifact(shared_data, tmp_path):
     """80 fashion dev queries, 10 judged products each (text only: no photos in the slice)."""
-    from rerank.artifacts import load_artifact
-    from rerank.train import fit  # noqa: F401  (the loop under test, run by train_ranker)
+    from rerank.model.artifact import load_artifact
+    from rerank.training.ranker import fit  # noqa: F401  (the loop under test, run by train_ranker)
     from tests.rerank.evaldata import build_fashion_slice
     from workers.jobs import run_index_job
     from workers.settings import load_settings
@@ -82,8 +82,8 @@ def test_training_on_a_real_slice_learns_and_writes_an_artifact(shared_data, tmp
     types = {r["article_type"] for r in csv.DictReader(open(sl.catalog)) if r["article_type"]}
     assert art.intent is not None and set(art.intent.names[F.ARTICLE_TYPE]) == types
     assert rep["intent"]["values"][F.ARTICLE_TYPE] == len(types) and rep["intent"]["bound"] == [F.ARTICLE_TYPE]
-    from rerank.evaluation.data import read_qrels
-    from rerank.metrics import map_gains
+    from rerank.datasets.data import read_qrels
+    from rerank.datasets.metrics import map_gains
 
     qrels = read_qrels(sl.qrels)
     splits_file = info["splits_file"]

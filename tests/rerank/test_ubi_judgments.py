@@ -6,8 +6,8 @@ import json
 import random
 from pathlib import Path
 
-from rerank.evaluation.data import read_qrels, read_queries
-from rerank.evaluation.ubi_judgments import ubi_query_id, write_ubi_judgments
+from rerank.datasets.data import read_qrels, read_queries
+from rerank.datasets.ubi_judgments import ubi_query_id, write_ubi_judgments
 
 
 def _log(d: Path, seed: int = 0) -> Path:

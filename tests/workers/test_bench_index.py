@@ -1,6 +1,6 @@
 import pytest
 
-from workers.bench_index import run_index_bench
+from workers.bench.index import run_index_bench
 from workers.settings import load_settings
 
 pytestmark = pytest.mark.slow

@@ -32,10 +32,10 @@ REDIS_DB = 11  # a database of its own on the shared Redis, flushed by this modu
 class Worker:
     """A real `fusionrank worker` process in its own process group (so SIGKILL takes its children too)."""
 
-    def __init__(self, env: dict[str, str], name: str):
+    def __init__(self, env: dict[str, str], name: str, queues: str = "embed,index"):
         self.lines: "queue.Queue[str]" = queue.Queue()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "worker", "-Q", "embed,index", "-c", "1", "-n", f"{name}@%h"],
+            [sys.executable, "-m", "workers.cli", "worker", "-Q", queues, "-c", "1", "-n", f"{name}@%h"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         threading.Thread(target=self._pump, daemon=True).start()

@@ -34,8 +34,8 @@ def test_demo_runs_end_to_end_on_a_generated_catalog(tmp_path, monkeypatch):
 
 
 def test_demo_trains_the_fusion_model_and_installs_it_for_the_drop_in_call(tmp_path, monkeypatch):
-    """After the demo, ``Reranker.from_settings()`` serves its model over its index with no other set-up."""
-    from rerank.reranker import Reranker
+    """After the demo, ``build_reranker()`` serves its model over its index with no other set-up."""
+    from workers.composition import build_reranker
 
     monkeypatch.setenv("FUSIONRANK_SHARED_DATA", str(tmp_path / "no-shared-data"))
     monkeypatch.setenv("FUSIONRANK_DEVICE", "cpu")
@@ -48,7 +48,7 @@ def test_demo_trains_the_fusion_model_and_installs_it_for_the_drop_in_call(tmp_p
     serving = out["steps"]["serving"]
     assert serving["installed"] is True and serving["index"] and serving["model_version"]
 
-    r = Reranker.from_settings(history=False)
+    r = build_reranker(history=False)
     hits = r.engine.bm25_search(r.index, "red handbag", size=10)
     assert len(hits) >= 2
     resp = {"hits": {"hits": [{"_id": h.id, "_score": h.score} for h in hits]}}

@@ -36,7 +36,7 @@ def _engine(path, index, mapping, *, colour: bool, alias: str) -> None:
 @pytest.fixture
 def world(tmp_path):
     """An eval-cache engine with a products-v3 index and a model whose colour head reads image_colour."""
-    from rerank.artifacts import CONFIG_FILE
+    from rerank.model.artifact import CONFIG_FILE
     import json
 
     src = tmp_path / "eval" / "engine"

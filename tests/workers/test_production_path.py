@@ -1,4 +1,4 @@
-"""The README's production steps (section "Production stack"), minus the docker lines, end to end against the
+"""The production steps of docs/operations.md (section "Production stack"), minus the docker lines, end to end against the
 session's real OpenSearch node (marked ``opensearch`` and ``slow``).
 
 Each step is the real CLI (the venv's ``fusionrank`` console script) in a subprocess, from a node with no
@@ -150,7 +150,7 @@ def _cleanup_node(eng, setup: dict | None, extra_pipelines: list[str]) -> None:
 def test_the_readme_production_steps_serve_reranked_search_from_an_empty_node(prod_env, opensearch_node, tmp_path):
     from indexing.catalog import Product, read_catalog
     from indexing.encoders import get_text_encoder
-    from rerank import opensearch_pipeline as P
+    from rerank.retrieval import opensearch_pipeline as P
 
     env = prod_env
     eng = opensearch_node.engine()

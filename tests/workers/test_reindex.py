@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,7 +212,7 @@ def test_sigkilled_job_is_resumed_from_its_record(env, step):
 
 
 def test_searches_during_a_reindex_never_fail_nor_see_a_partial_index(env, tmp_path):
-    from workers.reindex_bench import Searcher
+    from workers.bench.reindex import Searcher
 
     s, eng, store, cat = env
     reader = create_engine("local", path=tmp_path / "data" / "engine")  # its own instance, as another process

@@ -15,7 +15,7 @@ EXAMPLE_QUERIES = ("black casual shoes for men", "women's red handbag")
 
 def demo_data(settings, *, synthetic: bool, synthetic_size: int):
     """``(DatasetSpec, synthetic)``: the fashion benchmark from the shared data folder, or a catalog generated in the data dir."""
-    from rerank.train import DatasetSpec
+    from rerank.training.ranker import DatasetSpec
 
     fashion = settings.fashion_dir
     if fashion is not None and not synthetic:
@@ -34,7 +34,7 @@ def demo_data(settings, *, synthetic: bool, synthetic_size: int):
 
 
 def install_for_serving(settings, idx, artifact: str | None, say) -> dict:
-    """Make the demo's index and trained fusion model what ``Reranker.from_settings()`` / ``fusionrank serve`` use."""
+    """Make the demo's index and trained fusion model what ``build_reranker()`` / ``fusionrank serve`` use."""
     from workers.deploy import install_local_index, install_model, install_opensearch_index, model_fits
 
     if artifact is None:
@@ -57,7 +57,7 @@ def install_for_serving(settings, idx, artifact: str | None, say) -> dict:
         engine_path, index, note = install_local_index(settings, idx.path / "engine", idx.alias, fits=model_fits(artifact))
     model_dir, version = install_model(settings, artifact)
     say(f"      serving: model {version} installed as {settings.effective_model_dir}; index alias {settings.index_alias!r} -> {index} ({note}).")
-    say("      The drop-in call now works: Reranker.from_settings().rerank(query, opensearch_response, user_id=...)")
+    say("      The drop-in call now works: build_reranker().rerank(query, opensearch_response, user_id=...)")
     return {"installed": True, "model_dir": str(model_dir), "model_version": version, "engine": str(engine_path), "index": index, "note": note}
 
 
@@ -119,7 +119,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             say("[3/5] no shopper history for the synthetic catalog: skipped")
 
         from indexing.encoders import get_text_encoder
-        from rerank.retrieval import Retriever
+        from rerank.retrieval.retriever import Retriever
 
         retriever = Retriever(idx.engine, idx.alias, text_encoder=get_text_encoder(settings.text_model, backend=settings.text_backend, device=settings.device))
         say("[4/5] hybrid search (BM25 + kNN on text vectors, RRF), top 3:")

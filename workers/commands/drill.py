@@ -20,7 +20,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Stop Redis and PostgreSQL, break the engine, make the model raise, send hostile requests and hold a load,
         all against a served synthetic world on private local servers; per drill: requests, failed, lost, 5xx."""
-        from rerank.service.drill import run_drills
+        from workers.drill.drill import run_drills
 
         say = (lambda m: typer.echo(f"[drill] {m}", err=True)) if sys.stderr.isatty() or not as_json else None
         report = run_drills(hold_s=hold_seconds, load_s=load_seconds, clients=clients, size=products, seed=seed, progress=say)

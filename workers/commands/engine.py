@@ -28,7 +28,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         engine: Optional[str] = engine_opt.option(),
     ) -> None:
         """Build an index of synthetic products (local engine in a temp dir, or OpenSearch) and time BM25, kNN and filtered kNN."""
-        from indexing.bench_engine import run_engine_bench
+        from workers.bench.engine import run_engine_bench
         from workers.settings import load_settings
 
         engine_opt.use(engine)

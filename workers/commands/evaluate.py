@@ -152,7 +152,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                                 "these lambdas, e.g. 0,0.1,0.3,auto: one trade-off row per lambda (several: JSON by_diversity)."),
         diversity_option: list[str] = typer.Option([], "--diversity-option", help="The diversity step's settings, KEY=VALUE (repeatable): "
                                                    "text_weight, image_weight, colour_weight, auto_max, qualifier_weight, history_scale, relevance_window "
-                                                   "(default: FUSIONRANK_DIVERSITY_*)."),
+                                                   "(default: the FUSIONRANK_DIVERSITY_TEXT_WEIGHT/_IMAGE_WEIGHT/_COLOUR_WEIGHT settings)."),
         attributes_catalog: Optional[Path] = typer.Option(None, "--attributes-catalog", help="Count distinct@10 (type, colour, brand) with "
                                                           "this catalog's values instead of the index's (e.g. one with the colours the "
                                                           "evaluated catalog withheld)."),
@@ -160,7 +160,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Evaluate baselines on a catalog + queries + graded qrels (NDCG@10, MRR@10, Recall@100, judged@10, and the
         diversity of each top 10: ild@10, distinct@10 per attribute)."""
         from rerank.evaluation.harness import EvalRequest, evaluate
-        from rerank.train import DatasetSpec
+        from rerank.training.ranker import DatasetSpec
         from rerank.evaluation.report import format_table, format_tradeoff, plot_ndcg, plot_tradeoff
         from workers.jobs import run_index_job
         from workers.settings import load_settings

@@ -114,7 +114,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     ) -> None:
         """Fit the click models (pbm by EM, sdbn, naive ctr) on a UBI log and compare them on held-out searches."""
-        from rerank import clicks as C
+        from rerank.datasets import clicks as C
 
         if log is not None:
             from rerank.history.ubi import read_log
@@ -153,7 +153,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ubi_searches: int = typer.Option(15_000, "--ubi-searches", min=1, help="searches of the synthetic UBI log imported (about 12 events each)"),
     ) -> None:
         """Import throughput (events CSV; a UBI log, imported twice) and profile latency (cold from SQL, warm from the cache)."""
-        from rerank.bench_history import run_history_bench
+        from workers.bench.history import run_history_bench
 
         result = run_history_bench(sql_url, users=users, events=events_n, products=products, samples=samples, seed=seed, ubi_searches=ubi_searches)
         typer.echo(json.dumps(result, indent=None if as_json else 2))

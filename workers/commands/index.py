@@ -74,7 +74,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         engine: Optional[str] = engine_opt.option(),
     ) -> None:
         """Indexing throughput: text/image encoders alone vs the whole pipeline on the same products."""
-        from workers.bench_index import run_index_bench
+        from workers.bench.index import run_index_bench
         from workers.settings import load_settings
 
         engine_name = engine_opt.use(engine)

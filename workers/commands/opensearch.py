@@ -3,7 +3,7 @@
 
 Creates (in order) the ML Commons cluster settings, an HTTP connector to ``{service_url}/v1/rerank``, a remote
 model (registered and deployed) and a search pipeline whose ``rerank`` processor uses it; the bodies come from
-:mod:`rerank.opensearch_pipeline`. The cluster is ``FUSIONRANK_OPENSEARCH_URL`` (with
+:mod:`rerank.retrieval.opensearch_pipeline`. The cluster is ``FUSIONRANK_OPENSEARCH_URL`` (with
 ``FUSIONRANK_OPENSEARCH_USER`` / ``..._PASSWORD`` / ``..._CA_CERTS``) or ``--opensearch-url``; the connector's
 credential is the service's API key (``FUSIONRANK_API_KEY``, or the variable named by ``--api-key-env``).
 """
@@ -64,7 +64,7 @@ def _setup_plugin_pipeline(service_url: str, pipeline_name: str, api_key_env: Op
                            image: bool, budget_ms: int, opensearch_url: Optional[str], dry_run: bool, as_json: bool,
                            ignored: dict[str, Any]) -> None:
     from indexing.errors import ConfigError
-    from rerank.opensearch_pipeline import PluginPipelineConfig, plugin_planned_steps, redacted_steps, setup_plugin_pipeline
+    from rerank.retrieval.opensearch_pipeline import PluginPipelineConfig, plugin_planned_steps, redacted_steps, setup_plugin_pipeline
     from workers.settings import load_settings
 
     given = [name for name, value in ignored.items() if value]
@@ -163,7 +163,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             _setup_plugin_pipeline(service_url, pipeline_name, api_key_env, first_stage, weights, image, budget_ms, opensearch_url, dry_run, as_json,
                                    ignored={"--document-field": document_field, "--model-group": model_group, "--model-id": model_id})
             return
-        from rerank.opensearch_pipeline import DEFAULT_DOCUMENT_FIELDS, REDACTED, PipelineConfig, planned_steps, redacted_steps, setup_search_pipeline
+        from rerank.retrieval.opensearch_pipeline import DEFAULT_DOCUMENT_FIELDS, REDACTED, PipelineConfig, planned_steps, redacted_steps, setup_search_pipeline
         from workers.settings import load_settings
 
         settings = load_settings()

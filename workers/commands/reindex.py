@@ -183,7 +183,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         engine: Optional[str] = engine_opt.option(),
     ) -> None:
         """Reindex with unchanged models (vectors reused) and with a changed text model, under concurrent searches."""
-        from workers.reindex_bench import run_reindex_bench
+        from workers.bench.reindex import run_reindex_bench
         from workers.settings import load_settings
 
         engine_name = engine_opt.use(engine)

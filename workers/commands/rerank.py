@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,7 +15,7 @@ from workers.commands import bench_engine_option as engine_opt
 def bench_inputs(settings, limit: int) -> tuple[list[str], list[str | None]]:
     """Queries and users: the simulated shoppers' personal queries of the fashion benchmark when present
     (each with its user, so every call looks a profile up), else the demo's example queries, no user."""
-    from rerank.evaluation.data import read_queries
+    from rerank.datasets.data import read_queries
 
     fashion = settings.fashion_dir
     if fashion is not None and (fashion / "bench" / "dev" / "personal_queries.tsv").is_file():
@@ -47,9 +46,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Rerank latency (query encoding, vector fetch, profile lookup, model) p50/p99 vs the cross-encoder p50."""
         from indexing.encoders import limit_threads, resolve_device
-        from rerank.bench_rerank import bench_rerank
+        from workers.bench.rerank import bench_rerank
         from rerank.evaluation.trainers import CrossEncoderModel
         from rerank.reranker import Reranker
+        from workers.composition import build_reranker
         from workers.settings import load_settings
 
         from rerank.diversity import parse_diversity
@@ -58,7 +58,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         engine_name = engine_opt.use(engine)
         settings = load_settings(rerank_budget_ms=budget_ms)
         limit_threads(threads)  # torch, numpy's BLAS, and the onnx-int8 text encoder when it loads (below)
-        served = Reranker.from_settings(settings)
+        served = build_reranker(settings)
         reranker = Reranker(served.engine, served.index, served.model, text_encoder=served.text_encoder, image_encoder=served.image_encoder,
                             history=served.history, budget_ms=budget_ms, micro_batch=micro_batch,
                             stands_in_for=served.stands_in_for, diversity=served.diversity,
@@ -96,7 +96,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         With neither --save-features nor --features: build the requests here and run at once."""
         from indexing.encoders import limit_threads
-        from rerank.bench_batch import export_requests, load_requests, parse_levels, run_batch_bench, save_requests
+        from workers.bench.batch import export_requests, load_requests, parse_levels, run_batch_bench, save_requests
         from workers.settings import load_settings
 
         lv = parse_levels(levels)
@@ -107,9 +107,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         settings = load_settings(rerank_budget_ms=10_000.0)  # building features is not timed: never fail open
         model_dir = model or settings.effective_model_dir
         if features is None:
-            from rerank.reranker import Reranker
+            from workers.composition import build_reranker
 
-            served = Reranker.from_settings(settings)
+            served = build_reranker(settings)
             try:
                 queries, users = bench_inputs(settings, requests)
                 queries = [queries[i % len(queries)] for i in range(requests)]

@@ -28,20 +28,11 @@ DEFAULT_SWITCH_INTERVAL_MS = 1.0
 
 
 def switch_interval_ms() -> float:
-    """``FUSIONRANK_SERVE_SWITCH_INTERVAL_MS`` (milliseconds, 0.01 to 1000) when set, else
-    :data:`DEFAULT_SWITCH_INTERVAL_MS`; anything else is a :class:`~indexing.errors.ConfigError` naming the value."""
-    from indexing.errors import ConfigError
+    """The ``serve_switch_interval_ms`` setting (``FUSIONRANK_SERVE_SWITCH_INTERVAL_MS``, 0.01 to 1000 ms, default
+    :data:`DEFAULT_SWITCH_INTERVAL_MS`); anything else is a :class:`~indexing.errors.ConfigError` naming the variable."""
+    from workers.settings import load_settings
 
-    raw = os.environ.get(SWITCH_INTERVAL_ENV, "").strip()
-    if not raw:
-        return DEFAULT_SWITCH_INTERVAL_MS
-    try:
-        ms = float(raw)
-    except ValueError:
-        ms = float("nan")
-    if not 0.01 <= ms <= 1000.0:  # also refuses nan and inf
-        raise ConfigError(f"{SWITCH_INTERVAL_ENV} must be a number of milliseconds from 0.01 to 1000, got {raw!r}")
-    return ms
+    return load_settings().serve_switch_interval_ms
 
 
 def setup_server_process(threads: int) -> None:
@@ -52,7 +43,7 @@ def setup_server_process(threads: int) -> None:
     the query-encoding thread). A thread that wants the GIL while another computes in Python waits for the holder to
     release it, up to the switch interval (5 ms by default), so a request parsed on the loop or a query handed to
     the encoder sat waiting behind feature code. Measured with ``bench serve --synthetic --server-workers 2`` at
-    concurrency 8 (README, *bench serve*)."""
+    concurrency 8 (docs/service.md, *bench serve*)."""
     import sys
 
     from indexing.encoders import limit_threads
@@ -65,19 +56,21 @@ def app_factory():
     """``uvicorn --factory workers.commands.serve:app_factory``: settings from the environment. For several worker
     processes prefer ``fusionrank serve --workers N`` (:func:`run_workers`): plain ``uvicorn --workers N`` leaves
     Nagle's algorithm on in the workers' connections (see :func:`tcp_nodelay`), ~40 ms on every response."""
-    from rerank.service.app import create_app
-    from rerank.service.state import ServiceState
+    from workers.service.app import create_app
+    from workers.service.state import ServiceState
     from workers.settings import load_settings
 
     from indexing.encoders import threads_from_env
+    from workers.settings import apply_process_settings
 
     setup_server_process(threads_from_env())
-    root = os.environ.get(IMAGES_ROOT_ENV)
-    state = ServiceState.loading(load_settings(), auth=os.environ.get(NO_AUTH_ENV) != "1", images_root=Path(root) if root else None,
-                                 freeze_gc=True)
-    from rerank.service.balance import from_env
+    settings = load_settings()
+    apply_process_settings(settings)
+    state = ServiceState.loading(settings, auth=not settings.serve_no_auth, images_root=settings.serve_images_root, freeze_gc=True)
+    state.watch_model = True  # follow `fusionrank model promote | rollback` and the retrain task's promotions
+    from workers.service.balance import from_settings
 
-    return create_app(state, balancer=from_env())  # fusionrank serve --workers N: even out keep-alive connections
+    return create_app(state, balancer=from_settings(settings))  # fusionrank serve --workers N: even out keep-alive connections
 
 
 def tcp_nodelay(sock: socket.socket) -> socket.socket:
@@ -127,7 +120,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         http: str = typer.Option("auto", "--http", help="uvicorn HTTP/1.1 parser: auto (httptools when installed) | h11 | httptools."),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Compute threads per worker process (torch, numpy BLAS, "
                                               "onnxruntime); default: OMP_NUM_THREADS when set, else 1."),
-        balance: bool = typer.Option(True, "--balance/--no-balance", envvar="FUSIONRANK_SERVE_BALANCE",
+        balance: bool = typer.Option(True, "--balance/--no-balance",
                                      help="With --workers N: a worker holding 2+ keep-alive connections more than the least "
                                           "loaded one closes one after its response, so connections even out."),
     ) -> None:
@@ -135,8 +128,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         import uvicorn
 
         from indexing.errors import ConfigError
-        from rerank.service.app import create_app
-        from rerank.service.state import ServiceState
+        from workers.service.app import create_app
+        from workers.service.state import ServiceState
         from workers.settings import load_settings
 
         from indexing.encoders import threads_from_env
@@ -151,6 +144,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             raise typer.Exit(2) from None
         settings = load_settings()
         state = ServiceState.loading(settings, auth=not no_auth, images_root=images_root.resolve() if images_root else None, freeze_gc=True)
+        state.watch_model = True  # follow `fusionrank model promote | rollback` and the retrain task's promotions
         try:
             state.check_auth_config()
         except ConfigError as e:
@@ -161,13 +155,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             import shutil
             import tempfile
 
-            from rerank.service.balance import BALANCE_FILE_ENV, WORKERS_ENV
+            from workers.service.balance import BALANCE_FILE_ENV, WORKERS_ENV
 
             os.environ[NO_AUTH_ENV] = "1" if no_auth else "0"
             if images_root:
                 os.environ[IMAGES_ROOT_ENV] = str(images_root.resolve())
             shared = tempfile.mkdtemp(prefix="fusionrank-serve-") if balance else None  # the workers' connection counts
-            if shared:  # read by the workers' rerank.service.balance.from_env
+            if shared:  # read by the workers' settings (workers.service.balance.from_settings)
                 os.environ[BALANCE_FILE_ENV], os.environ[WORKERS_ENV] = os.path.join(shared, "connections"), str(workers)
             else:
                 os.environ.pop(BALANCE_FILE_ENV, None)
@@ -195,6 +189,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         server_workers: int = typer.Option(1, "--server-workers", min=1, max=64, help="uvicorn worker processes of the server under load."),
         engine: Optional[str] = engine_opt.option(),
+        compare_ubi_record: bool = typer.Option(False, "--compare-ubi-record", help="servers with the UBI recording (FUSIONRANK_UBI_RECORD) "
+                                                "off and on, alternating over two rounds: p50/p99 of each and the difference"),
         via_opensearch: bool = typer.Option(False, "--via-opensearch", help="searches through an OpenSearch node with the fusionrank pipeline vs "
                                             "without it (synthetic world; the dev node unless --opensearch-url); default levels 1,8"),
         opensearch_url: Optional[str] = typer.Option(None, "--opensearch-url", help="--via-opensearch: a cluster with the fusionrank plugin "
@@ -203,13 +199,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Loopback load on a real uvicorn server: POST /rerank with an OpenSearch response of N hits, at each
         concurrency level: rps, p50, p99; plus the HTTP overhead over the in-process call."""
-        from rerank.service.bench import run_serve_bench
+        from workers.bench.serve import run_serve_bench
 
         lv = tuple(int(x) for x in levels.split(",") if x.strip())
         if not lv or min(lv) < 1:
             raise typer.BadParameter("--concurrency takes positive integers, e.g. 1,8,32")
         if via_opensearch:
-            from workers.bench_via_opensearch import run_via_opensearch_bench
+            from workers.bench.via_opensearch import run_via_opensearch_bench
 
             if levels == "1,8,32":
                 lv = (1, 8)
@@ -223,6 +219,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         if synthetic and engine_name != "local":
             raise typer.BadParameter("--synthetic serves a generated catalog on the local engine; leave --engine out or say local")
         result = run_serve_bench(synthetic=synthetic, synthetic_size=synthetic_size, requests=requests_n,
-                                 candidates=candidates, levels=lv, seed=seed, server_workers=server_workers)
+                                 candidates=candidates, levels=lv, seed=seed, server_workers=server_workers,
+                                 compare_ubi_record=compare_ubi_record)
         result = {"engine": engine_name, **result}
         typer.echo(json.dumps(result, indent=None if as_json else 2))

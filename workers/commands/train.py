@@ -47,15 +47,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                                        "(a queries TSV; e.g. the ones you will evaluate on)."),
     ) -> None:
         """Train the fusion ranker (alignment, listwise loss, early stopping) and write its artifact."""
-        from rerank.train import DatasetSpec, TrainConfig, train_ranker
+        from rerank.training.ranker import DatasetSpec, TrainConfig, train_ranker
         from workers.jobs import run_index_job
         from workers.settings import load_settings
 
         settings = load_settings()
         show = sys.stderr.isatty() if progress is None else progress
         if from_ubi is not None:
-            from rerank.evaluation.data import read_queries
-            from rerank.evaluation.ubi_judgments import write_ubi_judgments
+            from rerank.datasets.data import read_queries
+            from rerank.datasets.ubi_judgments import write_ubi_judgments
 
             if catalog is None or queries is not None or qrels is not None:
                 raise typer.BadParameter("--from-ubi takes --catalog (the products the log shows) and no --queries/--qrels")

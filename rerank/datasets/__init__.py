@@ -1,0 +1,3 @@
+"""What training and evaluation share: query and judgment readers (:mod:`~rerank.datasets.data`), seeded splits
+(:mod:`~rerank.datasets.splits`), ranking metrics (:mod:`~rerank.datasets.metrics`), click models and the judgments
+derived from a UBI log (:mod:`~rerank.datasets.clicks`, :mod:`~rerank.datasets.ubi_judgments`)."""

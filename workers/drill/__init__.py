@@ -1,0 +1,1 @@
+"""The reliability drills (`fusionrank drill`): private servers broken on purpose under load."""

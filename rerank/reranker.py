@@ -57,6 +57,14 @@ on its validation queries, the artifact says so (``config.json`` ``serving``) an
 query-photo cosine), computed from the same inputs, without the forward pass. ``fusionrank.serving`` (and
 ``RankedHits.serving``) says which, and why; each hit's explanation carries ``safe_choice: {signal, score}``.
 
+The query-intent bound (:mod:`rerank.model.intent`; artifacts trained with it carry the catalog's attribute vocabularies):
+after the forward pass, a product whose type contradicts the type the query names goes below every product that does
+not (``_score`` becomes ``model score - tier * (max - min + 1)``), so the history reorders among the products that
+match the query and never lifts one that does not. Each hit's explanation carries ``intent``: its ``tier`` (0: no
+contradiction), its ``model_score`` before the bound and, per attribute the query names (type, colour, gender, usage),
+the named value, the product's value with its ``source`` and ``confidence``, whether it ``agrees`` (None: unknown) and
+whether the attribute ``bounds`` the order. An artifact without the block serves its scores unbounded.
+
 Aligned photos are cached: a candidate's (or history item's) aligned image vector does not depend on the
 query, so the reranker keeps the model alignment's output per product in a bounded LRU
 (:class:`rerank.model.alignment.AlignedCache`, ``aligned_cache_size`` entries, default 50 000; 0 turns it off),
@@ -303,7 +311,12 @@ class Reranker:
 
         art = self.model
         spec = art.feature_spec
-        return [F.TEXT_VEC, F.IMAGE_VEC, *spec.cat_fields, *colour_fields(art.colour if spec.colour else None)]
+        out = [F.TEXT_VEC, F.IMAGE_VEC, *spec.cat_fields, *colour_fields(art.colour if spec.colour else None)]
+        if getattr(art, "intent", None) is not None:  # the intent bound reads attributes, photo-completed ones too
+            from rerank.model.intent import INTENT_ATTRIBUTES, photo_fields
+
+            out += [f for f in (*INTENT_ATTRIBUTES, *photo_fields()) if f not in out]
+        return out
 
     def prefill_aligned_cache(self, *, limit: int | None = None, batch_size: int = 2048, progress: bool = False) -> int:
         """Project the photos of up to ``limit`` indexed products (default: the cache's size) into the aligned-photo
@@ -566,8 +579,20 @@ class Reranker:
             raise
         except Exception as e:  # fail open on any model failure
             raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e
+        explain = scored.explain_all()  # every candidate's explanation in one vectorized pass
+        intent = self.model.intent
+        if intent is not None:  # the query-intent bound: products the query's named type contradicts go below the others
+            from rerank.model.intent import bound_scores
+
+            try:
+                assessed = intent.assess(req.query, [docs.get(c.id) for c in cands])
+                model_scores, scores = scores, bound_scores(scores, assessed.tiers)
+            except Exception as e:  # fail open, as a model failure would
+                raise _Degrade(MODEL_ERROR, f"intent bound: {type(e).__name__}: {e}") from e
+            for ex, ix in zip(explain, assessed.explain_all(model_scores)):
+                ex["intent"] = ix
         self._check_budget(t0, "model", timings, s)
-        return scores.tolist(), scored.explain_all(), req, docs  # every candidate's explanation in one vectorized pass
+        return scores.tolist(), explain, req, docs
 
     def request_features(self, query: str, hits_or_opensearch_response: Any, *, user_id: str | None = None, query_image: Any | None = None) -> Any:
         """The model's inputs for this call (a :class:`rerank.model.inputs.RequestFeatures`), built exactly as

@@ -29,6 +29,7 @@ on the same training split (:class:`FusionInputs`), one training per distinct co
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from contextlib import contextmanager
@@ -286,7 +287,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 #: ``fusion_options`` keys passed to :class:`rerank.training.ranker.TrainConfig` (the rest are refused)
 FUSION_TRAIN_OPTIONS = ("loss", "epochs", "batch_size", "lr", "weight_decay", "patience", "max_minutes", "max_train_candidates",
-                        "d_model", "hidden", "history_k", "use_colour", "min_epochs")
+                        "d_model", "hidden", "history_k", "use_colour", "use_intent", "min_epochs")
 
 
 def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use_history: bool, use_product: bool = True) -> Any:
@@ -474,9 +475,16 @@ class _FusionSystem(System):
             with torch_threads(1):
                 for s in range(0, len(requests), 16):
                     for it, req, scored in zip(ctx.items[s : s + 16], requests[s : s + 16], art.ranker.score_requests(requests[s : s + 16])):
+                        if art.intent is not None:  # the query-intent bound, as the rerank call serves it
+                            from rerank.model.intent import bound_scores
+
+                            tiers = art.intent.assess(req.query, [docs.get(i) for i in req.ids]).tiers
+                            scored = dataclasses.replace(scored, scores=bound_scores(scored.scores, tiers))
                         out.append((it, scored, req, docs))
         rep = art.report or {}
         served = f"serves the safe choice ({serving['signal']}), not the model" if art.serves_safe_choice else "serves the model"
+        if art.intent is not None and not art.serves_safe_choice:
+            served += f" bounded by the query's intent ({', '.join(art.intent.config.bound)})"
         ctx.notes.setdefault(self.name, f"fusion ranker ({art.ranker.config.strategy}, {rep.get('ablation', 'given')}), "
                                         f"artifact {art.version} {served}, best validation NDCG@10 {rep.get('best_validation_ndcg@10', 'n/a')}; {image_list}; "
                                         f"{with_history} of {len(ctx.items)} queries with a user history")

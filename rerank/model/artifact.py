@@ -7,9 +7,10 @@ An artifact directory holds:
   spec (:class:`~rerank.model.inputs.FeatureSpec`), the encoders the inputs come from (model ids and
   dimensions: ``text`` for ``text_vec`` and queries, ``image`` for the raw ``image_vec``), and the
   alignment's metadata (or null when the model was trained without images), and the colour head's
-  (:mod:`rerank.model.colour`; null when the catalog had no colours);
-* ``weights.safetensors``: the ranker's tensors (``ranker.*``), the alignment's (``alignment.*``) and the
-  colour head's (``colour.*``);
+  (:mod:`rerank.model.colour`; null when the catalog had no colours), and the intent bound's (:mod:`rerank.model.intent`:
+  the catalog's attribute vocabularies and the bound's settings; null or absent: the model's scores are served unbounded);
+* ``weights.safetensors``: the ranker's tensors (``ranker.*``), the alignment's (``alignment.*``), the
+  colour head's (``colour.*``) and the intent names' text vectors (``intent.*``);
 * ``training_report.json``: what :mod:`rerank.training.ranker` measured (optional).
 
 ``config.json``'s ``serving`` (:mod:`rerank.safe`) says what the artifact serves: ``{"policy": "model"}`` when training
@@ -33,6 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+import numpy as np
 
 from indexing import fields as F
 from indexing.errors import ModelArtifactError
@@ -71,6 +74,7 @@ class ModelArtifact:
     config: Mapping[str, Any]
     report: Mapping[str, Any]
     colour: Any | None = None  # rerank.model.colour.ColourModel
+    intent: Any | None = None  # rerank.model.intent.IntentModel: the query-intent bound on the model's scores (None: no bound)
 
     @property
     def version(self) -> str:
@@ -100,6 +104,7 @@ def save_artifact(
     image_encoder: EncoderRef | None,
     alignment: Any | None = None,
     colour: Any | None = None,
+    intent: Any | None = None,
     report: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -118,6 +123,10 @@ def save_artifact(
         import torch
 
         tensors.update({f"colour.{k}": torch.from_numpy(v.copy()).contiguous() for k, v in colour.tensors().items()})
+    if intent is not None:
+        import torch
+
+        tensors.update({f"intent.{k}": torch.from_numpy(np.ascontiguousarray(v)).contiguous() for k, v in intent.tensors().items()})
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -133,6 +142,7 @@ def save_artifact(
         "encoders": {"text": text_encoder.to_dict(), "image": image_encoder.to_dict() if image_encoder else None},
         "alignment": alignment.meta() if alignment is not None else None,
         "colour": colour.meta() if colour is not None else None,
+        "intent": intent.meta() if intent is not None else None,
         **dict(extra or {}),
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
@@ -250,6 +260,13 @@ def load_artifact(
         from rerank.model.colour import ColourModel
 
         colour = ColourModel.from_meta(config["colour"], {k[len("colour.") :]: v for k, v in tensors.items() if k.startswith("colour.")})
+    intent = None
+    if config.get("intent"):
+        from rerank.model.intent import IntentModel
+
+        intent = IntentModel.from_meta(config["intent"], {k[len("intent.") :]: v for k, v in tensors.items() if k.startswith("intent.")})
+        if intent.attributes and intent.text_dim != int(config["encoders"]["text"]["dim"]):
+            raise ModelArtifactError(f"{d}: the intent names' vectors have dimension {intent.text_dim}, the text encoder {config['encoders']['text']['dim']}")
     ranker = ranker.to(resolve_device(device)).eval()
     enc = config["encoders"]
     report = json.loads((d / REPORT_FILE).read_text()) if (d / REPORT_FILE).is_file() else {}
@@ -263,6 +280,7 @@ def load_artifact(
         config,
         report,
         colour,
+        intent,
     )
 
 

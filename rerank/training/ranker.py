@@ -120,6 +120,7 @@ class TrainConfig:
     use_history: bool = True
     use_product: bool = True
     use_colour: bool = True  # the colour head and the query-colour inputs (rerank.model.colour), when the catalog has colours
+    use_intent: bool = True  # the query-intent bound on the model's scores (rerank.model.intent), when the catalog has attribute values
     d_model: int = 64
     hidden: int = 128
     history_k: int = 20
@@ -260,6 +261,7 @@ class Example:
     all_gains: Mapping[str, float]  # every judged product's gain (ideal DCG)
     query_id: str
     dataset: str
+    tiers: np.ndarray | None = None  # (N,) the intent bound's tiers (rerank.model.intent; None: no bound), for the verdict
 
 
 @dataclass
@@ -320,6 +322,7 @@ def prepare_dataset(
     config: TrainConfig,
     parts: Sequence[str] = ("train", "validation"),
     colour: Any | None = None,
+    intent: Any | None = None,
 ) -> PreparedDataset:
     """Index (cached), split, first stage, features of one dataset's queries of ``parts``.
 
@@ -399,7 +402,8 @@ def prepare_dataset(
                 with_history += 1
             feats = build_request_features(qvecs[it.query_id], cands, docs, feature_spec, history=h, project=identity, text_dim=dt, image_dim=dt,
                                            colour=colour)
-            out[part].append(Example(feats, gains, dict(it.gains), it.query_id, name))
+            tiers = intent.assess(qvecs[it.query_id], [docs.get(c.id) for c in cands]).tiers if intent is not None and part != "train" else None
+            out[part].append(Example(feats, gains, dict(it.gains), it.query_id, name, tiers))
     held = [p for p in parts if p != "train"]
     info = {
         "catalog": str(spec.catalog),
@@ -593,6 +597,20 @@ def _colour_for(config: TrainConfig, datasets: Sequence[DatasetSpec], *, data_di
         return None
 
 
+def _intent_for(config: TrainConfig, datasets: Sequence[DatasetSpec], *, data_dir: Path, text_encoder: Any, indexer: Callable[[Any, Any], Any]) -> Any | None:
+    """The intent bound (:mod:`rerank.model.intent`) of the datasets' indexes: their documents' attribute values encoded by the
+    text encoder; None (logged) when no document has one (a catalog of titles only)."""
+    from rerank.model.intent import INTENT_ATTRIBUTES, build_intent_model
+
+    def docs() -> Iterator[Mapping[str, Any]]:
+        for ds in datasets:
+            idx = _dataset_index(ds, config, data_dir=data_dir, indexer=indexer)
+            for d in idx.engine.iter_documents(idx.alias):
+                yield {a: d.get(a) for a in INTENT_ATTRIBUTES}
+
+    return build_intent_model(docs(), text_encoder=text_encoder)
+
+
 class _InfoOnly:
     """An image 'encoder' standing for the real one when every photo's features are known already."""
 
@@ -630,10 +648,11 @@ def train_ranker(
         alignment = None
     # the no-image ablation keeps the colour head for its text inputs (query colours, the colour field); it never sees a photo
     colour = _colour_for(config, datasets, data_dir=data_dir, text_encoder=text_encoder, indexer=indexer) if config.use_colour else None
+    intent = _intent_for(config, datasets, data_dir=data_dir, text_encoder=text_encoder, indexer=indexer) if config.use_intent else None
     lists = LISTS if config.use_image else tuple(l for l in LISTS if l != KNN_IMAGE)
     fspec = FeatureSpec(lists=lists, history_k=config.history_k, colour=colour is not None)
     prepared = [prepare_dataset(ds, data_dir=data_dir, indexer=indexer, text_encoder=text_encoder, alignment=alignment, feature_spec=fspec, config=config,
-                                colour=colour) for ds in datasets]
+                                colour=colour, intent=intent) for ds in datasets]
     train = [e for p in prepared for e in p.train]
     valid = {p.name: p.validation for p in prepared}
     rcfg = RankerConfig(
@@ -659,6 +678,7 @@ def train_ranker(
         "datasets": {p.name: p.info for p in prepared},
         "alignment": alignment.report if alignment is not None else None,
         "colour": colour.report if colour is not None else None,
+        "intent": intent.report if intent is not None else None,
         **fit_report,
         "serving": serving,
         "total_seconds": round(time.perf_counter() - t0, 1),
@@ -671,6 +691,7 @@ def train_ranker(
         image_encoder=EncoderRef.of(img_info),
         alignment=alignment,
         colour=colour,
+        intent=intent,
         report=report,
         extra={"ablation": config.ablation, "serving": serving},
     )
@@ -679,14 +700,17 @@ def train_ranker(
 
 def verdict(model: Any, examples: Sequence[Example], spec: FeatureSpec, *, seed: int, batch_size: int = 16) -> dict[str, Any]:
     """The trained model against every first-stage signal on the validation ``examples`` (every dataset's, pooled):
-    :func:`rerank.safe.decide_serving`, the artifact's ``serving`` block."""
+    :func:`rerank.safe.decide_serving`, the artifact's ``serving`` block. The model's scores are judged as served: with
+    the intent bound (:func:`rerank.model.intent.bound_scores`) where the examples carry its tiers."""
+    from rerank.model.intent import bound_scores
     from rerank.safe import decide_serving
 
     rows = []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s : s + batch_size]
         for e, r in zip(chunk, model.score_requests([e.features for e in chunk])):
-            rows.append((tuple(r.ids), np.asarray(r.scores, dtype=np.float64), e.all_gains, e.features))
+            scores = np.asarray(r.scores, dtype=np.float64)
+            rows.append((tuple(r.ids), bound_scores(scores, e.tiers) if e.tiers is not None else scores, e.all_gains, e.features))
     return decide_serving(rows, spec.lists, seed=seed)
 
 

@@ -298,6 +298,36 @@ def test_search_retrieves_and_reranks(world):
     assert set(out.timings) >= {"encode", "fetch", "history", "features", "model", "total"}
 
 
+# ---------------------------------------------------------------- the query-intent bound
+def test_the_intent_bound_keeps_products_of_another_type_below_the_named_type(world):
+    """An artifact with the intent block: the model (untrained, so its preferences are arbitrary) reorders within the
+    products of the type the query names; every product of another type comes after them, in the model's order."""
+    from rerank.model.intent import build_intent_model
+
+    engine, text, art, _history, _ = world
+    docs = [{F.ARTICLE_TYPE: a} for a in ARTICLES]
+    bounded = dataclasses.replace(art, intent=build_intent_model(docs, text_encoder=text))
+    hits = [{"_id": f"p{i}", "_score": float(10 - i)} for i in range(len(TITLES))]
+    plain = _reranker(world, budget_ms=10_000).rerank("leather belts", hits, user_id="u1")
+    out = _reranker(world, model=bounded, budget_ms=10_000).rerank("leather belts", hits, user_id="u1")
+    assert out.degraded is None and sorted(out.ids) == sorted(plain.ids)
+    tiers = {h.id: h.explanation["intent"]["tier"] for h in out.hits}
+    assert tiers["p5"] == 0 and sum(t == 0 for t in tiers.values()) == 1  # only the belt agrees with "belts"
+    assert out.ids[0] == "p5"
+    rest = [i for i in plain.ids if i != "p5"]
+    assert out.ids[1:] == rest  # the others keep the model's order among themselves
+    ex = out.hits[0].explanation["intent"]
+    assert ex["attributes"][F.ARTICLE_TYPE] == {"query": "Belts", "strength": pytest.approx(ex["attributes"][F.ARTICLE_TYPE]["strength"]),
+                                                "product": "Belts", "source": "catalog", "confidence": 1.0, "agrees": True, "bounds": True}
+    model_scores = {h.id: h.score for h in plain.hits}
+    assert all(h.explanation["intent"]["model_score"] == pytest.approx(model_scores[h.id], abs=1e-5) for h in out.hits)
+    assert [h.score for h in out.hits] == sorted((h.score for h in out.hits), reverse=True)
+    # a query naming no type leaves the model's order as it is
+    vague = _reranker(world, model=bounded, budget_ms=10_000).rerank("something for the weekend", hits, user_id="u1")
+    assert vague.ids == _reranker(world, budget_ms=10_000).rerank("something for the weekend", hits, user_id="u1").ids
+    assert all(h.explanation["intent"]["tier"] == 0 for h in vague.hits)
+
+
 # ---------------------------------------------------------------- the aligned-photo cache
 def test_aligned_photo_cache_gives_the_uncached_scores_and_sees_a_new_photo(world, tmp_path):
     import numpy as np

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from indexing import fields as F
 from indexing.errors import CatalogError, ConfigError
 from rerank.datasets.metrics import ndcg_at_k
 from rerank.training.ranker import DatasetSpec, TrainConfig, histories, lambda_loss, listwise_softmax_loss, read_events, train_ranker
@@ -75,6 +76,12 @@ def test_training_on_a_real_slice_learns_and_writes_an_artifact(shared_data, tmp
     # the best validation NDCG@10 beats a random order of the same pools (mean of 20 shuffles)
     art = load_artifact(res.artifact, device="cpu")
     assert art.ranker.config.use_image is False
+    # the intent bound's vocabularies are the slice catalog's own values, and the verdict judged the bounded scores
+    import csv
+
+    types = {r["article_type"] for r in csv.DictReader(open(sl.catalog)) if r["article_type"]}
+    assert art.intent is not None and set(art.intent.names[F.ARTICLE_TYPE]) == types
+    assert rep["intent"]["values"][F.ARTICLE_TYPE] == len(types) and rep["intent"]["bound"] == [F.ARTICLE_TYPE]
     from rerank.datasets.data import read_qrels
     from rerank.datasets.metrics import map_gains
 

@@ -33,6 +33,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         no_history: bool = typer.Option(False, "--no-history", help="Ablation: no user-history input."),
         text_only: bool = typer.Option(False, "--text-only", help="Ablation: text and first-stage inputs only (= --no-image --no-history)."),
         no_colour: bool = typer.Option(False, "--no-colour", help="No colour head (the photo's colour read against the query's; on by default when the catalog has colours)."),
+        no_intent: bool = typer.Option(False, "--no-intent", help="No query-intent bound (by default the product type the query names outranks the model's and the history's preference, when the catalog has types)."),
         align_catalog: Optional[Path] = typer.Option(None, "--align-catalog", help="(title, photo) pairs for the text-image alignment (default: --catalog); e.g. fashion/products.csv for full titles."),
         align_images_root: Optional[Path] = typer.Option(None, "--align-images-root", help="Images root of --align-catalog (default: its folder)."),
         alignment: Optional[Path] = typer.Option(None, "--alignment", help="Use this trained alignment directory instead of training one."),
@@ -91,6 +92,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             use_image=not (no_image or text_only),
             use_history=not (no_history or text_only),
             use_colour=not no_colour,
+            use_intent=not no_intent,
             device=settings.device,
             threads=threads,
             text_model=settings.text_model,
@@ -119,6 +121,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             if col.get("heldout_accuracy") is not None:
                 typer.echo(f"colour head: {col['colours']} colours, held-out accuracy {col['heldout_accuracy']:.3f} "
                            f"(top 3 {col['heldout_top3_accuracy']:.3f}; majority colour {col['majority_accuracy']:.3f})")
+            it = rep.get("intent") or {}
+            if it:
+                typer.echo(f"intent bound: {', '.join(it['bound'])} (catalog values: "
+                           f"{', '.join(f'{a} {n}' for a, n in it['values'].items())}); the verdict judges the bounded scores")
             typer.echo(
                 f"validation NDCG@10 {rep['best_validation_ndcg@10']:.4f} (untrained {rep['untrained_validation_ndcg@10']:.4f}); "
                 f"best epoch {rep['best_epoch']} of {rep['epochs_run']}; {rep['stopped']}"

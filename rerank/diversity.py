@@ -216,18 +216,19 @@ def stack_rows(values: Sequence[Any], *, only: Any = None) -> tuple[np.ndarray |
     ``only``: the indices of the rows to read (the others come out absent: zero, masked), e.g. the candidates the
     diversity step compares."""
     n = len(values)
-    if only is not None:
-        keep = np.zeros(n, dtype=bool)
-        keep[np.asarray(only, dtype=np.intp)] = True
-        values = [v if k else None for v, k in zip(values, keep.tolist())]
-    dim = next((len(v) for v in values if v is not None), 0)
+    idx = range(n) if only is None else np.asarray(only, dtype=np.intp).reshape(-1).tolist()
+    sub = values if only is None else [values[i] for i in idx]
+    dim = next((len(v) for v in sub if v is not None), 0)
     if not dim:
         return None, np.zeros(n, dtype=bool)
-    mask = np.fromiter((v is not None and len(v) == dim for v in values), dtype=bool, count=n)
-    if mask.all():
-        return np.array(values, dtype=np.float32), mask  # one pass over equal-length rows (the common case)
+    ok = [v is not None and len(v) == dim for v in sub]
+    if only is None and all(ok):
+        return np.array(sub, dtype=np.float32), np.ones(n, dtype=bool)  # one pass over equal-length rows (the common case)
+    at = [i for i, k in zip(idx, ok) if k]
     mat = np.zeros((n, dim), dtype=np.float32)
-    mat[mask] = np.array([v for v, ok in zip(values, mask.tolist()) if ok], dtype=np.float32)
+    mat[at] = np.array([v for v, k in zip(sub, ok) if k], dtype=np.float32)
+    mask = np.zeros(n, dtype=bool)
+    mask[at] = True
     return mat, mask
 
 
@@ -251,7 +252,11 @@ def normalize_relevance(scores: Any, window: float | None = None) -> np.ndarray:
     if not len(s):
         return s
     hi = float(s.max())
-    lo = float(np.sort(s)[::-1][max(1, math.ceil(window * len(s))) - 1]) if window is not None else float(s.min())
+    if window is not None:
+        k = max(1, math.ceil(window * len(s))) - 1  # the window's edge: the (k+1)-th best score
+        lo = float(-np.partition(-s, k)[k])
+    else:
+        lo = float(s.min())
     if not hi > lo:
         lo = float(s.min())
     return (s - lo) / (hi - lo) if hi > lo else np.ones_like(s)

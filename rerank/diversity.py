@@ -18,6 +18,10 @@ pixel colour descriptors, weighted by :class:`DiversityConfig` ``text_weight`` /
   candidates without vectors keep their relevance order among themselves. Never an error.
 * Ties (equal MMR values) go to the candidate ranked higher by relevance (callers pass the candidates in
   relevance order, ties broken by id).
+* Cost: only the candidates that can take one of the ``depth`` positions are compared (:func:`eligible`, an exact
+  bound: the same order as comparing all of them); with a small lambda (a shopper with history) that is little more
+  than the depth, with lambda near 1 all of them. The vectors are read where the caller holds them (``rows``), with
+  one matrix product per modality.
 
 ``diversity="auto"`` (:func:`choose_lambda`) scales lambda with what the model does not know: the full
 ``auto_max`` for a vague query (no word that qualifies the product type, e.g. "heels") from a shopper without

@@ -18,6 +18,10 @@ pixel colour descriptors, weighted by :class:`DiversityConfig` ``text_weight`` /
   candidates without vectors keep their relevance order among themselves. Never an error.
 * Ties (equal MMR values) go to the candidate ranked higher by relevance (callers pass the candidates in
   relevance order, ties broken by id).
+* Cost: only the candidates that can take one of the ``depth`` positions are compared (:func:`eligible`, an exact
+  bound: the same order as comparing all of them); with a small lambda (a shopper with history) that is little more
+  than the depth, with lambda near 1 all of them. The vectors are read where the caller holds them (``rows``), with
+  one matrix product per modality.
 
 ``diversity="auto"`` (:func:`choose_lambda`) scales lambda with what the model does not know: the full
 ``auto_max`` for a vague query (no word that qualifies the product type, e.g. "heels") from a shopper without
@@ -144,61 +148,91 @@ class DiversityConfig:
 # --------------------------------------------------------------------------- similarity
 def similarity_matrix(text: Any, text_mask: Any = None, image: Any = None, image_mask: Any = None, *,
                       text_weight: float = 0.5, image_weight: float = 0.5, colour: Any = None, colour_mask: Any = None,
-                      colour_weight: float = 0.0) -> np.ndarray:
-    """``(n, n)`` similarities in [0, 1] of n candidates from their text rows, (aligned) photo rows and, optionally,
+                      colour_weight: float = 0.0, rows: Any = None) -> np.ndarray:
+    """``(m, m)`` similarities in [0, 1] of candidates from their text rows, (aligned) photo rows and, optionally,
     their photos' colour descriptors (``image_colour``).
 
     Per pair: the weighted mean of the cosines of the modalities *both* have (``*_mask``: which rows are present; a
     zero or non-finite row counts as absent), 0 when they share none, clipped to [0, 1] (a negative mean counts as
     unrelated). A candidate without any vector is 0 to every other (maximally dissimilar).
 
-    One matrix product: every modality's unit rows, scaled by the square root of its weight (absent rows zero), side by
-    side, give each pair's weighted sum at once; the pair's total weight is the same product of the presence flags."""
+    ``rows``: which rows, in which order (e.g. the candidates in relevance order, or the first few of them); None:
+    all n in order. The vectors are read where they lie: no reordered copy of all of them is made.
+
+    One matrix product per modality on the raw rows, scaled afterwards by the inverse norms and the weight (an absent
+    row's scale is 0); the pair's total weight is the product of the presence flags, computed only when some row
+    of some modality is absent."""
     t = None if text is None else np.asarray(text)
     n = len(t) if t is not None else len(np.asarray(image if image is not None else colour))
-    parts: list[tuple[np.ndarray, np.ndarray, float]] = []
-    for rows, mask, w in ((t, text_mask, text_weight), (image, image_mask, image_weight), (colour, colour_mask, colour_weight)):
-        if rows is None or not float(w) > 0:
+    sel = None if rows is None else np.asarray(rows, dtype=np.intp).reshape(-1)
+    # all n rows in another order: compute in place and reorder the (n, n) result rather than copy every vector
+    permute = sel is not None and len(sel) == n
+    take = None if sel is None or permute else sel
+    m = n if take is None else len(take)
+    s: np.ndarray | None = None
+    present: list[tuple[np.ndarray, float]] = []
+    partial = False
+    for rows_, mask, w in ((t, text_mask, text_weight), (image, image_mask, image_weight), (colour, colour_mask, colour_weight)):
+        if rows_ is None or not float(w) > 0:
             continue
-        a = np.asarray(rows, dtype=np.float32).reshape(n, -1)
+        a = np.asarray(rows_, dtype=np.float32).reshape(n, -1)
+        if take is not None:
+            a = a[take]
         norms = np.sqrt(np.einsum("ij,ij->i", a, a))
-        ok = np.isfinite(norms) & (norms > 0)
+        ok = norms > 0  # False for NaN
+        finite = bool(np.isfinite(norms).all())
+        if not finite:
+            ok &= np.isfinite(norms)
         if mask is not None:
-            ok &= np.asarray(mask, dtype=bool).reshape(n)
-        if ok.any():
-            if not np.isfinite(norms).all():  # absent rows are scaled by 0 below; only a non-finite value needs zeroing
+            mk = np.asarray(mask, dtype=bool).reshape(n)
+            ok &= mk if take is None else mk[take]
+        if not ok.any():
+            continue
+        if not ok.all():
+            partial = True
+            if not finite:  # absent rows are scaled by 0 below; only a non-finite value needs zeroing (0 * inf is NaN)
                 a = np.where(ok[:, None], a, np.float32(0.0))
-            parts.append((a, np.where(ok, math.sqrt(float(w)) / np.where(ok, norms, 1.0), 0.0).astype(np.float32), float(w)))
-    if not parts:
-        return np.zeros((n, n), dtype=np.float32)
-    x = np.empty((n, sum(a.shape[1] for a, _, _ in parts)), dtype=np.float32)
-    at = 0
-    for a, scale, _ in parts:
-        np.multiply(a, scale[:, None], out=x[:, at : at + a.shape[1]])
-        at += a.shape[1]
-    s = x @ x.T
-    present = np.stack([scale > 0 for _, scale, _ in parts], axis=1)
-    if present.all():
-        s /= np.float32(sum(w for _, _, w in parts))
+        u = np.zeros(m, dtype=np.float32)
+        np.divide(np.float32(1.0), norms, out=u, where=ok)
+        g = a @ a.T
+        g *= u[:, None]
+        g *= (np.float32(w) * u)[None, :]
+        if s is None:
+            s = g
+        else:
+            s += g
+        present.append((ok, float(w)))
+    if s is None:
+        return np.zeros((m, m), dtype=np.float32)
+    if not partial:
+        s /= np.float32(sum(w for _, w in present))
     else:
-        b = present * np.float32([math.sqrt(w) for _, _, w in parts])
-        den = b @ b.T
+        p = np.stack([ok for ok, _ in present], axis=1).astype(np.float32)
+        den = (p * np.float32([w for _, w in present])) @ p.T
         s /= np.where(den > 0, den, np.float32(1.0))
-    return np.clip(s, 0.0, 1.0, out=s)
+    np.clip(s, 0.0, 1.0, out=s)
+    return s[np.ix_(sel, sel)] if permute else s
 
 
-def stack_rows(values: Sequence[Any]) -> tuple[np.ndarray | None, np.ndarray]:
+def stack_rows(values: Sequence[Any], *, only: Any = None) -> tuple[np.ndarray | None, np.ndarray]:
     """Per-candidate vectors (None where absent; lists or arrays) as one float32 matrix and its presence mask;
-    ``(None, all False)`` when none is present. Rows of another length than the first present one count as absent."""
+    ``(None, all False)`` when none is present. Rows of another length than the first present one count as absent.
+    ``only``: the indices of the rows to read (the others come out absent: zero, masked), e.g. the candidates the
+    diversity step compares."""
     n = len(values)
-    dim = next((len(v) for v in values if v is not None), 0)
-    mask = np.zeros(n, dtype=bool)
+    idx = range(n) if only is None else np.asarray(only, dtype=np.intp).reshape(-1).tolist()
+    sub = values if only is None else [values[i] for i in idx]
+    dim = next((len(v) for v in sub if v is not None), 0)
     if not dim:
-        return None, mask
-    for i, v in enumerate(values):
-        mask[i] = v is not None and len(v) == dim
+        return None, np.zeros(n, dtype=bool)
+    ok = [v is not None and len(v) == dim for v in sub]
+    if only is None and all(ok):
+        return np.array(sub, dtype=np.float32), np.ones(n, dtype=bool)  # one pass over equal-length rows (the common case)
+    at = [i for i, k in zip(idx, ok) if k]
     mat = np.zeros((n, dim), dtype=np.float32)
-    mat[mask] = np.asarray([v for v, ok in zip(values, mask) if ok], dtype=np.float32)
+    mat[at] = np.array([v for v, k in zip(sub, ok) if k], dtype=np.float32)
+    mask = np.zeros(n, dtype=bool)
+    mask[at] = True
     return mat, mask
 
 
@@ -222,7 +256,11 @@ def normalize_relevance(scores: Any, window: float | None = None) -> np.ndarray:
     if not len(s):
         return s
     hi = float(s.max())
-    lo = float(np.sort(s)[::-1][max(1, math.ceil(window * len(s))) - 1]) if window is not None else float(s.min())
+    if window is not None:
+        k = max(1, math.ceil(window * len(s))) - 1  # the window's edge: the (k+1)-th best score
+        lo = float(-np.partition(-s, k)[k])
+    else:
+        lo = float(s.min())
     if not hi > lo:
         lo = float(s.min())
     return (s - lo) / (hi - lo) if hi > lo else np.ones_like(s)
@@ -262,20 +300,58 @@ def mmr(relevance: Any, similarity: np.ndarray, lam: float, *, depth: int | None
     return Diversified(tuple(order), tuple(placed_sim))
 
 
+def eligible(relevance: np.ndarray, lam: float, depth: int) -> int:
+    """How many candidates (a prefix, in the given order) can take one of the first ``depth`` MMR positions; those
+    after it follow in relevance order whatever their similarities, so MMR need not see them.
+
+    Exact, from the bounds of the MMR value ``(1 - lam) * rel - lam * max_sim`` with ``max_sim`` in [0, 1]: while
+    fewer than ``depth`` are placed, one of the ``depth`` most relevant is still waiting, worth at least
+    ``(1 - lam) * rel_depth - lam`` (``rel_depth`` the depth-th largest relevance); a candidate worth at most
+    ``(1 - lam) * rel`` below that can never be chosen. The cut is the last candidate that clears
+    ``rel_depth - lam / (1 - lam)`` (with a margin for rounding); none for ``lam`` = 1. A vague query from a shopper
+    without history (lambda near 1) keeps them all; a small lambda keeps little more than the depth."""
+    rel = np.asarray(relevance, dtype=np.float64).reshape(-1)
+    n = len(rel)
+    lam = float(lam)
+    if not 0 < depth < n or lam > 1.0 - 1e-6 or not np.isfinite(rel).all():  # (near) 1: no bound
+        return n
+    kth = float(np.partition(rel, n - depth)[n - depth])
+    thr = kth - lam / (1.0 - lam)
+    thr -= 1e-9 * max(1.0, abs(thr))
+    ok = np.flatnonzero(rel >= thr)
+    return max(int(ok[-1]) + 1, depth)
+
+
 def diversify(relevance: Any, lam: float, *, text: Any, text_mask: Any = None, image: Any = None, image_mask: Any = None,
-              colour: Any = None, colour_mask: Any = None, config: "DiversityConfig | None" = None, depth: int | None = None) -> Diversified:
+              colour: Any = None, colour_mask: Any = None, config: "DiversityConfig | None" = None, depth: int | None = None,
+              rows: Any = None) -> Diversified:
     """:func:`mmr` of the relevance (:func:`normalize_relevance`) with :func:`similarity_matrix` of the candidates'
-    vectors (rows in relevance order), weighted as ``config`` says."""
+    vectors, weighted as ``config`` says. ``relevance`` is in relevance order; ``rows``: the vectors' (and masks')
+    row of each of those candidates (e.g. the first stage's order the model's inputs are in); None: the vectors
+    are in relevance order too. ``colour`` may also be the per-candidate rows (None where absent: the documents'
+    ``image_colour`` values): only the compared ones are stacked (:func:`stack_rows`).
+
+    Only the candidates that can take one of the ``depth`` positions (:func:`eligible`, and at most ``pool``) are
+    compared: the same order as comparing all, at a fraction of the cost when lambda is small."""
     cfg = config or DiversityConfig()
     n = len(np.asarray(relevance).reshape(-1))
     depth = depth if depth is not None else cfg.depth
     if float(lam) <= 0.0 or n <= 1:
         return mmr(relevance, np.zeros((n, n), dtype=np.float32), 0.0, depth=depth)
+    rel = normalize_relevance(relevance, cfg.relevance_window)
     m = n if cfg.pool is None else min(n, max(cfg.pool, depth or 0))
-    cut = (lambda x: None if x is None else np.asarray(x)[:m]) if m < n else (lambda x: x)  # noqa: E731
-    sim = similarity_matrix(cut(text), cut(text_mask), cut(image), cut(image_mask), text_weight=cfg.text_weight, image_weight=cfg.image_weight,
-                            colour=cut(colour), colour_mask=cut(colour_mask), colour_weight=cfg.colour_weight)
-    d = mmr(normalize_relevance(relevance, cfg.relevance_window)[:m], sim, lam, depth=depth)
+    if depth is not None and 0 < depth < m:
+        m = eligible(rel[:m], lam, depth)
+    sel = np.arange(n) if rows is None else np.asarray(rows, dtype=np.intp).reshape(-1)
+    if len(sel) != n:
+        raise ConfigError(f"rows must name one row per candidate ({n}), got {len(sel)}")
+    if colour is not None and not isinstance(colour, np.ndarray) and cfg.colour_weight > 0:  # per-candidate rows: stack the compared
+        colour, cmask = stack_rows(colour, only=sel[:m])
+        colour_mask = cmask if colour_mask is None else cmask & np.asarray(colour_mask, dtype=bool).reshape(-1)
+    sim = similarity_matrix(text, text_mask, image, image_mask, text_weight=cfg.text_weight, image_weight=cfg.image_weight,
+                            colour=colour, colour_mask=colour_mask, colour_weight=cfg.colour_weight,
+                            rows=None if rows is None and m == n else sel[:m])
+    d = mmr(rel[:m], sim, lam, depth=depth)
     if m == n:
         return d
     return Diversified(d.order + tuple(range(m, n)), d.max_similarity + (None,) * (n - m))
@@ -313,21 +389,27 @@ def _value_words(value: str) -> tuple[str, ...]:
     return tuple(_words(value))
 
 
+def _items(v: Any) -> tuple[Any, ...]:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
+
+
 def _field_values(docs: Iterable[Mapping[str, Any] | None], names: Sequence[str]) -> dict[str, str]:
-    """The distinct string values of the fields ``names`` over ``docs`` -> the field each was first seen in."""
+    """The distinct string values of the fields ``names`` over ``docs`` -> the first of ``names`` holding it (a
+    value found in two fields names the earlier one, whatever the documents' order)."""
+    docs = [d for d in docs if d]
     out: dict[str, str] = {}
-    for d in docs:
-        if not d:
-            continue
-        for name in names:
-            v = d.get(name)
+    for name in names:
+        try:  # one pass of C-level hashing over the documents: a catalog's fields repeat a few values endlessly
+            values = dict.fromkeys([d.get(name) for d in docs])
+        except TypeError:  # a list value (unhashable): its items
+            values = dict.fromkeys(x for d in docs for x in _items(d.get(name)))
+        for v in values:
             if isinstance(v, str):
-                if v not in out:
-                    out[v] = name
-            elif isinstance(v, (list, tuple)):
+                out.setdefault(v, name)
+            elif isinstance(v, tuple):  # a hashable tuple of values
                 for x in v:
-                    if isinstance(x, str) and x not in out:
-                        out[x] = name
+                    if isinstance(x, str):
+                        out.setdefault(x, name)
     return out
 
 
@@ -389,7 +471,8 @@ def history_events(hist_event: Any, hist_mask: Any) -> tuple[str, ...]:
 
     ev = np.asarray(hist_event).reshape(-1)
     m = np.asarray(hist_mask, dtype=bool).reshape(-1)
-    return tuple(EVENT_TYPES[int(e) - 1] for e, ok in zip(ev, m) if ok and 1 <= int(e) <= len(EVENT_TYPES))
+    sel = ev[m & (ev >= 1) & (ev <= len(EVENT_TYPES))]
+    return tuple(EVENT_TYPES[e - 1] for e in sel.astype(np.int64).tolist())
 
 
 @dataclass(frozen=True)
@@ -450,6 +533,7 @@ __all__ = [
     "choose_lambda",
     "diversify",
     "diversity_label",
+    "eligible",
     "history_events",
     "history_strength",
     "intra_list_distance",

@@ -91,7 +91,7 @@ from indexing import fields as F
 from indexing.engines.base import Filters, Hit, array_getter, check_size, copy_json
 from indexing.errors import ConfigError, EngineError, FusionRankError, HistoryError
 from rerank.model.alignment import DEFAULT_ALIGNED_CACHE_SIZE, AlignedCache
-from rerank.diversity import AUTO, DiversityConfig, LambdaChoice, choose_lambda, diversify, history_events, parse_diversity, stack_rows
+from rerank.diversity import AUTO, DiversityConfig, LambdaChoice, choose_lambda, diversify, history_events, parse_diversity
 from rerank.retrieval.fusion import ListSignal
 from rerank.limits import check_query_text
 from rerank.retrieval.retriever import BM25, LISTS, Candidate, RetrievalConfig, Retriever
@@ -519,10 +519,10 @@ class Reranker:
                                    has_image=query_image is not None, source=source, config=self.diversity_config)
             if choice.value > 0 and len(order) > 1:
                 idx = np.asarray(order)
-                colour, colour_mask = stack_rows([(docs.get(cands[i].id) or {}).get(F.IMAGE_COLOUR) for i in order]) \
-                    if self.diversity_config.colour_weight > 0 else (None, None)
-                d = diversify(np.asarray(scores)[idx], choice.value, text=req.cand_text[idx], text_mask=req.cand_text_mask[idx],
-                              image=req.cand_image[idx], image_mask=req.cand_image_mask[idx], colour=colour, colour_mask=colour_mask,
+                # the vectors stay in the candidates' order (rows=idx): the step compares only the ones that can move
+                colour = [(docs.get(c.id) or {}).get(F.IMAGE_COLOUR) for c in cands] if self.diversity_config.colour_weight > 0 else None
+                d = diversify(np.asarray(scores)[idx], choice.value, text=req.cand_text, text_mask=req.cand_text_mask, image=req.cand_image,
+                              image_mask=req.cand_image_mask, colour=colour, rows=idx,
                               config=self.diversity_config, depth=depth if depth is not None else self.diversity_config.depth)
                 placed = [d.max_similarity[k] for k in d.order]
                 order = [order[k] for k in d.order]

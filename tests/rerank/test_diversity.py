@@ -11,8 +11,8 @@ import pytest
 
 from indexing import fields as F
 from indexing.errors import ConfigError
-from rerank.diversity import (AUTO, DiversityConfig, choose_lambda, diversify, diversity_label, history_strength, intra_list_distance, mmr,
-                              normalize_relevance, parse_diversity, query_qualifiers, similarity_matrix, stack_rows)
+from rerank.diversity import (AUTO, DiversityConfig, choose_lambda, diversify, diversity_label, eligible, history_strength, intra_list_distance,
+                              mmr, normalize_relevance, parse_diversity, query_qualifiers, similarity_matrix, stack_rows)
 from rerank.datasets.metrics import distinct_at_k, ild_at_k
 
 
@@ -119,6 +119,71 @@ def test_mmr_equals_the_textbook_greedy(seed, lam, depth):
     assert placed[0] == 0.0 and all(p is not None for p in placed[: depth or n])
     if depth:
         assert all(p is None for p in placed[depth:])
+
+
+def _reference_diversify(rel_scores, lam, text, tmask, image, imask, colour, cmask, cfg, depth):
+    """The step written out plainly: every pair's weighted mean of the cosines the two share (a loop), then the
+    textbook greedy over all the candidates, everything in relevance order."""
+    n = len(rel_scores)
+    rel = normalize_relevance(rel_scores, cfg.relevance_window)
+    sim = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            num = den = 0.0
+            for rows, mask, w in ((text, tmask, cfg.text_weight), (image, imask, cfg.image_weight), (colour, cmask, cfg.colour_weight)):
+                a, b = rows[i], rows[j]
+                if mask[i] and mask[j] and np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.linalg.norm(a) > 0 and np.linalg.norm(b) > 0:
+                    num += w * float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+                    den += w
+            sim[i, j] = min(max(num / den, 0.0), 1.0) if den else 0.0
+    order = _naive_mmr(rel, sim, lam, depth)
+    placed = {j: max((sim[j, k] for k in order[:p]), default=0.0) for p, j in enumerate(order[: depth or n])}
+    return order, placed
+
+
+@pytest.mark.parametrize("seed,lam,depth", [(0, 0.9, 30), (1, 0.3, 30), (2, 0.05, 10), (3, 0.6, None), (4, 0.02, 30), (5, 1.0, 30), (6, 0.15, 5)])
+def test_the_fast_step_equals_a_plain_reference_on_random_candidates(seed, lam, depth):
+    """diversify as the rerank call runs it (vectors in the first stage's order with ``rows`` naming the relevance
+    order, colour descriptors as per-document rows with gaps, only the candidates that can move compared) against
+    the plain computation over all of them: the same order, the same max similarities."""
+    rng = np.random.default_rng(seed)
+    n = 60
+    text = rng.standard_normal((n, 16)).astype(np.float32)
+    image = rng.standard_normal((n, 12)).astype(np.float32)
+    tmask, imask = rng.random(n) > 0.1, rng.random(n) > 0.3
+    text[~tmask] = 0.0
+    image[rng.random(n) > 0.9] = np.nan  # a non-finite row is absent, wherever it comes from
+    colour = [None if rng.random() < 0.25 else np.abs(rng.standard_normal(9)).astype(np.float32) for _ in range(n)]
+    scores = rng.standard_normal(n) * 3.0
+    cfg = DiversityConfig(depth=None) if depth is None else DiversityConfig()  # None: MMR fills every position
+    rows = np.argsort(-scores, kind="stable")  # the candidates in relevance order; the vectors stay where they are
+    got = diversify(scores[rows], lam, text=text, text_mask=tmask, image=image, image_mask=imask, colour=colour, rows=rows, config=cfg, depth=depth)
+    cmask = np.array([c is not None for c in colour])
+    dense = np.stack([c if c is not None else np.zeros(9, np.float32) for c in colour])
+    want, placed = _reference_diversify(scores[rows], lam, text[rows], tmask[rows], image[rows], imask[rows], dense[rows], cmask[rows], cfg, depth)
+    assert list(got.order) == want
+    for j, s in placed.items():
+        assert got.max_similarity[j] == pytest.approx(s, abs=1e-5)
+    assert all(got.max_similarity[j] is None for j in want[len(placed):])
+    # the same with every input already in relevance order and the colours stacked by the caller
+    dense_rows, cm = stack_rows([colour[i] for i in rows])
+    again = diversify(scores[rows], lam, text=text[rows], text_mask=tmask[rows], image=image[rows], image_mask=imask[rows], colour=dense_rows,
+                      colour_mask=cm, config=cfg, depth=depth)
+    assert again.order == got.order
+
+
+def test_only_the_candidates_that_can_take_a_position_are_compared():
+    rel = normalize_relevance(np.linspace(10.0, 0.0, 100), 0.3)  # evenly spread: the 30th is 0, the last about -2.4
+    assert eligible(rel, 0.05, 30) < 40  # a weak lambda: little beyond the depth can move up
+    assert eligible(rel, 0.5, 30) > eligible(rel, 0.2, 30) > eligible(rel, 0.05, 30) >= 30
+    assert eligible(rel, 0.9, 30) == 100 and eligible(rel, 1.0, 30) == 100 and eligible(rel, 0.05, 100) == 100
+    # the bound: a candidate below the depth-th relevance by more than lam / (1 - lam) can never be chosen ...
+    lam, cut = 0.2, eligible(rel, 0.2, 30)
+    assert rel[cut - 1] >= rel[29] - lam / (1 - lam) > rel[cut]
+    # ... even against copies of everything placed above it (similarity 1 to all but itself)
+    sim = np.ones((100, 100), dtype=np.float32)
+    np.fill_diagonal(sim, 0.0)
+    assert max(mmr(rel, sim, lam, depth=30).order[:30]) < cut
 
 
 def test_lambda_zero_is_the_model_order_and_near_duplicates_are_spread():

@@ -200,7 +200,7 @@ def test_the_setting_parses_lists_and_refuses_bad_entries(monkeypatch):
     monkeypatch.setenv("FUSIONRANK_IMAGE_URL_ALLOW_NETWORKS", '["fd12::/64"]')
     assert load_settings().image_url_allow_networks == ["fd12::/64"]
     monkeypatch.setenv("FUSIONRANK_IMAGE_URL_ALLOW_NETWORKS", "10.0.0.1/8")
-    with pytest.raises(ConfigError, match=r"image_url_allow_networks.*'10\.0\.0\.1/8'.*host bits set"):
+    with pytest.raises(ConfigError, match=r"FUSIONRANK_IMAGE_URL_ALLOW_NETWORKS.*'10\.0\.0\.1/8'.*host bits set"):
         load_settings()
 
 

@@ -207,13 +207,19 @@ def test_degraded_answer_is_flagged(browser, service_world, tmp_path):
         ctx.close()
 
 
-def test_diversity_control_sends_the_lambda_and_shows_which_applied(browser, site, tmp_path):
+def _open_page(browser, url: str):
+    """``(context, page)``: the search page at ``url`` with the API key stored, ready, the test query typed."""
     ctx = browser.new_context(viewport={"width": 1360, "height": 900})
     page = ctx.new_page()
     page.add_init_script(f"localStorage.setItem('fusionrank.apiKey', {API_KEY!r})")
-    page.goto(site + "/")
+    page.goto(url + "/")
     page.wait_for_selector("body[data-ready='1']")
     page.fill("[data-testid=query]", QUERY)
+    return ctx, page
+
+
+def test_diversity_control_sends_the_lambda_and_shows_which_applied(browser, site, tmp_path):
+    ctx, page = _open_page(browser, site)
     with page.expect_request(lambda r: r.url.endswith("/search")) as req:
         page.press("[data-testid=query]", "Enter")
     assert "diversity" not in req.value.post_data_json  # the index's default
@@ -242,12 +248,7 @@ def test_the_page_sends_ubi_impressions_and_clicks_with_the_served_query_id(brow
     query_id of the /search answer; the store joins them to what the service recorded it served."""
     from rerank.datasets import clicks as C
 
-    ctx = browser.new_context(viewport={"width": 1360, "height": 900})
-    page = ctx.new_page()
-    page.add_init_script(f"localStorage.setItem('fusionrank.apiKey', {API_KEY!r})")
-    page.goto(site + "/")
-    page.wait_for_selector("body[data-ready='1']")
-    page.fill("[data-testid=query]", QUERY)
+    ctx, page = _open_page(browser, site)
     with page.expect_response(lambda r: r.url.endswith("/events")) as impressions:
         with page.expect_response(lambda r: r.url.endswith("/search")) as answer:
             page.press("[data-testid=query]", "Enter")

@@ -114,7 +114,7 @@ N_PHOTOS = 360
 def trained(shared_data, tmp_path_factory):
     """Heads trained on the first photographed products of the benchmark catalog (real photos, real encoder)."""
     from indexing.encoders import get_image_encoder
-    from rerank.attribute_data import load_labelled_photos
+    from rerank.datasets.attribute_photos import load_labelled_photos
 
     d = tmp_path_factory.mktemp("attr")
     src = shared_data / "fashion" / "bench" / "catalog.csv"

@@ -25,7 +25,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Train the heads on the catalog's labelled photos (a held-out share measured) and save the model."""
         from indexing.encoders import get_image_encoder
         from indexing.photo_attributes import AttributeConfig, model_id_of, train_attribute_model
-        from rerank.attribute_data import load_labelled_photos
+        from rerank.datasets.attribute_photos import load_labelled_photos
         from workers.settings import load_settings
 
         settings = load_settings()

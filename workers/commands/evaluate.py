@@ -108,7 +108,7 @@ def parse_diversity_options(items: list[str], settings=None):
 def _eval_attributes(catalog: Path, images_root: Optional[Path], *, as_json: bool, progress: Optional[bool], seed: int) -> None:
     from indexing.encoders import get_image_encoder
     from indexing.photo_attributes import AttributeConfig, train_attribute_model
-    from rerank.attribute_data import load_labelled_photos
+    from rerank.datasets.attribute_photos import load_labelled_photos
     from workers.settings import load_settings
 
     settings = load_settings()

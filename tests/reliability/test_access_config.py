@@ -95,7 +95,7 @@ def test_console_script_errors_do_not_print_the_password(monkeypatch):
     env.update(FUSIONRANK_OPENSEARCH_PASSWORD=PW, FUSIONRANK_OPENSEARCH_URL=f"https://admin:{URL_PW}@h:9200",
                FUSIONRANK_OPENSEARCH_TIMEOUT_S="not-a-number", FUSIONRANK_DATA_DIR=os.environ["FUSIONRANK_DATA_DIR"])
     p = subprocess.run([sys.executable, "-m", "workers.cli", "config"], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
-    assert p.returncode == 2 and "opensearch_timeout_s" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "FUSIONRANK_OPENSEARCH_TIMEOUT_S" in p.stderr and "Traceback" not in p.stderr
     assert PW not in p.stderr + p.stdout and URL_PW not in p.stderr + p.stdout
 
 

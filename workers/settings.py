@@ -314,7 +314,8 @@ def _describe(err: Mapping[str, Any]) -> str:
     got = ""
     if loc and loc[0] not in _SECRET_FIELDS and isinstance(err.get("input"), (str, int, float)) and not isinstance(err.get("input"), bool):
         shown = redact_url(str(err["input"])) if isinstance(err["input"], str) else err["input"]
-        got = f" (got {shown!r})"
+        if repr(shown) not in err["msg"]:  # a validator's own message may name the value already
+            got = f" (got {shown!r})"
     return f"{name}: {err['msg']}{got}"
 
 

@@ -324,7 +324,7 @@ def test_settings_diversity_default_per_index_and_weights(monkeypatch):
     assert cfg.image_weight == 0.25 and cfg.text_weight == 0.5 and isinstance(cfg, DiversityConfig)
     assert s.redacted()["diversity"] == AUTO
     monkeypatch.setenv("FUSIONRANK_DIVERSITY", "1.5")
-    with pytest.raises(ConfigError, match=r'diversity: .*a number in \[0, 1\] or "auto"'):
+    with pytest.raises(ConfigError, match=r'FUSIONRANK_DIVERSITY: .*a number in \[0, 1\] or "auto"'):
         load_settings()
     monkeypatch.setenv("FUSIONRANK_DIVERSITY", "0")
     monkeypatch.setenv("FUSIONRANK_DIVERSITY_BY_INDEX", '{"products": "lots"}')

@@ -83,7 +83,7 @@ def test_console_script_turns_project_errors_into_one_line(monkeypatch):
     env = {"FUSIONRANK_ENGINE": "solr", "PATH": "/usr/bin:/bin"}
     p = subprocess.run([sys.executable, "-m", "workers.cli", "config"], capture_output=True, text=True, env=env)
     assert p.returncode == 2
-    assert "error: invalid settings: FUSIONRANK_ENGINE: Value error, unknown engine 'solr'" in p.stderr and "(got 'solr')" in p.stderr
+    assert "error: invalid settings: FUSIONRANK_ENGINE: Value error, unknown engine 'solr'" in p.stderr
     assert "Traceback" not in p.stderr
 
 

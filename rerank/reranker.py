@@ -284,6 +284,7 @@ class Reranker:
         from rerank.safe import response_block
 
         self._serving = None if model is None else response_block(model.serving)  # read once: the artifact does not change
+        self._fetch_fields: list[str] | None = None  # fetch_fields(), read once
         if model is not None:
             from rerank.model.onnx_ranker import cpu_runtime
 
@@ -306,7 +307,13 @@ class Reranker:
         return cls(engine, index, None, text_encoder=text_encoder, image_encoder=image_encoder, **kw)
 
     def fetch_fields(self) -> list[str]:
-        """The fields the call fetches by id for candidates whose ``_source`` lacks them (vectors and what the model reads)."""
+        """The fields the call fetches by id for candidates whose ``_source`` lacks them (vectors and what the model reads);
+        worked out once per reranker (the artifact does not change)."""
+        if self._fetch_fields is None:
+            self._fetch_fields = self._model_fields()
+        return list(self._fetch_fields)
+
+    def _model_fields(self) -> list[str]:
         from rerank.model.inputs import colour_fields
 
         art = self.model

@@ -47,6 +47,7 @@ import numpy as np
 
 from indexing import fields as F
 from indexing.errors import CatalogError, ConfigError, DimensionError, ImageError, ModelArtifactError
+from rerank.model.torch_lib import require_torch
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +206,6 @@ def vectors_from_index(engine: Any, index: str, ids: Sequence[str], field_name: 
 
 
 # =========================================================================== the model
-def _torch():
-    from rerank.model.torch_lib import require_torch as t  # one lazy-import helper (names the package to install)
-
-    return t()
 
 
 @dataclass(frozen=True)
@@ -234,7 +231,7 @@ class AlignmentConfig:
 
 def build_head(image_dim: int, text_dim: int, hidden: int = 0, dropout: float = 0.1):
     """The projection module ``(…, image_dim) -> (…, text_dim)`` (not normalized)."""
-    torch = _torch()
+    torch = require_torch()
     nn = torch.nn
 
     class AlignmentHead(nn.Module):
@@ -288,7 +285,7 @@ class Alignment:
     # -- use
     def project(self, image_vecs: np.ndarray) -> np.ndarray:
         """Raw image features ``(n, image_dim)`` -> aligned, L2-normalized ``(n, text_dim)``."""
-        torch = _torch()
+        torch = require_torch()
         x = np.asarray(image_vecs, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.image_dim:
             raise DimensionError(f"image vectors have shape {x.shape}, the alignment takes (n, {self.image_dim})")
@@ -454,7 +451,7 @@ def train_alignment(
 
     Symmetric InfoNCE (text->image and image->text cross-entropy over the in-batch pairs) with a
     learnable temperature; the text side is frozen. Returns the :class:`Alignment` with its report."""
-    torch = _torch()
+    torch = require_torch()
     from tqdm import tqdm
 
     t_all = np.asarray(text_vecs, dtype=np.float32)

@@ -51,9 +51,6 @@ except ImportError as _e:  # pragma: no cover
     raise MissingDependencyError(f"the fusion ranker needs torch: pip install torch ({_e})") from None
 
 
-def _torch():
-    return torch
-
 
 MODALITIES: tuple[str, ...] = ("text", "image", "first_stage", "product", "history")
 STRATEGIES = ("concat", "weighted", "attention")

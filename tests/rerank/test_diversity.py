@@ -4,7 +4,6 @@ vectors, auto's lambda, the parsing of a lambda, the list-diversity metrics and 
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -225,29 +224,6 @@ def test_relevance_normalization():
     assert normalize_relevance([2.0, 2.0]).tolist() == [1.0, 1.0]
     w = normalize_relevance([4.0, 3.0, 2.0, -20.0], window=0.5)  # the window's edge: the 2nd of 4
     assert w[0] == 1.0 and w[1] == 0.0 and w[2] == -1.0 and w[3] < -10
-
-
-@pytest.mark.slow
-def test_mmr_over_100_candidates_costs_about_a_millisecond():
-    """The issue's budget: MMR over 100 candidates adds at most ~1 ms. Measured here on the shared CI machine with a
-    generous bound (3 ms for the median): a slow path (a Python loop over pairs, a copy per step) would take 10-50x."""
-    from threadpoolctl import threadpool_limits
-
-    rng = np.random.default_rng(0)
-    n = 100
-    text, image = rng.standard_normal((n, 384)).astype(np.float32), rng.standard_normal((n, 384)).astype(np.float32)
-    colour = np.abs(rng.standard_normal((n, 216))).astype(np.float32)
-    imask = rng.random(n) > 0.2
-    rel = np.sort(rng.standard_normal(n))[::-1]
-    with threadpool_limits(1):
-        for _ in range(20):
-            diversify(rel, 0.5, text=text, image=image, image_mask=imask, colour=colour, colour_mask=imask)
-        times = []
-        for _ in range(100):
-            t = time.perf_counter()
-            diversify(rel, 0.5, text=text, image=image, image_mask=imask, colour=colour, colour_mask=imask)
-            times.append((time.perf_counter() - t) * 1000.0)
-    assert float(np.median(times)) < 3.0, f"median {np.median(times):.2f} ms"
 
 
 # ------------------------------------------------------------------ auto

@@ -22,7 +22,10 @@ touched the catalog (a product's aligned vector is kept until evicted or its pho
 ``diversity``: the calls pass it (a lambda or ``"auto"``; None: the reranker's default); ``stages_p50_ms["mmr"]`` is
 the diversity step. ``compare_diversity``: each request is also timed with diversity 0, the two calls alternating
 (the order swapped every request), so that the difference is measured in the same phase of a noisy machine:
-``diversity_compare`` holds both p50/p99 and ``added_p50_ms`` (with minus without).
+``diversity_compare`` holds both p50/p99, ``added_p50_ms`` (the p50 with minus the p50 without: what the issue's
+target reads) and ``added_paired_ms`` (the median, 25th and 75th percentile of each request's own difference: the
+same request's two calls a few milliseconds apart, so most of the machine's drift cancels; two medians of noisy
+calls can differ by more than the step costs).
 """
 
 from __future__ import annotations
@@ -183,9 +186,11 @@ def bench_rerank(
                     for k, v in st.items():
                         stages.setdefault(k, []).extend(v)
         totals = on
+        paired = [a - b for a, b in zip(on, off)]  # the same request with and without, timed back to back
         compare = {"diversity": diversity, "on_p50_ms": round(percentile(on, 50), 3), "on_p99_ms": round(percentile(on, 99), 3),
                    "off_p50_ms": round(percentile(off, 50), 3), "off_p99_ms": round(percentile(off, 99), 3),
                    "added_p50_ms": round(percentile(on, 50) - percentile(off, 50), 3),
+                   "added_paired_ms": {f"p{q}": round(percentile(paired, q), 3) for q in (25, 50, 75)},
                    "note": "each request timed with the diversity and with 0, alternating (order swapped every request)"}
     else:
         totals, degraded, stages = time_rerank_calls(reranker, tqdm(calls, desc="rerank", unit="req", disable=not progress), warmup=warmup,

@@ -325,7 +325,7 @@ def eligible(relevance: np.ndarray, lam: float, depth: int) -> int:
 
 def diversify(relevance: Any, lam: float, *, text: Any, text_mask: Any = None, image: Any = None, image_mask: Any = None,
               colour: Any = None, colour_mask: Any = None, config: "DiversityConfig | None" = None, depth: int | None = None,
-              rows: Any = None) -> Diversified:
+              rows: Any = None, tiers: Any = None) -> Diversified:
     """:func:`mmr` of the relevance (:func:`normalize_relevance`) with :func:`similarity_matrix` of the candidates'
     vectors, weighted as ``config`` says. ``relevance`` is in relevance order; ``rows``: the vectors' (and masks')
     row of each of those candidates (e.g. the first stage's order the model's inputs are in); None: the vectors
@@ -333,10 +333,26 @@ def diversify(relevance: Any, lam: float, *, text: Any, text_mask: Any = None, i
     ``image_colour`` values): only the compared ones are stacked (:func:`stack_rows`).
 
     Only the candidates that can take one of the ``depth`` positions (:func:`eligible`, and at most ``pool``) are
-    compared: the same order as comparing all, at a fraction of the cost when lambda is small."""
+    compared: the same order as comparing all, at a fraction of the cost when lambda is small.
+
+    ``tiers``: per candidate (in relevance order, non-decreasing) the query-intent bound's tier
+    (:mod:`rerank.model.intent`: 0 for the products the query's type does not contradict). Each tier is diversified
+    on its own, its relevance rescaled within it, and fills the positions the tiers above it left: the step never
+    lifts a product above one of a better tier, and the bound's offset between tiers does not squeeze the relevance
+    of the first tier (a window reaching into a lower tier would make every product of the first tier look equally
+    relevant)."""
     cfg = config or DiversityConfig()
     n = len(np.asarray(relevance).reshape(-1))
     depth = depth if depth is not None else cfg.depth
+    if tiers is not None and n > 1 and float(lam) > 0.0:
+        t = np.asarray(tiers).reshape(-1)
+        if len(t) != n:
+            raise ConfigError(f"tiers must name one tier per candidate ({n}), got {len(t)}")
+        if (np.diff(t) < 0).any():
+            raise ConfigError("tiers must be non-decreasing in relevance order (the bound orders by tier first)")
+        if t[0] != t[-1]:
+            return _diversify_tiers(relevance, lam, t, text=text, text_mask=text_mask, image=image, image_mask=image_mask, colour=colour,
+                                    colour_mask=colour_mask, config=cfg, depth=depth, rows=rows)
     if float(lam) <= 0.0 or n <= 1:
         return mmr(relevance, np.zeros((n, n), dtype=np.float32), 0.0, depth=depth)
     rel = normalize_relevance(relevance, cfg.relevance_window)
@@ -356,6 +372,27 @@ def diversify(relevance: Any, lam: float, *, text: Any, text_mask: Any = None, i
     if m == n:
         return d
     return Diversified(d.order + tuple(range(m, n)), d.max_similarity + (None,) * (n - m))
+
+
+def _diversify_tiers(relevance: Any, lam: float, tiers: np.ndarray, *, depth: int | None, rows: Any, **vectors: Any) -> Diversified:
+    """:func:`diversify` of each tier's run of candidates in turn (see its ``tiers``), each filling what is left of
+    ``depth``; the vectors are read at each candidate's row (``rows``) as in one call."""
+    rel = np.asarray(relevance, dtype=np.float64).reshape(-1)
+    n = len(rel)
+    sel = np.arange(n) if rows is None else np.asarray(rows, dtype=np.intp).reshape(-1)
+    cuts = [0, *(np.flatnonzero(np.diff(tiers)) + 1).tolist(), n]
+    order: list[int] = []
+    placed: list[float | None] = [None] * n
+    for a, b in zip(cuts, cuts[1:]):
+        left = None if depth is None else max(0, depth - len(order))
+        if left == 0 or b - a == 1:
+            order.extend(range(a, b))
+            continue
+        d = diversify(rel[a:b], lam, rows=sel[a:b], depth=left, **vectors)
+        for k in d.order:
+            order.append(a + k)
+            placed[a + k] = d.max_similarity[k]
+    return Diversified(tuple(order), tuple(placed))
 
 
 def intra_list_distance(similarity: np.ndarray) -> float:

@@ -496,8 +496,8 @@ class Reranker:
         degraded = None
         if self.model is not None and cands:
             try:
-                scores, explain, req, all_docs = self._model_scores(text, cands, docs, user_id, query_image, t0, timings, unknown)
-                out = self._diversified(text, cands, scores, explain, req, all_docs, query_image, requested, depth, t0, timings)
+                scores, explain, req, all_docs, tiers = self._model_scores(text, cands, docs, user_id, query_image, t0, timings, unknown)
+                out = self._diversified(text, cands, scores, explain, req, all_docs, query_image, requested, depth, t0, timings, tiers)
             except _Degrade as d:
                 degraded = d.reason
                 self._count("degraded")
@@ -513,9 +513,10 @@ class Reranker:
                                "diversity": {"lambda": 0.0, "relevance_rank": c.rank, "max_similarity": None}}) for c in cands], degraded, timings, div
         return out[0], None, timings, out[1]
 
-    def _diversified(self, text, cands, scores, explain, req, docs, query_image, requested, depth, t0, timings):
-        """The model's order (score, ties by id), re-ordered by the diversity step when its lambda is above 0; the
-        ranked hits and the response's ``diversity`` block. Times the step as ``mmr``; the budget is checked after it."""
+    def _diversified(self, text, cands, scores, explain, req, docs, query_image, requested, depth, t0, timings, tiers=None):
+        """The model's order (score, ties by id), re-ordered by the diversity step when its lambda is above 0 (within
+        each tier of the intent bound, ``tiers`` per candidate; None: one tier); the ranked hits and the response's
+        ``diversity`` block. Times the step as ``mmr``; the budget is checked after it."""
         s = self.clock()
         order = base = sorted(range(len(cands)), key=lambda i: (-scores[i], cands[i].id))
         value, source = requested
@@ -529,7 +530,7 @@ class Reranker:
                 # the vectors stay in the candidates' order (rows=idx): the step compares only the ones that can move
                 colour = [(docs.get(c.id) or {}).get(F.IMAGE_COLOUR) for c in cands] if self.diversity_config.colour_weight > 0 else None
                 d = diversify(np.asarray(scores)[idx], choice.value, text=req.cand_text, text_mask=req.cand_text_mask, image=req.cand_image,
-                              image_mask=req.cand_image_mask, colour=colour, rows=idx,
+                              image_mask=req.cand_image_mask, colour=colour, rows=idx, tiers=None if tiers is None else tiers[idx],
                               config=self.diversity_config, depth=depth if depth is not None else self.diversity_config.depth)
                 placed = [d.max_similarity[k] for k in d.order]
                 order = [order[k] for k in d.order]
@@ -576,7 +577,7 @@ class Reranker:
                 raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e
             self._check_budget(t0, "model", timings, s)
             explain = [{"gates": {}, "history_top": [], "safe_choice": {"signal": self._safe_signal, "score": round(float(v), 6)}} for v in scores]
-            return scores.tolist(), explain, req, docs
+            return scores.tolist(), explain, req, docs, None
         try:
             scored = self._forward(req, t0)
             scores = np.asarray(scored.scores, dtype=np.float64)
@@ -599,7 +600,7 @@ class Reranker:
             for ex, ix in zip(explain, assessed.explain_all(model_scores)):
                 ex["intent"] = ix
         self._check_budget(t0, "model", timings, s)
-        return scores.tolist(), explain, req, docs
+        return scores.tolist(), explain, req, docs, (assessed.tiers if intent is not None and assessed.tiers.any() else None)
 
     def request_features(self, query: str, hits_or_opensearch_response: Any, *, user_id: str | None = None, query_image: Any | None = None) -> Any:
         """The model's inputs for this call (a :class:`rerank.model.inputs.RequestFeatures`), built exactly as

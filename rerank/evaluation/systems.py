@@ -403,8 +403,10 @@ class _FusionSystem(System):
                 if choice.value > 0 and len(base) > 1 and all(d in row for d in base):
                     idx = np.asarray([row[d] for d in base])
                     colour, colour_mask = stack_rows([(docs.get(i) or {}).get(F.IMAGE_COLOUR) for i in base]) if cfg.colour_weight > 0 else (None, None)
+                    tiers = self.tiers.get(it.query_id)
                     d = diversify(np.asarray([scores[i] for i in base]), choice.value, text=req.cand_text[idx], text_mask=req.cand_text_mask[idx],
-                                  image=req.cand_image[idx], image_mask=req.cand_image_mask[idx], colour=colour, colour_mask=colour_mask, config=cfg)
+                                  image=req.cand_image[idx], image_mask=req.cand_image_mask[idx], colour=colour, colour_mask=colour_mask, config=cfg,
+                                  tiers=None if tiers is None else tiers[idx])
                     base = [base[k] for k in d.order]
                 run[it.query_id] = base
             info = {"lambda_mean": round(float(np.mean(applied)), 4) if applied else 0.0, "lambda_min": min(applied, default=0.0),
@@ -421,6 +423,7 @@ class _FusionSystem(System):
 
         art = self.artifact(ctx)
         ctx.artifacts[self.name] = str(art.path)
+        self.tiers: dict[str, np.ndarray] = {}  # query id -> the intent bound's tiers in req.ids order, where some is above 0
         fi = ctx.fusion
         assert fi is not None
         spec = art.feature_spec
@@ -480,6 +483,8 @@ class _FusionSystem(System):
 
                             tiers = art.intent.assess(req.query, [docs.get(i) for i in req.ids]).tiers
                             scored = dataclasses.replace(scored, scores=bound_scores(scored.scores, tiers))
+                            if tiers.any():  # the diversity step keeps them (diversified_runs)
+                                self.tiers[it.query_id] = tiers
                         out.append((it, scored, req, docs))
         rep = art.report or {}
         served = f"serves the safe choice ({serving['signal']}), not the model" if art.serves_safe_choice else "serves the model"

@@ -171,6 +171,41 @@ def test_the_fast_step_equals_a_plain_reference_on_random_candidates(seed, lam, 
     assert again.order == got.order
 
 
+@pytest.mark.parametrize("lam,depth", [(0.9, 30), (1.0, 30), (0.3, 5), (0.9, None)])
+def test_tiers_of_the_intent_bound_are_diversified_each_on_its_own(lam, depth):
+    """The intent bound's tiers: no product goes above one of a better tier (not even at lambda 1), the first tier's
+    order is what diversifying it alone gives (the lower tiers' offset scores do not squeeze its relevance), and the
+    next tier fills the positions left after it."""
+    rng = np.random.default_rng(7)
+    n = 40
+    text = rng.standard_normal((n, 16)).astype(np.float32)
+    image = rng.standard_normal((n, 12)).astype(np.float32)
+    model = np.sort(rng.standard_normal(n))[::-1]
+    tiers = np.zeros(n, dtype=int)
+    tiers[rng.choice(n, 28, replace=False)] = 1  # 12 products in the first tier, as a type-only query in retrieve mode
+    rows = np.lexsort((-model, tiers))  # relevance order: tier first, then the model's score
+    bounded = model - tiers * (model.max() - model.min() + 1.0)
+    cfg = DiversityConfig()
+    got = diversify(bounded[rows], lam, text=text, image=image, rows=rows, tiers=tiers[rows], config=cfg, depth=depth)
+    placed_tiers = tiers[rows][list(got.order)]
+    assert (np.diff(placed_tiers) >= 0).all()
+    first = int((tiers == 0).sum())
+    alone = diversify(model[rows[:first]], lam, text=text, image=image, rows=rows[:first], config=cfg, depth=depth)
+    assert list(got.order[:first]) == list(alone.order)
+    positions = depth if depth is not None else cfg.depth  # None: the config's depth, for the tiers together
+    rest = diversify(model[rows[first:]], lam, text=text, image=image, rows=rows[first:], config=cfg, depth=max(positions - first, 0))
+    assert list(got.order[first:]) == [first + k for k in rest.order]
+    # without the tiers the offset squeezes the first tier (its relevance window reaches into the second): at auto's
+    # lambda for a vague query the first tier's order then follows dissimilarity far more
+    squeezed = diversify(bounded[rows], lam, text=text, image=image, rows=rows, config=cfg, depth=depth)
+    if lam == cfg.auto_max:
+        assert list(squeezed.order[:first]) != list(alone.order)
+    with pytest.raises(ConfigError, match="non-decreasing"):
+        diversify(bounded[rows], lam, text=text, rows=rows, tiers=tiers[rows][::-1], config=cfg)
+    with pytest.raises(ConfigError, match="one tier per candidate"):
+        diversify(bounded[rows], lam, text=text, rows=rows, tiers=[0, 1], config=cfg)
+
+
 def test_only_the_candidates_that_can_take_a_position_are_compared():
     rel = normalize_relevance(np.linspace(10.0, 0.0, 100), 0.3)  # evenly spread: the 30th is 0, the last about -2.4
     assert eligible(rel, 0.05, 30) < 40  # a weak lambda: little beyond the depth can move up

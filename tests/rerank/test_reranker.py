@@ -322,6 +322,12 @@ def test_the_intent_bound_keeps_products_of_another_type_below_the_named_type(wo
     model_scores = {h.id: h.score for h in plain.hits}
     assert all(h.explanation["intent"]["model_score"] == pytest.approx(model_scores[h.id], abs=1e-5) for h in out.hits)
     assert [h.score for h in out.hits] == sorted((h.score for h in out.hits), reverse=True)
+    # the diversity step, even at lambda 1 (dissimilarity alone), reorders within a tier and never lifts a product of
+    # another type above the belt (the tiers reach it: tests/rerank/test_diversity.py checks the step's tiers)
+    div = _reranker(world, model=bounded, budget_ms=10_000).rerank("leather belts", hits, user_id="u1", diversity=1.0)
+    assert div.degraded is None and div.diversity["applied"] and div.ids[0] == "p5" and sorted(div.ids) == sorted(out.ids)
+    assert [h.explanation["intent"]["tier"] for h in div.hits] == sorted(h.explanation["intent"]["tier"] for h in div.hits)
+    assert div.ids[1:] != out.ids[1:]  # the second tier itself was diversified
     # a query naming no type leaves the model's order as it is
     vague = _reranker(world, model=bounded, budget_ms=10_000).rerank("something for the weekend", hits, user_id="u1")
     assert vague.ids == _reranker(world, budget_ms=10_000).rerank("something for the weekend", hits, user_id="u1").ids

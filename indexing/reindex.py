@@ -472,20 +472,32 @@ def _read_photo(plan: ReindexPlan, doc: Mapping[str, Any]):
     return decode_image(fetch_image_bytes(ref, root, policy=policy), source=f"image {ref!r}")
 
 
-def _reencode_images(plan: ReindexPlan, enc, docs: list[dict[str, Any]], image_id: str, errors: list, *, colour: bool = False) -> None:
-    """Re-read and re-encode the photos (and, for a target with ``image_colour``, describe their colours); a photo
-    that cannot be used any more leaves the product without an image vector (a missing modality, as the indexing
-    job does), recorded as ``image dropped: ...``."""
-    images, ok = [], []
+def _read_photos(plan: ReindexPlan, docs: list[dict[str, Any]], errors: list, label: str,
+                 on_failure: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The documents whose photo can be read (:func:`_read_photo`) and their photos; each of the others is recorded
+    in ``errors`` as ``label: reason`` and handed to ``on_failure`` (what the product keeps without its photo)."""
+    ok, images = [], []
     for doc in docs:
         try:
             images.append(_read_photo(plan, doc))
             ok.append(doc)
         except FusionRankError as e:
-            errors.append((str(doc[F.ID]), f"image dropped: {e}"))
-            for k in (F.IMAGE_VEC, F.IMAGE_MODEL_ID, F.IMAGE_COLOUR):
-                doc.pop(k, None)
-            doc[F.HAS_IMAGE] = False
+            errors.append((str(doc[F.ID]), f"{label}: {e}"))
+            if on_failure is not None:
+                on_failure(doc)
+    return ok, images
+
+
+def _reencode_images(plan: ReindexPlan, enc, docs: list[dict[str, Any]], image_id: str, errors: list, *, colour: bool = False) -> None:
+    """Re-read and re-encode the photos (and, for a target with ``image_colour``, describe their colours); a photo
+    that cannot be used any more leaves the product without an image vector (a missing modality, as the indexing
+    job does), recorded as ``image dropped: ...``."""
+    def drop(doc: dict[str, Any]) -> None:
+        for k in (F.IMAGE_VEC, F.IMAGE_MODEL_ID, F.IMAGE_COLOUR):
+            doc.pop(k, None)
+        doc[F.HAS_IMAGE] = False
+
+    ok, images = _read_photos(plan, docs, errors, "image dropped", drop)
     for doc, im, vec in zip(ok, images, enc.image.encode(images) if images else []):
         doc[F.IMAGE_VEC] = [float(x) for x in vec]
         doc[F.IMAGE_MODEL_ID] = image_id
@@ -498,11 +510,8 @@ def _reencode_images(plan: ReindexPlan, enc, docs: list[dict[str, Any]], image_i
 def _add_colour_descriptors(plan: ReindexPlan, docs: list[dict[str, Any]], errors: list) -> None:
     """Describe the colours of photos whose image vectors are copied (a source from before products-v3). A photo
     that cannot be read any more keeps its copied vector and goes without a descriptor (``image colour skipped``)."""
-    for doc in docs:
-        try:
-            doc[F.IMAGE_COLOUR] = [float(x) for x in colour_descriptor(_read_photo(plan, doc))]
-        except FusionRankError as e:
-            errors.append((str(doc[F.ID]), f"image colour skipped: {e}"))
+    for doc, im in zip(*_read_photos(plan, docs, errors, "image colour skipped")):
+        doc[F.IMAGE_COLOUR] = [float(x) for x in colour_descriptor(im)]
 
 
 def _fill_attributes(plan: ReindexPlan, docs: list[dict[str, Any]], model, model_id: str | None, errors: list) -> None:
@@ -521,14 +530,8 @@ def _fill_attributes(plan: ReindexPlan, docs: list[dict[str, Any]], model, model
             todo.append(doc)
         elif F.COMPLETED_ATTRIBUTES not in doc:
             doc.update(attribute_document_fields(doc, None, None, plan.attribute_threshold))
-    images, ok = [], []
-    for doc in todo:
-        try:
-            images.append(_read_photo(plan, doc))
-            ok.append(doc)
-        except FusionRankError as e:
-            errors.append((str(doc[F.ID]), f"image attributes skipped: {e}"))
-            doc.update(attribute_document_fields(doc, None, None, plan.attribute_threshold))
+    ok, images = _read_photos(plan, todo, errors, "image attributes skipped",
+                              lambda doc: doc.update(attribute_document_fields(doc, None, None, plan.attribute_threshold)))
     if ok:
         vecs = [np.asarray(d[F.IMAGE_VEC], dtype=np.float32) for d in ok]
         for doc, pred in zip(ok, predict_images(model, images, vecs)):

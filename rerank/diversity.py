@@ -101,7 +101,9 @@ class DiversityConfig:
 
     ``text_weight`` / ``image_weight`` / ``colour_weight``: weights (relative) of the cosines of the text vectors, of
     the aligned photo vectors and of the photos' pixel colour descriptors (``image_colour``, where the index stores
-    them and the model reads them) in the similarity; a pair missing one uses the others. ``auto_max``: the lambda of
+    them and the model reads them) in the similarity; a pair missing one uses the others. ``colour_name_weight``: weight
+    of the products' colour *names* agreeing (the catalog's colour, or the one indexing completed from the photo:
+    :func:`rerank.model.intent.product_attribute`); 0: not compared. ``auto_max``: the lambda of
     ``auto`` for a vague query from a shopper without history. ``qualifier_weight``: each word qualifying the
     product type divides it by ``1 + qualifier_weight * words``. ``history_scale``: event weight
     (:data:`EVENT_WEIGHTS`) at which the history strength reaches 1 - 1/e. ``depth``: how many positions MMR fills
@@ -119,6 +121,7 @@ class DiversityConfig:
     text_weight: float = 0.5
     image_weight: float = 0.5
     colour_weight: float = 0.75
+    colour_name_weight: float = 0.0
     auto_max: float = 0.9
     qualifier_weight: float = 3.0
     history_scale: float = 2.0
@@ -127,12 +130,12 @@ class DiversityConfig:
     pool: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("text_weight", "image_weight", "colour_weight", "qualifier_weight"):
+        for name in ("text_weight", "image_weight", "colour_weight", "colour_name_weight", "qualifier_weight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"diversity {name} must be a finite number >= 0, got {v!r}")
-        if self.text_weight + self.image_weight + self.colour_weight <= 0:
-            raise ConfigError("diversity text_weight, image_weight and colour_weight cannot all be 0")
+        if self.text_weight + self.image_weight + self.colour_weight + self.colour_name_weight <= 0:
+            raise ConfigError("diversity text_weight, image_weight, colour_weight and colour_name_weight cannot all be 0")
         parse_diversity(self.auto_max, what="diversity auto_max")
         if isinstance(self.history_scale, bool) or not isinstance(self.history_scale, (int, float)) or not self.history_scale > 0:
             raise ConfigError(f"diversity history_scale must be > 0, got {self.history_scale!r}")
@@ -148,9 +151,11 @@ class DiversityConfig:
 # --------------------------------------------------------------------------- similarity
 def similarity_matrix(text: Any, text_mask: Any = None, image: Any = None, image_mask: Any = None, *,
                       text_weight: float = 0.5, image_weight: float = 0.5, colour: Any = None, colour_mask: Any = None,
-                      colour_weight: float = 0.0, rows: Any = None) -> np.ndarray:
+                      colour_weight: float = 0.0, rows: Any = None, colour_names: Sequence[str | None] | None = None,
+                      colour_name_weight: float = 0.0) -> np.ndarray:
     """``(m, m)`` similarities in [0, 1] of candidates from their text rows, (aligned) photo rows and, optionally,
-    their photos' colour descriptors (``image_colour``).
+    their photos' colour descriptors (``image_colour``) and their colour names (``colour_names``, one per row, None
+    where unknown: 1 for the same name, 0 for another; :func:`one_hot`).
 
     Per pair: the weighted mean of the cosines of the modalities *both* have (``*_mask``: which rows are present; a
     zero or non-finite row counts as absent), 0 when they share none, clipped to [0, 1] (a negative mean counts as
@@ -172,7 +177,9 @@ def similarity_matrix(text: Any, text_mask: Any = None, image: Any = None, image
     s: np.ndarray | None = None
     present: list[tuple[np.ndarray, float]] = []
     partial = False
-    for rows_, mask, w in ((t, text_mask, text_weight), (image, image_mask, image_weight), (colour, colour_mask, colour_weight)):
+    names = (None, None) if colour_names is None or not float(colour_name_weight) > 0 else one_hot(colour_names, only=take)
+    for rows_, mask, w in ((t, text_mask, text_weight), (image, image_mask, image_weight), (colour, colour_mask, colour_weight),
+                           (names[0], names[1], colour_name_weight)):
         if rows_ is None or not float(w) > 0:
             continue
         a = np.asarray(rows_, dtype=np.float32).reshape(n, -1)
@@ -212,6 +219,28 @@ def similarity_matrix(text: Any, text_mask: Any = None, image: Any = None, image
         s /= np.where(den > 0, den, np.float32(1.0))
     np.clip(s, 0.0, 1.0, out=s)
     return s[np.ix_(sel, sel)] if permute else s
+
+
+def one_hot(values: Sequence[Any], *, only: Any = None) -> tuple[np.ndarray | None, np.ndarray]:
+    """Names (e.g. colours; None or blank where unknown) as one-hot float32 rows and their presence mask, compared
+    without case or surrounding blanks: the cosine of two rows is 1 for the same name, 0 for another. ``only``: the
+    indices of the rows to read (the others come out absent); ``(None, all False)`` when no name is present."""
+    n = len(values)
+    idx = range(n) if only is None else np.asarray(only, dtype=np.intp).reshape(-1).tolist()
+    codes: dict[str, int] = {}
+    at: list[tuple[int, int]] = []
+    for i in idx:
+        v = values[i]
+        if isinstance(v, str) and v.strip():
+            at.append((i, codes.setdefault(v.strip().lower(), len(codes))))
+    mask = np.zeros(n, dtype=bool)
+    if not at:
+        return None, mask
+    mat = np.zeros((n, len(codes)), dtype=np.float32)
+    r, c = zip(*at)
+    mat[list(r), list(c)] = 1.0
+    mask[list(r)] = True
+    return mat, mask
 
 
 def stack_rows(values: Sequence[Any], *, only: Any = None) -> tuple[np.ndarray | None, np.ndarray]:
@@ -325,12 +354,14 @@ def eligible(relevance: np.ndarray, lam: float, depth: int) -> int:
 
 def diversify(relevance: Any, lam: float, *, text: Any, text_mask: Any = None, image: Any = None, image_mask: Any = None,
               colour: Any = None, colour_mask: Any = None, config: "DiversityConfig | None" = None, depth: int | None = None,
-              rows: Any = None, tiers: Any = None) -> Diversified:
+              rows: Any = None, tiers: Any = None, colour_names: Sequence[str | None] | None = None) -> Diversified:
     """:func:`mmr` of the relevance (:func:`normalize_relevance`) with :func:`similarity_matrix` of the candidates'
     vectors, weighted as ``config`` says. ``relevance`` is in relevance order; ``rows``: the vectors' (and masks')
     row of each of those candidates (e.g. the first stage's order the model's inputs are in); None: the vectors
     are in relevance order too. ``colour`` may also be the per-candidate rows (None where absent: the documents'
-    ``image_colour`` values): only the compared ones are stacked (:func:`stack_rows`).
+    ``image_colour`` values): only the compared ones are stacked (:func:`stack_rows`). ``colour_names``: per row,
+    the product's colour name (the catalog's, or the one indexing completed from the photo), compared when the
+    config's ``colour_name_weight`` is above 0.
 
     Only the candidates that can take one of the ``depth`` positions (:func:`eligible`, and at most ``pool``) are
     compared: the same order as comparing all, at a fraction of the cost when lambda is small.
@@ -352,7 +383,7 @@ def diversify(relevance: Any, lam: float, *, text: Any, text_mask: Any = None, i
             raise ConfigError("tiers must be non-decreasing in relevance order (the bound orders by tier first)")
         if t[0] != t[-1]:
             return _diversify_tiers(relevance, lam, t, text=text, text_mask=text_mask, image=image, image_mask=image_mask, colour=colour,
-                                    colour_mask=colour_mask, config=cfg, depth=depth, rows=rows)
+                                    colour_mask=colour_mask, config=cfg, depth=depth, rows=rows, colour_names=colour_names)
     if float(lam) <= 0.0 or n <= 1:
         return mmr(relevance, np.zeros((n, n), dtype=np.float32), 0.0, depth=depth)
     rel = normalize_relevance(relevance, cfg.relevance_window)
@@ -367,7 +398,7 @@ def diversify(relevance: Any, lam: float, *, text: Any, text_mask: Any = None, i
         colour_mask = cmask if colour_mask is None else cmask & np.asarray(colour_mask, dtype=bool).reshape(-1)
     sim = similarity_matrix(text, text_mask, image, image_mask, text_weight=cfg.text_weight, image_weight=cfg.image_weight,
                             colour=colour, colour_mask=colour_mask, colour_weight=cfg.colour_weight,
-                            rows=None if rows is None and m == n else sel[:m])
+                            rows=None if rows is None and m == n else sel[:m], colour_names=colour_names, colour_name_weight=cfg.colour_name_weight)
     d = mmr(rel[:m], sim, lam, depth=depth)
     if m == n:
         return d
@@ -577,6 +608,7 @@ __all__ = [
     "intra_list_distance",
     "mmr",
     "normalize_relevance",
+    "one_hot",
     "parse_diversity",
     "query_qualifiers",
     "similarity_matrix",

@@ -323,6 +323,10 @@ class Reranker:
             from rerank.model.intent import INTENT_ATTRIBUTES, photo_fields
 
             out += [f for f in (*INTENT_ATTRIBUTES, *photo_fields()) if f not in out]
+        if self.diversity_config.colour_name_weight > 0:  # the diversity step compares colour names, photo-completed ones too
+            from rerank.model.intent import photo_fields
+
+            out += [f for f in (F.COLOUR, *photo_fields()) if f not in out]
         return out
 
     def prefill_aligned_cache(self, *, limit: int | None = None, batch_size: int = 2048, progress: bool = False) -> int:
@@ -529,8 +533,13 @@ class Reranker:
                 idx = np.asarray(order)
                 # the vectors stay in the candidates' order (rows=idx): the step compares only the ones that can move
                 colour = [(docs.get(c.id) or {}).get(F.IMAGE_COLOUR) for c in cands] if self.diversity_config.colour_weight > 0 else None
+                names = None
+                if self.diversity_config.colour_name_weight > 0:  # the catalog's colour, or the one completed from the photo
+                    from rerank.model.intent import product_attribute
+
+                    names = [product_attribute(docs.get(c.id), F.COLOUR)[0] for c in cands]
                 d = diversify(np.asarray(scores)[idx], choice.value, text=req.cand_text, text_mask=req.cand_text_mask, image=req.cand_image,
-                              image_mask=req.cand_image_mask, colour=colour, rows=idx, tiers=None if tiers is None else tiers[idx],
+                              image_mask=req.cand_image_mask, colour=colour, rows=idx, tiers=None if tiers is None else tiers[idx], colour_names=names,
                               config=self.diversity_config, depth=depth if depth is not None else self.diversity_config.depth)
                 placed = [d.max_similarity[k] for k in d.order]
                 order = [order[k] for k in d.order]

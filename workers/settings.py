@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     diversity_image_weight: float = Field(0.5, ge=0, description="weight of the aligned-photo cosine in the diversity step's similarity")
     diversity_colour_weight: float = Field(0.75, ge=0, description="weight of the photos' pixel colour descriptors (image_colour, where "
                                                                   "fetched for the model's colour head) in the diversity step's similarity")
+    diversity_colour_name_weight: float = Field(0.0, ge=0, description="weight of the products' colour names agreeing (the catalog's "
+                                                "colour, or the one indexing completed from the photo) in the diversity step's similarity")
     diversity_auto_max: float = Field(0.9, ge=0, le=1, description="the lambda of diversity=auto for a vague query from a shopper without history")
     doc_cache_prefill: bool = Field(False, description="OpenSearch: read the index's documents (vectors and the fields the model "
                                     "reads) into the rerank call's document cache at start-up, up to its size (50,000), so that "
@@ -205,8 +207,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _diversity_weights(self) -> "Settings":
-        if self.diversity_text_weight + self.diversity_image_weight + self.diversity_colour_weight <= 0:
-            raise ValueError("diversity_text_weight, diversity_image_weight and diversity_colour_weight cannot all be 0")
+        if self.diversity_text_weight + self.diversity_image_weight + self.diversity_colour_weight + self.diversity_colour_name_weight <= 0:
+            raise ValueError("diversity_text_weight, diversity_image_weight, diversity_colour_weight and diversity_colour_name_weight "
+                             "cannot all be 0")
         return self
 
     def diversity_for(self, index: str) -> float | str:
@@ -218,7 +221,8 @@ class Settings(BaseSettings):
         from rerank.diversity import DiversityConfig
 
         return DiversityConfig(text_weight=self.diversity_text_weight, image_weight=self.diversity_image_weight,
-                               colour_weight=self.diversity_colour_weight, auto_max=self.diversity_auto_max)
+                               colour_weight=self.diversity_colour_weight, colour_name_weight=self.diversity_colour_name_weight,
+                               auto_max=self.diversity_auto_max)
 
     @field_validator("index_alias")
     @classmethod

@@ -386,6 +386,7 @@ class _FusionSystem(System):
         rerank call does); per lambda ``([run], {"lambda_mean", "lambda_min", "lambda_max", "queries_diversified"})``."""
         from indexing import fields as F
         from rerank.diversity import AUTO, DiversityConfig, choose_lambda, diversify, history_events, stack_rows
+        from rerank.model.intent import product_attribute
 
         cfg = config or DiversityConfig()
         scored_all = self._scored(ctx)
@@ -404,9 +405,10 @@ class _FusionSystem(System):
                     idx = np.asarray([row[d] for d in base])
                     colour, colour_mask = stack_rows([(docs.get(i) or {}).get(F.IMAGE_COLOUR) for i in base]) if cfg.colour_weight > 0 else (None, None)
                     tiers = self.tiers.get(it.query_id)
+                    names = [product_attribute(docs.get(i), F.COLOUR)[0] for i in base] if cfg.colour_name_weight > 0 else None
                     d = diversify(np.asarray([scores[i] for i in base]), choice.value, text=req.cand_text[idx], text_mask=req.cand_text_mask[idx],
                                   image=req.cand_image[idx], image_mask=req.cand_image_mask[idx], colour=colour, colour_mask=colour_mask, config=cfg,
-                                  tiers=None if tiers is None else tiers[idx])
+                                  tiers=None if tiers is None else tiers[idx], colour_names=names)
                     base = [base[k] for k in d.order]
                 run[it.query_id] = base
             info = {"lambda_mean": round(float(np.mean(applied)), 4) if applied else 0.0, "lambda_min": min(applied, default=0.0),

@@ -11,7 +11,7 @@ import pytest
 from indexing import fields as F
 from indexing.errors import ConfigError
 from rerank.diversity import (AUTO, DiversityConfig, choose_lambda, diversify, diversity_label, eligible, history_strength, intra_list_distance,
-                              mmr, normalize_relevance, parse_diversity, query_qualifiers, similarity_matrix, stack_rows)
+                              mmr, normalize_relevance, one_hot, parse_diversity, query_qualifiers, similarity_matrix, stack_rows)
 from rerank.datasets.metrics import distinct_at_k, ild_at_k
 
 
@@ -82,6 +82,32 @@ def test_a_candidate_without_vectors_is_maximally_dissimilar():
     s3 = similarity_matrix(text, None, image, None, colour=colour, colour_weight=1.0, text_weight=1.0, image_weight=1.0)
     assert s3[0, 1] == pytest.approx(0.5)  # text 1, colour 0 (no shared photo)
     assert s3[0, 2] == pytest.approx(1.0)  # only the colour is shared: identical there
+
+
+def test_colour_names_count_as_one_more_modality():
+    """Colour names (the catalog's, or the photo's completion) as one-hot rows: the same name (any case) is 1, another
+    0, an unknown one is absent (the pair uses the other modalities); MMR with them spreads the names."""
+    mat, mask = one_hot(["Black", " black", "Navy Blue", None, "", "red"])
+    assert mask.tolist() == [True, True, True, False, False, True] and mat.shape == (6, 3)
+    sim = similarity_matrix(np.zeros((6, 2), np.float32), None, None, None, text_weight=0, image_weight=0,
+                            colour_names=["Black", " black", "Navy Blue", None, "", "red"], colour_name_weight=1.0)
+    assert sim[0, 1] == 1.0 and sim[0, 2] == 0.0 and sim[0, 3] == 0.0 and sim[3, 3] == 0.0
+    only, omask = one_hot(["Black", "Red", "Blue"], only=[2])
+    assert omask.tolist() == [False, False, True] and only.shape == (3, 1)
+    assert one_hot([None, " "])[0] is None
+    # eight near-identical products (the same text vector), four black first: with the names, auto's lambda puts
+    # four colours in the top four; without them, all look alike and the model's order stays
+    rng = np.random.default_rng(3)
+    text = np.tile(rng.standard_normal(16).astype(np.float32), (8, 1)) + rng.standard_normal((8, 16)).astype(np.float32) * 0.01
+    names = ["Black"] * 4 + ["Red", "Blue", "White", "Green"]
+    rel = np.linspace(1.0, 0.9, 8)
+    cfg = DiversityConfig(colour_name_weight=1.0, depth=4)
+    got = diversify(rel, 0.9, text=text, colour_names=names, config=cfg)
+    assert len({names[i] for i in got.order[:4]}) == 4
+    plain = diversify(rel, 0.9, text=text, config=DiversityConfig(depth=4))
+    assert {names[i] for i in plain.order[:4]} == {"Black"}
+    with pytest.raises(ConfigError, match="colour_name_weight"):
+        DiversityConfig(colour_name_weight=-1.0)
 
 
 def test_stack_rows():

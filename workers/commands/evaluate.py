@@ -81,7 +81,7 @@ def parse_diversity_list(text: str | None) -> tuple:
 
 
 #: ``--diversity-option`` keys (fields of rerank.diversity.DiversityConfig)
-DIVERSITY_OPTIONS = ("text_weight", "image_weight", "colour_weight", "auto_max", "qualifier_weight", "history_scale", "relevance_window")
+DIVERSITY_OPTIONS = ("text_weight", "image_weight", "colour_weight", "colour_name_weight", "auto_max", "qualifier_weight", "history_scale", "relevance_window")
 
 
 def parse_diversity_options(items: list[str], settings=None):

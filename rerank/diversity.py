@@ -121,7 +121,7 @@ class DiversityConfig:
     text_weight: float = 0.5
     image_weight: float = 0.5
     colour_weight: float = 0.75
-    colour_name_weight: float = 0.0
+    colour_name_weight: float = 2.0
     auto_max: float = 0.9
     qualifier_weight: float = 3.0
     history_scale: float = 2.0

@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     diversity_image_weight: float = Field(0.5, ge=0, description="weight of the aligned-photo cosine in the diversity step's similarity")
     diversity_colour_weight: float = Field(0.75, ge=0, description="weight of the photos' pixel colour descriptors (image_colour, where "
                                                                   "fetched for the model's colour head) in the diversity step's similarity")
-    diversity_colour_name_weight: float = Field(0.0, ge=0, description="weight of the products' colour names agreeing (the catalog's "
+    diversity_colour_name_weight: float = Field(2.0, ge=0, description="weight of the products' colour names agreeing (the catalog's "
                                                 "colour, or the one indexing completed from the photo) in the diversity step's similarity")
     diversity_auto_max: float = Field(0.9, ge=0, le=1, description="the lambda of diversity=auto for a vague query from a shopper without history")
     doc_cache_prefill: bool = Field(False, description="OpenSearch: read the index's documents (vectors and the fields the model "

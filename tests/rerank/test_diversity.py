@@ -30,7 +30,7 @@ def test_parse_diversity_refuses_everything_else_naming_the_range(value):
 def test_labels_and_config_checks():
     assert [diversity_label(v) for v in (0.0, 0.1, 1.0, AUTO)] == ["0", "0.1", "1", "auto"]
     with pytest.raises(ConfigError, match="cannot all be 0"):
-        DiversityConfig(text_weight=0, image_weight=0, colour_weight=0)
+        DiversityConfig(text_weight=0, image_weight=0, colour_weight=0, colour_name_weight=0)
     with pytest.raises(ConfigError, match="auto_max"):
         DiversityConfig(auto_max=1.5)
     with pytest.raises(ConfigError, match="depth"):

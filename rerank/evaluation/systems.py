@@ -492,7 +492,7 @@ class _FusionSystem(System):
                                         f"artifact {art.version} {served}, best validation NDCG@10 {rep.get('best_validation_ndcg@10', 'n/a')}; {image_list}; "
                                         f"{with_history} of {len(ctx.items)} queries with a user history"
                                         + (f" (history attribute agreement: {hist_known} of {hist_items} history products with attributes)"
-                                           if getattr(art.ranker.config, "history_agreement", False) else ""))
+                                           if getattr(art.ranker.config, "history_agreement", False) and hist_items else ""))
         return out
 
 

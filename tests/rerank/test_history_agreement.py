@@ -175,3 +175,18 @@ def test_the_onnx_graph_computes_the_agreement_as_torch_does():
     fast = OnnxRanker(m)
     for got, want in zip(fast.score_requests(reqs), m.score_requests(reqs)):
         assert np.allclose(got.scores, want.scores, atol=1e-4)
+
+
+def test_a_features_file_keeps_the_history_attributes_and_an_older_file_reads_them_as_unknown(tmp_path):
+    from workers.bench.batch import load_requests, save_requests
+
+    reqs = [e.features for e in _shoppers(2, 7)]
+    path = save_requests(tmp_path / "f.npz", reqs)
+    back, _ = load_requests(path)
+    assert [r.hist_cats.tolist() for r in back] == [r.hist_cats.tolist() for r in reqs] and back[0].hist_cats.any()
+    with np.load(path) as z:  # the same file as the code before hist_cats wrote it
+        old = {k: z[k] for k in z.files if not k.endswith("/hist_cats")}
+    np.savez_compressed(tmp_path / "old.npz", **old)
+    back, _ = load_requests(tmp_path / "old.npz")
+    assert all(r.hist_cats.shape == reqs[0].hist_cats.shape and not r.hist_cats.any() for r in back)
+    assert np.array_equal(back[0].cats, reqs[0].cats)

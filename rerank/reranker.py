@@ -676,6 +676,8 @@ class Reranker:
                 raise _Degrade(HISTORY_ERROR, f"profile of user {user_id!r}: {e}") from e
             except EngineError as e:  # history vectors are read from the engine
                 raise _Degrade(ENGINE_ERROR, f"history vectors of user {user_id!r}: {e}") from e
+            if hist.product_ids and getattr(art.ranker.config, "history_agreement", False):
+                hist = hist.with_attributes(self._history_attributes(hist.product_ids, docs, spec.cat_fields))
         self._check_budget(t0, "history", timings, s)
 
         s = self.clock()
@@ -695,6 +697,19 @@ class Reranker:
             return prepared.finish(qvec), docs
         except Exception as e:  # fail open on any model failure
             raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e
+
+    def _history_attributes(self, ids: Sequence[str], docs: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+        """The categorical fields of the history products ``ids`` (what the model's history agreement compares with the
+        candidates'): from the candidates' documents where a history product is among them, else fetched by id (one
+        engine call); a product the index lacks is left out (its agreement counts it as unknown)."""
+        have = {i: docs[i] for i in ids if i in docs and all(n in docs[i] for n in names)}
+        need = [i for i in dict.fromkeys(ids) if i not in have]
+        if need:
+            try:
+                have.update(array_getter(self.engine)(self.index, need, fields=list(names)))
+            except EngineError as e:
+                raise _Degrade(ENGINE_ERROR, f"the attributes of {len(need)} history products: {e}") from e
+        return have
 
     def _encode_query(self, text: str, query_image: Any) -> tuple[np.ndarray, float]:
         """The query vector (the text's, or the image's aligned into the text space) and the milliseconds it took."""

@@ -287,7 +287,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 #: ``fusion_options`` keys passed to :class:`rerank.training.ranker.TrainConfig` (the rest are refused)
 FUSION_TRAIN_OPTIONS = ("loss", "epochs", "batch_size", "lr", "weight_decay", "patience", "max_minutes", "max_train_candidates",
-                        "d_model", "hidden", "history_k", "use_colour", "use_intent", "min_epochs")
+                        "d_model", "hidden", "history_k", "use_colour", "use_intent", "min_epochs", "history_agreement")
 
 
 def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use_history: bool, use_product: bool = True) -> Any:
@@ -459,13 +459,16 @@ class _FusionSystem(System):
         image_dim = art.image_encoder.dim if art.image_encoder is not None else None
         requests = []
         with_history = 0
+        hist_items = hist_known = 0  # history products, and those whose categorical fields the model reads
         for i, it in enumerate(ctx.items):
             h = None
             if it.user_id and it.user_id in hist:
                 with_history += 1
                 pids, evts, ages = hist[it.user_id]
                 h = HistoryInput(pids, tuple((docs.get(p) or {}).get(F.TEXT_VEC) for p in pids),
-                                 tuple((docs.get(p) or {}).get(F.IMAGE_VEC) for p in pids), evts, ages)
+                                 tuple((docs.get(p) or {}).get(F.IMAGE_VEC) for p in pids), evts, ages, tuple(docs.get(p) for p in pids))
+                hist_items += len(pids)
+                hist_known += sum(1 for p in pids if any((docs.get(p) or {}).get(f) for f in spec.cat_fields))
             requests.append(build_request_features(qvecs[i], list(cands[it.query_id]), docs, spec, history=h, project=project,
                                                    text_dim=art.text_encoder.dim, image_dim=image_dim, colour=art.colour))
         out = []
@@ -494,7 +497,9 @@ class _FusionSystem(System):
             served += f" bounded by the query's intent ({', '.join(art.intent.config.bound)})"
         ctx.notes.setdefault(self.name, f"fusion ranker ({art.ranker.config.strategy}, {rep.get('ablation', 'given')}), "
                                         f"artifact {art.version} {served}, best validation NDCG@10 {rep.get('best_validation_ndcg@10', 'n/a')}; {image_list}; "
-                                        f"{with_history} of {len(ctx.items)} queries with a user history")
+                                        f"{with_history} of {len(ctx.items)} queries with a user history"
+                                        + (f" (history attribute agreement: {hist_known} of {hist_items} history products with attributes)"
+                                           if getattr(art.ranker.config, "history_agreement", False) and hist_items else ""))
         return out
 
 

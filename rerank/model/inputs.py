@@ -12,8 +12,10 @@ One request (a query, its N candidates, the user's profile) becomes a :class:`Re
   photo's colour as the colour head reads it, and against the colour field);
 * ``cats`` (N, C) int64: hashed buckets of the product's categorical fields (0 = missing);
 * ``hist_text`` (K, Dt) / ``hist_image`` (K, Da) with masks, ``hist_event`` (K,) int (event type index + 1,
-  0 = padding), ``hist_age`` (K,) ``log1p(age in days)``, ``hist_mask`` (K,): the user's last K products.
-  A user without history has ``hist_mask`` all False.
+  0 = padding), ``hist_age`` (K,) ``log1p(age in days)``, ``hist_mask`` (K,): the user's last K products;
+  ``hist_cats`` (K, C) int64: the history products' categorical buckets, hashed as ``cats`` (0 = missing or
+  unknown: a profile that carries no attributes), which the ranker compares with each candidate's
+  (:func:`rerank.model.ranker.history_agreement`). A user without history has ``hist_mask`` all False.
 
 Masks are explicit: a masked row holds zeros *and* a False mask, and the model excludes it (it never
 reads a masked value). :func:`collate` pads a list of requests to ``(B, N_max, ...)`` with a candidate
@@ -25,7 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -103,6 +105,11 @@ class RequestFeatures:
     hist_age: np.ndarray
     hist_mask: np.ndarray
     hist_ids: tuple[str, ...] = ()
+    hist_cats: np.ndarray | None = None  # (K, C); None: unknown (all 0), filled in by __post_init__
+
+    def __post_init__(self) -> None:
+        if self.hist_cats is None:
+            object.__setattr__(self, "hist_cats", np.zeros((len(self.hist_mask), self.cats.shape[1]), dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -110,7 +117,7 @@ class RequestFeatures:
 
 ARRAY_FIELDS = tuple(f.name for f in fields(RequestFeatures) if f.name not in ("ids", "hist_ids"))
 CANDIDATE_FIELDS = ("cand_text", "cand_text_mask", "cand_image", "cand_image_mask", "first_stage", "cats")
-HISTORY_FIELDS = ("hist_text", "hist_text_mask", "hist_image", "hist_image_mask", "hist_event", "hist_age", "hist_mask")
+HISTORY_FIELDS = ("hist_text", "hist_text_mask", "hist_image", "hist_image_mask", "hist_event", "hist_age", "hist_mask", "hist_cats")
 
 
 # --------------------------------------------------------------------------- pieces (pure)
@@ -203,13 +210,20 @@ def _project(raw: np.ndarray, mask: np.ndarray, ids: Sequence[str], project: Ima
 class HistoryInput:
     """The history part of a request, from a :class:`rerank.history.UserProfile` or built by hand.
 
-    ``text`` / ``image`` rows may be None (missing vector); ``events`` are event type names; ``ages_s`` seconds."""
+    ``text`` / ``image`` rows may be None (missing vector); ``events`` are event type names; ``ages_s`` seconds;
+    ``attributes``: each product's document with its categorical fields (``FeatureSpec.cat_fields``), or None where
+    unknown (a profile carries vectors only: the rerank call fetches these fields for a model that reads them)."""
 
     product_ids: tuple[str, ...] = ()
     text: tuple[Any, ...] = ()
     image: tuple[Any, ...] = ()
     events: tuple[str, ...] = ()
     ages_s: tuple[float, ...] = ()
+    attributes: tuple[Mapping[str, Any] | None, ...] = ()
+
+    def with_attributes(self, docs: Mapping[str, Mapping[str, Any] | None]) -> "HistoryInput":
+        """A copy whose ``attributes`` are ``docs[product id]`` (None for a product not in ``docs``)."""
+        return replace(self, attributes=tuple(docs.get(p) for p in self.product_ids))
 
     @classmethod
     def from_profile(cls, profile: Any) -> "HistoryInput":
@@ -242,6 +256,8 @@ def history_arrays(history: HistoryInput | None, spec: FeatureSpec, *, text_dim:
         event[i] = EVENT_TYPES.index(ev) + 1 if ev in EVENT_TYPES else 0
         age[i] = math.log1p(max(float(h.ages_s[i]) if i < len(h.ages_s) else 0.0, 0.0) / SECONDS_PER_DAY)
     mask = (tmask | imask) & (np.arange(k) < n)
+    attrs = list(h.attributes[:n]) + [None] * (k - len(h.attributes[:n]))
+    cats = np.where(mask[:, None], hash_categories(attrs, spec), 0)
     return {
         "hist_text": text,
         "hist_text_mask": tmask & mask,
@@ -251,6 +267,7 @@ def history_arrays(history: HistoryInput | None, spec: FeatureSpec, *, text_dim:
         "hist_age": np.where(mask, age, 0.0).astype(np.float32),
         "hist_mask": mask,
         "hist_ids": tuple(h.product_ids[:n]),
+        "hist_cats": cats.astype(np.int64),
     }
 
 

@@ -60,15 +60,18 @@ def _probe_batch(cfg: Any, *, n: int, with_history: bool, seed: int) -> dict[str
     hist_mask = np.zeros(k, dtype=bool)
     if with_history:
         hist_mask[: max(1, k // 2)] = True
+    cats = rng.integers(0, cfg.hash_buckets, size=(n, cfg.n_cat_fields)).astype(np.int64)
+    # the history products' buckets drawn from the candidates' (so that the history agreement sees matches)
+    hist_cats = np.where(hist_mask[:, None], cats[rng.integers(0, n, size=k)], 0).astype(np.int64)
     req = RequestFeatures(
         ids=tuple(f"p{i}" for i in range(n)), query=vecs(dt),
         cand_text=vecs(n, dt), cand_text_mask=np.ones(n, dtype=bool), cand_image=vecs(n, dt), cand_image_mask=np.ones(n, dtype=bool),
         first_stage=rng.random((n, cfg.first_stage_dim)).astype(np.float32),
-        cats=rng.integers(0, cfg.hash_buckets, size=(n, cfg.n_cat_fields)).astype(np.int64),
+        cats=cats,
         hist_text=vecs(k, dt), hist_text_mask=hist_mask.copy(), hist_image=vecs(k, dt), hist_image_mask=hist_mask.copy(),
         hist_event=np.where(hist_mask, rng.integers(1, 5, size=k), 0).astype(np.int64),
         hist_age=rng.random(k).astype(np.float32), hist_mask=hist_mask,
-        hist_ids=tuple(f"h{i}" for i in range(int(hist_mask.sum()))),
+        hist_ids=tuple(f"h{i}" for i in range(int(hist_mask.sum()))), hist_cats=hist_cats,
     )
     return collate([req])
 

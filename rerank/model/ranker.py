@@ -9,7 +9,11 @@ Per candidate, five *modalities* are embedded into ``d_model`` dimensions:
 * ``first_stage``: the retrieval signals (normalized BM25 / kNN scores, reciprocal ranks, missing flags);
 * ``product``: hashed categorical fields (type, colour, gender, usage, category, brand) with the query;
 * ``history``: DIN-style target attention of the candidate over the user's last K products (text +
-  aligned image + event-type embedding + age), masked for a user without history.
+  aligned image + event-type embedding + age), masked for a user without history; with
+  ``history_agreement``, also :func:`history_agreement`: per categorical field, the share of the history
+  products whose value the candidate has (a shopper's taste is a colour, a gender, a usage; from vectors alone
+  the DIN layer learns such matches only after many epochs), read by the history embedding and by a linear
+  term added to the score for a user with history.
 
 **Query-conditioned gating**: ``softmax`` over the modalities of logits computed from the query vector;
 a masked modality gets ``-inf`` (excluded, not zero-filled), so the gates of the present modalities sum
@@ -72,6 +76,8 @@ class RankerConfig:
     use_image: bool = True
     use_history: bool = True
     use_product: bool = True
+    #: the history's attribute agreement (:func:`history_agreement`); False for artifacts trained before it
+    history_agreement: bool = False
 
     def __post_init__(self) -> None:
         FUSION_STRATEGIES.get(self.strategy)  # UnknownNameError lists the valid ones
@@ -206,6 +212,19 @@ def _cos(a, b):
     return (Fn.normalize(a, dim=-1) * Fn.normalize(b, dim=-1)).sum(-1, keepdim=True)
 
 
+def history_agreement(cats, hist_cats, hist_mask):
+    """``(B, N, 2C)``: per categorical field, the share of the user's history products (of those with a value in that
+    field) whose value the candidate has, then 1 where that share is known (the candidate has a value and some
+    history product has one) else 0. ``cats`` (B, N, C) and ``hist_cats`` (B, K, C): hashed buckets, 0 = missing;
+    ``hist_mask`` (B, K). A user without history gets zeros."""
+    hist_known = (hist_cats > 0) & hist_mask.unsqueeze(-1)  # (B, K, C)
+    same = (cats.unsqueeze(2) == hist_cats.unsqueeze(1)) & hist_known.unsqueeze(1)  # (B, N, K, C)
+    n_known = hist_known.sum(1, dtype=torch.float32).unsqueeze(1)  # (B, 1, C)
+    known = (cats > 0) & (n_known > 0)  # (B, N, C)
+    share = torch.where(known, same.sum(2, dtype=torch.float32) / n_known.clamp(min=1.0), torch.zeros((), dtype=torch.float32, device=cats.device))
+    return torch.cat([share, known.to(torch.float32)], -1)
+
+
 class FusionRanker(nn.Module):
     def __init__(self, config: RankerConfig):
         super().__init__()
@@ -225,14 +244,17 @@ class FusionRanker(nn.Module):
         self.event_emb = nn.Embedding(5, 8, padding_idx=0)
         self.hist_key = nn.Linear(2 * dt + 2 + 8 + 1, d)
         self.din = _mlp(4 * d, c.hidden // 2, 1, 0.0)
-        self.hist_out = _mlp(3 * d, c.hidden, d, c.dropout)
+        agree_dim = 2 * c.n_cat_fields if c.history_agreement else 0
+        self.hist_out = _mlp(3 * d + agree_dim, c.hidden, d, c.dropout)
+        if c.history_agreement:  # the agreement's own linear score, for a user with history
+            self.hist_wide = nn.Linear(agree_dim, 1)
         self.fusion = FUSION_STRATEGIES.create(c.strategy, d, m, c)
         self.head = _mlp(self.fusion.out_dim, c.hidden, 1, c.dropout)
         # the "wide" part: a linear score on the first-stage signals and the two query similarities
         self.wide = nn.Linear(c.first_stage_dim + 4, 1)
 
     # -- parts
-    def _history(self, x: Mapping[str, Any], cand_t, cand_a, cand_tm, cand_am):
+    def _history(self, x: Mapping[str, Any], cand_t, cand_a, cand_tm, cand_am, agree=None):
         b, n, _ = cand_t.shape
         hmask = x["hist_mask"]
         if not self.training and not bool(hmask.any()):
@@ -263,7 +285,7 @@ class FusionRanker(nn.Module):
         w = torch.where(valid, w, torch.zeros_like(w))
         # the attention-weighted sum of the history keys: one (N, K) x (K, d) matmul at inference
         pooled = (w.unsqueeze(-1) * hke).sum(2) if self.training else torch.bmm(w, hk)
-        emb = self.hist_out(torch.cat([pooled, ck, pooled * ck], -1))
+        emb = self.hist_out(torch.cat([pooled, ck, pooled * ck] + ([agree.to(pooled.dtype)] if agree is not None else []), -1))
         return emb, w, has.squeeze(-1)
 
     def _din_logits_folded(self, hk, ck):
@@ -348,7 +370,8 @@ class FusionRanker(nn.Module):
         pm = (cats > 0).any(-1) & x["cand_mask"]
         if not c.use_product:
             pm = torch.zeros_like(pm)
-        e_hist, hw, has_hist = self._history(x, t, a, tm, am)
+        agree = history_agreement(cats, x["hist_cats"], x["hist_mask"]) if c.history_agreement else None
+        e_hist, hw, has_hist = self._history(x, t, a, tm, am, agree)
         hm = has_hist & x["cand_mask"]
         if not c.use_history:
             hm = torch.zeros_like(hm)
@@ -367,7 +390,10 @@ class FusionRanker(nn.Module):
         h, gates = self.fusion(emb, mask, gates, qctx)
         gates = torch.where(mask, gates, torch.zeros_like(gates))
         wide_in = torch.cat([fs, cos_t, cos_a, tm.unsqueeze(-1).to(q.dtype), am.unsqueeze(-1).to(q.dtype)], -1)
-        scores = (self.head(h) + self.wide(wide_in)).squeeze(-1).masked_fill(~fm, float("-inf"))
+        scores = (self.head(h) + self.wide(wide_in)).squeeze(-1)
+        if agree is not None:
+            scores = scores + torch.where(hm, self.hist_wide(agree.to(q.dtype)).squeeze(-1), torch.zeros((), dtype=q.dtype, device=q.device))
+        scores = scores.masked_fill(~fm, float("-inf"))
         return RankerOutput(scores, gates, hw)
 
     # -- convenience (inference)
@@ -465,5 +491,6 @@ __all__ = [
     "STRATEGIES",
     "ScoredRequest",
     "build_ranker",
+    "history_agreement",
     "scored_requests",
 ]

@@ -121,6 +121,7 @@ class TrainConfig:
     use_product: bool = True
     use_colour: bool = True  # the colour head and the query-colour inputs (rerank.model.colour), when the catalog has colours
     use_intent: bool = True  # the query-intent bound on the model's scores (rerank.model.intent), when the catalog has attribute values
+    history_agreement: bool = True  # the history's attribute agreement inputs (rerank.model.ranker.history_agreement), with history
     d_model: int = 64
     hidden: int = 128
     history_k: int = 20
@@ -398,7 +399,8 @@ def prepare_dataset(
             h = None
             if it.user_id and it.user_id in hist:
                 pids, evs, ages = hist[it.user_id]
-                h = HistoryInput(pids, tuple((docs.get(p) or {}).get(F.TEXT_VEC) for p in pids), tuple((docs.get(p) or {}).get(F.IMAGE_VEC) for p in pids), evs, ages)
+                h = HistoryInput(pids, tuple((docs.get(p) or {}).get(F.TEXT_VEC) for p in pids), tuple((docs.get(p) or {}).get(F.IMAGE_VEC) for p in pids), evs, ages,
+                                 tuple(docs.get(p) for p in pids))
                 with_history += 1
             feats = build_request_features(qvecs[it.query_id], cands, docs, feature_spec, history=h, project=identity, text_dim=dt, image_dim=dt,
                                            colour=colour)
@@ -667,6 +669,7 @@ def train_ranker(
         use_image=config.use_image and alignment is not None,
         use_history=config.use_history,
         use_product=config.use_product,
+        history_agreement=config.history_agreement and config.use_history,
     )
     model, fit_report = fit(train, valid, rcfg, config)
     serving = verdict(model, [e for p in prepared for e in p.validation], fspec, seed=config.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +230,7 @@ def test_fusion_reads_shopper_histories_from_the_events_file(shared_data, tmp_pa
     assert f" 0 of {n} queries with a user history" not in rep.systems["fusion"].note
     assert f"of {n} queries with a user history" in rep.systems["fusion"].note
     assert f"0 of {n} queries with a user history" in rep.systems["fusion_no_history"].note  # the ablation reads none
+    # the full model compares the history products' attributes with the candidates': the harness hands them over
+    m = re.search(r"history attribute agreement: (\d+) of (\d+) history products with attributes", rep.systems["fusion"].note)
+    assert m and int(m.group(1)) > 0 and int(m.group(1)) == int(m.group(2)), rep.systems["fusion"].note
+    assert "history attribute agreement" not in rep.systems["fusion_no_history"].note

@@ -88,8 +88,10 @@ def load_requests(path: str | Path) -> tuple[list[Any], dict[str, Any]]:
             meta = json.loads(str(z["meta"]))
             if meta.get("format") != FEATURES_FORMAT:
                 raise ConfigError(f"features file {str(path)!r} has format {meta.get('format')!r}; this version reads {FEATURES_FORMAT}")
+            have = set(z.files)
+            # a file written before the history's attributes existed has no hist_cats: read as unknown (zeros)
             out = [RequestFeatures(ids=tuple(z[f"{i}/ids"].tolist()), hist_ids=tuple(z[f"{i}/hist_ids"].tolist()),
-                                   **{name: z[f"{i}/{name}"] for name in ARRAY_FIELDS})
+                                   **{name: z[f"{i}/{name}"] for name in ARRAY_FIELDS if name != "hist_cats" or f"{i}/{name}" in have})
                    for i in range(int(meta["count"]))]
     except ConfigError:
         raise

@@ -134,3 +134,47 @@ def test_an_artifact_with_the_inputs_but_no_intent_block_is_refused(tmp_path):
     save_artifact(tmp_path / "m", model, feature_spec=spec, text_encoder=EncoderRef("t", 8), image_encoder=None, alignment=None)
     with pytest.raises(ModelArtifactError, match="no intent block"):
         load_artifact(tmp_path / "m")
+
+
+def test_the_rerank_call_reads_photo_completed_values_from_a_products_v4_index(intent, text_encoder, tmp_path):
+    """Serving builds the same columns from the index: the call fetches the photo fields and hands the model's intent
+    block to the feature builder (an artifact of the old layout keeps its inputs)."""
+    from indexing.engines import create_engine
+    from indexing.engines.base import BulkAction
+    from indexing.photo_attributes import Prediction, attribute_document_fields
+    from mappings import load_mapping
+    from rerank.model.artifact import EncoderRef, load_artifact, save_artifact
+    from rerank.model.ranker import RankerConfig, build_ranker
+    from rerank.reranker import Reranker
+
+    engine = create_engine("local", path=tmp_path / "engine")
+    engine.create_index("products", load_mapping("products-v4", text_dim=text_encoder.dim, image_dim=8))
+    rows = [("a", "heels", "Red", None), ("b", "heels", "", Prediction("Black", 0.93)), ("c", "heels", "", None)]
+    actions = []
+    for (pid, title, colour, pred), vec in zip(rows, text_encoder.encode([r[1] for r in rows])):
+        d = {F.ID: pid, F.TITLE: title, F.ARTICLE_TYPE: "Heels", F.COLOUR: colour, F.TEXT_VEC: vec.tolist()}
+        d.update(attribute_document_fields(d, {"colour": pred} if pred else None, "photo-attributes:t" if pred else None))
+        actions.append(BulkAction.index(pid, d))
+    assert engine.bulk("products", actions).ok
+    engine.refresh("products")
+
+    def artifact(spec, out):
+        cfg = RankerConfig(text_dim=text_encoder.dim, first_stage_dim=spec.first_stage_dim, n_cat_fields=len(spec.cat_fields),
+                           hash_buckets=spec.hash_buckets, history_k=spec.history_k, d_model=16, hidden=32, heads=2, use_image=False)
+        save_artifact(out, build_ranker(cfg, device="cpu", seed=0), feature_spec=spec, text_encoder=EncoderRef(text_encoder.model_id, text_encoder.dim),
+                      image_encoder=None, intent=intent)
+        return load_artifact(out, mapping=engine.get_mapping("products"), device="cpu")
+
+    hits = [{"_id": "a", "_score": 3.0}, {"_id": "b", "_score": 2.0}, {"_id": "c", "_score": 1.0}]
+    new = Reranker(engine, "products", artifact(FeatureSpec(attributes=("catalog", "photo")), tmp_path / "new"), text_encoder=text_encoder, budget_ms=10_000)
+    req = new.request_features("black heels", hits)
+    tail = req.first_stage[:, FeatureSpec().first_stage_dim:]
+    by_id = dict(zip(req.ids, tail))
+    assert by_id["b"][col(F.COLOUR, "photo_agreement")] == pytest.approx(1.0) and by_id["b"][col(F.COLOUR, "photo_confidence")] == pytest.approx(0.93)
+    assert by_id["a"][col(F.COLOUR, "catalog_known")] == 1.0 and by_id["a"][col(F.COLOUR, "catalog_agreement")] < 0.5
+    assert by_id["c"][[col(F.COLOUR, w) for w in ("catalog_known", "photo_confidence")]].tolist() == [0.0, 0.0]
+    ranked = new.rerank("black heels", hits)
+    assert ranked.degraded is None and {h.id for h in ranked.hits} == {"a", "b", "c"}
+    old = Reranker(engine, "products", artifact(FeatureSpec(), tmp_path / "old"), text_encoder=text_encoder, budget_ms=10_000)
+    assert old.request_features("black heels", hits).first_stage.shape == (3, FeatureSpec().first_stage_dim)
+    engine.close()

@@ -289,7 +289,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 #: ``fusion_options`` keys passed to :class:`rerank.training.ranker.TrainConfig` (the rest are refused)
 FUSION_TRAIN_OPTIONS = ("loss", "epochs", "batch_size", "lr", "weight_decay", "patience", "max_minutes", "max_train_candidates",
-                        "d_model", "hidden", "history_k", "use_colour", "use_intent", "use_attribute_match", "min_epochs")
+                        "d_model", "hidden", "history_k", "use_colour", "use_intent", "use_attribute_match", "attribute_predictions", "min_epochs")
 
 
 def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use_history: bool, use_product: bool = True) -> Any:

@@ -19,7 +19,8 @@ and whether the product agrees, with where the product's value came from:
 Per attribute the five columns of :data:`PER_ATTRIBUTE`: ``query_strength``, ``catalog_known``,
 ``catalog_agreement``, ``photo_confidence`` and ``photo_agreement`` (0 where the product's value does not come from
 that source): the model learns how far to trust a photo's value against the catalog's. The feature spec's
-``attributes`` names the sources read (``("catalog", "photo")``; the ``fusion_no_image`` ablation reads
+``attributes`` names the sources read (``("catalog", "photo")``; ``"prediction"`` added also reads the photo's prediction
+where indexing did not complete it, into the same photo columns; the ``fusion_no_image`` ablation reads
 ``("catalog",)``, so its photo columns stay 0 and the comparison isolates what the photo adds). The columns follow
 the first-stage signals (and the colour head's columns); an artifact trained before them has ``attributes`` empty and
 builds the same inputs as before.
@@ -35,9 +36,11 @@ import numpy as np
 from indexing.errors import ConfigError, DimensionError
 from rerank.model.intent import CATALOG, INTENT_ATTRIBUTES, product_attribute
 
-#: where a product's attribute value may come from
+#: where a product's attribute value may come from: the catalog, the value indexing completed from the photo, and (opt-in)
+#: the photo's prediction where indexing did not complete (below the completion threshold; its confidence says how sure)
 PHOTO = "photo"
-ATTRIBUTE_SOURCES: tuple[str, ...] = (CATALOG, PHOTO)
+PREDICTION = "prediction"
+ATTRIBUTE_SOURCES: tuple[str, ...] = (CATALOG, PHOTO, PREDICTION)
 #: the columns per attribute, in this order
 PER_ATTRIBUTE: tuple[str, ...] = ("query_strength", "catalog_known", "catalog_agreement", "photo_confidence", "photo_agreement")
 #: every column, attribute by attribute (INTENT_ATTRIBUTES order)
@@ -54,6 +57,8 @@ def check_sources(sources: Sequence[str]) -> tuple[str, ...]:
         raise ConfigError(f"unknown attribute value sources {bad}; valid: {', '.join(ATTRIBUTE_SOURCES)}")
     if out and CATALOG not in out:
         raise ConfigError(f"attribute value sources {list(out)} lack {CATALOG!r} (the photo's value only fills the catalog's gaps)")
+    if PREDICTION in out and PHOTO not in out:
+        raise ConfigError(f"attribute value sources {list(out)}: {PREDICTION!r} goes with {PHOTO!r}")
     return out
 
 
@@ -74,6 +79,7 @@ def product_values(intent: Any, docs: Sequence[Mapping[str, Any] | None], source
     sources = check_sources(sources)
     n = len(docs)
     use_photo = PHOTO in sources
+    use_prediction = PREDICTION in sources
     min_conf = float(intent.config.min_confidence)
     at, src, conf = {}, {}, {}
     for a in INTENT_ATTRIBUTES:
@@ -84,6 +90,8 @@ def product_values(intent: Any, docs: Sequence[Mapping[str, Any] | None], source
         if idx:
             for i, d in enumerate(docs):
                 v, s, c = product_attribute(d, a)
+                if v is None and use_prediction and d:
+                    v, s, c = _prediction(d, a)
                 if v is None:
                     continue
                 if s == CATALOG:
@@ -98,6 +106,21 @@ def product_values(intent: Any, docs: Sequence[Mapping[str, Any] | None], source
                 ai[i], si[i], ci[i] = j, kind, c
         at[a], src[a], conf[a] = ai, si, ci
     return ProductValues(at, src, conf, n)
+
+
+def _prediction(doc: Mapping[str, Any], attribute: str) -> tuple[str | None, str | None, float]:
+    """The photo's predicted value of ``attribute`` stored by indexing (products-v4 ``photo_*`` fields), completed or
+    not: ``(value, "photo", confidence)``, or ``(None, None, 0.0)``."""
+    from indexing.photo_attributes import PHOTO_FIELDS
+
+    vf, cf = PHOTO_FIELDS.get(attribute, (None, None))
+    v = doc.get(vf) if vf else None
+    if not isinstance(v, str) or not v.strip():
+        return None, None, 0.0
+    try:
+        return v.strip(), PHOTO, float(doc.get(cf) or 0.0)
+    except (TypeError, ValueError):
+        return None, None, 0.0
 
 
 def match_features(intent: Any, query_vec: np.ndarray, values: ProductValues) -> np.ndarray:
@@ -130,4 +153,4 @@ def match_features(intent: Any, query_vec: np.ndarray, values: ProductValues) ->
     return out
 
 
-__all__ = ["ATTRIBUTE_MATCH_FEATURES", "ATTRIBUTE_SOURCES", "PER_ATTRIBUTE", "PHOTO", "ProductValues", "check_sources", "match_features", "product_values"]
+__all__ = ["ATTRIBUTE_MATCH_FEATURES", "ATTRIBUTE_SOURCES", "PER_ATTRIBUTE", "PHOTO", "PREDICTION", "ProductValues", "check_sources", "match_features", "product_values"]

@@ -124,6 +124,8 @@ class TrainConfig:
     # the query-to-attribute agreement inputs (rerank.model.attribute_match: catalog values, and photo-completed ones unless
     # use_image is off), read with the intent model's names; needs use_intent
     use_attribute_match: bool = True
+    # ... and the photo's predictions below the completion threshold too (the "prediction" source), into the photo columns
+    attribute_predictions: bool = False
     d_model: int = 64
     hidden: int = 128
     history_k: int = 20
@@ -661,11 +663,12 @@ def train_ranker(
     colour = _colour_for(config, datasets, data_dir=data_dir, text_encoder=text_encoder, indexer=indexer) if config.use_colour else None
     intent = _intent_for(config, datasets, data_dir=data_dir, text_encoder=text_encoder, indexer=indexer) if config.use_intent else None
     lists = LISTS if config.use_image else tuple(l for l in LISTS if l != KNN_IMAGE)
-    from rerank.model.attribute_match import PHOTO
+    from rerank.model.attribute_match import PHOTO, PREDICTION
     from rerank.model.intent import CATALOG
 
     # the photo's completed values only where the model sees photos (the no-image ablation reads the catalog's alone)
-    attributes = ((CATALOG, PHOTO) if config.use_image else (CATALOG,)) if intent is not None and config.use_attribute_match else ()
+    photo = (PHOTO, PREDICTION) if config.attribute_predictions else (PHOTO,)
+    attributes = ((CATALOG, *photo) if config.use_image else (CATALOG,)) if intent is not None and config.use_attribute_match else ()
     fspec = FeatureSpec(lists=lists, history_k=config.history_k, colour=colour is not None, attributes=attributes)
     prepared = [prepare_dataset(ds, data_dir=data_dir, indexer=indexer, text_encoder=text_encoder, alignment=alignment, feature_spec=fspec, config=config,
                                 colour=colour, intent=intent) for ds in datasets]

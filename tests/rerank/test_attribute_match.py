@@ -178,3 +178,17 @@ def test_the_rerank_call_reads_photo_completed_values_from_a_products_v4_index(i
     old = Reranker(engine, "products", artifact(FeatureSpec(), tmp_path / "old"), text_encoder=text_encoder, budget_ms=10_000)
     assert old.request_features("black heels", hits).first_stage.shape == (3, FeatureSpec().first_stage_dim)
     engine.close()
+
+
+def test_the_prediction_source_reads_the_photos_reading_where_indexing_did_not_complete(intent, text_encoder):
+    q = text_encoder.encode(["black heels"])[0]
+    unsure = {F.ARTICLE_TYPE: "Heels", F.COLOUR: "", F.COMPLETED_ATTRIBUTES: [], F.PHOTO_COLOUR: "Black", F.PHOTO_COLOUR_CONFIDENCE: 0.7}
+    docs = [unsure, photo("Black", 0.93), {F.ARTICLE_TYPE: "Heels", F.COLOUR: "Red", F.PHOTO_COLOUR: "Black", F.PHOTO_COLOUR_CONFIDENCE: 0.99}]
+    completed_only = match_features(intent, q, product_values(intent, docs, ("catalog", "photo")))
+    with_predictions = match_features(intent, q, product_values(intent, docs, ("catalog", "photo", "prediction")))
+    c = col(F.COLOUR, "photo_confidence")
+    assert completed_only[:, c].tolist() == pytest.approx([0.0, 0.93, 0.0])
+    assert with_predictions[:, c].tolist() == pytest.approx([0.7, 0.93, 0.0])  # the catalog's Red still wins over the photo
+    assert with_predictions[0, col(F.COLOUR, "photo_agreement")] == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="goes with 'photo'"):
+        FeatureSpec(attributes=("catalog", "prediction"))

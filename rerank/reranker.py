@@ -387,7 +387,7 @@ class Reranker:
         req = build_request_features(qvec, cand, doc, art.feature_spec, history=None,
                                      project=art.alignment.project if art.alignment is not None else None,
                                      text_dim=art.text_encoder.dim, image_dim=art.image_encoder.dim if art.image_encoder else None,
-                                     colour=art.colour)
+                                     colour=art.colour, intent=getattr(art, "intent", None))
         self._forward(req, self.clock())
 
     @property
@@ -685,6 +685,7 @@ class Reranker:
             prepared = prepare_request_features(
                 cands, docs, spec, history=hist, project=align.project if align is not None else None, aligned_cache=self.aligned_cache,
                 text_dim=art.text_encoder.dim, image_dim=art.image_encoder.dim if art.image_encoder else None, colour=art.colour,
+                intent=getattr(art, "intent", None),
             )
         except Exception as e:  # fail open on any model failure
             raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e

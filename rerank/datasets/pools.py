@@ -76,16 +76,24 @@ class CachedIndex:
     summary: Mapping[str, Any]
 
 
-def index_key(catalog: Path, images_root: Path | None, *, text_model: str, text_backend: str, image_model: str, mapping: str) -> str:
+def index_key(catalog: Path, images_root: Path | None, *, text_model: str, text_backend: str, image_model: str, mapping: str,
+              attribute_model: str | None = None, attribute_threshold: float = 0.8) -> str:
+    """The cache key of an evaluation index; the photo attribute model (its weights' id) and completion threshold count
+    only when one is given, so the keys of indexes built without one stay as they were."""
     from indexing.encoders import image_encoder_info, text_encoder_info
 
-    return _key(
+    parts: list[Any] = [
         file_sha256(catalog),
         str(Path(images_root).resolve()) if images_root else None,
         text_encoder_info(text_model, backend=text_backend).model_id,
         image_encoder_info(image_model).model_id,
         mapping,
-    )
+    ]
+    if attribute_model:
+        from indexing.photo_attributes import model_id_of
+
+        parts += [model_id_of(attribute_model), float(attribute_threshold)]
+    return _key(*parts)
 
 
 def cached_index(
@@ -99,12 +107,17 @@ def cached_index(
     image_model: str = "efficientnet_lite0",
     device: str = "auto",
     mapping: str = DEFAULT_MAPPING,
+    attribute_model: str | None = None,
+    attribute_threshold: float = 0.8,
 ) -> CachedIndex:
-    """The LocalEngine index of ``catalog`` for these models, built on first use and reused after."""
+    """The LocalEngine index of ``catalog`` for these models, built on first use and reused after. With a photo
+    ``attribute_model`` (and a products-v4 ``mapping``) indexing predicts each photo's attributes and completes the
+    catalog's missing values (:mod:`indexing.photo_attributes`), as a shop's index would."""
     from indexing.engines import create_engine
     from indexing.pipeline import IndexJob
 
-    key = index_key(catalog, images_root, text_model=text_model, text_backend=text_backend, image_model=image_model, mapping=mapping)
+    key = index_key(catalog, images_root, text_model=text_model, text_backend=text_backend, image_model=image_model, mapping=mapping,
+                    attribute_model=attribute_model, attribute_threshold=attribute_threshold)
     d = Path(data_dir) / "eval-cache" / key
     d.mkdir(parents=True, exist_ok=True)
     engine = create_engine("local", path=d / "engine")
@@ -121,6 +134,8 @@ def cached_index(
         text_backend=text_backend,
         image_model=image_model,
         device=device,
+        attribute_model=str(Path(attribute_model).resolve()) if attribute_model else None,
+        attribute_threshold=attribute_threshold,
     )
     log.info("indexing %s into the evaluation cache %s (once per catalog and model ids)", catalog, d)
     result = indexer(engine, job)

@@ -97,9 +97,14 @@ class EvalRequest:
     image_model: str = "efficientnet_lite0"
     device: str = "auto"
     mapping: str = DEFAULT_MAPPING
+    #: photo attribute model (``fusionrank attributes train``): with a products-v4 ``mapping`` the evaluation index
+    #: completes missing catalog attributes from the photos at ``attribute_threshold``, as a shop's index would
+    attribute_model: str | None = None
+    attribute_threshold: float = 0.8
     options: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = False
-    #: query subsets reported beside the whole: name -> regular expression searched in the query text (case-insensitive)
+    #: query subsets reported beside the whole: name -> regular expression searched in the query text (case-insensitive),
+    #: or ``values:FIELD``: the queries naming any value the catalog gives FIELD (:func:`subset_pattern`)
     subsets: Mapping[str, str] = field(default_factory=dict)
     #: more datasets the fusion systems train on (their train and validation splits), e.g. simulated shoppers
     train_also: tuple[DatasetSpec, ...] = ()
@@ -140,6 +145,10 @@ class EvalRequest:
             if not Path(p).is_file():
                 raise ConfigError(f"--{name} file not found: {p}")
         for name, rx in self.subsets.items():
+            if rx.startswith(VALUES_SUBSET):
+                if not rx[len(VALUES_SUBSET) :].strip():
+                    raise ConfigError(f"--subset {name}: {VALUES_SUBSET} needs a catalog field, e.g. {name}={VALUES_SUBSET}base_colour")
+                continue
             try:
                 re.compile(rx)
             except re.error as e:
@@ -238,6 +247,24 @@ def statistics_info() -> dict[str, Any]:
     return {"metrics": list(STAT_METRICS), "ci95": CI_METHOD, "test": TEST_METHOD, "alpha": ALPHA,
             "best_baseline": "the first-stage system (bm25, knn_text, knn_image, hybrid_rrf, hybrid_minmax) with the highest NDCG@10 "
                              "among those evaluated; every row is tested against it on the same queries"}
+
+
+# --------------------------------------------------------------------------- query subsets
+#: a ``--subset`` pattern of this prefix names a catalog field instead of a regular expression
+VALUES_SUBSET = "values:"
+
+
+def subset_pattern(pattern: str, catalog: Path) -> str:
+    """A ``--subset`` pattern as the regular expression searched in each query: ``values:FIELD`` becomes any value the
+    catalog file gives FIELD (e.g. every colour of ``base_colour``) as a whole word or phrase, case-insensitive,
+    longer values first; any other pattern stays as it is. :class:`ConfigError` when the catalog has no value there."""
+    if not pattern.startswith(VALUES_SUBSET):
+        return pattern
+    name = pattern[len(VALUES_SUBSET) :].strip()
+    values = sorted({v[name].strip().lower() for v in attribute_values(Path(catalog), (name,)).values() if v[name].strip()}, key=lambda s: (-len(s), s))
+    if not values:
+        raise ConfigError(f"--subset {pattern}: the catalog {catalog} has no value in field {name!r}")
+    return r"\b(" + "|".join(re.escape(v) for v in values) + r")\b"
 
 
 # --------------------------------------------------------------------------- the cached index
@@ -434,11 +461,13 @@ def evaluate(
     # the index and the retriever
     from indexing.encoders import get_text_encoder
 
-    common = dict(text_model=req.text_model, text_backend=req.text_backend, image_model=req.image_model, device=req.device, mapping=req.mapping)
+    common = dict(text_model=req.text_model, text_backend=req.text_backend, image_model=req.image_model, device=req.device, mapping=req.mapping,
+                  attribute_model=req.attribute_model, attribute_threshold=req.attribute_threshold)
     idx = cached_index(req.catalog, req.images_root, data_dir=data_dir, indexer=indexer, **common)
     if search_engine is not None:
         idx = mirror_index(idx, search_engine, mapping=req.mapping, hnsw_engine=hnsw_engine, progress=req.progress)
     info["index"] = {"key": idx.key, "path": str(idx.path), "docs": idx.engine.count(idx.alias), "indexed_failed": idx.summary.get("failed"),
+                     "mapping": req.mapping, "attribute_model": req.attribute_model,
                      "engine": getattr(idx.engine, "name", "local"), "name": idx.alias}
     text_enc = get_text_encoder(req.text_model, backend=req.text_backend, device=req.device)
     cfg = RetrievalConfig(top_n=req.top_n, per_list=req.top_n)
@@ -531,12 +560,16 @@ def evaluate(
             text_backend=req.text_backend,
             image_model=req.image_model,
             mapping=req.mapping,
+            attribute_model=req.attribute_model,
+            attribute_threshold=req.attribute_threshold,
             top_n=req.top_n,
         )
 
-    subset_items = {n: [it for it in items if re.search(rx, it.query, flags=re.IGNORECASE)] for n, rx in req.subsets.items()}
+    patterns = {n: subset_pattern(rx, Path(req.catalog)) for n, rx in req.subsets.items()}
+    subset_items = {n: [it for it in items if re.search(rx, it.query, flags=re.IGNORECASE)] for n, rx in patterns.items()}
     if subset_items:
-        info["subsets"] = {n: {"pattern": req.subsets[n], "queries": len(v)} for n, v in subset_items.items()}
+        info["subsets"] = {n: {"pattern": req.subsets[n], **({"regex": patterns[n]} if patterns[n] != req.subsets[n] else {}), "queries": len(v)}
+                           for n, v in subset_items.items()}
     if req.train_also:
         info["train_also"] = [d.name or str(d.queries) for d in req.train_also]
     values = [parse_diversity(v, what="--diversity") for v in req.diversity]
@@ -605,6 +638,6 @@ def evaluate(
     return first
 
 
-__all__ = ["CachedIndex", "DIVERSITY_FIELDS", "EvalReport", "EvalRequest", "ListDocs", "MODES", "SystemResult", "attribute_values", "build_items",
+__all__ = ["CachedIndex", "DIVERSITY_FIELDS", "EvalReport", "EvalRequest", "ListDocs", "MODES", "SystemResult", "attribute_values", "build_items", "subset_pattern",
            "best_baseline", "cached_index", "dataset_name", "diversity_metrics", "evaluate", "index_key", "per_query_metrics", "score_runs",
            "statistics_info", "transform_id", "with_statistics"]

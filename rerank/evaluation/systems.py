@@ -98,6 +98,8 @@ class FusionInputs:
     text_backend: str = "torch"
     image_model: str = "efficientnet_lite0"
     mapping: str = DEFAULT_MAPPING
+    attribute_model: str | None = None
+    attribute_threshold: float = 0.8
     top_n: int = 200
     also: tuple[Any, ...] = ()  # more DatasetSpecs the fusion systems train on (their train/validation splits)
 
@@ -287,7 +289,8 @@ def torch_threads(n: int) -> Iterator[None]:
 
 #: ``fusion_options`` keys passed to :class:`rerank.training.ranker.TrainConfig` (the rest are refused)
 FUSION_TRAIN_OPTIONS = ("loss", "epochs", "batch_size", "lr", "weight_decay", "patience", "max_minutes", "max_train_candidates",
-                        "d_model", "hidden", "history_k", "use_colour", "use_intent", "min_epochs", "history_agreement")
+                        "d_model", "hidden", "history_k", "use_colour", "use_intent", "use_attribute_match", "attribute_predictions", "min_epochs",
+                        "history_agreement")
 
 
 def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use_history: bool, use_product: bool = True) -> Any:
@@ -305,7 +308,7 @@ def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use
     return TrainConfig(
         strategy=strategy, use_image=use_image, use_history=use_history, use_product=use_product, seed=ctx.seed, top_n=fi.top_n,
         device=ctx.device, threads=1, text_model=fi.text_model, text_backend=fi.text_backend, image_model=fi.image_model,
-        mapping=fi.mapping, progress=ctx.progress, **opts,
+        mapping=fi.mapping, attribute_model=fi.attribute_model, attribute_threshold=fi.attribute_threshold, progress=ctx.progress, **opts,
     )
 
 
@@ -451,6 +454,10 @@ class _FusionSystem(System):
                 need.update(hist[it.user_id][0])
         docs: dict[str, Mapping[str, Any]] = {}
         wanted = [F.TEXT_VEC, F.IMAGE_VEC, *CAT_FIELDS, *colour_fields(art.colour if spec.colour else None)]
+        if art.intent is not None:  # the intent bound and the attribute agreement inputs read photo-completed values too
+            from rerank.model.intent import photo_fields
+
+            wanted += [f for f in photo_fields() if f not in wanted]
         ordered = sorted(need)
         for s in range(0, len(ordered), 1000):
             docs.update(fi.fetch_fields(ordered[s : s + 1000], wanted))
@@ -470,7 +477,7 @@ class _FusionSystem(System):
                 hist_items += len(pids)
                 hist_known += sum(1 for p in pids if any((docs.get(p) or {}).get(f) for f in spec.cat_fields))
             requests.append(build_request_features(qvecs[i], list(cands[it.query_id]), docs, spec, history=h, project=project,
-                                                   text_dim=art.text_encoder.dim, image_dim=image_dim, colour=art.colour))
+                                                   text_dim=art.text_encoder.dim, image_dim=image_dim, colour=art.colour, intent=art.intent))
         out = []
         serving = art.serving
         ctx.serving[self.name] = serving

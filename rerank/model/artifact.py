@@ -267,6 +267,8 @@ def load_artifact(
         intent = IntentModel.from_meta(config["intent"], {k[len("intent.") :]: v for k, v in tensors.items() if k.startswith("intent.")})
         if intent.attributes and intent.text_dim != int(config["encoders"]["text"]["dim"]):
             raise ModelArtifactError(f"{d}: the intent names' vectors have dimension {intent.text_dim}, the text encoder {config['encoders']['text']['dim']}")
+    if spec.attributes and intent is None:
+        raise ModelArtifactError(f"{d}: its feature spec has attribute agreement inputs ({', '.join(spec.attributes)}) but the artifact has no intent block to read them with")
     ranker = ranker.to(resolve_device(device)).eval()
     enc = config["encoders"]
     report = json.loads((d / REPORT_FILE).read_text()) if (d / REPORT_FILE).is_file() else {}

@@ -10,6 +10,8 @@ One request (a query, its N candidates, the user's profile) becomes a :class:`Re
   score, per-query normalized score, reciprocal rank, missing flag; then lists present / lists), and,
   when the spec has ``colour``, the :data:`rerank.model.colour.COLOUR_FEATURES` (query colour against the
   photo's colour as the colour head reads it, and against the colour field);
+  then, when the spec has ``attributes``, the :data:`rerank.model.attribute_match.ATTRIBUTE_MATCH_FEATURES` (per
+  attribute the query names: does the product's catalog value, or its photo-completed one, agree);
 * ``cats`` (N, C) int64: hashed buckets of the product's categorical fields (0 = missing);
 * ``hist_text`` (K, Dt) / ``hist_image`` (K, Da) with masks, ``hist_event`` (K,) int (event type index + 1,
   0 = padding), ``hist_age`` (K,) ``log1p(age in days)``, ``hist_mask`` (K,): the user's last K products;
@@ -60,6 +62,9 @@ class FeatureSpec:
     hash_buckets: int = 4096
     history_k: int = 20
     colour: bool = False  # the colour inputs of rerank.model.colour follow the first-stage signals (the model carries the colour head)
+    #: sources of the query-to-attribute agreement inputs (rerank.model.attribute_match; read with the model's intent block):
+    #: ("catalog", "photo"), ("catalog",) for the no-image ablation, () none (artifacts trained before them)
+    attributes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         bad = [l for l in self.lists if l not in LISTS]
@@ -69,12 +74,21 @@ class FeatureSpec:
             raise ConfigError(f"hash_buckets must be >= 2 and history_k >= 1, got {self.hash_buckets}, {self.history_k}")
         object.__setattr__(self, "lists", tuple(self.lists))
         object.__setattr__(self, "cat_fields", tuple(self.cat_fields))
+        if self.attributes:
+            from rerank.model.attribute_match import check_sources
+
+            object.__setattr__(self, "attributes", check_sources(self.attributes))
 
     @property
     def first_stage_dim(self) -> int:
         from rerank.model.colour import COLOUR_FEATURES
 
-        return len(self.lists) * len(PER_LIST) + 1 + (len(COLOUR_FEATURES) if self.colour else 0)
+        n = len(self.lists) * len(PER_LIST) + 1 + (len(COLOUR_FEATURES) if self.colour else 0)
+        if self.attributes:
+            from rerank.model.attribute_match import ATTRIBUTE_MATCH_FEATURES
+
+            n += len(ATTRIBUTE_MATCH_FEATURES)
+        return n
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -284,6 +298,8 @@ class PreparedRequest:
     photo_probs: np.ndarray | None = None
     photo_mask: np.ndarray | None = None
     colour_values: tuple[Any, ...] = ()
+    intent: Any | None = None  # the intent model, when the spec has attribute agreement inputs
+    attribute_values: Any | None = None  # rerank.model.attribute_match.ProductValues of the candidates
 
     def finish(self, query_vec: np.ndarray) -> RequestFeatures:
         q = np.asarray(query_vec, dtype=np.float32).reshape(-1)
@@ -292,6 +308,10 @@ class PreparedRequest:
         parts = dict(self.parts)
         if self.colour is not None:
             parts["first_stage"] = np.hstack([parts["first_stage"], self.colour.features(q, self.photo_probs, self.photo_mask, self.colour_values)])
+        if self.attribute_values is not None:
+            from rerank.model.attribute_match import match_features
+
+            parts["first_stage"] = np.hstack([parts["first_stage"], match_features(self.intent, q, self.attribute_values)])
         return RequestFeatures(query=q, **parts)
 
 
@@ -306,6 +326,7 @@ def prepare_request_features(
     aligned_cache: KeyedImageProject | None = None,
     image_dim: int | None = None,
     colour: Any | None = None,
+    intent: Any | None = None,
 ) -> PreparedRequest:
     """The query-independent part of :func:`build_request_features` (the same arguments, ``text_dim`` required);
     ``.finish(query_vec)`` gives the :class:`RequestFeatures`."""
@@ -322,10 +343,17 @@ def prepare_request_features(
     hist = history_arrays(history, spec, text_dim=dt, image_dim=di, project=project, aligned_dim=dt, aligned_cache=aligned_cache)
     parts = dict(ids=ids, cand_text=text, cand_text_mask=tmask, cand_image=image, cand_image_mask=imask,
                  first_stage=first_stage_inputs(candidates, spec.lists), cats=hash_categories(dl, spec), **hist)
+    extra: dict[str, Any] = {}
+    if spec.attributes:
+        if intent is None:
+            raise ConfigError("the feature spec has attribute agreement inputs but no intent model was given (the model artifact carries it)")
+        from rerank.model.attribute_match import product_values
+
+        extra = dict(intent=intent, attribute_values=product_values(intent, dl, spec.attributes))
     if not spec.colour:
-        return PreparedRequest(dt, parts)
+        return PreparedRequest(dt, parts, **extra)
     probs, pmask = photo_colours(dl, raw, imask, colour)
-    return PreparedRequest(dt, parts, colour, probs, pmask, tuple(d.get(F.COLOUR) if d else None for d in dl))
+    return PreparedRequest(dt, parts, colour, probs, pmask, tuple(d.get(F.COLOUR) if d else None for d in dl), **extra)
 
 
 def build_request_features(
@@ -340,6 +368,7 @@ def build_request_features(
     text_dim: int | None = None,
     image_dim: int | None = None,
     colour: Any | None = None,
+    intent: Any | None = None,
 ) -> RequestFeatures:
     """Features of one request from its candidates (with first-stage signals) and their documents.
 
@@ -349,10 +378,13 @@ def build_request_features(
     with the product ids of the candidates and of the history items) is used instead of it when given.
     Without either, every image is masked. ``colour`` (a :class:`rerank.model.colour.ColourModel`) is needed
     when ``spec.colour``: it reads the raw photos (or ``docs[id][PHOTO_COLOUR]`` when given) and the colour
-    fields. The same as ``prepare_request_features(...).finish(query_vec)``."""
+    fields. ``intent`` (a :class:`rerank.model.intent.IntentModel`) is needed when ``spec.attributes``: the
+    query-to-attribute agreement columns (:mod:`rerank.model.attribute_match`) read the documents' attribute fields
+    (and, with the ``photo`` source, the photo-completed ones of ``products-v4``). The same as
+    ``prepare_request_features(...).finish(query_vec)``."""
     q = np.asarray(query_vec, dtype=np.float32).reshape(-1)
     return prepare_request_features(candidates, docs, spec, text_dim=int(text_dim or q.shape[0]), history=history, project=project,
-                                    aligned_cache=aligned_cache, image_dim=image_dim, colour=colour).finish(q)
+                                    aligned_cache=aligned_cache, image_dim=image_dim, colour=colour, intent=intent).finish(q)
 
 
 def photo_colours(docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarray, image_mask: np.ndarray,

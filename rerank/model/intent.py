@@ -205,6 +205,10 @@ class IntentModel:
     def attributes(self) -> tuple[str, ...]:
         return tuple(a for a in INTENT_ATTRIBUTES if a in self.names)
 
+    def vocabulary(self, attribute: str) -> Mapping[str, int]:
+        """``{lower-cased name: position}`` of ``attribute``'s values (empty when the catalog had none)."""
+        return self._index.get(attribute, {})
+
     def query_intent(self, query_vec: np.ndarray) -> QueryIntent:
         q = np.asarray(query_vec, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.text_dim:

@@ -122,6 +122,11 @@ class TrainConfig:
     use_colour: bool = True  # the colour head and the query-colour inputs (rerank.model.colour), when the catalog has colours
     use_intent: bool = True  # the query-intent bound on the model's scores (rerank.model.intent), when the catalog has attribute values
     history_agreement: bool = True  # the history's attribute agreement inputs (rerank.model.ranker.history_agreement), with history
+    # the query-to-attribute agreement inputs (rerank.model.attribute_match: catalog values, and photo-completed ones unless
+    # use_image is off), read with the intent model's names; needs use_intent
+    use_attribute_match: bool = True
+    # ... and the photo's predictions below the completion threshold too (the "prediction" source), into the photo columns
+    attribute_predictions: bool = False
     d_model: int = 64
     hidden: int = 128
     history_k: int = 20
@@ -132,6 +137,8 @@ class TrainConfig:
     text_backend: str = "torch"
     image_model: str = "efficientnet_lite0"
     mapping: str = DEFAULT_MAPPING
+    attribute_model: str | None = None  # photo attribute model of the indexes (products-v4: photo-completed attributes)
+    attribute_threshold: float = 0.8
     align_catalog: Path | None = None  # (title, photo) pairs for the alignment (default: first dataset's catalog)
     align_images_root: Path | None = None
     alignment_dir: Path | None = None  # use this trained alignment instead
@@ -287,7 +294,11 @@ def _sample(n: int, gains: np.ndarray, cap: int, rng: random.Random) -> list[int
 
 
 def _fetch_docs(engine: Any, index: str, ids: Sequence[str], *, chunk: int = 1000) -> dict[str, dict[str, Any]]:
-    want = [F.TEXT_VEC, F.IMAGE_VEC, F.IMAGE_COLOUR, *CAT_FIELDS]  # image_colour: read by the colour head where the index has it
+    from rerank.model.intent import photo_fields
+
+    # image_colour: read by the colour head where the index has it; the photo-completed attributes (products-v4) by the
+    # attribute agreement inputs and the intent bound
+    want = [F.TEXT_VEC, F.IMAGE_VEC, F.IMAGE_COLOUR, *CAT_FIELDS, *photo_fields()]
     out: dict[str, dict[str, Any]] = {}
     ids = sorted(set(ids))
     for s in range(0, len(ids), chunk):
@@ -302,6 +313,7 @@ def _dataset_index(spec: DatasetSpec, config: TrainConfig, *, data_dir: Path, in
     return cached_index(
         Path(spec.catalog), Path(spec.images_root) if spec.images_root else None, data_dir=data_dir, indexer=indexer,
         text_model=config.text_model, text_backend=config.text_backend, image_model=config.image_model, device=config.device, mapping=config.mapping,
+        attribute_model=config.attribute_model, attribute_threshold=config.attribute_threshold,
     )
 
 
@@ -403,7 +415,7 @@ def prepare_dataset(
                                  tuple(docs.get(p) for p in pids))
                 with_history += 1
             feats = build_request_features(qvecs[it.query_id], cands, docs, feature_spec, history=h, project=identity, text_dim=dt, image_dim=dt,
-                                           colour=colour)
+                                           colour=colour, intent=intent if feature_spec.attributes else None)
             tiers = intent.assess(qvecs[it.query_id], [docs.get(c.id) for c in cands]).tiers if intent is not None and part != "train" else None
             out[part].append(Example(feats, gains, dict(it.gains), it.query_id, name, tiers))
     held = [p for p in parts if p != "train"]
@@ -421,6 +433,7 @@ def prepare_dataset(
         "bad_event_lines": len(bad_events),
         "knn_image_list": "runs (alignment)" if q2i is not None else "skipped",
         "colour_inputs": feature_spec.colour,
+        "attribute_inputs": list(feature_spec.attributes),
     }
     log.info("%s: %s", name, info)
     return PreparedDataset(name, out.get("train", []), [e for p in held for e in out[p]], info)
@@ -652,7 +665,13 @@ def train_ranker(
     colour = _colour_for(config, datasets, data_dir=data_dir, text_encoder=text_encoder, indexer=indexer) if config.use_colour else None
     intent = _intent_for(config, datasets, data_dir=data_dir, text_encoder=text_encoder, indexer=indexer) if config.use_intent else None
     lists = LISTS if config.use_image else tuple(l for l in LISTS if l != KNN_IMAGE)
-    fspec = FeatureSpec(lists=lists, history_k=config.history_k, colour=colour is not None)
+    from rerank.model.attribute_match import PHOTO, PREDICTION
+    from rerank.model.intent import CATALOG
+
+    # the photo's completed values only where the model sees photos (the no-image ablation reads the catalog's alone)
+    photo = (PHOTO, PREDICTION) if config.attribute_predictions else (PHOTO,)
+    attributes = ((CATALOG, *photo) if config.use_image else (CATALOG,)) if intent is not None and config.use_attribute_match else ()
+    fspec = FeatureSpec(lists=lists, history_k=config.history_k, colour=colour is not None, attributes=attributes)
     prepared = [prepare_dataset(ds, data_dir=data_dir, indexer=indexer, text_encoder=text_encoder, alignment=alignment, feature_spec=fspec, config=config,
                                 colour=colour, intent=intent) for ds in datasets]
     train = [e for p in prepared for e in p.train]

@@ -377,3 +377,52 @@ def test_alias_swap_and_reading_through_an_alias(engine, new_index):
     s = engine.bulk(alias, [BulkAction.delete("p0000")], refresh=True)
     assert s.ok
     assert engine.count(new) == 9 and engine.count(old) == 4
+
+
+# --------------------------------------------------------------------------- photo-completed attributes (products-v4)
+def test_include_completed_filters_read_photo_completed_colours(engine, hnsw_engine):
+    """A products-v4 index whose documents carry what indexing writes (:func:`attribute_document_fields`): a colour
+    filter matches the catalog's colours only, and with ``include_completed`` the photo-completed ones too (never a
+    prediction below the completion threshold); on the live node as on LocalEngine."""
+    from indexing.photo_attributes import AttributeValue, Prediction, attribute_document_fields, attribute_value
+
+    name = f"suite-{uuid.uuid4().hex[:10]}"
+    engine.create_index(name, mappings.load_mapping("products-v4", text_dim=TEXT_DIM, image_dim=IMAGE_DIM, hnsw_engine=hnsw_engine))
+    old = f"suite-{uuid.uuid4().hex[:10]}"
+    engine.create_index(old, mappings.load_mapping("products-v1", text_dim=TEXT_DIM, image_dim=IMAGE_DIM, hnsw_engine=hnsw_engine))
+    try:
+        docs, vecs = catalog(40, seed=3)
+        for i, d in enumerate(docs):
+            photo = COLOURS[(i // 2) % len(COLOURS)]  # what the photo shows
+            if i % 2:  # half of the catalog lost its colour; the photo is read at 0.95, or 0.5 for every fourth
+                d[F.COLOUR] = ""
+            conf = 0.5 if i % 4 == 3 else 0.95
+            preds = {"colour": Prediction(photo if i % 2 else d[F.COLOUR], conf)}
+            d.update(attribute_document_fields(d, preds, "photo-attributes:test", threshold=0.8))
+        index_docs(engine, name, docs)
+        black = Filters(terms={F.COLOUR: "Black"})
+        with_photo = Filters(terms={F.COLOUR: "Black"}, include_completed=True)
+        catalog_black = {d[F.ID] for d in docs if d[F.COLOUR] == "Black"}
+        completed_black = {d[F.ID] for d in docs if F.COLOUR in d[F.COMPLETED_ATTRIBUTES] and d[F.PHOTO_COLOUR] == "Black"}
+        unsure_black = {d[F.ID] for d in docs if not d[F.COLOUR] and d.get(F.PHOTO_COLOUR) == "Black" and d[F.PHOTO_COLOUR_CONFIDENCE] < 0.8}
+        assert catalog_black and completed_black and unsure_black  # the data has all three kinds
+        assert {i for i, d in ((d[F.ID], d) for d in docs) if attribute_value(d, "colour") == AttributeValue("Black", "photo", 0.95)} == completed_black
+        for flt, want in ((black, catalog_black), (with_photo, catalog_black | completed_black)):
+            got = {h.id for h in engine.bm25_search(name, "plain product", size=100, filters=flt)}
+            assert got == want, flt
+            assert {h.id for h in engine.knn_search(name, F.TEXT_VEC, vecs[0], k=100, filters=flt)} == want, flt
+            assert not got & unsure_black  # a prediction below the threshold completes nothing
+        # several colours at once, and a colour only photos show
+        two = Filters(terms={F.COLOUR: ["Black", "Red"]}, include_completed=True)
+        assert {h.id for h in engine.bm25_search(name, "plain product", size=100, filters=two)} == \
+            {d[F.ID] for d in docs if attribute_value(d, "colour").value in ("Black", "Red") and attribute_value(d, "colour").confidence >= 0.8}
+        # an index without the photo fields refuses include_completed instead of matching nothing
+        index_docs(engine, old, catalog(5)[0])
+        with pytest.raises((ConfigError, MappingError)):
+            engine.bm25_search(old, "plain product", size=10, filters=with_photo)
+    finally:
+        for n in (name, old):
+            try:
+                engine.delete_index(n)
+            except IndexNotFoundError:
+                pass

@@ -417,3 +417,22 @@ def test_an_artifact_serving_the_safe_choice_is_scored_as_it_serves(fashion_slic
     plain = evaluate(_req(fashion_slice, systems=("hybrid_rrf", "fusion"), mode="retrieve", split="all", top_n=50,
                           model_dirs={"fusion": _untrained_fusion(tmp_path / "plain")}), data_dir=eval_dir, indexer=_indexer(eval_dir)).to_json()
     assert plain["systems"]["fusion"]["serving"]["policy"] == "model" and plain["systems"]["fusion"]["ndcg@10"] != plain["systems"]["hybrid_rrf"]["ndcg@10"]
+
+
+def test_subset_of_the_queries_naming_a_catalog_value(tmp_path):
+    """``--subset colour=values:colour``: the queries that name any colour the catalog uses, as whole words or phrases."""
+    import re
+
+    from rerank.evaluation.harness import subset_pattern
+
+    cat = tmp_path / "catalog.csv"
+    cat.write_text("product_id,title,base_colour,article_type\n1,a,Navy Blue,Shirts\n2,b,Red,Shirts\n3,c,,Heels\n4,d,Off White,Heels\n")
+    rx = subset_pattern("values:colour", cat)
+    hits = {q for q in ("navy blue shirts", "RED heels", "reddish heels", "off white heels", "white heels", "shirts for men", "navy shirts")
+            if re.search(rx, q, flags=re.IGNORECASE)}
+    assert hits == {"navy blue shirts", "RED heels", "off white heels"}
+    assert subset_pattern(r"\bred\b", cat) == r"\bred\b"  # a regular expression stays as it is
+    with pytest.raises(ConfigError, match="no value in field 'base_colour'"):
+        subset_pattern("values:base_colour", cat)
+    with pytest.raises(ConfigError, match="needs a catalog field"):
+        EvalRequest(catalog=cat, queries=cat, qrels=cat, gain="identity", subsets={"colour": "values:"}).check()

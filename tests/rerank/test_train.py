@@ -82,6 +82,9 @@ def test_training_on_a_real_slice_learns_and_writes_an_artifact(shared_data, tmp
     types = {r["article_type"] for r in csv.DictReader(open(sl.catalog)) if r["article_type"]}
     assert art.intent is not None and set(art.intent.names[F.ARTICLE_TYPE]) == types
     assert rep["intent"]["values"][F.ARTICLE_TYPE] == len(types) and rep["intent"]["bound"] == [F.ARTICLE_TYPE]
+    # the query-to-attribute agreement inputs ride along (read with the intent block; rerank.model.attribute_match)
+    assert art.feature_spec.attributes == ("catalog", "photo") and info["attribute_inputs"] == ["catalog", "photo"]
+    assert art.ranker.config.first_stage_dim == art.feature_spec.first_stage_dim
     from rerank.datasets.data import read_qrels
     from rerank.datasets.metrics import map_gains
 

@@ -225,6 +225,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             image_model=settings.image_model,
             device=settings.device,
             mapping=settings.mapping,
+            attribute_model=str(settings.attribute_model_dir.resolve()) if settings.attribute_model_dir else None,
+            attribute_threshold=settings.attribute_completion_threshold,
             options={"ce_max_pairs": ce_pairs, "fusion_options": parse_fusion_options(fusion_option)},
             subsets=parse_subsets(subset),
             train_also=tuple(DatasetSpec.parse(d) for d in train_also),

@@ -279,3 +279,68 @@ def test_the_page_sends_ubi_impressions_and_clicks_with_the_served_query_id(brow
             break
         time.sleep(0.05)
     assert state and state[0].shown[: len(shown)] == tuple(shown) and state[0].clicks == frozenset({2}) and state[0].client == client
+
+
+#: products whose colour the catalog of the photo world withholds (the title's colour word removed, as in the fashion
+#: benchmark) and what the photo head read: (id, title without the colour, photo colour, confidence)
+WITHHELD = [("p0", "running shoes for men", "Black", 0.93), ("p11", "sneakers casual shoes", "White", 0.88),
+            ("p10", "leather shoes formal", "Black", 0.55)]
+PHOTO_INDEX = "products-photo"
+
+
+@pytest.fixture(scope="module")
+def photo_site(service_world, site):
+    """The world's products in a products-v4 index, three with their colour withheld from the catalog and the photo's
+    reading stored as indexing writes it (:func:`indexing.photo_attributes.attribute_document_fields`, threshold 0.8):
+    two completed, one (0.55) not; served by the same model."""
+    from indexing import fields as F
+    from indexing.engines.base import BulkAction
+    from indexing.photo_attributes import Prediction, attribute_document_fields
+    from mappings import load_mapping
+    from rerank.reranker import Reranker
+    from tests.workers.service.world import IMAGE_DIM
+
+    w = service_world
+    w.engine.create_index(PHOTO_INDEX, load_mapping("products-v4", text_dim=w.text.dim, image_dim=IMAGE_DIM))
+    docs = {d[F.ID]: dict(d) for d in w.engine.iter_documents(w.index)}
+    titles = [t for _, t, _, _ in WITHHELD]
+    for (pid, title, colour, conf), vec in zip(WITHHELD, w.text.encode(titles)):
+        docs[pid].update({F.TITLE: title, F.COLOUR: "", F.TEXT_VEC: vec.tolist()})
+        docs[pid]["_photo"] = {"colour": Prediction(colour, conf)}
+    actions = []
+    for pid, d in docs.items():
+        preds = d.pop("_photo", None)
+        d.update(attribute_document_fields(d, preds, "photo-attributes:page-test" if preds else None))
+        actions.append(BulkAction.index(pid, d))
+    assert w.engine.bulk(PHOTO_INDEX, actions).ok
+    w.engine.refresh(PHOTO_INDEX)
+    reranker = Reranker(w.engine, PHOTO_INDEX, w.artifact, text_encoder=w.text, history=w.profiles, budget_ms=10_000)
+    with live_server(w.app(reranker=reranker, index_alias=PHOTO_INDEX)) as url:
+        yield url
+    w.engine.delete_index(PHOTO_INDEX)
+
+
+def test_the_page_marks_the_attributes_read_from_the_photo(browser, photo_site, tmp_path):
+    ctx, page = _open_page(browser, photo_site)
+    page.press("[data-testid=query]", "Enter")
+    _wait_results(page, "")
+    _wait_photos(page)
+    chips = page.eval_on_selector_all(
+        "[data-testid=result]",
+        "els => Object.fromEntries(els.map(e => [e.dataset.productId, [...e.querySelectorAll('[data-testid=attributes] .attr')]"
+        ".map(c => [c.dataset.attribute, c.dataset.source, c.textContent])]))")
+    assert len(chips) == len(PRODUCTS)
+    for pid, _title, art, colour, gender, _price in PRODUCTS:
+        got = {a: (src, text) for a, src, text in chips[pid]}
+        assert got["article_type"] == ("catalog", art) and got["gender"] == ("catalog", gender)
+        withheld = {p: (c, conf) for p, _, c, conf in WITHHELD}
+        if pid not in withheld:
+            assert got["colour"] == ("catalog", colour)
+        elif withheld[pid][1] >= 0.8:  # completed: shown, marked as the photo's, with its confidence
+            assert got["colour"] == ("photo", f"{withheld[pid][0]} from photo {round(withheld[pid][1] * 100)}%")
+        else:  # read, but below the completion threshold: not shown as the product's colour
+            assert "colour" not in got
+    marked = page.locator("[data-testid=result][data-product-id=p0] .attr.from-photo")
+    assert "read from the photo" in marked.get_attribute("title") and marked.get_attribute("aria-label") == "colour Black, read from the photo"
+    _screenshot(page, tmp_path, "search-page-photo-attributes.png")
+    ctx.close()

@@ -194,8 +194,9 @@
       node.dataset.clicked = "1";
       if (queryId) sendUbi([ubiEvent("click", queryId, userId, id, hit.rank)]);
     });
-    node.querySelector(".meta").textContent = [src.brand, src.colour, src.article_type, typeof src.price === "number" ? `${src.price.toFixed(2)}` : null]
-      .filter(Boolean).join(" · ") + ` · #${id}`;
+    node.querySelector(".meta").textContent = [src.brand, typeof src.price === "number" ? `${src.price.toFixed(2)}` : null]
+      .filter(Boolean).concat([`#${id}`]).join(" · ");
+    node.querySelector(".attributes").replaceChildren(...attributeChips(src));
     node.querySelector(".prev").textContent = `#${hit.previous_rank}`;
     node.querySelector(".new").textContent = `#${hit.rank}`;
     const delta = hit.previous_rank - hit.rank;
@@ -221,6 +222,39 @@
       panel.hidden = !open;
     });
     return node;
+  }
+
+  // the attributes shoppers filter on: the catalog's value, else the one indexing read off the photo (products-v4:
+  // listed in completed_attributes, with the head's confidence), marked as such
+  const ATTRIBUTES = [["article_type", "type"], ["colour", "colour"], ["gender", "gender"], ["usage", "usage"]];
+
+  function attributeChips(src) {
+    const completed = new Set(Array.isArray(src.completed_attributes) ? src.completed_attributes : []);
+    const out = [];
+    for (const [field, label] of ATTRIBUTES) {
+      const own = typeof src[field] === "string" ? src[field].trim() : "";
+      const photo = typeof src[`photo_${field}`] === "string" ? src[`photo_${field}`].trim() : "";
+      const fromPhoto = !own && completed.has(field) && photo;
+      if (!own && !fromPhoto) continue;
+      const chip = document.createElement("span");
+      chip.className = fromPhoto ? "attr from-photo" : "attr";
+      chip.dataset.attribute = field;
+      chip.dataset.source = fromPhoto ? "photo" : "catalog";
+      chip.textContent = fromPhoto ? photo : own;
+      if (fromPhoto) {
+        const conf = Number(src[`photo_${field}_confidence`]);
+        const mark = document.createElement("span");
+        mark.className = "photo-mark";
+        mark.textContent = Number.isFinite(conf) ? ` from photo ${Math.round(conf * 100)}%` : " from photo";
+        chip.append(mark);
+        chip.title = `${label} read from the photo` + (Number.isFinite(conf) ? ` (confidence ${fmt(conf, 2)})` : "") + `: the catalog has no ${label}`;
+        chip.setAttribute("aria-label", `${label} ${photo}, read from the photo`);
+      } else {
+        chip.title = `${label} from the catalog`;
+      }
+      out.push(chip);
+    }
+    return out;
   }
 
   function cssId(id) { return id.replace(/[^A-Za-z0-9_-]/g, "_"); }

@@ -35,7 +35,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         no_colour: bool = typer.Option(False, "--no-colour", help="No colour head (the photo's colour read against the query's; on by default when the catalog has colours)."),
         no_intent: bool = typer.Option(False, "--no-intent", help="No query-intent bound (by default the product type the query names outranks the model's and the history's preference, when the catalog has types)."),
         no_history_agreement: bool = typer.Option(False, "--no-history-agreement", help="The history without its attribute agreement (by default the ranker compares each candidate's categorical fields with the history products')."),
-
         no_attribute_match: bool = typer.Option(False, "--no-attribute-match", help="No query-to-attribute agreement inputs (by default, with the intent block: does the product's catalog value, or its photo-completed one, agree with the colour, type, gender and usage the query names)."),
         attribute_predictions: bool = typer.Option(False, "--attribute-predictions", help="The agreement inputs also read the photo's prediction where indexing did not complete the attribute (below the completion threshold), with its confidence."),
         align_catalog: Optional[Path] = typer.Option(None, "--align-catalog", help="(title, photo) pairs for the text-image alignment (default: --catalog); e.g. fashion/products.csv for full titles."),
@@ -98,7 +97,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             use_colour=not no_colour,
             use_intent=not no_intent,
             history_agreement=not no_history_agreement,
-
             use_attribute_match=not no_attribute_match,
             attribute_predictions=attribute_predictions,
             device=settings.device,

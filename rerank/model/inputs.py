@@ -58,6 +58,7 @@ class FeatureSpec:
     hash_buckets: int = 4096
     history_k: int = 20
     colour: bool = False  # the colour inputs of rerank.model.colour follow the first-stage signals (the model carries the colour head)
+    behaviour: bool = False  # rerank.model.behaviour's columns follow the first-stage signals (before the colour ones)
 
     def __post_init__(self) -> None:
         bad = [l for l in self.lists if l not in LISTS]
@@ -72,7 +73,9 @@ class FeatureSpec:
     def first_stage_dim(self) -> int:
         from rerank.model.colour import COLOUR_FEATURES
 
-        return len(self.lists) * len(PER_LIST) + 1 + (len(COLOUR_FEATURES) if self.colour else 0)
+        from rerank.model.behaviour import BEHAVIOUR_FEATURES
+
+        return len(self.lists) * len(PER_LIST) + 1 + (len(COLOUR_FEATURES) if self.colour else 0) + (len(BEHAVIOUR_FEATURES) if self.behaviour else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -289,6 +292,7 @@ def prepare_request_features(
     aligned_cache: KeyedImageProject | None = None,
     image_dim: int | None = None,
     colour: Any | None = None,
+    behaviour: np.ndarray | None = None,
 ) -> PreparedRequest:
     """The query-independent part of :func:`build_request_features` (the same arguments, ``text_dim`` required);
     ``.finish(query_vec)`` gives the :class:`RequestFeatures`."""
@@ -303,8 +307,11 @@ def prepare_request_features(
         imask[:] = False
     image = _project(raw, imask, ids, project, aligned_cache, dt)
     hist = history_arrays(history, spec, text_dim=dt, image_dim=di, project=project, aligned_dim=dt, aligned_cache=aligned_cache)
+    first = first_stage_inputs(candidates, spec.lists)
+    if spec.behaviour:
+        first = np.hstack([first, behaviour_columns(behaviour, len(ids))])
     parts = dict(ids=ids, cand_text=text, cand_text_mask=tmask, cand_image=image, cand_image_mask=imask,
-                 first_stage=first_stage_inputs(candidates, spec.lists), cats=hash_categories(dl, spec), **hist)
+                 first_stage=first, cats=hash_categories(dl, spec), **hist)
     if not spec.colour:
         return PreparedRequest(dt, parts)
     probs, pmask = photo_colours(dl, raw, imask, colour)
@@ -323,6 +330,7 @@ def build_request_features(
     text_dim: int | None = None,
     image_dim: int | None = None,
     colour: Any | None = None,
+    behaviour: np.ndarray | None = None,
 ) -> RequestFeatures:
     """Features of one request from its candidates (with first-stage signals) and their documents.
 
@@ -332,10 +340,24 @@ def build_request_features(
     with the product ids of the candidates and of the history items) is used instead of it when given.
     Without either, every image is masked. ``colour`` (a :class:`rerank.model.colour.ColourModel`) is needed
     when ``spec.colour``: it reads the raw photos (or ``docs[id][PHOTO_COLOUR]`` when given) and the colour
-    fields. The same as ``prepare_request_features(...).finish(query_vec)``."""
+    fields. ``behaviour`` (``(n, B)`` rows of :meth:`rerank.model.behaviour.BehaviourStats.features`) is read when
+    ``spec.behaviour`` (None: the neutral zeros). The same as ``prepare_request_features(...).finish(query_vec)``."""
     q = np.asarray(query_vec, dtype=np.float32).reshape(-1)
     return prepare_request_features(candidates, docs, spec, text_dim=int(text_dim or q.shape[0]), history=history, project=project,
-                                    aligned_cache=aligned_cache, image_dim=image_dim, colour=colour).finish(q)
+                                    aligned_cache=aligned_cache, image_dim=image_dim, colour=colour, behaviour=behaviour).finish(q)
+
+
+def behaviour_columns(behaviour: np.ndarray | None, n: int) -> np.ndarray:
+    """The behaviour columns of ``n`` candidates (:meth:`rerank.model.behaviour.BehaviourStats.features`): the given
+    ``(n, B)`` rows, or the neutral zeros when None (no statistics: the model serves as for a query without history)."""
+    from rerank.model.behaviour import BEHAVIOUR_FEATURES, neutral
+
+    if behaviour is None:
+        return neutral(n)
+    b = np.asarray(behaviour, dtype=np.float32)
+    if b.shape != (n, len(BEHAVIOUR_FEATURES)):
+        raise DimensionError(f"behaviour columns have shape {b.shape}, expected {(n, len(BEHAVIOUR_FEATURES))}")
+    return np.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def photo_colours(docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarray, image_mask: np.ndarray,
@@ -442,6 +464,7 @@ __all__ = [
     "PHOTO_COLOUR",
     "PreparedRequest",
     "RequestFeatures",
+    "behaviour_columns",
     "build_request_features",
     "colour_fields",
     "colour_input_parts",

@@ -26,6 +26,7 @@ model also sees when a model serves without statistics (fail open).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 from collections import defaultdict
@@ -107,26 +108,42 @@ class BehaviourStats:
     # ------------------------------------------------------------------ features
     def features(self, query: str, ids: Sequence[str], *, query_level: bool = True) -> np.ndarray:
         """``(len(ids), len(BEHAVIOUR_FEATURES))`` float32 columns for ``query``'s candidates ``ids`` (module doc).
-        ``query_level=False`` leaves the query's columns at their neutral 0 (training shows the model queries
-        without history this way, so that it learns the tail's ranking too)."""
+
+        ``query_level=False`` shows the query as one the log never saw: its columns stay at their neutral 0 and the
+        product columns leave this query's own searches out (training shows the model queries without history this
+        way, so that it learns the tail's ranking too, from content and from the products' behaviour under *other*
+        queries, which is all a new query will have: with its own clicks left in, the product columns would carry
+        its labels)."""
         out = np.zeros((len(ids), len(BEHAVIOUR_FEATURES)), dtype=np.float32)
         m, mc = self._means()
         if m <= 0.0:
             return out
         q = normalize_query(query) if query else ""
-        n_q = self.searches.get(q, 0) if query_level else 0
+        n_q = self.searches.get(q, 0)
         k = PRIOR_EXAMS
         for i, d in enumerate(ids):
-            if n_q:
-                pv = self.pairs.get((q, d))
-                if pv is not None:
-                    out[i, 0:3] = _ratios(pv, m, mc, k)
+            qv = self.pairs.get((q, d)) if n_q else None
+            if qv is not None and query_level:
+                out[i, 0:3] = _ratios(qv, m, mc, k)
             pv = self.products.get(d)
+            if pv is not None and qv is not None and not query_level:  # the product under every other query
+                pv = (pv[0] - qv[0], pv[1] - qv[1], pv[2] - qv[2])
+                pv = pv if pv[1] > 1e-6 else None
             if pv is not None:
                 out[i, 3:6] = _ratios(pv, m, mc, k)
+        if not query_level:
+            n_q = 0
         if n_q:
             out[:, 6] = math.log1p(n_q)
         return out
+
+    def keeps_query(self, query: str, share_hidden: float, seed: int | str) -> bool:
+        """Whether training shows ``query`` with its own behaviour (``False`` for a seeded ``share_hidden`` of the query
+        texts, the same on every run and in every part: the train and validation requests agree)."""
+        if share_hidden <= 0.0:
+            return True
+        h = hashlib.blake2b(f"{seed}:{normalize_query(query)}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little") / 2.0**64 >= share_hidden
 
     def query_searches(self, query: str) -> int:
         return self.searches.get(normalize_query(query), 0)

@@ -138,9 +138,10 @@ class TrainConfig:
     #: behaviour statistics of the training log (rerank.model.behaviour; a ``behaviour.json.gz``): the model reads their
     #: columns and the artifact carries them. None: no behaviour inputs
     behaviour_stats: Path | None = None
-    #: share of training queries shown without their query's behaviour columns (seeded), so the model also learns the
-    #: tail's ranking (a query the log never saw) from content
-    behaviour_query_dropout: float = 0.3
+    #: share of the training (and validation) query texts shown as queries the log never saw (seeded by text: no query
+    #: columns, product columns without the query's own searches), so the model also learns the tail's ranking from
+    #: content and from the products' behaviour elsewhere; the verdict and early stopping see both kinds
+    behaviour_query_dropout: float = 0.5
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -339,7 +340,8 @@ def prepare_dataset(
     parts keep every candidate (an evaluation script may ask for ``("test",)``: the result's
     ``validation`` then holds the test queries). ``behaviour`` (:class:`rerank.model.behaviour.BehaviourStats`, when
     ``feature_spec.behaviour``) gives the behaviour columns; a seeded ``config.behaviour_query_dropout`` share of the
-    training queries gets only the product columns (their query's left neutral)."""
+    query texts is shown as the log never saw them (:meth:`~rerank.model.behaviour.BehaviourStats.features` with
+    ``query_level=False``)."""
     from rerank.datasets.data import read_qrels, read_queries
     from rerank.datasets.pools import build_items, dataset_name, eval_queries
     from rerank.datasets.splits import load_or_create_splits
@@ -412,8 +414,8 @@ def prepare_dataset(
                 h = HistoryInput(pids, tuple((docs.get(p) or {}).get(F.TEXT_VEC) for p in pids), tuple((docs.get(p) or {}).get(F.IMAGE_VEC) for p in pids), evs, ages)
                 with_history += 1
             beh = None
-            if feature_spec.behaviour and behaviour is not None:
-                keep_q = part != "train" or rng.random() >= config.behaviour_query_dropout
+            if feature_spec.behaviour and behaviour is not None:  # validation too: the verdict and early stopping see both kinds
+                keep_q = behaviour.keeps_query(it.query, config.behaviour_query_dropout, config.seed)
                 beh = behaviour.features(it.query, [c.id for c in cands], query_level=keep_q)
             feats = build_request_features(qvecs[it.query_id], cands, docs, feature_spec, history=h, project=identity, text_dim=dt, image_dim=dt,
                                            colour=colour, behaviour=beh)

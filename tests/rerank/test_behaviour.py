@@ -58,9 +58,23 @@ def test_unknown_query_gets_only_the_product_columns_and_query_level_off_hides_t
     assert np.all(unknown[:, q_cols] == 0) and np.all(unknown[2] == 0) and np.all(unknown[:2][:, p_cols] != 0)
     hidden = b.features("red dress", ["top", "deep"], query_level=False)
     assert np.all(hidden[:, q_cols] == 0)
-    assert np.array_equal(hidden[:, p_cols], b.features("red dress", ["top", "deep"])[:, p_cols])
+    # shown as a query the log never saw: the products' behaviour under the *other* queries only ('top': the two unclicked
+    # 'shoes' searches; 'deep': nothing), as a new query would see them; never this query's own clicks (its labels)
+    assert hidden[0, COL["p_log_exams"]] == pytest.approx(np.log1p(2.0)) and hidden[0, COL["p_ctr"]] < 0
+    assert np.all(hidden[1] == 0)
+    assert np.all(hidden[:, p_cols] != b.features("red dress", ["top", "deep"])[:, p_cols])
     assert BehaviourStats().features("red dress", ["top"]).shape == (1, len(BEHAVIOUR_FEATURES))
     assert np.all(BehaviourStats().features("red dress", ["top"]) == 0)  # no log at all: neutral
+
+
+def test_training_hides_a_seeded_share_of_the_query_texts_the_same_way_every_time():
+    b = BehaviourStats()
+    texts = [f"query {i}" for i in range(2000)]
+    kept = [b.keeps_query(t, 0.5, 13) for t in texts]
+    assert 0.45 < 1 - sum(kept) / len(kept) < 0.55
+    assert kept == [b.keeps_query(t.upper(), 0.5, 13) for t in texts]  # by normalised text: every request of a query agrees
+    assert kept != [b.keeps_query(t, 0.5, 14) for t in texts]
+    assert all(b.keeps_query(t, 0.0, 13) for t in texts) and not any(b.keeps_query(t, 1.0, 13) for t in texts)
 
 
 def test_more_evidence_moves_the_estimate_further_from_the_prior():

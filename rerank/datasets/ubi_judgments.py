@@ -4,7 +4,9 @@
 whose normalised query text is in ``exclude`` (the evaluated queries: a model is never trained on
 their behaviour), caps click spam (:func:`rerank.datasets.clicks.cap_sessions`), fits the chosen click model
 and writes its judgments on the 0..2 grade scale (:func:`rerank.datasets.clicks.implicit_judgments`: clicks per
-examination; optionally weighted up by add-to-carts and purchases per click). No qrels are read.
+examination; optionally weighted up by add-to-carts and purchases per click). No qrels are read. Beside them it
+writes the behaviour statistics of the same searches (``behaviour.json.gz``, :mod:`rerank.model.behaviour`: what a
+model trained on these judgments reads) and the searches per query text (``searches.json``: head and tail queries).
 
 Click models: ``pbm`` (position-based, EM: debiased; the default), ``sdbn`` (simplified DBN), ``ctr``
 (naive: click-through rate, no position correction). On the held-out dev queries ``pbm`` and ``ctr`` trained

@@ -13,6 +13,10 @@ Vectors come from a synthetic in-memory :class:`~rerank.history.profiles.InMemor
 (384-d text, 1280-d image, 20 % of products without an image), so the numbers measure the SQL and
 cache path, not a search engine. SQLite runs in a temporary file; PostgreSQL in a fresh schema that is
 dropped afterwards.
+
+It also imports a synthetic UBI log twice (``ubi_import_events_per_s``, and ``ubi_import_events_per_cpu_s``: the
+process's CPU time, which a busy shared CPU does not inflate) and, with ``retrain_log``, times one forced turn of the
+retraining loop on a real log (:func:`time_retrain`: ``retrain_s``).
 """
 
 from __future__ import annotations
@@ -149,6 +153,11 @@ def run_history_bench(
     ``settings``), one forced turn of the retraining loop on that log is timed as well (:func:`time_retrain`)."""
     if min(users, events, products, samples) < 1:
         raise ConfigError("users, events, products and samples must all be >= 1")
+    if retrain_log is not None:
+        if settings is None:
+            raise ConfigError("timing the retrain task needs the settings (its catalog, models and data dir)")
+        if not Path(retrain_log).exists():
+            raise ConfigError(f"--retrain-log not found: {retrain_log}")
     with tempfile.TemporaryDirectory(prefix="fusionrank-bench-history-") as tmp:
         tmpdir = Path(tmp)
         schema = None
@@ -166,8 +175,6 @@ def run_history_bench(
             out = _bench(url, tmpdir, users=users, events=events, products=products, samples=samples, k=k,
                          batch_size=batch_size, seed=seed, ubi_searches=ubi_searches)
             if retrain_log is not None:
-                if settings is None:
-                    raise ConfigError("timing the retrain task needs the settings (its catalog, models and data dir)")
                 out.update(time_retrain(settings, Path(retrain_log), minutes=retrain_minutes, workdir=tmpdir))
             return out
         finally:

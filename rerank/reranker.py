@@ -682,10 +682,12 @@ class Reranker:
 
         s = self.clock()
         try:  # everything the model reads but the query, while the query may still be encoding
+            # the training log's behaviour (artifact statistics; none: neutral columns, as for a query the log never saw)
+            beh = art.behaviour.features(text, [c.id for c in cands]) if spec.behaviour and art.behaviour is not None and text else None
             prepared = prepare_request_features(
                 cands, docs, spec, history=hist, project=align.project if align is not None else None, aligned_cache=self.aligned_cache,
                 text_dim=art.text_encoder.dim, image_dim=art.image_encoder.dim if art.image_encoder else None, colour=art.colour,
-                intent=getattr(art, "intent", None),
+                intent=getattr(art, "intent", None), behaviour=beh,
             )
         except Exception as e:  # fail open on any model failure
             raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e

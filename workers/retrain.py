@@ -8,7 +8,8 @@ candidate against the serving model on held-out behaviour, promote it only when 
    of :class:`rerank.model.registry.ModelRegistry` records the count each run saw): ``skipped``;
 2. read the log, build sessions, split them by query (:mod:`rerank.training.loop`: the held-out queries are never
    trained on), fit the click model on the training part (spam capped) and train the fusion ranker on its
-   implicit judgments against ``retrain_catalog``; the artifact becomes a registry version;
+   implicit judgments against ``retrain_catalog``, reading the behaviour features of the same searches
+   (:mod:`rerank.model.behaviour`; the artifact carries them); the artifact becomes a registry version;
 3. estimate both models on the held-out part (and on ``qrels``, when given); promote (the registry's ``current``
    link moves, the service follows it) or record the refusal with its numbers. Every version is kept.
 
@@ -19,6 +20,7 @@ One run at a time per registry (an exclusive ``flock``; a second one returns ``b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import time
@@ -149,9 +151,12 @@ def retrain(settings: Any, *, force: bool = False, queries: Path | None = None, 
         if not train_s or not held_s:
             raise ConfigError(f"the log has {len(train_s)} training and {len(held_s)} held-out searches; both are needed "
                               f"(retrain_holdout {settings.retrain_holdout})")
-        judg, jinfo = judgments_from_sessions(train_s, model=settings.retrain_click_model)
-        held_judg, hinfo = judgments_from_sessions(held_s, model=settings.retrain_click_model)
         work = Path(settings.data_dir) / "retrain" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        work.mkdir(parents=True, exist_ok=True)
+        # the candidate reads the behaviour of the searches it trains on (never the held-out queries')
+        judg, jinfo = judgments_from_sessions(train_s, model=settings.retrain_click_model, behaviour_out=work / "behaviour.json.gz")
+        cfg = dataclasses.replace(cfg, behaviour_stats=work / "behaviour.json.gz")
+        held_judg, hinfo = judgments_from_sessions(held_s, model=settings.retrain_click_model)
         qf, rf = write_judgments(judg, texts, work / "judgments")
         summary: dict[str, Any] = {
             **base, "log": counts,

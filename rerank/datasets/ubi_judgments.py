@@ -4,7 +4,9 @@
 whose normalised query text is in ``exclude`` (the evaluated queries: a model is never trained on
 their behaviour), caps click spam (:func:`rerank.datasets.clicks.cap_sessions`), fits the chosen click model
 and writes its judgments on the 0..2 grade scale (:func:`rerank.datasets.clicks.implicit_judgments`: clicks per
-examination; optionally weighted up by add-to-carts and purchases per click). No qrels are read.
+examination; optionally weighted up by add-to-carts and purchases per click). No qrels are read. Beside them it
+writes the behaviour statistics of the same searches (``behaviour.json.gz``, :mod:`rerank.model.behaviour`: what a
+model trained on these judgments reads) and the searches per query text (``searches.json``: head and tail queries).
 
 Click models: ``pbm`` (position-based, EM: debiased; the default), ``sdbn`` (simplified DBN), ``ctr``
 (naive: click-through rate, no position correction). On the held-out dev queries ``pbm`` and ``ctr`` trained
@@ -34,6 +36,13 @@ class UbiJudgments:
     queries: Path
     qrels: Path
     info: dict[str, Any]
+    #: the behaviour statistics of the same searches (rerank.model.behaviour: PBM-debiased clicks, spam capped)
+    behaviour: Path | None = None
+    #: ``{normalised query text: searches}`` of the same searches (before spam capping): head and tail queries
+    searches: Path | None = None
+
+    def query_searches(self) -> dict[str, int]:
+        return json.loads(self.searches.read_text()) if self.searches is not None else {}
 
 
 def ubi_query_id(text: str) -> str:
@@ -47,12 +56,24 @@ DEFAULT_CONVERSION_WEIGHT = 0.0
 
 
 def judgments_from_sessions(sessions: list[C.Session], *, model: str = DEFAULT_CLICK_MODEL, cap: int = 3,
-                            conversion_weight: float = DEFAULT_CONVERSION_WEIGHT) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+                            conversion_weight: float = DEFAULT_CONVERSION_WEIGHT, behaviour_out: Path | None = None,
+                            ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """The click model's judgments of the (spam-capped) ``sessions`` and a summary; with ``behaviour_out``, the
+    behaviour statistics of the same capped sessions are written there (PBM's examination probabilities, whatever
+    ``model`` judges)."""
     capped, stats = C.cap_sessions(sessions, max_sessions_per_client_query=cap)
     m = C.fit(model, capped)
     conv = C.conversion_counts(capped) if conversion_weight > 0 else None
-    return C.implicit_judgments(m, conversions=conv, conversion_weight=conversion_weight), {"click_model": model, "conversion_weight": conversion_weight, "spam_capping": stats.to_dict(), "sessions": len(capped),
-                                     "fit": {k: v for k, v in m.info.items() if k != "train_log_likelihood"}}
+    info = {"click_model": model, "conversion_weight": conversion_weight, "spam_capping": stats.to_dict(), "sessions": len(capped),
+            "fit": {k: v for k, v in m.info.items() if k != "train_log_likelihood"}}
+    if behaviour_out is not None:
+        from rerank.model.behaviour import BehaviourStats
+
+        theta = m.theta if m.theta is not None else C.fit_pbm(capped).theta
+        b = BehaviourStats.from_sessions(capped, theta, spam_capping=stats.to_dict())
+        b.save(behaviour_out)
+        info["behaviour"] = {k: v for k, v in b.info.items() if k not in ("theta", "spam_capping")}
+    return C.implicit_judgments(m, conversions=conv, conversion_weight=conversion_weight), info
 
 
 def write_ubi_judgments(log_path: str | Path, out_dir: str | Path, *, exclude: Iterable[str] = (), model: str = DEFAULT_CLICK_MODEL,
@@ -61,19 +82,22 @@ def write_ubi_judgments(log_path: str | Path, out_dir: str | Path, *, exclude: I
     under ``out_dir/<key>/`` (the key hashes the log files, the exclusions and the settings: cached)."""
     files = ubi_files(log_path)
     excl = sorted({C.normalize_query(t) for t in exclude})
-    h = hashlib.sha256(json.dumps([model, cap, excl, conversion_weight, 5]).encode())
+    h = hashlib.sha256(json.dumps([model, cap, excl, conversion_weight, 6]).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     d = Path(out_dir) / h.hexdigest()[:16]
     qf, rf, inf = d / "queries.tsv", d / "qrels.tsv", d / "info.json"
-    if qf.is_file() and rf.is_file() and inf.is_file():
-        return UbiJudgments(qf, rf, json.loads(inf.read_text()))
+    bf, sf = d / "behaviour.json.gz", d / "searches.json"
+    if qf.is_file() and rf.is_file() and inf.is_file() and bf.is_file() and sf.is_file():
+        return UbiJudgments(qf, rf, json.loads(inf.read_text()), bf, sf)
     queries, events, errors = read_log(log_path)
     sessions, counts = C.sessions_from_log(queries, events)
     ex = set(excl)
     kept = [s for s in sessions if s.query not in ex]
-    judg, info = judgments_from_sessions(kept, model=model, cap=cap, conversion_weight=conversion_weight)
+    d.mkdir(parents=True, exist_ok=True)
+    judg, info = judgments_from_sessions(kept, model=model, cap=cap, conversion_weight=conversion_weight, behaviour_out=bf)
+    sf.write_text(json.dumps(C.session_counts(kept), sort_keys=True))
     texts = {}
     for q in queries:
         texts.setdefault(C.normalize_query(q.user_query), q.user_query)
@@ -93,4 +117,4 @@ def write_ubi_judgments(log_path: str | Path, out_dir: str | Path, *, exclude: I
     rf.with_suffix(".tmp").replace(rf)
     inf.write_text(json.dumps(info, indent=1))
     log.info("UBI judgments: %s", info)
-    return UbiJudgments(qf, rf, info)
+    return UbiJudgments(qf, rf, info, bf, sf)

@@ -119,6 +119,9 @@ class EvalRequest:
     click_model: str = "pbm"
     #: --train-ubi: products the log never showed for a query are "unknown" (left out of its training list) or "irrelevant" (gain 0)
     ubi_unshown: str = "irrelevant"
+    #: --train-ubi: evaluate only the queries with at least this many searches in the log (head queries), whose
+    #: behaviour then stays in the training log (not excluded); None: every query of the split, excluded from training
+    head_queries: int | None = None
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -139,6 +142,11 @@ class EvalRequest:
                 raise ConfigError(f"unknown click model {self.click_model!r}; valid: {', '.join(MODELS)}")
             if self.ubi_unshown not in ("unknown", "irrelevant"):
                 raise ConfigError(f"--ubi-unshown must be unknown or irrelevant, got {self.ubi_unshown!r}")
+        if self.head_queries is not None:
+            if self.train_ubi is None:
+                raise ConfigError("--head-queries needs --train-ubi (head queries are counted in that log)")
+            if self.head_queries < 1:
+                raise ConfigError(f"--head-queries must be >= 1, got {self.head_queries}")
         if self.limit_queries is not None and self.limit_queries < 1:
             raise ConfigError(f"--limit-queries must be >= 1, got {self.limit_queries}")
         for name, p in (("catalog", self.catalog), ("queries", self.queries), ("qrels", self.qrels)):
@@ -410,6 +418,7 @@ def evaluate(
         info["events"] = {"users": len(ev.products_by_user), "events": ev.events}
 
     trainable = [s for s in req.systems if SYSTEMS.get(s).trainable]
+    behaviour_stats: Path | None = None  # --train-ubi: the log's behaviour statistics, read by the fusion systems
     split_name = req.split
     train_q: list[Query] = []
     valid_q: list[Query] = []
@@ -441,7 +450,20 @@ def evaluate(
         if req.train_ubi is not None:  # learn from the log's behaviour on every query but the evaluated ones; no qrels
             from rerank.datasets.ubi_judgments import write_ubi_judgments
 
-            uj = write_ubi_judgments(req.train_ubi, data_dir / "ubi-judgments", exclude=[q.text for q in eval_pool], model=req.click_model)
+            if req.head_queries is not None:  # the head queries: their behaviour is what the model may learn from
+                from rerank.datasets.clicks import normalize_query
+
+                uj = write_ubi_judgments(req.train_ubi, data_dir / "ubi-judgments", exclude=(), model=req.click_model)
+                searches = uj.query_searches()
+                before = len(eval_pool)
+                eval_pool = [q for q in eval_pool if searches.get(normalize_query(q.text), 0) >= req.head_queries]
+                info["head_queries"] = {"min_searches": req.head_queries, "queries": len(eval_pool), "of": before,
+                                        "note": "evaluated queries with at least min_searches searches in the training log; their searches stay in it"}
+                if not eval_pool:
+                    raise ConfigError(f"no query of the {split_name!r} split has {req.head_queries} or more searches in {req.train_ubi}")
+            else:
+                uj = write_ubi_judgments(req.train_ubi, data_dir / "ubi-judgments", exclude=[q.text for q in eval_pool], model=req.click_model)
+            behaviour_stats = uj.behaviour
             tq = read_queries(uj.queries)
             train_qrels = read_qrels(uj.qrels)
             inner = assign(tq.queries, seed=req.seed, fractions=(0.9, 0.1, 0.0))
@@ -556,6 +578,7 @@ def evaluate(
             rebuild_stages=rebuild_stages,
             events=req.events,
             also=tuple(req.train_also),
+            behaviour_stats=behaviour_stats,
             text_model=req.text_model,
             text_backend=req.text_backend,
             image_model=req.image_model,

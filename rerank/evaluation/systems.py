@@ -102,6 +102,9 @@ class FusionInputs:
     attribute_threshold: float = 0.8
     top_n: int = 200
     also: tuple[Any, ...] = ()  # more DatasetSpecs the fusion systems train on (their train/validation splits)
+    #: behaviour statistics of the training log (--train-ubi; rerank.model.behaviour): the fusion systems read them
+    #: (all but ``fusion_no_behaviour``)
+    behaviour_stats: Path | None = None
 
 
 class System:
@@ -290,12 +293,14 @@ def torch_threads(n: int) -> Iterator[None]:
 #: ``fusion_options`` keys passed to :class:`rerank.training.ranker.TrainConfig` (the rest are refused)
 FUSION_TRAIN_OPTIONS = ("loss", "epochs", "batch_size", "lr", "weight_decay", "patience", "max_minutes", "max_train_candidates",
                         "d_model", "hidden", "history_k", "use_colour", "use_intent", "use_attribute_match", "attribute_predictions", "min_epochs",
-                        "history_agreement")
+                        "history_agreement", "behaviour_query_dropout")
 
 
-def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use_history: bool, use_product: bool = True) -> Any:
+def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use_history: bool, use_product: bool = True,
+                        use_behaviour: bool = True) -> Any:
     """The :class:`rerank.training.ranker.TrainConfig` a fusion system trains with: the harness's seed, top N,
-    device and encoders, one torch thread, ``ctx.options["fusion_options"]`` (e.g. ``max_minutes``)."""
+    device and encoders, one torch thread, ``ctx.options["fusion_options"]`` (e.g. ``max_minutes``), and the training
+    log's behaviour statistics when there are some and ``use_behaviour``."""
     from indexing.errors import ConfigError
     from rerank.training.ranker import TrainConfig
 
@@ -308,7 +313,8 @@ def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use
     return TrainConfig(
         strategy=strategy, use_image=use_image, use_history=use_history, use_product=use_product, seed=ctx.seed, top_n=fi.top_n,
         device=ctx.device, threads=1, text_model=fi.text_model, text_backend=fi.text_backend, image_model=fi.image_model,
-        mapping=fi.mapping, attribute_model=fi.attribute_model, attribute_threshold=fi.attribute_threshold, progress=ctx.progress, **opts,
+        mapping=fi.mapping, attribute_model=fi.attribute_model, attribute_threshold=fi.attribute_threshold, progress=ctx.progress,
+        behaviour_stats=fi.behaviour_stats if use_behaviour else None, **opts,
     )
 
 
@@ -327,7 +333,8 @@ def fusion_cache_dir(ctx: EvalContext, config: Any) -> Path | None:
     fi = ctx.fusion
     assert fi is not None
     ev = fi.dataset.events
-    cfg = {k: v for k, v in asdict(config).items() if k != "progress"}
+    # without behaviour statistics the behaviour settings change nothing: left out, so earlier cached models still match
+    cfg = {k: v for k, v in asdict(config).items() if k != "progress" and not (k.startswith("behaviour") and config.behaviour_stats is None)}
     also = [[file_sha256(p) if p is not None and Path(p).is_file() else None for p in (d.catalog, d.queries, d.qrels, d.events)]
             + [d.gain, d.mode, str(d.images_root)] for d in fi.also]
     body = json.dumps([ctx.train_key, "fusion", cfg, file_sha256(ev) if ev else None, *([also] if also else [])], sort_keys=True, default=str)
@@ -343,7 +350,7 @@ class _FusionSystem(System):
     N, as lambdamart), with one torch thread."""
 
     trainable = True
-    strategy, use_image, use_history = "attention", True, True
+    strategy, use_image, use_history, use_behaviour = "attention", True, True, True
 
     def artifact(self, ctx: EvalContext) -> Any:
         from indexing.encoders import image_encoder_info, text_encoder_info
@@ -359,7 +366,8 @@ class _FusionSystem(System):
         given = ctx.model_dirs.get(self.name)
         if given is not None:
             return load_artifact(given, device=ctx.device, **ids)
-        config = fusion_train_config(ctx, strategy=self.strategy, use_image=self.use_image, use_history=self.use_history)
+        config = fusion_train_config(ctx, strategy=self.strategy, use_image=self.use_image, use_history=self.use_history,
+                                     use_behaviour=self.use_behaviour)
         d = fusion_cache_dir(ctx, config)
         if d is not None and (d / CONFIG_FILE).is_file():
             try:
@@ -467,6 +475,8 @@ class _FusionSystem(System):
         requests = []
         with_history = 0
         hist_items = hist_known = 0  # history products, and those whose categorical fields the model reads
+        behaviour = art.behaviour if spec.behaviour else None
+        with_behaviour = 0
         for i, it in enumerate(ctx.items):
             h = None
             if it.user_id and it.user_id in hist:
@@ -476,8 +486,13 @@ class _FusionSystem(System):
                                  tuple((docs.get(p) or {}).get(F.IMAGE_VEC) for p in pids), evts, ages, tuple(docs.get(p) for p in pids))
                 hist_items += len(pids)
                 hist_known += sum(1 for p in pids if any((docs.get(p) or {}).get(f) for f in spec.cat_fields))
+            beh = None
+            if behaviour is not None:  # the training log's statistics, as the rerank call reads them
+                beh = behaviour.features(it.query, [c.id for c in cands[it.query_id]])
+                with_behaviour += behaviour.query_searches(it.query) > 0
             requests.append(build_request_features(qvecs[i], list(cands[it.query_id]), docs, spec, history=h, project=project,
-                                                   text_dim=art.text_encoder.dim, image_dim=image_dim, colour=art.colour, intent=art.intent))
+                                                   text_dim=art.text_encoder.dim, image_dim=image_dim, colour=art.colour, intent=art.intent,
+                                                   behaviour=beh))
         out = []
         serving = art.serving
         ctx.serving[self.name] = serving
@@ -506,7 +521,8 @@ class _FusionSystem(System):
                                         f"artifact {art.version} {served}, best validation NDCG@10 {rep.get('best_validation_ndcg@10', 'n/a')}; {image_list}; "
                                         f"{with_history} of {len(ctx.items)} queries with a user history"
                                         + (f" (history attribute agreement: {hist_known} of {hist_items} history products with attributes)"
-                                           if getattr(art.ranker.config, "history_agreement", False) and hist_items else ""))
+                                           if getattr(art.ranker.config, "history_agreement", False) and hist_items else "")
+                                        + (f"; behaviour features, {with_behaviour} of {len(ctx.items)} queries in the training log" if spec.behaviour else ""))
         return out
 
 
@@ -518,9 +534,10 @@ class _SignalScored:
     scores: np.ndarray
 
 
-def _fusion(name: str, strategy: str = "attention", use_image: bool = True, use_history: bool = True, doc: str = "") -> type[_FusionSystem]:
+def _fusion(name: str, strategy: str = "attention", use_image: bool = True, use_history: bool = True, doc: str = "",
+            use_behaviour: bool = True) -> type[_FusionSystem]:
     cls = type(f"Fusion_{name}", (_FusionSystem,), {"name": name, "strategy": strategy, "use_image": use_image,
-                                                    "use_history": use_history, "__doc__": doc})
+                                                    "use_history": use_history, "use_behaviour": use_behaviour, "__doc__": doc})
     SYSTEMS.register(name)(cls)
     return cls
 
@@ -529,9 +546,10 @@ _fusion("fusion", doc="The fusion ranker, attention fusion, every input.")
 _fusion("fusion_no_image", use_image=False, doc="Ablation: the same model family retrained without product photos (and the knn_image list).")
 _fusion("fusion_no_history", use_history=False, doc="Ablation: retrained without the user's history.")
 _fusion("fusion_text_only", use_image=False, use_history=False, doc="Ablation: retrained without photos and without history.")
+_fusion("fusion_no_behaviour", use_behaviour=False, doc="Ablation: retrained without the training log's behaviour features (--train-ubi).")
 for _s in ("concat", "weighted", "attention"):
     _fusion(f"fusion_{_s}", strategy=_s, doc=f"The fusion ranker with {_s} fusion, every input.")
-FUSION_SYSTEMS = ("fusion", "fusion_no_image", "fusion_no_history", "fusion_text_only", "fusion_concat", "fusion_weighted", "fusion_attention")
+FUSION_SYSTEMS = ("fusion", "fusion_no_image", "fusion_no_history", "fusion_text_only", "fusion_no_behaviour", "fusion_concat", "fusion_weighted", "fusion_attention")
 
 
 __all__ = [

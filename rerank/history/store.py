@@ -438,7 +438,15 @@ class HistoryStore:
                 conv: Sequence[Sequence[Any]] = rows
                 if "ts" in cols:  # SQLite stores naive UTC text (as SQLAlchemy's DateTime does)
                     k = list(cols).index("ts")
-                    conv = [(*r[:k], _sqlite_ts(r[k]) if r[k] is not None else None, *r[k + 1 :]) for r in rows]
+                    text: dict[Any, str | None] = {None: None}  # a log repeats timestamps: each converted once
+
+                    def ts_text(ts: Any) -> str | None:
+                        t = text.get(ts)
+                        if t is None and ts is not None:
+                            t = text[ts] = _sqlite_ts(ts)
+                        return t
+
+                    conv = [(*r[:k], ts_text(r[k]), *r[k + 1 :]) for r in rows]
                 cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING", conv)
                 return int(cur.rowcount)
             finally:

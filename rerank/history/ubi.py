@@ -162,10 +162,18 @@ def validate_query(raw: Any, *, now: datetime) -> UbiQuery:
     return UbiQuery(qid or derive_query_id(raw), uq, ts, client, user_id, app, hit_ids)
 
 
+_TS_REPR: dict[datetime, str] = {}
+
+
 def derive_event_id(action: str, ts: datetime, query_id: str | None, object_id: str | None, position: int | None,
                     client_id: str | None, user_id: str | None, session_id: str | None) -> str:
     """Deterministic id of an event (UBI events carry none): the same event imported twice is one event."""
-    key = f"{action}\x1f{ts.timestamp()!r}\x1f{query_id or ''}\x1f{object_id or ''}\x1f{'' if position is None else position}\x1f{client_id or ''}\x1f{user_id or ''}\x1f{session_id or ''}"
+    t = _TS_REPR.get(ts)
+    if t is None:  # a log repeats timestamps (a page's impressions share one): their text once
+        if len(_TS_REPR) > 100_000:
+            _TS_REPR.clear()
+        t = _TS_REPR[ts] = repr(ts.timestamp())
+    key = f"{action}\x1f{t}\x1f{query_id or ''}\x1f{object_id or ''}\x1f{'' if position is None else position}\x1f{client_id or ''}\x1f{user_id or ''}\x1f{session_id or ''}"
     return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
 
@@ -300,8 +308,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 def iter_records(path: str | Path) -> Iterator[tuple[str, int, Any]]:
     """``(file name, line number, object | Unreadable)`` over every file of a UBI log."""
     for f in ubi_files(path):
+        name = f.name  # a property that builds the string: once per file, not per line
         for n, rec in iter_jsonl(f):
-            yield f.name, n, rec
+            yield name, n, rec
 
 
 def read_log(path: str | Path, *, now: datetime | None = None) -> tuple[list[UbiQuery], list[UbiEvent], list[tuple[str, int, str]]]:

@@ -11,7 +11,10 @@ An artifact directory holds:
   the catalog's attribute vocabularies and the bound's settings; null or absent: the model's scores are served unbounded);
 * ``weights.safetensors``: the ranker's tensors (``ranker.*``), the alignment's (``alignment.*``), the
   colour head's (``colour.*``) and the intent names' text vectors (``intent.*``);
-* ``training_report.json``: what :mod:`rerank.training.ranker` measured (optional).
+* ``training_report.json``: what :mod:`rerank.training.ranker` measured (optional);
+* ``behaviour.json.gz``: the behaviour statistics (:mod:`rerank.model.behaviour`) of a model whose feature spec has
+  ``behaviour``: the training log's debiased clicks per (query, product) and per product (config ``behaviour``: their
+  summary). Missing or unreadable, the model serves with the neutral columns (logged), as for queries without history.
 
 ``config.json``'s ``serving`` (:mod:`rerank.safe`) says what the artifact serves: ``{"policy": "model"}`` when training
 showed the model beats every first-stage signal on its validation queries, else ``{"policy": "safe_choice", "signal":
@@ -46,6 +49,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 REPORT_FILE = "training_report.json"
+BEHAVIOUR_FILE = "behaviour.json.gz"  # rerank.model.behaviour.BEHAVIOUR_FILE (not imported here: the module loads it lazily)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class ModelArtifact:
     report: Mapping[str, Any]
     colour: Any | None = None  # rerank.model.colour.ColourModel
     intent: Any | None = None  # rerank.model.intent.IntentModel: the query-intent bound on the model's scores (None: no bound)
+    behaviour: Any | None = None  # rerank.model.behaviour.BehaviourStats (None: neutral behaviour columns, or none read)
 
     @property
     def version(self) -> str:
@@ -107,6 +112,7 @@ def save_artifact(
     intent: Any | None = None,
     report: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    behaviour: Any | None = None,
 ) -> Path:
     """Write the artifact into ``out_dir`` (written to a temporary sibling, then renamed into place).
 
@@ -143,8 +149,11 @@ def save_artifact(
         "alignment": alignment.meta() if alignment is not None else None,
         "colour": colour.meta() if colour is not None else None,
         "intent": intent.meta() if intent is not None else None,
+        **({"behaviour": {"file": BEHAVIOUR_FILE, **{k: v for k, v in behaviour.info.items() if k != "theta"}}} if behaviour is not None else {}),
         **dict(extra or {}),
     }
+    if behaviour is not None:
+        behaviour.save(tmp / BEHAVIOUR_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
     if report is not None:
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1, sort_keys=True, default=str))
@@ -269,6 +278,14 @@ def load_artifact(
             raise ModelArtifactError(f"{d}: the intent names' vectors have dimension {intent.text_dim}, the text encoder {config['encoders']['text']['dim']}")
     if spec.attributes and intent is None:
         raise ModelArtifactError(f"{d}: its feature spec has attribute agreement inputs ({', '.join(spec.attributes)}) but the artifact has no intent block to read them with")
+    behaviour = None
+    if spec.behaviour:
+        from rerank.model.behaviour import BehaviourStats
+
+        try:
+            behaviour = BehaviourStats.load(d / BEHAVIOUR_FILE)
+        except ModelArtifactError as e:  # fail open: the model reads the neutral columns, as for a query without history
+            log.warning("%s: %s; serving with neutral behaviour features", d, e)
     ranker = ranker.to(resolve_device(device)).eval()
     enc = config["encoders"]
     report = json.loads((d / REPORT_FILE).read_text()) if (d / REPORT_FILE).is_file() else {}
@@ -283,6 +300,7 @@ def load_artifact(
         report,
         colour,
         intent,
+        behaviour,
     )
 
 

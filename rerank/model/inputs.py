@@ -65,6 +65,7 @@ class FeatureSpec:
     #: sources of the query-to-attribute agreement inputs (rerank.model.attribute_match; read with the model's intent block):
     #: ("catalog", "photo"), ("catalog",) for the no-image ablation, () none (artifacts trained before them)
     attributes: tuple[str, ...] = ()
+    behaviour: bool = False  # rerank.model.behaviour's columns follow the first-stage signals (before the colour ones)
 
     def __post_init__(self) -> None:
         bad = [l for l in self.lists if l not in LISTS]
@@ -83,7 +84,9 @@ class FeatureSpec:
     def first_stage_dim(self) -> int:
         from rerank.model.colour import COLOUR_FEATURES
 
-        n = len(self.lists) * len(PER_LIST) + 1 + (len(COLOUR_FEATURES) if self.colour else 0)
+        from rerank.model.behaviour import BEHAVIOUR_FEATURES
+
+        n = len(self.lists) * len(PER_LIST) + 1 + (len(COLOUR_FEATURES) if self.colour else 0) + (len(BEHAVIOUR_FEATURES) if self.behaviour else 0)
         if self.attributes:
             from rerank.model.attribute_match import ATTRIBUTE_MATCH_FEATURES
 
@@ -327,6 +330,7 @@ def prepare_request_features(
     image_dim: int | None = None,
     colour: Any | None = None,
     intent: Any | None = None,
+    behaviour: np.ndarray | None = None,
 ) -> PreparedRequest:
     """The query-independent part of :func:`build_request_features` (the same arguments, ``text_dim`` required);
     ``.finish(query_vec)`` gives the :class:`RequestFeatures`."""
@@ -341,8 +345,11 @@ def prepare_request_features(
         imask[:] = False
     image = _project(raw, imask, ids, project, aligned_cache, dt)
     hist = history_arrays(history, spec, text_dim=dt, image_dim=di, project=project, aligned_dim=dt, aligned_cache=aligned_cache)
+    first = first_stage_inputs(candidates, spec.lists)
+    if spec.behaviour:
+        first = np.hstack([first, behaviour_columns(behaviour, len(ids))])
     parts = dict(ids=ids, cand_text=text, cand_text_mask=tmask, cand_image=image, cand_image_mask=imask,
-                 first_stage=first_stage_inputs(candidates, spec.lists), cats=hash_categories(dl, spec), **hist)
+                 first_stage=first, cats=hash_categories(dl, spec), **hist)
     extra: dict[str, Any] = {}
     if spec.attributes:
         if intent is None:
@@ -369,6 +376,7 @@ def build_request_features(
     image_dim: int | None = None,
     colour: Any | None = None,
     intent: Any | None = None,
+    behaviour: np.ndarray | None = None,
 ) -> RequestFeatures:
     """Features of one request from its candidates (with first-stage signals) and their documents.
 
@@ -380,11 +388,25 @@ def build_request_features(
     when ``spec.colour``: it reads the raw photos (or ``docs[id][PHOTO_COLOUR]`` when given) and the colour
     fields. ``intent`` (a :class:`rerank.model.intent.IntentModel`) is needed when ``spec.attributes``: the
     query-to-attribute agreement columns (:mod:`rerank.model.attribute_match`) read the documents' attribute fields
-    (and, with the ``photo`` source, the photo-completed ones of ``products-v4``). The same as
-    ``prepare_request_features(...).finish(query_vec)``."""
+    (and, with the ``photo`` source, the photo-completed ones of ``products-v4``). ``behaviour`` (``(n, B)`` rows of
+    :meth:`rerank.model.behaviour.BehaviourStats.features`) is read when ``spec.behaviour`` (None: the neutral
+    zeros). The same as ``prepare_request_features(...).finish(query_vec)``."""
     q = np.asarray(query_vec, dtype=np.float32).reshape(-1)
     return prepare_request_features(candidates, docs, spec, text_dim=int(text_dim or q.shape[0]), history=history, project=project,
-                                    aligned_cache=aligned_cache, image_dim=image_dim, colour=colour, intent=intent).finish(q)
+                                    aligned_cache=aligned_cache, image_dim=image_dim, colour=colour, intent=intent, behaviour=behaviour).finish(q)
+
+
+def behaviour_columns(behaviour: np.ndarray | None, n: int) -> np.ndarray:
+    """The behaviour columns of ``n`` candidates (:meth:`rerank.model.behaviour.BehaviourStats.features`): the given
+    ``(n, B)`` rows, or the neutral zeros when None (no statistics: the model serves as for a query without history)."""
+    from rerank.model.behaviour import BEHAVIOUR_FEATURES, neutral
+
+    if behaviour is None:
+        return neutral(n)
+    b = np.asarray(behaviour, dtype=np.float32)
+    if b.shape != (n, len(BEHAVIOUR_FEATURES)):
+        raise DimensionError(f"behaviour columns have shape {b.shape}, expected {(n, len(BEHAVIOUR_FEATURES))}")
+    return np.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def photo_colours(docs: Sequence[Mapping[str, Any] | None], raw_image: np.ndarray, image_mask: np.ndarray,
@@ -491,6 +513,7 @@ __all__ = [
     "PHOTO_COLOUR",
     "PreparedRequest",
     "RequestFeatures",
+    "behaviour_columns",
     "build_request_features",
     "colour_fields",
     "colour_input_parts",

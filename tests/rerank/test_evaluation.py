@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -392,6 +393,42 @@ def test_train_ubi_learns_from_a_simulated_log_without_the_evaluated_queries(fas
     with pytest.raises(ConfigError, match="--train-ubi replaces"):
         evaluate(EvalRequest(catalog=fashion_slice.catalog, queries=fashion_slice.queries, qrels=fashion_slice.qrels, gain="identity",
                              train_ubi=log, train_queries=fashion_slice.queries, train_qrels=fashion_slice.qrels), data_dir=eval_dir, indexer=_indexer(eval_dir))
+
+
+@pytest.mark.slow
+def test_head_queries_are_the_ones_the_log_searched_often_and_stay_in_its_training_log(fashion_slice, eval_dir, tmp_path):
+    """``--head-queries N``: only the queries with N or more searches in the log are evaluated (every other query of the
+    slice: 25 searches, the rest: 2), and their searches are not removed from the training log."""
+    from rerank.datasets.data import read_qrels, read_queries
+
+    qs = read_queries(fashion_slice.queries).queries
+    qrels = read_qrels(fashion_slice.qrels)
+    log = tmp_path / "ubi"
+    log.mkdir()
+    n = 0
+    with open(log / "ubi_queries.jsonl", "w") as fq, open(log / "ubi_events.jsonl", "w") as fe:
+        for j, q in enumerate(qs):
+            shown = sorted(qrels.for_query(q.id))
+            for _ in range(25 if j % 2 == 0 else 2):
+                n += 1
+                fq.write(json.dumps({"query_id": f"s{n}", "user_query": q.text, "client_id": f"c{n}", "timestamp": "2026-11-01T10:00:00Z",
+                                     "query_response_hit_ids": shown}) + "\n")
+                if shown:
+                    fe.write(json.dumps({"action_name": "click", "query_id": f"s{n}", "client_id": f"c{n}", "timestamp": "2026-11-01T10:00:05Z",
+                                         "event_attributes": {"object": {"object_id": shown[0]}, "position": {"ordinal": 1}}}) + "\n")
+    req = EvalRequest(catalog=fashion_slice.catalog, queries=fashion_slice.queries, qrels=fashion_slice.qrels, gain="identity",
+                      images_root=fashion_slice.images_root, systems=("bm25",), train_ubi=log, split="all", head_queries=20)
+    out = evaluate(req, data_dir=eval_dir, indexer=_indexer(eval_dir)).to_json()
+    head = [q for j, q in enumerate(qs) if j % 2 == 0]
+    with_gain = [q for q in head if any(g > 0 for g in qrels.for_query(q.id).values())]
+    assert out["head_queries"]["queries"] == len(head) and out["head_queries"]["of"] == len(qs)
+    assert out["queries"] == len(with_gain) > 0
+    assert out["train"]["ubi"]["excluded_query_texts"] == 0 and out["train"]["ubi"]["sessions_excluded"] == 0
+    with pytest.raises(ConfigError, match="--head-queries needs --train-ubi"):
+        evaluate(EvalRequest(catalog=fashion_slice.catalog, queries=fashion_slice.queries, qrels=fashion_slice.qrels, gain="identity",
+                             head_queries=20), data_dir=eval_dir, indexer=_indexer(eval_dir))
+    with pytest.raises(ConfigError, match="no query of the 'all' split has 100 or more searches"):
+        evaluate(dataclasses.replace(req, head_queries=100), data_dir=eval_dir, indexer=_indexer(eval_dir))
 
 
 @pytest.mark.slow

@@ -54,3 +54,14 @@ def test_bench_history_on_postgres_cleans_up_its_schema(postgres_url: str) -> No
         left = conn.execute(text("SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE 'fr_bench_%'")).scalar()
     engine.dispose()
     assert left == 0
+
+
+def test_timing_the_retrain_task_needs_the_settings_and_an_existing_log(tmp_path) -> None:
+    from indexing.errors import ConfigError
+    from workers.cli import app
+
+    with pytest.raises(ConfigError, match="needs the settings"):
+        run_history_bench(None, users=10, events=10, products=10, samples=1, retrain_log=tmp_path)
+    res = CliRunner().invoke(app, ["bench", "history", "--json", "--users", "10", "--events", "10", "--products", "10",
+                                   "--retrain-log", str(tmp_path / "missing")])
+    assert res.exit_code != 0 and "--retrain-log not found" in str(res.exception or res.output)

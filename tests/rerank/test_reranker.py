@@ -12,6 +12,7 @@ import itertools
 import os
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import pytest
 
 from indexing import fields as F
@@ -332,6 +333,43 @@ def test_the_intent_bound_keeps_products_of_another_type_below_the_named_type(wo
     vague = _reranker(world, model=bounded, budget_ms=10_000).rerank("something for the weekend", hits, user_id="u1")
     assert vague.ids == _reranker(world, budget_ms=10_000).rerank("something for the weekend", hits, user_id="u1").ids
     assert all(h.explanation["intent"]["tier"] == 0 for h in vague.hits)
+
+
+def test_a_model_with_behaviour_features_reads_the_logs_statistics_and_fails_open_to_neutral(world, tmp_path):
+    """An artifact whose spec reads behaviour: the rerank call's inputs carry the statistics of the query it is asked
+    (the training log's clicks), neutral columns for a query the log never saw, and the same call still serves when the
+    artifact lost its statistics (every column neutral)."""
+    from rerank.datasets.clicks import Session
+    from rerank.model.artifact import EncoderRef, load_artifact, save_artifact
+    from rerank.model.behaviour import BEHAVIOUR_FEATURES, BehaviourStats
+    from rerank.model.inputs import FeatureSpec
+    from rerank.model.ranker import RankerConfig, build_ranker
+    from rerank.retrieval.signals import PER_LIST
+
+    engine, text, _art, _history, _ = world
+    log = [Session("red summer dress", ("p1", "p0", "p3"), frozenset({0} if k % 2 else {1}), conversions=frozenset({0} if k % 4 == 1 else ()))
+           for k in range(12)]
+    stats = BehaviourStats.from_sessions(log, [1.0, 0.6, 0.3])
+    spec = FeatureSpec(history_k=6, behaviour=True)
+    cfg = RankerConfig(text_dim=text.dim, first_stage_dim=spec.first_stage_dim, n_cat_fields=len(spec.cat_fields),
+                       hash_buckets=spec.hash_buckets, history_k=spec.history_k, d_model=16, hidden=32, heads=2)
+    path = save_artifact(tmp_path / "m", build_ranker(cfg, device="cpu", seed=0), feature_spec=spec,
+                         text_encoder=EncoderRef(text.model_id, text.dim), image_encoder=None, behaviour=stats)
+    art = load_artifact(path, mapping=engine.get_mapping(INDEX), device="cpu")
+    hits = [{"_id": f"p{i}", "_score": float(10 - i)} for i in range(len(TITLES))]
+    start = len(spec.lists) * len(PER_LIST) + 1
+    cols = slice(start, start + len(BEHAVIOUR_FEATURES))
+    r = _reranker(world, model=art, budget_ms=10_000)
+    req = r.request_features("Red summer  dress", hits)
+    assert np.allclose(req.first_stage[:, cols], stats.features("red summer dress", list(req.ids)), atol=1e-4)
+    assert np.any(req.first_stage[:, cols] != 0)
+    assert np.all(r.request_features("blue denim jeans", hits).first_stage[:, start:start + 3] == 0)  # a query the log never saw
+    out = r.rerank("red summer dress", hits)
+    assert out.degraded is None and sorted(out.ids) == sorted(h["_id"] for h in hits)
+    (path / "behaviour.json.gz").unlink()
+    blind = _reranker(world, model=load_artifact(path, mapping=engine.get_mapping(INDEX), device="cpu"), budget_ms=10_000)
+    assert np.all(blind.request_features("red summer dress", hits).first_stage[:, cols] == 0)
+    assert blind.rerank("red summer dress", hits).degraded is None
 
 
 # ---------------------------------------------------------------- the aligned-photo cache

@@ -155,6 +155,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                         "sdbn (simplified DBN) | ctr (naive click-through rate, no position correction)."),
         ubi_unshown: str = typer.Option("irrelevant", "--ubi-unshown", help="--train-ubi: products the log never showed for a query are "
                                         "irrelevant (gain 0, as unjudged qrels; default: it won on held-out queries) | unknown (left out of its training list)."),
+        head_queries: Optional[int] = typer.Option(None, "--head-queries", min=1, help="--train-ubi: evaluate only the split's queries with "
+                                                   "at least N searches in the log (head queries); their searches stay in the training log."),
         model: list[str] = typer.Option([], "--model", help="Use a trained artifact instead of training: SYSTEM=DIR (repeatable)."),
         limit_queries: Optional[int] = typer.Option(None, "--limit-queries", min=1, help="Evaluate a seeded sample of N queries of the split."),
         top_n: int = typer.Option(200, "--top-n", min=1, max=10_000, help="retrieve mode: candidates per list and fused pool size."),
@@ -233,6 +235,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             train_ubi=train_ubi,
             click_model=click_model,
             ubi_unshown=ubi_unshown,
+            head_queries=head_queries,
             progress=show,
             diversity=parse_diversity_list(diversity),
             diversity_config=parse_diversity_options(diversity_option, settings),

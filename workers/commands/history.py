@@ -151,11 +151,20 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ),
         seed: int = typer.Option(0, "--seed"),
         ubi_searches: int = typer.Option(15_000, "--ubi-searches", min=1, help="searches of the synthetic UBI log imported (about 12 events each)"),
+        retrain_log: Optional[Path] = typer.Option(None, "--retrain-log", help="also time one forced turn of the retraining loop on this "
+                                                   "UBI log (e.g. ../shared/data/fashion/bench/dev/ubi) in a scratch store and registry: retrain_s"),
+        retrain_minutes: float = typer.Option(1.0, "--retrain-minutes", min=0.01, help="--retrain-log: the training budget of that turn"),
     ) -> None:
         """Import throughput (events CSV; a UBI log, imported twice) and profile latency (cold from SQL, warm from the cache)."""
         from workers.bench.history import run_history_bench
 
-        result = run_history_bench(sql_url, users=users, events=events_n, products=products, samples=samples, seed=seed, ubi_searches=ubi_searches)
+        settings = None
+        if retrain_log is not None:
+            from workers.settings import load_settings
+
+            settings = load_settings()
+        result = run_history_bench(sql_url, users=users, events=events_n, products=products, samples=samples, seed=seed, ubi_searches=ubi_searches,
+                                   retrain_log=retrain_log, retrain_minutes=retrain_minutes, settings=settings)
         typer.echo(json.dumps(result, indent=None if as_json else 2))
 
 

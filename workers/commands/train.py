@@ -48,6 +48,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         click_model: str = typer.Option("pbm", "--click-model", help="--from-ubi: pbm (debiased, default) | sdbn | ctr (naive)."),
         exclude_queries: Optional[Path] = typer.Option(None, "--exclude-queries", help="--from-ubi: leave these queries' searches out "
                                                        "(a queries TSV; e.g. the ones you will evaluate on)."),
+        no_behaviour: bool = typer.Option(False, "--no-behaviour", help="--from-ubi: without the log's behaviour features (debiased "
+                                          "click-through per query-product and per product; default: the model reads them)."),
     ) -> None:
         """Train the fusion ranker (alignment, listwise loss, early stopping) and write its artifact."""
         from rerank.training.ranker import DatasetSpec, TrainConfig, train_ranker
@@ -70,8 +72,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             dataset = list(dataset)
             given_ubi = DatasetSpec(catalog=catalog, queries=queries, qrels=qrels, gain="identity", events=events,
                                     images_root=images_root or catalog.parent, name=f"ubi-{click_model}", mode="retrieve")
+            behaviour_stats = None if no_behaviour else uj.behaviour
         else:
             given_ubi = None
+            if no_behaviour:
+                raise typer.BadParameter("--no-behaviour goes with --from-ubi (only a log gives behaviour features)")
+            behaviour_stats = None
         given = (catalog, queries, qrels)
         if given_ubi is not None:
             pass
@@ -111,6 +117,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             align_images_root=align_images_root or (align_catalog.parent if align_catalog else None),
             alignment_dir=alignment,
             progress=show,
+            behaviour_stats=behaviour_stats,
         )
 
         def indexer(engine, job):

@@ -232,17 +232,19 @@ class IntentModel:
         gaps: dict[str, np.ndarray] = {}
         cfg = self.config
         for a in self.attributes:
+            g = np.full(n, np.nan)
+            gaps[a] = g
+            if not qi.shown[a]:  # not shown, so not named either: nothing to bound or show, no value read
+                values[a] = ()
+                continue
             vals = [product_attribute(d, a) for d in docs]
             values[a] = vals
-            g = np.full(n, np.nan)
-            if qi.shown[a]:
-                idx = self._index[a]
-                at = np.array([idx.get(v.lower(), -1) if v is not None and conf >= cfg.min_confidence else -1 for v, _src, conf in vals], dtype=np.intp)
-                known = at >= 0
-                g[known] = qi.strengths[a] - qi.sims[a][at[known]].astype(np.float64)
-                if a in cfg.bound and qi.named[a]:
-                    tiers += (g > cfg.margin)  # nan compares False: unknown values stay in their tier
-            gaps[a] = g
+            idx = self._index[a]
+            at = np.array([idx.get(v.lower(), -1) if v is not None and conf >= cfg.min_confidence else -1 for v, _src, conf in vals], dtype=np.intp)
+            known = at >= 0
+            g[known] = qi.strengths[a] - qi.sims[a][at[known]].astype(np.float64)
+            if a in cfg.bound and qi.named[a]:
+                tiers += (g > cfg.margin)  # nan compares False: unknown values stay in their tier
         return IntentAssessment(qi, tiers, values, gaps, cfg.bound, cfg.margin)
 
     # -- persistence (inside the ranker artifact)

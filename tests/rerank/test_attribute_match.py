@@ -9,7 +9,7 @@ from indexing import fields as F
 from indexing.errors import ConfigError, ModelArtifactError
 from rerank.model.attribute_match import ATTRIBUTE_MATCH_FEATURES, PER_ATTRIBUTE, match_features, product_values
 from rerank.model.inputs import FeatureSpec, build_request_features
-from rerank.model.intent import INTENT_ATTRIBUTES, build_intent_model
+from rerank.model.intent import INTENT_ATTRIBUTES
 from rerank.retrieval.retriever import Candidate
 
 CATALOG_DOCS = [
@@ -29,18 +29,6 @@ def col(attr: str, what: str) -> int:
 def photo(value: str, conf: float, **extra) -> dict:
     """A products-v4 document whose colour the catalog lacks and indexing completed from the photo."""
     return {F.ARTICLE_TYPE: "Heels", F.COLOUR: "", F.COMPLETED_ATTRIBUTES: ["colour"], F.PHOTO_COLOUR: value, F.PHOTO_COLOUR_CONFIDENCE: conf, **extra}
-
-
-@pytest.fixture(scope="module")
-def text_encoder():
-    from indexing.encoders import get_text_encoder
-
-    return get_text_encoder("minilm", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def intent(text_encoder):
-    return build_intent_model(CATALOG_DOCS, text_encoder=text_encoder)
 
 
 def test_layout_is_five_columns_per_intent_attribute():

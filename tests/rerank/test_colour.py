@@ -14,13 +14,6 @@ from rerank.reranker import candidates_from_hits
 NAMES = ("Black", "White", "Red", "Blue", "Green")
 
 
-@pytest.fixture(scope="module")
-def text_encoder():
-    from indexing.encoders import get_text_encoder
-
-    return get_text_encoder("minilm", device="cpu")
-
-
 def _photos(n: int, seed: int = 0, dim: int = 32):
     """Image vectors whose colour is a cluster (a learnable signal), with noise; colours drawn unevenly."""
     rng = np.random.default_rng(seed)

@@ -24,18 +24,6 @@ CATALOG_DOCS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def text_encoder():
-    from indexing.encoders import get_text_encoder
-
-    return get_text_encoder("minilm", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def intent(text_encoder):
-    return build_intent_model(CATALOG_DOCS, text_encoder=text_encoder)
-
-
 def test_product_attribute_reads_the_catalog_field_and_says_so():
     assert product_attribute({F.ARTICLE_TYPE: " Heels "}, F.ARTICLE_TYPE) == ("Heels", CATALOG, 1.0)
     for doc in ({F.ARTICLE_TYPE: ""}, {F.ARTICLE_TYPE: "  "}, {F.ARTICLE_TYPE: None}, {}, None, {F.ARTICLE_TYPE: 3}):

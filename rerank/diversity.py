@@ -221,6 +221,19 @@ def similarity_matrix(text: Any, text_mask: Any = None, image: Any = None, image
     return s[np.ix_(sel, sel)] if permute else s
 
 
+def document_inputs(docs: Sequence[Mapping[str, Any] | None], config: "DiversityConfig") -> tuple[list[Any] | None, list[str | None] | None]:
+    """What the step reads from the candidates' documents besides the model's vectors, per candidate: the photo's
+    pixel colour descriptor (``image_colour``) and the colour name (the catalog's, or the one indexing completed from
+    the photo: :func:`rerank.model.intent.product_attribute`); each None when the config does not weigh it."""
+    colour = [(d or {}).get(F.IMAGE_COLOUR) for d in docs] if config.colour_weight > 0 else None
+    names = None
+    if config.colour_name_weight > 0:
+        from rerank.model.intent import product_attribute
+
+        names = [product_attribute(d, F.COLOUR)[0] for d in docs]
+    return colour, names
+
+
 def one_hot(values: Sequence[Any], *, only: Any = None) -> tuple[np.ndarray | None, np.ndarray]:
     """Names (e.g. colours; None or blank where unknown) as one-hot float32 rows and their presence mask, compared
     without case or surrounding blanks: the cosine of two rows is 1 for the same name, 0 for another. ``only``: the
@@ -602,6 +615,7 @@ __all__ = [
     "choose_lambda",
     "diversify",
     "diversity_label",
+    "document_inputs",
     "eligible",
     "history_events",
     "history_strength",

@@ -91,7 +91,7 @@ from indexing import fields as F
 from indexing.engines.base import Filters, Hit, array_getter, check_size, copy_json
 from indexing.errors import ConfigError, EngineError, FusionRankError, HistoryError
 from rerank.model.alignment import DEFAULT_ALIGNED_CACHE_SIZE, AlignedCache
-from rerank.diversity import AUTO, DiversityConfig, LambdaChoice, choose_lambda, diversify, history_events, parse_diversity
+from rerank.diversity import AUTO, DiversityConfig, LambdaChoice, choose_lambda, diversify, document_inputs, history_events, parse_diversity
 from rerank.retrieval.fusion import ListSignal
 from rerank.limits import check_query_text
 from rerank.retrieval.retriever import BM25, LISTS, Candidate, RetrievalConfig, Retriever
@@ -319,14 +319,13 @@ class Reranker:
         art = self.model
         spec = art.feature_spec
         out = [F.TEXT_VEC, F.IMAGE_VEC, *spec.cat_fields, *colour_fields(art.colour if spec.colour else None)]
-        if getattr(art, "intent", None) is not None:  # the intent bound reads attributes, photo-completed ones too
-            from rerank.model.intent import INTENT_ATTRIBUTES, photo_fields
+        from rerank.model.intent import INTENT_ATTRIBUTES, photo_fields
 
-            out += [f for f in (*INTENT_ATTRIBUTES, *photo_fields()) if f not in out]
-        if self.diversity_config.colour_name_weight > 0:  # the diversity step compares colour names, photo-completed ones too
-            from rerank.model.intent import photo_fields
-
-            out += [f for f in (F.COLOUR, *photo_fields()) if f not in out]
+        # attributes read with their photo-completed values: the intent bound's, and the colour the diversity step compares
+        attrs = (*(INTENT_ATTRIBUTES if getattr(art, "intent", None) is not None else ()),
+                 *((F.COLOUR,) if self.diversity_config.colour_name_weight > 0 else ()))
+        if attrs:
+            out += [f for f in (*attrs, *photo_fields()) if f not in out]
         return out
 
     def prefill_aligned_cache(self, *, limit: int | None = None, batch_size: int = 2048, progress: bool = False) -> int:
@@ -532,12 +531,7 @@ class Reranker:
             if choice.value > 0 and len(order) > 1:
                 idx = np.asarray(order)
                 # the vectors stay in the candidates' order (rows=idx): the step compares only the ones that can move
-                colour = [(docs.get(c.id) or {}).get(F.IMAGE_COLOUR) for c in cands] if self.diversity_config.colour_weight > 0 else None
-                names = None
-                if self.diversity_config.colour_name_weight > 0:  # the catalog's colour, or the one completed from the photo
-                    from rerank.model.intent import product_attribute
-
-                    names = [product_attribute(docs.get(c.id), F.COLOUR)[0] for c in cands]
+                colour, names = document_inputs([docs.get(c.id) for c in cands], self.diversity_config)
                 d = diversify(np.asarray(scores)[idx], choice.value, text=req.cand_text, text_mask=req.cand_text_mask, image=req.cand_image,
                               image_mask=req.cand_image_mask, colour=colour, rows=idx, tiers=None if tiers is None else tiers[idx], colour_names=names,
                               config=self.diversity_config, depth=depth if depth is not None else self.diversity_config.depth)

@@ -386,7 +386,7 @@ class _FusionSystem(System):
 
     def runs(self, ctx: EvalContext) -> list[Run]:
         run: Run = {}
-        for it, scored, _req, _docs in self._scored(ctx):
+        for it, scored, _req, _docs, _tiers in self._scored(ctx):
             scores = dict(zip(scored.ids, (float(x) for x in scored.scores)))
             run[it.query_id] = sorted(it.pool, key=lambda d: (-scores.get(d, float("-inf")), d))
         return [run]
@@ -395,9 +395,7 @@ class _FusionSystem(System):
         """The model scored once, then re-ordered by the rerank call's diversity step (:mod:`rerank.diversity`) at each
         lambda (``"auto"`` chosen per query from its words, its candidates' fields and the user's history, as the
         rerank call does); per lambda ``([run], {"lambda_mean", "lambda_min", "lambda_max", "queries_diversified"})``."""
-        from indexing import fields as F
-        from rerank.diversity import AUTO, DiversityConfig, choose_lambda, diversify, history_events, stack_rows
-        from rerank.model.intent import product_attribute
+        from rerank.diversity import AUTO, DiversityConfig, choose_lambda, diversify, document_inputs, history_events, stack_rows
 
         cfg = config or DiversityConfig()
         scored_all = self._scored(ctx)
@@ -405,7 +403,7 @@ class _FusionSystem(System):
         for lam in lambdas:
             run: Run = {}
             applied: list[float] = []
-            for it, scored, req, docs in scored_all:
+            for it, scored, req, docs, tiers in scored_all:
                 scores = dict(zip(scored.ids, (float(x) for x in scored.scores)))
                 base = sorted(it.pool, key=lambda d: (-scores.get(d, float("-inf")), d))
                 choice = choose_lambda(lam, query=it.query, docs=[docs.get(i) for i in scored.ids] if lam == AUTO else (),
@@ -414,9 +412,8 @@ class _FusionSystem(System):
                 row = {d: k for k, d in enumerate(req.ids)}
                 if choice.value > 0 and len(base) > 1 and all(d in row for d in base):
                     idx = np.asarray([row[d] for d in base])
-                    colour, colour_mask = stack_rows([(docs.get(i) or {}).get(F.IMAGE_COLOUR) for i in base]) if cfg.colour_weight > 0 else (None, None)
-                    tiers = self.tiers.get(it.query_id)
-                    names = [product_attribute(docs.get(i), F.COLOUR)[0] for i in base] if cfg.colour_name_weight > 0 else None
+                    colour_rows, names = document_inputs([docs.get(i) for i in base], cfg)
+                    colour, colour_mask = stack_rows(colour_rows) if colour_rows is not None else (None, None)
                     d = diversify(np.asarray([scores[i] for i in base]), choice.value, text=req.cand_text[idx], text_mask=req.cand_text_mask[idx],
                                   image=req.cand_image[idx], image_mask=req.cand_image_mask[idx], colour=colour, colour_mask=colour_mask, config=cfg,
                                   tiers=None if tiers is None else tiers[idx], colour_names=names)
@@ -427,16 +424,16 @@ class _FusionSystem(System):
             out.append(([run], info))
         return out
 
-    def _scored(self, ctx: EvalContext) -> list[tuple[EvalItem, Any, Any, Mapping[str, Mapping[str, Any]]]]:
-        """Every item scored by the artifact: ``(item, ScoredRequest, RequestFeatures, docs)``, docs holding the
-        candidates' vectors and categorical fields."""
+    def _scored(self, ctx: EvalContext) -> list[tuple[EvalItem, Any, Any, Mapping[str, Mapping[str, Any]], np.ndarray | None]]:
+        """Every item scored by the artifact: ``(item, ScoredRequest, RequestFeatures, docs, tiers)``, docs holding the
+        candidates' vectors and categorical fields, tiers the intent bound's (``req.ids`` order; None where it put every
+        candidate in one tier or the artifact has no bound), which the diversity step keeps."""
         from indexing import fields as F
         from rerank.model.inputs import CAT_FIELDS, HistoryInput, build_request_features, colour_fields
         from rerank.training.ranker import histories, read_events
 
         art = self.artifact(ctx)
         ctx.artifacts[self.name] = str(art.path)
-        self.tiers: dict[str, np.ndarray] = {}  # query id -> the intent bound's tiers in req.ids order, where some is above 0
         fi = ctx.fusion
         assert fi is not None
         spec = art.feature_spec
@@ -500,19 +497,19 @@ class _FusionSystem(System):
             from rerank.safe import signal_scores
 
             for it, req in zip(ctx.items, requests):
-                out.append((it, _SignalScored(req.ids, signal_scores(serving["signal"], req, spec.lists)), req, docs))
+                out.append((it, _SignalScored(req.ids, signal_scores(serving["signal"], req, spec.lists)), req, docs, None))
         else:
             with torch_threads(1):
                 for s in range(0, len(requests), 16):
                     for it, req, scored in zip(ctx.items[s : s + 16], requests[s : s + 16], art.ranker.score_requests(requests[s : s + 16])):
+                        tiers = None
                         if art.intent is not None:  # the query-intent bound, as the rerank call serves it
                             from rerank.model.intent import bound_scores
 
                             tiers = art.intent.assess(req.query, [docs.get(i) for i in req.ids]).tiers
                             scored = dataclasses.replace(scored, scores=bound_scores(scored.scores, tiers))
-                            if tiers.any():  # the diversity step keeps them (diversified_runs)
-                                self.tiers[it.query_id] = tiers
-                        out.append((it, scored, req, docs))
+                            tiers = tiers if tiers.any() else None
+                        out.append((it, scored, req, docs, tiers))
         rep = art.report or {}
         served = f"serves the safe choice ({serving['signal']}), not the model" if art.serves_safe_choice else "serves the model"
         if art.intent is not None and not art.serves_safe_choice:

@@ -205,6 +205,55 @@ def candidates_from_hits(ids: Sequence[str], scores: Sequence[float]) -> tuple[C
     return tuple(out)
 
 
+def history_attribute_fields(model: Any) -> tuple[str, ...]:
+    """The categorical fields a model compares between the user's history products and the candidates (its
+    ranker's history agreement): ``FeatureSpec.cat_fields``, or none (the model reads no history attributes)."""
+    if model is None or not getattr(model.ranker.config, "history_agreement", False):
+        return ()
+    return tuple(model.feature_spec.cat_fields)
+
+
+def _memo_key(index: str, names: Sequence[str]) -> tuple[Any, ...]:
+    return ("history_attributes", index, tuple(names))
+
+
+def _memo_attributes(profile: Any, index: str, names: Sequence[str], ids: Sequence[str]) -> dict[str, Any] | None:
+    """The categorical fields ``names`` of the history products ``ids`` as an earlier call of this cached profile read
+    them (:attr:`rerank.history.UserProfile.memo`), or None where it did not read them all."""
+    memo = getattr(profile, "memo", None)
+    known = memo.get(_memo_key(index, names)) if memo is not None else None
+    if known is None or not all(i in known for i in ids):
+        return None
+    return {i: known[i] for i in ids if known[i] is not None}
+
+
+def _attribute_needs(ids: Sequence[str], docs: Mapping[str, Any], need: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The history products the call must read by id for their categorical fields ``names``: neither a hit the call
+    fetches anyway (``need``) nor a hit whose document came with all of them."""
+    fetching = set(need)
+    return [i for i in dict.fromkeys(ids) if i not in fetching and not (i in docs and all(n in docs[i] for n in names))]
+
+
+def _read_attributes(profile: Any, index: str, names: Sequence[str], ids: Sequence[str], docs: Mapping[str, Any],
+                     fetched: Mapping[str, Any]) -> dict[str, Any]:
+    """The categorical fields of the history products ``ids`` (what the model's history agreement compares with the
+    candidates'), from what the call read by id (``fetched``: with :meth:`Reranker.fetch_fields`, so a field is
+    missing only where the product lacks it) or a hit's document that has them all; a product the index lacks is
+    left out (its agreement counts it as unknown). Kept in the profile's memo, so the next call of a cached profile
+    reads nothing for them."""
+    have: dict[str, Any] = {}
+    for i in ids:
+        d = fetched.get(i)
+        if d is None and i in docs and all(n in docs[i] for n in names):
+            d = docs[i]
+        if d is not None:
+            have[i] = d
+    memo = getattr(profile, "memo", None)
+    if memo is not None:  # None: the index lacks it
+        memo[_memo_key(index, names)] = {i: ({n: have[i][n] for n in names if n in have[i]} if i in have else None) for i in ids}
+    return have
+
+
 def _first_stage_explain(c: Candidate) -> dict[str, Any]:
     return {
         n: {"score": s.score, "rank": s.rank, "normalized": None if s.normalized is None else round(float(s.normalized), 6)}
@@ -648,31 +697,42 @@ class Reranker:
             self._check_budget(t0, "encode", timings, None)
 
         s = self.clock()
-        need = [c.id for c in cands if F.TEXT_VEC not in (docs.get(c.id) or {})]
-        if need:
-            try:
-                # LocalEngine.get_arrays: the same values as numpy rows (no list round trip); other engines: get()
-                getter = array_getter(self.engine)
-                fetched = getter(self.index, need, fields=self.fetch_fields())
-            except EngineError as e:
-                raise _Degrade(ENGINE_ERROR, f"fetching vectors of {len(need)} hits: {e}") from e
-            docs = {**docs, **{i: {**(docs.get(i) or {}), **d} for i, d in fetched.items()}}
-            if unknown is not None:
-                unknown.extend(i for i in need if i not in fetched)
-        self._check_budget(t0, "fetch", timings, s)
-
-        s = self.clock()
-        hist = None
+        hist = profile = None
+        names: tuple[str, ...] = ()
         if user_id is not None and self.history is not None:
             try:
-                hist = HistoryInput.from_profile(self.history.get_profile(user_id))
+                profile = self.history.get_profile(user_id)
+                hist = HistoryInput.from_profile(profile)
             except HistoryError as e:
                 raise _Degrade(HISTORY_ERROR, f"profile of user {user_id!r}: {e}") from e
             except EngineError as e:  # history vectors are read from the engine
                 raise _Degrade(ENGINE_ERROR, f"history vectors of user {user_id!r}: {e}") from e
-            if hist.product_ids and getattr(art.ranker.config, "history_agreement", False):
-                hist = hist.with_attributes(self._history_attributes(hist.product_ids, docs, spec.cat_fields))
+            names = history_attribute_fields(art) if hist.product_ids else ()
         self._check_budget(t0, "history", timings, s)
+
+        s = self.clock()
+        need = [c.id for c in cands if F.TEXT_VEC not in (docs.get(c.id) or {})]
+        # the history products' attributes the model compares, where neither the cached profile nor a hit has them:
+        # read in the same engine call as the hits
+        known = _memo_attributes(profile, self.index, names, hist.product_ids) if names else None
+        extra = _attribute_needs(hist.product_ids, docs, need, names) if names and known is None else []
+        fetched: Mapping[str, Any] = {}
+        if need or extra:
+            try:
+                # LocalEngine.get_arrays: the same values as numpy rows (no list round trip); other engines: get()
+                getter = array_getter(self.engine)
+                fetched = getter(self.index, need + extra, fields=self.fetch_fields())
+            except EngineError as e:
+                what = f"vectors of {len(need)} hits" + (f" and the attributes of {len(extra)} history products" if extra else "")
+                raise _Degrade(ENGINE_ERROR, f"fetching {what}: {e}") from e
+            docs = {**docs, **{i: {**(docs.get(i) or {}), **fetched[i]} for i in need if i in fetched}}
+            if unknown is not None:
+                unknown.extend(i for i in need if i not in fetched)
+        self._check_budget(t0, "fetch", timings, s)
+        if names:
+            if known is None:
+                known = _read_attributes(profile, self.index, names, hist.product_ids, docs, fetched)
+            hist = hist.with_attributes(known)
 
         s = self.clock()
         try:  # everything the model reads but the query, while the query may still be encoding
@@ -694,19 +754,6 @@ class Reranker:
             return prepared.finish(qvec), docs
         except Exception as e:  # fail open on any model failure
             raise _Degrade(MODEL_ERROR, f"{type(e).__name__}: {e}") from e
-
-    def _history_attributes(self, ids: Sequence[str], docs: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
-        """The categorical fields of the history products ``ids`` (what the model's history agreement compares with the
-        candidates'): from the candidates' documents where a history product is among them, else fetched by id (one
-        engine call); a product the index lacks is left out (its agreement counts it as unknown)."""
-        have = {i: docs[i] for i in ids if i in docs and all(n in docs[i] for n in names)}
-        need = [i for i in dict.fromkeys(ids) if i not in have]
-        if need:
-            try:
-                have.update(array_getter(self.engine)(self.index, need, fields=list(names)))
-            except EngineError as e:
-                raise _Degrade(ENGINE_ERROR, f"the attributes of {len(need)} history products: {e}") from e
-        return have
 
     def _encode_query(self, text: str, query_image: Any) -> tuple[np.ndarray, float]:
         """The query vector (the text's, or the image's aligned into the text space) and the milliseconds it took."""
@@ -776,4 +823,4 @@ class Reranker:
         return out
 
 
-__all__ = ["DEFAULT_BUDGET_MS", "OVERLOADED", "REASONS", "RankedHit", "RankedHits", "Reranker", "candidates_from_hits"]
+__all__ = ["DEFAULT_BUDGET_MS", "OVERLOADED", "REASONS", "RankedHit", "RankedHits", "Reranker", "candidates_from_hits", "history_attribute_fields"]

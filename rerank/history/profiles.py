@@ -98,7 +98,9 @@ class UserProfile:
     ``text_vecs`` is ``(len(items), text_dim)`` float32 and ``image_vecs`` ``(len(items), image_dim)``;
     a product without a vector has a zero row and ``False`` in ``text_mask`` / ``image_mask``. The
     arrays are read-only (profiles are shared through the cache). ``as_of``: the epoch second ages are
-    measured from.
+    measured from. ``memo``: what readers derive from the profile's products and keep with it while it is
+    cached (e.g. the reranker's reading of their categorical fields); per key, filled once (a dict's item
+    assignment is atomic, and two threads filling the same key store the same value).
     """
 
     user_id: str
@@ -108,6 +110,7 @@ class UserProfile:
     image_vecs: np.ndarray
     image_mask: np.ndarray
     as_of: float
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
     def is_empty(self) -> bool:

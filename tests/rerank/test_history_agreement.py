@@ -161,6 +161,36 @@ def test_the_rerank_call_reads_the_history_products_attributes_for_a_model_that_
     assert f.hist_cats[:3].tolist() == want.tolist() and not f.hist_cats[3:].any()
     out = r.rerank("black leather shoes", resp, user_id="u1")
     assert out["fusionrank"]["degraded"] is None
+    # read with the hits, and kept with a cached profile (its memo): the next call of that user reads only the hits
+    from rerank.history import ProfileService
+    from rerank.reranker import history_attribute_fields
+
+    assert history_attribute_fields(art) == tuple(spec.cat_fields) and history_attribute_fields(plain_art) == ()
+    cached = ProfileService(history.store, history.vectors, ttl_s=600)
+    reads = []
+    real = engine.get
+
+    def counted(index, ids, **kw):  # an instance's own get: every reader goes through it (indexing.engines.base.array_getter)
+        reads.append(sorted(ids))
+        return real(index, ids, **kw)
+
+    engine.get = counted
+    hits = resp["hits"]["hits"]
+    others = {**resp, "hits": {**resp["hits"], "hits": [h for h in hits if h["_id"] not in ("p4", "p7")]}}
+    assert {"p0", "p4", "p7"} <= {h["_id"] for h in hits} and len(others["hits"]["hits"]) >= 2
+    try:
+        for service, hits_of, want in ((history, resp, 2), (history, others, 2), (history, others, 2), (cached, others, 2), (cached, others, 1)):
+            reads.clear()
+            g = Reranker(engine, INDEX, art, text_encoder=text, history=service, budget_ms=10_000).request_features("black leather shoes", hits_of, user_id="u1")
+            assert g.hist_ids == f.hist_ids and g.hist_cats.tolist() == f.hist_cats.tolist()
+            # the profile's vectors (unless cached), then one read of the hits and of the history products' attributes
+            # where they are no hits (p4, p7; a hit the call fetches has them, a product without a brand included)
+            # or the cached profile does not keep them already
+            assert len(reads) == want, reads
+            hit_ids = sorted(h["_id"] for h in hits_of["hits"]["hits"])
+            assert reads[-1] == (sorted([*hit_ids, "p4", "p7"]) if hits_of is others and want == 2 else hit_ids)
+    finally:
+        del engine.get
     # a model trained before the agreement: nothing fetched, zeros
     f0 = Reranker(engine, INDEX, plain_art, text_encoder=text, history=history, budget_ms=10_000).request_features("black leather shoes", resp, user_id="u1")
     assert f0.hist_ids == ("p0", "p7", "p4") and not f0.hist_cats.any()

@@ -94,6 +94,21 @@ from indexing.errors import ConfigError, EngineError, IndexExistsError, IndexNot
 
 log = logging.getLogger(__name__)
 
+try:  # a dependency of the project (pyproject.toml); the stdlib where an installation lacks it
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover
+    _fast_loads = json.loads
+
+
+def load_source(raw: bytes | str) -> dict[str, Any]:
+    """A stored ``_source`` parsed: by orjson (about 5x the stdlib's speed on a catalog document of ~400 bytes, the
+    bulk of a cold fetch of a rerank call's hits), by the stdlib where orjson refuses what ``json.dumps`` wrote
+    (NaN, Infinity, integers beyond 64 bits); both give the same values for everything else."""
+    try:
+        return _fast_loads(raw)
+    except ValueError:  # orjson.JSONDecodeError is a ValueError
+        return json.loads(raw)
+
 ALIASES_FILE = "aliases.json"
 INDICES_DIR = "indices"
 ENGINE_LOCK = ".engine.lock"
@@ -889,7 +904,7 @@ class LocalEngine:
             out = self._cached_sources(st, addrs, seqs, fields, ids=ids)
         else:
             for addr in addrs:
-                src = json.loads(st.searcher.doc(addr).get_first(SOURCE_FIELD))
+                src = load_source(st.searcher.doc(addr).get_first(SOURCE_FIELD))
                 out.append(src if fields is None else {f: src[f] for f in fields if f in src})
         for f in want_vectors:
             vf = st.vectors[f]
@@ -934,7 +949,7 @@ class LocalEngine:
             else:
                 addr_of = {i: addrs[i] for i in miss}
             for i in miss:
-                got[i] = json.loads(st.searcher.doc(addr_of[i]).get_first(SOURCE_FIELD))
+                got[i] = load_source(st.searcher.doc(addr_of[i]).get_first(SOURCE_FIELD))
             with self._source_cache_lock:
                 for i in miss:
                     cache[keys[i]] = got[i]

@@ -123,3 +123,26 @@ def test_array_getter_uses_get_arrays_only_when_get_is_the_engines_own(eng, tmp_
         sub.close()
     eng.get = lambda *a, **kw: {}  # an instance patch of get wins too
     assert array_getter(eng) == eng.get
+
+
+def test_stored_sources_read_back_as_written_also_where_the_fast_parser_refuses_them(eng):
+    """Sources are parsed by orjson, and by the stdlib where orjson refuses what ``json.dumps`` writes (NaN,
+    infinities, integers beyond 64 bits: a strict mapping refuses them in a document, as OpenSearch does, but the
+    reader does not count on it): the values come back as written."""
+    import json
+    import math
+
+    from indexing.engines.local import load_source
+
+    odd = {F.ID: "odd", F.TITLE: "Crème brûlée ☕ \"shoe\" \\ 10%", F.COLOUR: "Café", F.TEXT_VEC: [0.5] * TD}
+    res = eng.bulk("p", [BulkAction.index("odd", odd)], refresh=True)
+    assert res.succeeded == 1, res
+    for got in (eng.get("p", ["odd"])["odd"], eng.get_arrays("p", ["odd"], fields=[F.ID, F.TITLE, F.COLOUR])["odd"]):
+        assert {k: got[k] for k in (F.ID, F.TITLE, F.COLOUR)} == {k: odd[k] for k in (F.ID, F.TITLE, F.COLOUR)}
+    written = json.dumps({"a": float("nan"), "b": float("-inf"), "c": "é", "d": [1, None], "e": 2**70}).encode()
+    back = load_source(written)
+    assert math.isnan(back["a"]) and back["b"] == float("-inf") and back["c"] == "é" and back["d"] == [1, None] and back["e"] == 2**70
+    plain = json.dumps({"a": 1.5, "b": "é", "c": [1, None], "d": {"e": True}}).encode()
+    assert load_source(plain) == json.loads(plain)
+    with pytest.raises(ValueError):  # not JSON at all: the stdlib's error, not a silent value
+        load_source(b"{not json")

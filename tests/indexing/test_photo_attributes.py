@@ -318,6 +318,11 @@ def test_eval_attributes_prints_each_heads_held_out_accuracy_as_json(trained, mo
     for a, v in out["attributes"].items():
         assert set(v) == {"top1", "top3", "majority", "n"} and 0 <= v["majority"] <= 1 and v["n"] > 0
     assert out["attributes"]["article_type"]["top1"] > out["attributes"]["article_type"]["majority"]
+    # --no-regions: the version-1 recipe (the colour head without region features); the other heads are the same
+    r = CliRunner().invoke(app, ["eval", "--attributes", "--catalog", str(d / "catalog.csv"), "--images-root", str(d), "--json", "--no-regions"])
+    assert r.exit_code == 0, r.output
+    plain = json.loads(r.stdout.strip().splitlines()[-1])["attributes"]
+    assert plain["article_type"] == out["attributes"]["article_type"] and plain["colour"]["n"] == out["attributes"]["colour"]["n"]
     r = CliRunner().invoke(app, ["eval", "--catalog", str(d / "catalog.csv")])
     assert r.exit_code != 0 and "--queries, --qrels, --gain required" in r.output
 

@@ -515,6 +515,40 @@ class ImageEncoder:
         out = self._batches(images, batch_size, lambda x: m.forward_head(m.forward_features(x), pre_logits=True), self.dim)
         return _check_output(self.name, _l2_normalize(out), len(out), self.dim)
 
+    def encode_maps(self, images: Sequence[Any], *, blocks: Sequence[int] = (), batch_size: int = 32, crop_side: int | None = None):
+        """What :meth:`encode` computes plus, from the same forward pass, the spatial feature maps: yields per batch
+        ``(vectors (b, dim) as encode() gives them, crops (b, H, W, 3) RGB in 0..1 as the model saw them, maps)``
+        with ``maps`` = the outputs of ``model.blocks[i]`` for ``i`` in ``blocks`` then the last feature map, each
+        ``(b, C, h, w)`` float32 numpy. ``crop_side``: the crops area-averaged to that many pixels a side."""
+        if isinstance(images, (str, bytes)):
+            raise TypeError("encode_maps() takes a sequence of PIL images")
+        images = list(images)
+        _check_batch_size(batch_size)
+        m = self._model
+        stages = getattr(m, "blocks", None)
+        if blocks and (stages is None or max(blocks) >= len(stages) or min(blocks) < 0):
+            raise EncoderError(f"image model {self.name!r} has no blocks {tuple(blocks)} to read feature maps from")
+        mean = self._torch.tensor(self.data_config["mean"]).view(1, 3, 1, 1)
+        std = self._torch.tensor(self.data_config["std"]).view(1, 3, 1, 1)
+        for s in range(0, len(images), batch_size):
+            x = self.preprocess(images[s : s + batch_size])
+            caught: dict[int, Any] = {}
+            hooks = [stages[i].register_forward_hook(lambda _m, _i, o, i=i: caught.__setitem__(i, o)) for i in blocks]
+            try:
+                with self._torch.inference_mode():
+                    fmap = m.forward_features(x.to(self.device).contiguous(memory_format=self._torch.channels_last))
+                    vec = m.forward_head(fmap, pre_logits=True)
+            finally:
+                for h in hooks:
+                    h.remove()
+            vecs = _check_output(self.name, _l2_normalize(vec.float().cpu().numpy()), len(x), self.dim)
+            rgb = (x.float() * std + mean).clamp(0, 1)
+            if crop_side is not None:
+                rgb = self._torch.nn.functional.adaptive_avg_pool2d(rgb, crop_side)
+            crops = np.ascontiguousarray(rgb.permute(0, 2, 3, 1).numpy())
+            maps = [caught[i].float().cpu().numpy() for i in blocks] + [fmap.float().cpu().numpy()]
+            yield vecs, crops, maps
+
     def classify(self, images: Sequence[Any], *, batch_size: int = 32) -> np.ndarray:
         """Class probabilities ``(n, num_classes)`` from the model's classifier head (ImageNet for the built-in)."""
         if not self.num_classes:

@@ -5,6 +5,9 @@ Each head is a multinomial logistic regression (scikit-learn, inputs standardize
 * the photo's pixel colour features (:func:`indexing.photo_features.pixel_features`: dominant Lab colours of the
   product separated from its backdrop, a Lab histogram), and
 * the pooled EfficientNet-Lite0 vector the index stores anyway (``image_vec``),
+* for the heads named in ``AttributeConfig.region_heads`` (colour), the photo's **region features**
+  (:mod:`indexing.photo_regions`: the image model's feature maps pooled over the product only, from the forward pass
+  that makes ``image_vec``, and the product's CIELAB colour statistics),
 
 trained on the catalog's own labelled products (a product whose attribute is empty teaches nothing; a class needs
 ``min_count`` examples), so every value a head can name is one the catalog used: no colour name is invented.
@@ -16,8 +19,9 @@ image vector's best cosine to the training photos falls below the 1st percentile
 collage (several separate objects side by side). Such a photo's confidences are multiplied by 0, so nothing is
 completed from it. A corrupt file never reaches the heads (the indexer refuses it first).
 
-The model is a versioned directory: ``config.json`` (classes, inputs, the image model id it was trained with,
-the held-out report) + ``weights.safetensors``. Prediction is numpy only.
+The model is a versioned directory: ``config.json`` (classes, each head's inputs, the image model id it was trained
+with, the region recipe, the held-out report) + ``weights.safetensors``. Prediction is numpy only. Version-1 models
+(every head on pixel features + ``image_vec``) still load and predict as they did.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -37,7 +41,12 @@ from indexing.errors import ConfigError, ModelArtifactError
 
 log = logging.getLogger(__name__)
 
-ATTRIBUTE_VERSION = 1
+ATTRIBUTE_VERSION = 2
+#: versions :meth:`AttributeModel.load` reads (1: every head on pixel features + image_vec)
+READABLE_VERSIONS = (1, 2)
+#: a head's input groups
+PIXEL, IMAGE_VEC, REGIONS = "pixel", "image_vec", "regions"
+BASE_INPUTS = (PIXEL, IMAGE_VEC)
 #: attribute name -> the catalog field it completes
 ATTRIBUTES: dict[str, str] = {"colour": F.COLOUR, "article_type": F.ARTICLE_TYPE, "gender": F.GENDER, "usage": F.USAGE}
 CONFIG_FILE = "config.json"
@@ -56,15 +65,20 @@ class AttributeConfig:
     seed: int = 13
     novelty_sample: int = 2000  # training image vectors kept for the unfamiliar-photo check
     novelty_quantile: float = 0.01  # held-out real photos below this quantile of best cosine count as unfamiliar
+    # heads that also read the region features (indexing.photo_regions) when the training data carries them
+    region_heads: tuple[str, ...] = ("colour",)
 
     def __post_init__(self) -> None:
+        if set(self.region_heads) - set(ATTRIBUTES):
+            raise ConfigError(f"region_heads {self.region_heads}: valid attributes are {', '.join(ATTRIBUTES)}")
         if self.min_count < 1 or not 0.0 < self.holdout < 1.0 or self.C <= 0 or self.max_iter < 1 or not 0 <= self.novelty_quantile < 0.5:
             raise ConfigError(f"bad attribute config {self}")
 
 
 @dataclass(frozen=True)
 class AttributeHead:
-    """One attribute's softmax regression over standardized ``[pixel features, image_vec]``."""
+    """One attribute's softmax regression over its standardized inputs (``[pixel features, image_vec]``, then the
+    region features where ``inputs`` names them)."""
 
     name: str
     classes: tuple[str, ...]
@@ -72,6 +86,7 @@ class AttributeHead:
     scale: np.ndarray
     weight: np.ndarray  # (classes, inputs)
     bias: np.ndarray  # (classes,)
+    inputs: tuple[str, ...] = BASE_INPUTS
 
     def proba(self, x: np.ndarray) -> np.ndarray:
         z = ((x - self.mean) / self.scale) @ self.weight.T + self.bias
@@ -97,19 +112,37 @@ class AttributeModel:
     novelty_bank: np.ndarray  # (m, image dim) unit vectors of training photos
     novelty_threshold: float
     report: dict[str, Any] = field(default_factory=dict)
+    #: ``{"recipe", "blocks", "dim"}`` of the region features some head reads (None: no head reads them)
+    regions: dict[str, Any] | None = None
 
     @property
     def attributes(self) -> tuple[str, ...]:
         return tuple(self.heads)
 
-    def features(self, pixel: np.ndarray, image_vec: np.ndarray) -> np.ndarray:
+    @property
+    def needs_regions(self) -> bool:
+        return any(REGIONS in h.inputs for h in self.heads.values())
+
+    def features(self, pixel: np.ndarray, image_vec: np.ndarray, regions: np.ndarray | None = None, *,
+                 inputs: Sequence[str] = BASE_INPUTS) -> np.ndarray:
+        """The rows a head with these ``inputs`` reads: ``[pixel, image_vec]`` (+ ``regions``)."""
         pixel = np.asarray(pixel, dtype=np.float32).reshape(len(pixel), -1)
         image_vec = np.asarray(image_vec, dtype=np.float32).reshape(len(image_vec), -1)
         if pixel.shape[1] != self.pixel_dim:
             raise ModelArtifactError(f"attribute model expects {self.pixel_dim} pixel features, got {pixel.shape[1]}")
         if image_vec.shape[1] != self.novelty_bank.shape[1]:
             raise ModelArtifactError(f"attribute model expects {self.novelty_bank.shape[1]}-d image vectors, got {image_vec.shape[1]}")
-        return np.concatenate([pixel, image_vec], axis=1)
+        parts = [pixel, image_vec]
+        if REGIONS in inputs:
+            if regions is None:
+                raise ModelArtifactError("this attribute model's heads read the photo's region features (indexing.photo_regions): "
+                                         "pass them, or the image encoder to compute them (predict_images(..., encoder=))")
+            regions = np.asarray(regions, dtype=np.float32).reshape(len(regions), -1)
+            want = int((self.regions or {}).get("dim", -1))
+            if regions.shape[1] != want:
+                raise ModelArtifactError(f"attribute model expects {want} region features, got {regions.shape[1]}")
+            parts.append(regions)
+        return np.concatenate(parts, axis=1)
 
     def familiarity(self, image_vec: np.ndarray) -> np.ndarray:
         """Best cosine of each image vector to the training photos kept in the model."""
@@ -117,20 +150,22 @@ class AttributeModel:
         v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
         return (v @ self.novelty_bank.T).max(axis=1)
 
-    def predict(self, pixel: np.ndarray, image_vec: np.ndarray, *, objects: Sequence[int] | None = None,
-                top_k: int = 3) -> list[dict[str, Prediction]]:
+    def predict(self, pixel: np.ndarray, image_vec: np.ndarray, *, regions: np.ndarray | None = None,
+                objects: Sequence[int] | None = None, top_k: int = 3) -> list[dict[str, Prediction]]:
         """Per photo ``{attribute: Prediction}``; a distrusted photo (:func:`photo_quality`) gets value None and
         confidence 0 (its ``top`` still says what the heads saw). ``objects``: per photo
-        :func:`indexing.photo_features.object_count` (collages are distrusted only when given)."""
-        x = self.features(pixel, image_vec)
-        objs = list(objects) if objects is not None else [None] * len(x)
+        :func:`indexing.photo_features.object_count` (collages are distrusted only when given). ``regions``: the
+        photos' :func:`indexing.photo_regions.region_features` (needed when :attr:`needs_regions`)."""
+        xs = {h.inputs: self.features(pixel, image_vec, regions, inputs=h.inputs) for h in self.heads.values()}
+        n = len(np.asarray(pixel))
+        objs = list(objects) if objects is not None else [None] * n
         trust = np.asarray([photo_quality(p, f, self.novelty_threshold, o) is None
                             for p, f, o in zip(np.asarray(pixel), self.familiarity(image_vec), objs)])
-        out: list[dict[str, Prediction]] = [{} for _ in range(len(x))]
+        out: list[dict[str, Prediction]] = [{} for _ in range(n)]
         for name, head in self.heads.items():
-            p = head.proba(x)
+            p = head.proba(xs[head.inputs])
             order = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
-            for i in range(len(x)):
+            for i in range(n):
                 top = tuple((head.classes[j], float(p[i, j])) for j in order[i])
                 if trust[i]:
                     out[i][name] = Prediction(top[0][0], top[0][1], top)
@@ -155,7 +190,9 @@ class AttributeModel:
             "image_model_id": self.image_model_id,
             "pixel_dim": self.pixel_dim,
             "novelty_threshold": self.novelty_threshold,
-            "heads": {name: {"field": ATTRIBUTES[name], "classes": list(h.classes)} for name, h in self.heads.items()},
+            "heads": {name: {"field": ATTRIBUTES[name], "classes": list(h.classes), "inputs": list(h.inputs)}
+                      for name, h in self.heads.items()},
+            "regions": self.regions,
             "report": self.report,
         }
         (d / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -173,18 +210,30 @@ class AttributeModel:
             raise ModelArtifactError(f"attribute model {str(d)!r} is incomplete: {e.filename} is missing") from None
         except (OSError, ValueError) as e:
             raise ModelArtifactError(f"attribute model {str(d)!r} cannot be read: {e}") from None
-        if config.get("kind") != "fusionrank-photo-attributes" or config.get("version") != ATTRIBUTE_VERSION:
-            raise ModelArtifactError(f"{str(d)!r} is not a version-{ATTRIBUTE_VERSION} photo attribute model")
+        if config.get("kind") != "fusionrank-photo-attributes" or config.get("version") not in READABLE_VERSIONS:
+            raise ModelArtifactError(f"{str(d)!r} is not a photo attribute model of version {' or '.join(map(str, READABLE_VERSIONS))} "
+                                     f"(found version {config.get('version')!r}): retrain it with `fusionrank attributes train`")
+        regions = config.get("regions")
+        if regions is not None:
+            from indexing.photo_regions import REGION_RECIPE
+
+            if regions.get("recipe") != REGION_RECIPE:
+                raise ModelArtifactError(f"attribute model {str(d)!r} reads region features of recipe {regions.get('recipe')!r}; "
+                                         f"this version computes {REGION_RECIPE!r}: retrain it with `fusionrank attributes train`")
         heads = {}
         for name, h in config["heads"].items():
             if name not in ATTRIBUTES:
                 raise ModelArtifactError(f"attribute model {str(d)!r} has an unknown head {name!r}")
+            inputs = tuple(h.get("inputs", BASE_INPUTS))
+            if set(inputs) - {PIXEL, IMAGE_VEC, REGIONS} or (REGIONS in inputs and regions is None):
+                raise ModelArtifactError(f"attribute model {str(d)!r}: head {name!r} has inputs {list(inputs)} this version cannot build")
             try:
-                heads[name] = AttributeHead(name, tuple(h["classes"]), *(tensors[f"{name}.{p}"] for p in ("mean", "scale", "weight", "bias")))
+                heads[name] = AttributeHead(name, tuple(h["classes"]), *(tensors[f"{name}.{p}"] for p in ("mean", "scale", "weight", "bias")),
+                                            inputs=inputs)
             except KeyError as e:
                 raise ModelArtifactError(f"attribute model {str(d)!r}: tensor {e} is missing") from None
         return cls(heads, config["image_model_id"], int(config["pixel_dim"]), tensors["novelty_bank"].astype(np.float32),
-                   float(config["novelty_threshold"]), config.get("report", {}))
+                   float(config["novelty_threshold"]), config.get("report", {}), regions)
 
 
 # ---------------------------------------------------------------------- bad input
@@ -221,6 +270,10 @@ class LabelledPhotos:
     pixel: np.ndarray
     image_vec: np.ndarray
     labels: dict[str, list[str]]  # attribute -> per photo
+    #: :func:`indexing.photo_regions.region_features` rows (None: not computed; rows of a photo that no region head
+    #: has a label for may be zeros) and ``{"recipe", "blocks", "dim"}``
+    regions: np.ndarray | None = None
+    region_info: dict[str, Any] | None = None
 
 
 def split_holdout(ids: Sequence[str], holdout: float, seed: int) -> np.ndarray:
@@ -252,11 +305,15 @@ def _fit_head(name: str, x: np.ndarray, y: Sequence[str], cfg: AttributeConfig) 
     return AttributeHead(name, classes, mean.astype(np.float32), scale.astype(np.float32), w.astype(np.float32), b.astype(np.float32))
 
 
+def _head_inputs(name: str, data: LabelledPhotos, cfg: AttributeConfig) -> tuple[str, ...]:
+    return BASE_INPUTS + ((REGIONS,) if name in cfg.region_heads and data.regions is not None else ())
+
+
 def train_attribute_model(data: LabelledPhotos, image_model_id: str, cfg: AttributeConfig = AttributeConfig(),
                           *, attributes: Iterable[str] = tuple(ATTRIBUTES)) -> AttributeModel:
     """Heads trained on the labelled photos outside the hold-out; the report holds each head's held-out accuracy."""
     held = split_holdout(data.ids, cfg.holdout, cfg.seed)
-    x = np.concatenate([data.pixel, data.image_vec], axis=1).astype(np.float32)
+    base = np.concatenate([data.pixel, data.image_vec], axis=1).astype(np.float32)
     heads: dict[str, AttributeHead] = {}
     report: dict[str, Any] = {}
     for name in attributes:
@@ -270,8 +327,10 @@ def train_attribute_model(data: LabelledPhotos, image_model_id: str, cfg: Attrib
         if len(classes) < 2:
             log.warning("attribute %s: fewer than 2 values with %d labelled photos; no head", name, cfg.min_count)
             continue
+        inputs = _head_inputs(name, data, cfg)
+        x = np.concatenate([base, data.regions], axis=1).astype(np.float32) if REGIONS in inputs else base
         t0 = time.perf_counter()
-        heads[name] = _fit_head(name, x[tr], y[tr], cfg)
+        heads[name] = replace(_fit_head(name, x[tr], y[tr], cfg), inputs=inputs)
         te = known & held
         report[name] = {**_accuracy(heads[name].proba(x[te]), heads[name].classes, list(y[te]), list(y[tr])),
                         "classes": len(classes), "train": int(tr.sum()), "seconds": round(time.perf_counter() - t0, 1)}
@@ -285,7 +344,8 @@ def train_attribute_model(data: LabelledPhotos, image_model_id: str, cfg: Attrib
     held_best = (v[held] @ bank.T).max(axis=1) if held.any() else np.ones(1)
     threshold = float(np.quantile(held_best, cfg.novelty_quantile)) if cfg.novelty_quantile > 0 else -1.0
     report["novelty"] = {"threshold": round(threshold, 4), "bank": int(len(bank))}
-    return AttributeModel(heads, image_model_id, int(data.pixel.shape[1]), bank, threshold, report)
+    regions = data.region_info if any(REGIONS in h.inputs for h in heads.values()) else None
+    return AttributeModel(heads, image_model_id, int(data.pixel.shape[1]), bank, threshold, report, regions)
 
 
 def _accuracy(p: np.ndarray, classes: Sequence[str], truth: Sequence[str], train_labels: Sequence[str]) -> dict[str, Any]:
@@ -414,15 +474,24 @@ def load_cached(directory: str | Path, image_model_id: str) -> tuple[AttributeMo
     return model, mid
 
 
-def predict_images(model: AttributeModel, images: Sequence[Any], image_vecs: Sequence[np.ndarray]) -> list[dict[str, Prediction]]:
-    """Predictions for decoded PIL photos whose image vectors are known (what the indexer holds)."""
+def predict_images(model: AttributeModel, images: Sequence[Any], image_vecs: Sequence[np.ndarray], *,
+                   regions: np.ndarray | None = None, encoder: Any = None) -> list[dict[str, Prediction]]:
+    """Predictions for decoded PIL photos whose image vectors are known (what the indexer holds). A model whose heads
+    read region features takes them as ``regions`` (what :func:`indexing.photo_regions.region_features` gave beside
+    the image vectors), or computes them with the image ``encoder`` (one forward pass)."""
     from threadpoolctl import threadpool_limits
 
     from indexing.photo_features import object_count, pixel_features
 
     if not images:
         return []
+    if model.needs_regions and regions is None:
+        if encoder is None:
+            raise ModelArtifactError("this attribute model's heads read the photo's region features: pass regions= or encoder=")
+        from indexing.photo_regions import region_features
+
+        _, regions = region_features(encoder, images, blocks=model.regions["blocks"])
     with threadpool_limits(1):
         pixel = np.stack([pixel_features(im) for im in images])
         objects = [object_count(im) for im in images]
-    return model.predict(pixel, np.stack([np.asarray(v, dtype=np.float32) for v in image_vecs]), objects=objects)
+    return model.predict(pixel, np.stack([np.asarray(v, dtype=np.float32) for v in image_vecs]), regions=regions, objects=objects)

@@ -313,7 +313,15 @@ def index_batch(
         ready.append((p, h, has_img))
     text_vecs = enc.text.encode([product_text(p) for p, _, _ in ready]) if ready else []
     with_img = [p.id for p, _, has_img in ready if has_img]
-    image_vecs = dict(zip(with_img, enc.image.encode([images[i] for i in with_img]))) if with_img else {}
+    regions = None
+    if with_img and attr_model is not None and attr_model.needs_regions:
+        from indexing.photo_regions import region_features
+
+        # one forward pass: the image vectors and the feature maps pooled over the product (the colour head reads them)
+        vecs, regions = region_features(enc.image, [images[i] for i in with_img], blocks=attr_model.regions["blocks"])
+        image_vecs = dict(zip(with_img, vecs))
+    else:
+        image_vecs = dict(zip(with_img, enc.image.encode([images[i] for i in with_img]))) if with_img else {}
     colours: dict[str, Any] = {}
     if with_img and stores_image_colour(mapping, repr(job.index)):
         from indexing.photo_colour import colour_descriptor
@@ -323,7 +331,8 @@ def index_batch(
     if with_img and attr_model is not None:
         from indexing.photo_attributes import predict_images
 
-        predictions = dict(zip(with_img, predict_images(attr_model, [images[i] for i in with_img], [image_vecs[i] for i in with_img])))
+        predictions = dict(zip(with_img, predict_images(attr_model, [images[i] for i in with_img], [image_vecs[i] for i in with_img],
+                                                        regions=regions)))
     encode_s = time.perf_counter() - t_enc
 
     from indexing.photo_attributes import attribute_document_fields

@@ -428,7 +428,7 @@ def fill_batch(
     if need_colour:
         _add_colour_descriptors(plan, [d for d in need_colour if str(d[F.ID]) in out], errors)
     if with_attrs:
-        _fill_attributes(plan, list(out.values()), attr_model, attr_id, errors)
+        _fill_attributes(plan, list(out.values()), attr_model, attr_id, errors, enc)
     if reencoded_ids:
         ts = int(time.time() if now is None else now)
         for pid in reencoded_ids:
@@ -514,9 +514,10 @@ def _add_colour_descriptors(plan: ReindexPlan, docs: list[dict[str, Any]], error
         doc[F.IMAGE_COLOUR] = [float(x) for x in colour_descriptor(im)]
 
 
-def _fill_attributes(plan: ReindexPlan, docs: list[dict[str, Any]], model, model_id: str | None, errors: list) -> None:
+def _fill_attributes(plan: ReindexPlan, docs: list[dict[str, Any]], model, model_id: str | None, errors: list, enc=None) -> None:
     """The photo attribute fields of a products-v4 target. Only photos whose stored predictions come from another
     model (or none) are re-read: a document whose ``attribute_model_id`` is the model's keeps its fields as copied.
+    A model whose heads read region features runs the image encoder (``enc.image``) over the re-read photos.
     Without a model, the ``effective_*`` fields hold the catalog's values. A photo that cannot be read any more
     leaves the product with catalog values only (``image attributes skipped: ...``)."""
     from indexing.photo_attributes import attribute_document_fields, predict_images
@@ -534,7 +535,8 @@ def _fill_attributes(plan: ReindexPlan, docs: list[dict[str, Any]], model, model
                               lambda doc: doc.update(attribute_document_fields(doc, None, None, plan.attribute_threshold)))
     if ok:
         vecs = [np.asarray(d[F.IMAGE_VEC], dtype=np.float32) for d in ok]
-        for doc, pred in zip(ok, predict_images(model, images, vecs)):
+        encoder = (enc or plan_encoders(plan)).image if model.needs_regions else None
+        for doc, pred in zip(ok, predict_images(model, images, vecs, encoder=encoder)):
             for k in list(doc):  # stale predictions of another model go
                 if k.startswith("photo_") or k in (F.COMPLETED_ATTRIBUTES, F.ATTRIBUTE_MODEL_ID) or k in F.EFFECTIVE_FIELDS.values():
                     doc.pop(k)

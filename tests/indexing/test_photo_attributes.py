@@ -158,9 +158,16 @@ def test_the_model_round_trips_and_distrusts_bad_photos(trained, tmp_path):
     model, data, enc, d, rows = trained
     model.save(tmp_path / "m")
     loaded = AttributeModel.load(tmp_path / "m")
-    a = model.predict(data.pixel[:20], data.image_vec[:20])
-    b = loaded.predict(data.pixel[:20], data.image_vec[:20])
+    # the colour head reads the region features (the maps pooled over the product, its Lab statistics); the others not
+    assert loaded.heads["colour"].inputs == ("pixel", "image_vec", "regions") and loaded.needs_regions
+    assert loaded.heads["article_type"].inputs == ("pixel", "image_vec") and loaded.regions == data.region_info
+    a = model.predict(data.pixel[:20], data.image_vec[:20], regions=data.regions[:20])
+    b = loaded.predict(data.pixel[:20], data.image_vec[:20], regions=data.regions[:20])
     assert [{k: v.value for k, v in x.items()} for x in a] == [{k: v.value for k, v in x.items()} for x in b]
+    with pytest.raises(ModelArtifactError, match="region features"):
+        loaded.predict(data.pixel[:2], data.image_vec[:2])
+    with pytest.raises(ModelArtifactError, match="expects .* region features"):
+        loaded.predict(data.pixel[:2], data.image_vec[:2], regions=data.regions[:2, :-1])
     # ordinary photos: one product on its backdrop (about 0.2% of catalog photos have no separable backdrop and are
     # distrusted too: they complete nothing)
     real = [im for im in (Image.open(d / r["image"]).convert("RGB") for r in rows[:12]) if object_count(im) == 1][:4]
@@ -171,8 +178,9 @@ def test_the_model_round_trips_and_distrusts_bad_photos(trained, tmp_path):
         "collage": _collage(real),
     }
     ims = real[:2] + list(bad.values())
-    preds = predict_images(loaded, ims, enc.encode(ims))
+    preds = predict_images(loaded, ims, enc.encode(ims), encoder=enc)
     assert all(p["article_type"].value is not None for p in preds[:2])
+    assert all(p["colour"].value in loaded.heads["colour"].classes for p in preds[:2])  # only catalog colour names
     for name, p in zip(bad, preds[2:]):
         assert all(x.value is None and x.confidence == 0.0 for x in p.values()), name
     # the model must match the image model whose vectors it reads
@@ -310,5 +318,41 @@ def test_eval_attributes_prints_each_heads_held_out_accuracy_as_json(trained, mo
     for a, v in out["attributes"].items():
         assert set(v) == {"top1", "top3", "majority", "n"} and 0 <= v["majority"] <= 1 and v["n"] > 0
     assert out["attributes"]["article_type"]["top1"] > out["attributes"]["article_type"]["majority"]
+    # --no-regions: the version-1 recipe (the colour head without region features); the other heads are the same
+    r = CliRunner().invoke(app, ["eval", "--attributes", "--catalog", str(d / "catalog.csv"), "--images-root", str(d), "--json", "--no-regions"])
+    assert r.exit_code == 0, r.output
+    plain = json.loads(r.stdout.strip().splitlines()[-1])["attributes"]
+    assert plain["article_type"] == out["attributes"]["article_type"] and plain["colour"]["n"] == out["attributes"]["colour"]["n"]
     r = CliRunner().invoke(app, ["eval", "--catalog", str(d / "catalog.csv")])
     assert r.exit_code != 0 and "--queries, --qrels, --gain required" in r.output
+
+
+@pytest.mark.slow
+def test_version_1_models_still_load_and_predict_and_unknown_versions_name_the_command(trained, tmp_path):
+    import json
+
+    from indexing.photo_attributes import CONFIG_FILE
+
+    _, data, _, _, _ = trained
+    old = train_attribute_model(data, "m", AttributeConfig(holdout=0.25, min_count=3, region_heads=()))
+    assert not old.needs_regions and all(h.inputs == ("pixel", "image_vec") for h in old.heads.values())
+    old.save(tmp_path / "v1")
+    config = json.loads((tmp_path / "v1" / CONFIG_FILE).read_text())
+    config["version"] = 1  # what the first release wrote: no inputs, no regions
+    del config["regions"]
+    for h in config["heads"].values():
+        del h["inputs"]
+    (tmp_path / "v1" / CONFIG_FILE).write_text(json.dumps(config))
+    loaded = AttributeModel.load(tmp_path / "v1")
+    assert not loaded.needs_regions
+    a = old.predict(data.pixel[:30], data.image_vec[:30])
+    b = loaded.predict(data.pixel[:30], data.image_vec[:30])
+    assert [{k: v.value for k, v in x.items()} for x in a] == [{k: v.value for k, v in x.items()} for x in b]
+    config["version"] = 99
+    (tmp_path / "v1" / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ModelArtifactError, match="version 99.*fusionrank attributes train"):
+        AttributeModel.load(tmp_path / "v1")
+    config["version"], config["regions"] = 2, {"recipe": "regions-v0", "blocks": [2], "dim": 3}
+    (tmp_path / "v1" / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ModelArtifactError, match="recipe 'regions-v0'.*fusionrank attributes train"):
+        AttributeModel.load(tmp_path / "v1")

@@ -105,7 +105,8 @@ def parse_diversity_options(items: list[str], settings=None):
     return replace(cfg, **kw)
 
 
-def _eval_attributes(catalog: Path, images_root: Optional[Path], *, as_json: bool, progress: Optional[bool], seed: int) -> None:
+def _eval_attributes(catalog: Path, images_root: Optional[Path], *, as_json: bool, progress: Optional[bool], seed: int,
+                     regions: bool = True) -> None:
     from indexing.encoders import get_image_encoder
     from indexing.photo_attributes import AttributeConfig, train_attribute_model
     from rerank.datasets.attribute_photos import load_labelled_photos
@@ -114,8 +115,10 @@ def _eval_attributes(catalog: Path, images_root: Optional[Path], *, as_json: boo
     settings = load_settings()
     show = sys.stderr.isatty() if progress is None else progress
     enc = get_image_encoder(settings.image_model, device=settings.device)
-    data = load_labelled_photos(catalog, images_root or catalog.parent, enc, cache_dir=settings.data_dir, progress=show)
-    model = train_attribute_model(data, enc.model_id, AttributeConfig(seed=seed))
+    cfg = AttributeConfig(seed=seed) if regions else AttributeConfig(seed=seed, region_heads=())
+    data = load_labelled_photos(catalog, images_root or catalog.parent, enc, cache_dir=settings.data_dir, progress=show,
+                                region_heads=cfg.region_heads)
+    model = train_attribute_model(data, enc.model_id, cfg)
     out = {"attributes": {a: {k: model.report[a][k] for k in ("top1", "top3", "majority", "n")} for a in model.heads}}
     if as_json:
         typer.echo(json.dumps(out))
@@ -137,6 +140,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         attributes: bool = typer.Option(False, "--attributes", help="Instead of ranking: train the photo attribute heads (colour, article_type, "
                                         "gender, usage) on the catalog's labelled photos and print each head's held-out top-1 / top-3 "
                                         "beside the majority-class baseline."),
+        no_regions: bool = typer.Option(False, "--no-regions", help="With --attributes: every head reads the pixel features and "
+                                        "the pooled image vector only (the colour head then skips the region features)."),
         events: Optional[Path] = typer.Option(None, "--events", help="Events CSV of the evaluated users (history)."),
         images_root: Optional[Path] = typer.Option(None, "--images-root", help="Folder image paths are relative to (default: the catalog's folder)."),
         mode: str = typer.Option("rerank", "--mode", help="rerank: reorder each query's judged products; retrieve: rank the whole catalog."),
@@ -187,7 +192,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Evaluate baselines on a catalog + queries + graded qrels (NDCG@10, MRR@10, Recall@100, judged@10, and the
         diversity of each top 10: ild@10, distinct@10 per attribute)."""
         if attributes:
-            _eval_attributes(catalog, images_root, as_json=as_json, progress=progress, seed=seed)
+            _eval_attributes(catalog, images_root, as_json=as_json, progress=progress, seed=seed, regions=not no_regions)
             return
         missing = [flag for flag, v in (("--queries", queries), ("--qrels", qrels), ("--gain", gain)) if v is None]
         if missing:

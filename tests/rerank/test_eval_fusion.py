@@ -80,7 +80,7 @@ def test_a_training_query_set_is_split_without_a_test_share_and_its_model_cached
 
     queries = [Query(f"q{i}", f"query {i}") for i in range(200)]
     splits = load_or_create_splits(queries, tmp_path, name="ubi", seed=13, fractions=TRAIN_ONLY_SPLIT)
-    assert not splits.test and len(splits.train) + len(splits.validation) == 200 and len(splits.validation) > 20
+    assert not splits.test and len(splits.train) + len(splits.validation) == 200 and len(splits.validation) >= 10
     inner = assign(queries, seed=13, fractions=TRAIN_ONLY_SPLIT)  # what the harness's lambdamart trains on
     assert {q for q, s in inner.items() if s == "train"} == set(splits.train)
     base = DatasetSpec(Path("c.csv"), Path("q.tsv"), Path("r.tsv"))

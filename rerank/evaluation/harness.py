@@ -63,6 +63,9 @@ from rerank.datasets.pools import (  # noqa: F401  (re-exported: the harness's i
 )
 
 log = logging.getLogger(__name__)
+#: how a set of training queries only (``--train-queries``, ``--train-ubi``) is split: train and validation, no test (every
+#: trainable system, the fusion ones included, trains on the same 90 % and stops early on the same 10 %)
+TRAIN_ONLY_SPLIT = (0.9, 0.1, 0.0)
 
 MODES = ("rerank", "retrieve")
 #: catalog attributes whose distinct values in the top 10 are counted (``distinct@10``), where the catalog has them
@@ -428,7 +431,7 @@ def evaluate(
         eval_pool = list(qs.queries)
         tq = read_queries(req.train_queries)
         train_qrels = read_qrels(req.train_qrels)  # type: ignore[arg-type]
-        inner = assign(tq.queries, seed=req.seed, fractions=(0.9, 0.1, 0.0))
+        inner = assign(tq.queries, seed=req.seed, fractions=TRAIN_ONLY_SPLIT)
         train_q = [q for q in tq.queries if inner[q.id] == "train"]
         valid_q = [q for q in tq.queries if inner[q.id] == "validation"]
         if Path(req.train_queries).resolve() == Path(req.queries).resolve():
@@ -466,7 +469,7 @@ def evaluate(
             behaviour_stats = uj.behaviour
             tq = read_queries(uj.queries)
             train_qrels = read_qrels(uj.qrels)
-            inner = assign(tq.queries, seed=req.seed, fractions=(0.9, 0.1, 0.0))
+            inner = assign(tq.queries, seed=req.seed, fractions=TRAIN_ONLY_SPLIT)
             train_q = [q for q in tq.queries if inner[q.id] == "train"]
             valid_q = [q for q in tq.queries if inner[q.id] == "validation"]
             req = dataclasses.replace(req, train_queries=uj.queries, train_qrels=uj.qrels)
@@ -565,7 +568,7 @@ def evaluate(
             t_spec = DatasetSpec(Path(req.catalog), Path(req.train_queries), Path(req.train_qrels),  # type: ignore[arg-type]
                                  gain=req.gain, events=req.train_events or req.events, images_root=req.images_root,
                                  name=f"{dataset}-ubi-{req.click_model}" if req.train_ubi is not None else f"{dataset}-train", mode=req.mode,
-                                 judged_only=req.train_ubi is not None and req.ubi_unshown == "unknown")
+                                 judged_only=req.train_ubi is not None and req.ubi_unshown == "unknown", split=TRAIN_ONLY_SPLIT)
         else:
             t_spec = DatasetSpec(Path(req.catalog), Path(req.queries), Path(req.qrels), gain=req.gain, events=req.events,
                                  images_root=req.images_root, name=dataset, mode=req.mode)

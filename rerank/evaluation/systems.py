@@ -337,7 +337,8 @@ def fusion_cache_dir(ctx: EvalContext, config: Any) -> Path | None:
     cfg = {k: v for k, v in asdict(config).items() if k != "progress" and not (k.startswith("behaviour") and config.behaviour_stats is None)}
     also = [[file_sha256(p) if p is not None and Path(p).is_file() else None for p in (d.catalog, d.queries, d.qrels, d.events)]
             + [d.gain, d.mode, str(d.images_root)] for d in fi.also]
-    body = json.dumps([ctx.train_key, "fusion", cfg, file_sha256(ev) if ev else None, *([also] if also else [])], sort_keys=True, default=str)
+    split = [["split", list(fi.dataset.split)]] if getattr(fi.dataset, "split", None) else []  # none: earlier cached models still match
+    body = json.dumps([ctx.train_key, "fusion", cfg, file_sha256(ev) if ev else None, *([also] if also else []), *split], sort_keys=True, default=str)
     return Path(ctx.cache_dir) / f"fusion-{hashlib.sha256(body.encode()).hexdigest()[:16]}"
 
 

@@ -2,7 +2,8 @@
 
 ``import_ubi(store, records)`` takes ``(source, line, record)`` triples (from files:
 :func:`rerank.history.ubi.iter_records`; from a cluster: :func:`iter_opensearch_records`) and stores,
-in batches (one transaction per table and batch, bulk writes):
+in batches of ``batch_size`` (the searches, their shown lists and the events of a batch in one transaction; the
+history rows ``batch_size`` at a time; bulk writes):
 
 - each search into ``ubi_queries`` and what it showed, position by position, into ``ubi_shown``;
 - every valid event into ``ubi_events`` (its id derived from its content, so re-importing stores
@@ -38,7 +39,8 @@ DEFAULT_MAX_ERRORS = 1000
 _POS = [str(i + 1) for i in range(10_000)]
 _Q_COLS = ("query_id", "user_query", "client_id", "user_id", "application", "ts", "hits")
 _S_COLS = ("query_id", "position", "product_id")
-_E_COLS = ("event_id", "action_name", "query_id", "object_id", "position", "client_id", "user_id", "session_id", "application", "ts")
+#: the ubi_events columns in the order of :class:`rerank.history.ubi.UbiEvent`'s fields (an event is its own row)
+_E_COLS = ("event_id", "action_name", "ts", "query_id", "object_id", "position", "client_id", "user_id", "session_id", "application")
 
 
 @dataclass
@@ -93,68 +95,86 @@ def import_ubi(
     summary = UbiSummary(max_errors=max_errors)
     seen_queries: set[str] = set()  # query ids of this import
     q_batch: dict[str, ubi.UbiQuery] = {}
-    e_batch: dict[str, tuple[ubi.UbiEvent, str, int]] = {}
+    e_batch: dict[str, ubi.UbiEvent] = {}
     texts: dict[str, str] = {}
+    history_actions = ubi.HISTORY_ACTIONS
 
-    def flush_queries() -> None:
-        if not q_batch:
+    h_batch: list[dict[str, Any]] = []  # history rows, written batch_size at a time (they land in the big events table)
+
+    def flush_history() -> None:
+        if not h_batch:
             return
-        qs = list(q_batch.values())
-        n = store.insert_rows("ubi_queries", _Q_COLS, [(q.query_id, q.user_query, q.client_id, q.user_id, q.application, q.ts, len(q.hit_ids)) for q in qs])
-        summary.queries_stored += n
-        summary.queries_duplicate += len(qs) - n
-        store.insert_rows("ubi_shown", _S_COLS, [(q.query_id, _POS[i], pid) for q in qs for i, pid in enumerate(q.hit_ids)])
+        stored = store.insert_events(h_batch)
+        summary.history_events_stored += len(stored)
+        if on_stored is not None and stored:
+            by_id = {h["event_id"]: h["user_id"] for h in h_batch}
+            on_stored({by_id[i] for i in stored})
+        h_batch.clear()
+
+    def flush() -> None:
+        """The batch's searches, what they showed and its events: one transaction. Their history rows wait in
+        ``h_batch`` until batch_size of them are there (or the end): each transaction into the events table rewrites
+        most of its index pages (random ids), so a few large ones cost less than one per batch (a re-import after a
+        crash stores what is missing: every write is idempotent)."""
+        if not q_batch and not e_batch:
+            return
+        qs, evs = list(q_batch.values()), list(e_batch.values())
+        tables: list[tuple[str, tuple[str, ...], Any]] = []
+        if qs:
+            tables.append(("ubi_queries", _Q_COLS, [(q.query_id, q.user_query, q.client_id, q.user_id, q.application, q.ts, len(q.hit_ids)) for q in qs]))
+            tables.append(("ubi_shown", _S_COLS, [(q.query_id, _POS[i], pid) for q in qs for i, pid in enumerate(q.hit_ids)]))
+        hist = h_batch
+        if evs:
+            unknown_q = {e.query_id for e in evs} - seen_queries
+            unknown_q.discard(None)  # type: ignore[arg-type]
+            known = store.known_query_ids(sorted(unknown_q)) if unknown_q else set()  # searches of earlier imports
+            orphaned = without_position = unknown_products = 0
+            for eid, action, ts, qid, oid, pos, _cid, uid, sid, _app in evs:
+                if qid is not None and qid not in seen_queries and qid not in known:
+                    orphaned += 1
+                if pos is None:
+                    without_position += 1
+                bad_product = catalog_ids is not None and oid is not None and oid not in catalog_ids
+                if bad_product:
+                    unknown_products += 1
+                htype = history_actions.get(action)
+                if htype and uid and oid and not bad_product and len(uid) <= 128 and len(oid) <= 128:
+                    hist.append({"event_id": eid, "user_id": uid, "product_id": oid, "type": htype, "ts": ts, "session_id": sid,
+                                 "query": texts.get(qid or "")})
+            summary.orphaned += orphaned
+            summary.without_position += without_position
+            summary.unknown_products += unknown_products
+            tables.append(("ubi_events", _E_COLS, evs))  # a UbiEvent is a row in _E_COLS's order
+        counts, _ = store.insert_ubi_batch(tables)
+        if qs:
+            summary.queries_stored += counts[0]
+            summary.queries_duplicate += len(qs) - counts[0]
+        if evs:
+            summary.events_stored += counts[-1]
+            summary.events_duplicate += len(evs) - counts[-1]
         q_batch.clear()
-
-    def flush_events() -> None:
-        if not e_batch:
-            return
-        flush_queries()  # an event's query is stored first (orphan counts look at the store)
-        evs = [e for e, _, _ in e_batch.values()]
-        unknown_q = {e.query_id for e in evs if e.query_id is not None and e.query_id not in seen_queries}
-        known = store.known_query_ids(sorted(unknown_q)) if unknown_q else set()
-        hist = []
-        for e in evs:
-            if e.query_id is not None and e.query_id not in seen_queries and e.query_id not in known:
-                summary.orphaned += 1
-            if e.position is None:
-                summary.without_position += 1
-            bad_product = catalog_ids is not None and e.object_id is not None and e.object_id not in catalog_ids
-            if bad_product:
-                summary.unknown_products += 1
-            htype = ubi.HISTORY_ACTIONS.get(e.action)
-            if htype and e.user_id and e.object_id and not bad_product and len(e.user_id) <= 128 and len(e.object_id) <= 128:
-                hist.append({"event_id": e.event_id, "user_id": e.user_id, "product_id": e.object_id, "type": htype, "ts": e.ts,
-                             "session_id": e.session_id, "query": texts.get(e.query_id or "")})
-        n = store.insert_rows("ubi_events", _E_COLS, [(e.event_id, e.action, e.query_id, e.object_id, e.position, e.client_id, e.user_id,
-                                                       e.session_id, e.application, e.ts) for e in evs])
-        summary.events_stored += n
-        summary.events_duplicate += len(evs) - n
-        if hist:
-            stored = store.insert_events(hist)
-            summary.history_events_stored += len(stored)
-            if on_stored is not None and stored:
-                by_id = {h["event_id"]: h["user_id"] for h in hist}
-                on_stored({by_id[i] for i in stored})
         e_batch.clear()
+        if len(h_batch) >= batch_size:
+            flush_history()
 
+    validate_event, validate_query, unreadable = ubi.validate_event, ubi.validate_query, ubi.Unreadable
     for source, line, rec in records:
-        if isinstance(rec, ubi.Unreadable):
+        if type(rec) is not dict and isinstance(rec, unreadable):
             summary.reject(source, line, rec.reason)
             continue
         if epoch_ms_timestamps and isinstance(rec, dict) and isinstance(rec.get("timestamp"), (int, float)) and not isinstance(rec.get("timestamp"), bool):
             rec = {**rec, "timestamp": datetime.fromtimestamp(rec["timestamp"] / 1000, timezone.utc).isoformat()}
         try:
-            if ubi.kind_of(rec) == "event":
-                e = ubi.validate_event(rec, now=now)
-                if e.event_id in e_batch:
+            if type(rec) is dict and "action_name" in rec:
+                e = validate_event(rec, now=now)
+                if e[0] in e_batch:
                     summary.events_duplicate += 1
                     continue
-                e_batch[e.event_id] = (e, source, line)
+                e_batch[e[0]] = e
                 if len(e_batch) >= batch_size:
-                    flush_events()
+                    flush()
             else:
-                q = ubi.validate_query(rec, now=now)
+                q = validate_query(rec, now=now)
                 if q.query_id in q_batch or q.query_id in seen_queries:
                     summary.queries_duplicate += 1
                     continue
@@ -162,11 +182,11 @@ def import_ubi(
                 texts[q.query_id] = q.user_query
                 q_batch[q.query_id] = q
                 if len(q_batch) >= batch_size:
-                    flush_queries()
+                    flush()
         except ubi.UbiRejected as err:
             summary.reject(source, line, str(err))
-    flush_queries()
-    flush_events()
+    flush()
+    flush_history()
     if summary.events_stored >= 10_000:
         store.analyze()
     log.info("UBI import: %s", {k: v for k, v in summary.to_dict(0).items() if k != "errors"})

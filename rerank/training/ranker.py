@@ -64,6 +64,9 @@ class DatasetSpec:
     mode: str = "rerank"
     #: train only on judged products (implicit judgments from a log: a product never shown is unknown, not irrelevant)
     judged_only: bool = False
+    #: the query split's (train, validation, test) fractions; None: the harness's 70/10/20. A set of training queries
+    #: only (the harness's ``--train-queries`` / ``--train-ubi``) is split 90/10/0, as the harness splits it for lambdamart
+    split: tuple[float, float, float] | None = None
 
     @classmethod
     def parse(cls, text: str) -> "DatasetSpec":
@@ -365,7 +368,7 @@ def prepare_dataset(
     idx = _dataset_index(spec, config, data_dir=data_dir, indexer=indexer)
     qs = read_queries(spec.queries)
     qrels = read_qrels(spec.qrels)
-    splits = load_or_create_splits(qs.queries, data_dir, name=name, seed=config.seed)
+    splits = load_or_create_splits(qs.queries, data_dir, name=name, seed=config.seed, **({"fractions": spec.split} if spec.split else {}))
     q2i = alignment.query_to_image_space if (alignment is not None and KNN_IMAGE in feature_spec.lists) else None
     retriever = Retriever(idx.engine, idx.alias, text_encoder=text_encoder, query_to_image_space=q2i, config=RetrievalConfig(top_n=config.top_n, per_list=config.top_n))
     by_part: dict[str, list[Any]] = {}

@@ -66,6 +66,33 @@ def test_transform_id_tells_query_maps_apart():
     assert ia.startswith("alignment:") and ia != ib and ia == transform_id(a.query_to_image_space, 4)
 
 
+def test_a_training_query_set_is_split_without_a_test_share_and_its_model_cached_apart(tmp_path):
+    """--train-queries / --train-ubi: the fusion systems train on the harness's own train/validation split of those
+    queries (none held out unused), and such a model never answers for one trained on the 70/10/20 split."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from rerank.datasets.data import Query
+    from rerank.datasets.splits import assign, load_or_create_splits
+    from rerank.evaluation.harness import TRAIN_ONLY_SPLIT
+    from rerank.evaluation.systems import EvalContext, fusion_cache_dir
+    from rerank.training.ranker import DatasetSpec, TrainConfig
+
+    queries = [Query(f"q{i}", f"query {i}") for i in range(200)]
+    splits = load_or_create_splits(queries, tmp_path, name="ubi", seed=13, fractions=TRAIN_ONLY_SPLIT)
+    assert not splits.test and len(splits.train) + len(splits.validation) == 200 and len(splits.validation) >= 10
+    inner = assign(queries, seed=13, fractions=TRAIN_ONLY_SPLIT)  # what the harness's lambdamart trains on
+    assert {q for q, s in inner.items() if s == "train"} == set(splits.train)
+    base = DatasetSpec(Path("c.csv"), Path("q.tsv"), Path("r.tsv"))
+    ctx = EvalContext(mode="retrieve", items=[], cache_dir=tmp_path)
+    ctx.train_key = "k"
+    keys = []
+    for spec in (base, dataclasses.replace(base, split=TRAIN_ONLY_SPLIT)):
+        ctx.fusion = SimpleNamespace(dataset=spec, also=())
+        keys.append(fusion_cache_dir(ctx, TrainConfig()))
+    assert keys[0] != keys[1]
+
+
 def test_fusion_systems_are_registered_and_trainable():
     for name in FUSION_SYSTEMS:
         assert SYSTEMS.get(name).trainable, name

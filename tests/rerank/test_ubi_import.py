@@ -108,6 +108,78 @@ def test_the_validator_agrees_with_jsonschema_on_the_shipped_schemas() -> None:
             ubi.validate_query(rec, now=NOW)
 
 
+def _mutations(rec: dict) -> list[dict]:
+    """``rec`` with each field, at every level, removed, nulled, emptied, retyped, at and over its length limit, plus an
+    unknown key at every level."""
+    import copy
+
+    values = [None, "", "x", "x" * 100, "x" * 101, "x" * 256, "x" * 257, "x" * 1025, 0, 7, -1, True, 1.5, [], ["p1"], {}, {"ordinal": 2},
+              "2026-11-01T10:00:05Z", "2026-11-01T10:00:05", "2030-01-01T00:00:00Z", "yesterday"]
+    out = []
+
+    def walk(node: dict, path: tuple) -> None:
+        for key in [*node, "extra_key"]:
+            for v in [..., *values]:  # ...: the key removed
+                m = copy.deepcopy(rec)
+                target = m
+                for k in path:
+                    target = target[k]
+                if v is ...:
+                    if key not in target:
+                        continue
+                    del target[key]
+                else:
+                    target[key] = v
+                out.append(m)
+            if isinstance(node.get(key), dict):
+                walk(node[key], (*path, key))
+
+    walk(rec, ())
+    return out
+
+
+def test_the_fast_event_check_answers_as_the_field_by_field_one_on_every_mutation(monkeypatch) -> None:
+    """validate_event's fast path takes the common shape itself and hands everything else to validate_event_checked: on
+    thousands of mutated events both give the same event, or the same rejection (the reason named by the checked one)."""
+    bench_shape = {"action_name": "impression", "query_id": "sq0-1", "client_id": "c-u1", "user_id": "u1", "application": "bench",
+                   "message_type": "INTERACTION", "timestamp": "2026-11-01T10:00:05Z",
+                   "event_attributes": {"object": {"object_id": "p5", "object_id_field": "product_id", "object_id_type": "product"},
+                                        "position": {"ordinal": 5}}}
+    records = [r for base in (bench_shape, *GOOD_EVENTS, *(b for b, _ in BAD_EVENTS)) for r in _mutations(base)]
+    assert len(records) > 3000
+    checked_calls = []
+    real_checked = ubi.validate_event_checked
+    monkeypatch.setattr(ubi, "validate_event_checked", lambda raw, *, now: checked_calls.append(1) or real_checked(raw, now=now))
+    fast = accepted = 0
+    for rec in records:
+        for _ in range(2):  # the second time its timestamp is known (the fast path needs a parsed one)
+            try:
+                want = real_checked(rec, now=NOW)
+            except ubi.UbiRejected as err:
+                with pytest.raises(ubi.UbiRejected) as got:
+                    ubi.validate_event(rec, now=NOW)
+                assert str(got.value) == str(err), rec
+                continue
+            n = len(checked_calls)
+            assert ubi.validate_event(rec, now=NOW) == want, rec
+            accepted += 1
+            fast += len(checked_calls) == n
+    assert accepted > 1000 and fast > 500  # both paths are exercised, and both ways of answering
+    ubi.validate_event(bench_shape, now=NOW)
+    n = len(checked_calls)
+    assert ubi.validate_event(bench_shape, now=NOW).position == 5 and len(checked_calls) == n  # the common shape: fast
+    later = NOW + timedelta(days=400)  # the same (cached) timestamp against another clock: still checked against it
+    with pytest.raises(ubi.UbiRejected, match="in the future"):
+        ubi.validate_event({**bench_shape, "timestamp": "2028-01-01T00:00:00Z"}, now=later)
+        ubi.validate_event({**bench_shape, "timestamp": "2028-01-01T00:00:00Z"}, now=NOW)
+
+
+def test_an_event_is_its_own_ubi_events_row() -> None:
+    from rerank.history.ubi_ingest import _E_COLS
+
+    assert tuple("action_name" if f == "action" else f for f in ubi.UbiEvent._fields) == _E_COLS
+
+
 def test_the_1_3_schema_as_published_rejects_click_and_we_do_not() -> None:
     import jsonschema
 
@@ -255,3 +327,21 @@ def test_text_with_tabs_newlines_and_backslashes_round_trips(store: HistoryStore
     queries, events = store.ubi_log()
     assert queries[0].user_query == odd and queries[0].hit_ids == ("p\t1", "p\\2")
     assert events[0].object_id == "p\t1" and events[0].ts == datetime(2026, 11, 1, 10, 0, 5, tzinfo=timezone.utc)
+
+
+def test_a_batch_of_searches_shown_lists_and_events_is_stored_whole_or_not_at_all(store: HistoryStore) -> None:
+    from indexing.errors import HistoryError
+    from rerank.history.ubi_ingest import _E_COLS, _Q_COLS, _S_COLS
+
+    ts = datetime(2026, 11, 1, 10, tzinfo=timezone.utc)
+    queries = ("ubi_queries", _Q_COLS, [("q1", "shoes", "c1", None, None, ts, 2)])
+    shown = ("ubi_shown", _S_COLS, [("q1", "1", "p1"), ("q1", "2", "p2")])
+    good = ("ubi_events", _E_COLS, [("e1", "click", ts, "q1", "p1", 1, "c1", "u1", None, None)])
+    bad = ("ubi_events", _E_COLS, [("e2", None, ts, "q1", "p1", 1, "c1", "u1", None, None)])  # action_name is NOT NULL
+    history = [{"event_id": "e1", "user_id": "u1", "product_id": "p1", "type": "click", "ts": ts, "query": "shoes"}]
+    with pytest.raises(HistoryError):
+        store.insert_ubi_batch([queries, shown, bad], history)
+    assert [store.count_rows(t) for t in ("ubi_queries", "ubi_shown", "ubi_events")] == [0, 0, 0] and store.count_events() == 0
+    assert store.insert_ubi_batch([queries, shown, good], history) == ([1, 2, 1], ["e1"])
+    assert store.insert_ubi_batch([queries, shown, good], history) == ([0, 0, 0], [])  # idempotent
+    assert store.insert_ubi_batch([queries, ("ubi_shown", _S_COLS, [])]) == ([0, 0], [])

@@ -71,3 +71,21 @@ def test_cli_train_from_ubi_takes_a_catalog_and_no_qrels(tmp_path: Path) -> None
     assert r.exit_code != 0 and "no --queries/--qrels" in r.output
     r = CliRunner().invoke(app, ["train", "--from-ubi", str(log), "--out", str(tmp_path / "m")])
     assert r.exit_code != 0 and "--from-ubi takes --catalog" in r.output
+
+
+def test_a_stronger_prior_pulls_a_rarely_examined_pair_towards_the_log_mean(tmp_path: Path) -> None:
+    """prior_strength: a product examined once and clicked once is not judged as sure as one clicked often; the setting
+    is part of the cache key (and written in the info)."""
+    from rerank.datasets.clicks import Session
+    from rerank.datasets.ubi_judgments import judgments_from_sessions
+
+    often = [Session("q", ("a", "b", "c"), frozenset({0}), client=f"c{i}") for i in range(40)]
+    once = [Session("q", ("lucky", "b", "c"), frozenset({0}), client="x")]
+    grades = {}
+    for s in (1.0, 5.0):
+        j, info = judgments_from_sessions(often + once, model="ctr", prior_strength=s)
+        assert info["prior_strength"] == s
+        grades[s] = j["q"]
+    assert grades[1.0]["a"] >= grades[1.0]["lucky"] > grades[5.0]["lucky"]
+    log = _log(tmp_path / "log")
+    assert write_ubi_judgments(log, tmp_path / "out", prior_strength=5.0).qrels != write_ubi_judgments(log, tmp_path / "out").qrels

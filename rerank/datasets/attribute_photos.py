@@ -51,12 +51,18 @@ def cached_pixel_features(paths: list[Path], keys: list[str], *, cache_dir: Path
                 ok[i] = True
             except ImageError as e:
                 log.warning("%s: photo skipped: %s", p, e)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, vectors=out, ok=ok)
-        tmp.replace(path)
+    _save_cached(path, out, ok)
     return out, ok
+
+
+def _save_cached(path: Path | None, vectors: np.ndarray, ok: np.ndarray) -> None:
+    """Write a feature cache file atomically (a temporary file, then a rename); ``None``: no cache."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, vectors=vectors, ok=ok)
+    tmp.replace(path)
 
 
 def cached_region_features(paths: list[Path], keys: list[str], image_encoder: Any, *, cache_dir: Path | None,
@@ -96,11 +102,7 @@ def cached_region_features(paths: list[Path], keys: list[str], image_encoder: An
     ok = np.asarray([r is not None for r in rows], dtype=bool)
     dim = next((len(r) for r in rows if r is not None), 0)
     out = np.stack([r if r is not None else np.zeros(dim, np.float32) for r in rows]) if rows else np.zeros((0, 0), np.float32)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, vectors=out, ok=ok)
-        tmp.replace(path)
+    _save_cached(path, out, ok)
     return out, ok
 
 

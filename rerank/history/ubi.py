@@ -184,13 +184,6 @@ _FAST_KEYS = frozenset(("action_name", "timestamp", "query_id", "session_id", "c
 _FAST_ATTR_KEYS = frozenset(("object", "position"))
 _FAST_OBJECT_KEYS = frozenset(("object_id", "object_id_field", "object_id_type"))
 _FAST_POSITION_KEYS = frozenset(("ordinal",))
-_LIMIT: tuple[datetime, datetime] = (datetime.min.replace(tzinfo=timezone.utc),) * 2  # (now, now + MAX_FUTURE), replaced whole
-
-
-def _set_limit(now: datetime) -> tuple[datetime, datetime]:
-    global _LIMIT
-    _LIMIT = (now, now + MAX_FUTURE)
-    return _LIMIT
 
 
 def validate_event(raw: Any, *, now: datetime) -> UbiEvent:
@@ -208,10 +201,7 @@ def validate_event(raw: Any, *, now: datetime) -> UbiEvent:
     ts = _TS_CACHE.get(tsv) if type(tsv) is str else None
     if ts is None or type(action) is not str or len(action) > 100:
         return validate_event_checked(raw, now=now)
-    limit = _LIMIT
-    if limit[0] is not now:  # one import passes one `now`: the limit computed once
-        limit = _set_limit(now)
-    if ts > limit[1]:
+    if ts > now + MAX_FUTURE:
         return validate_event_checked(raw, now=now)
     qid, session, client, user, app, mtype = get("query_id"), get("session_id"), get("client_id"), get("user_id"), get("application"), get("message_type")
     if not (
@@ -312,9 +302,10 @@ def validate_event_checked(raw: Any, *, now: datetime) -> UbiEvent:
                     position, client, user, session, app)
 
 
-def kind_of(raw: Mapping[str, Any]) -> str:
-    """``"event"`` for a record with ``action_name``, else ``"query"``."""
-    return "event" if "action_name" in raw else "query"
+def kind_of(raw: Any) -> str:
+    """``"event"`` for a record (a JSON object) with ``action_name``, else ``"query"`` (whose check rejects what is no
+    object)."""
+    return "event" if type(raw) is dict and "action_name" in raw else "query"
 
 
 # --------------------------------------------------------------------------- files

@@ -157,7 +157,7 @@ def import_ubi(
         if len(h_batch) >= batch_size:
             flush_history()
 
-    validate_event, validate_query, unreadable = ubi.validate_event, ubi.validate_query, ubi.Unreadable
+    validate_event, validate_query, unreadable, kind_of = ubi.validate_event, ubi.validate_query, ubi.Unreadable, ubi.kind_of
     for source, line, rec in records:
         if type(rec) is not dict and isinstance(rec, unreadable):
             summary.reject(source, line, rec.reason)
@@ -165,7 +165,7 @@ def import_ubi(
         if epoch_ms_timestamps and isinstance(rec, dict) and isinstance(rec.get("timestamp"), (int, float)) and not isinstance(rec.get("timestamp"), bool):
             rec = {**rec, "timestamp": datetime.fromtimestamp(rec["timestamp"] / 1000, timezone.utc).isoformat()}
         try:
-            if type(rec) is dict and "action_name" in rec:
+            if kind_of(rec) == "event":
                 e = validate_event(rec, now=now)
                 if e[0] in e_batch:
                     summary.events_duplicate += 1

@@ -474,6 +474,17 @@ def load_cached(directory: str | Path, image_model_id: str) -> tuple[AttributeMo
     return model, mid
 
 
+def image_vectors(encoder: Any, images: Sequence[Any], model: AttributeModel | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The photos' image vectors (as ``encoder.encode`` gives them) and, for a ``model`` whose heads read region
+    features, those features from the same forward pass (:func:`indexing.photo_regions.region_features`); None
+    for a model without region heads or no model."""
+    if model is not None and model.needs_regions:
+        from indexing.photo_regions import region_features
+
+        return region_features(encoder, images, blocks=model.regions["blocks"])
+    return encoder.encode(images), None
+
+
 def predict_images(model: AttributeModel, images: Sequence[Any], image_vecs: Sequence[np.ndarray], *,
                    regions: np.ndarray | None = None, encoder: Any = None) -> list[dict[str, Prediction]]:
     """Predictions for decoded PIL photos whose image vectors are known (what the indexer holds). A model whose heads
@@ -488,9 +499,7 @@ def predict_images(model: AttributeModel, images: Sequence[Any], image_vecs: Seq
     if model.needs_regions and regions is None:
         if encoder is None:
             raise ModelArtifactError("this attribute model's heads read the photo's region features: pass regions= or encoder=")
-        from indexing.photo_regions import region_features
-
-        _, regions = region_features(encoder, images, blocks=model.regions["blocks"])
+        _, regions = image_vectors(encoder, images, model)
     with threadpool_limits(1):
         pixel = np.stack([pixel_features(im) for im in images])
         objects = [object_count(im) for im in images]

@@ -313,15 +313,14 @@ def index_batch(
         ready.append((p, h, has_img))
     text_vecs = enc.text.encode([product_text(p) for p, _, _ in ready]) if ready else []
     with_img = [p.id for p, _, has_img in ready if has_img]
+    image_vecs: dict[str, Any] = {}
     regions = None
-    if with_img and attr_model is not None and attr_model.needs_regions:
-        from indexing.photo_regions import region_features
+    if with_img:
+        from indexing.photo_attributes import image_vectors
 
-        # one forward pass: the image vectors and the feature maps pooled over the product (the colour head reads them)
-        vecs, regions = region_features(enc.image, [images[i] for i in with_img], blocks=attr_model.regions["blocks"])
+        # one forward pass: the image vectors and, for an attribute model that reads them, the feature maps pooled over the product
+        vecs, regions = image_vectors(enc.image, [images[i] for i in with_img], attr_model)
         image_vecs = dict(zip(with_img, vecs))
-    else:
-        image_vecs = dict(zip(with_img, enc.image.encode([images[i] for i in with_img]))) if with_img else {}
     colours: dict[str, Any] = {}
     if with_img and stores_image_colour(mapping, repr(job.index)):
         from indexing.photo_colour import colour_descriptor

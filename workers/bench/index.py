@@ -90,18 +90,13 @@ def run_index_bench(
         raw_before = raw_run()
         attr_s = regions_s = None
         if job.attribute_model:  # the photo attribute step alone (pixel features, object count, heads) on the same photos
-            from indexing.photo_attributes import load_cached, predict_images
+            from indexing.photo_attributes import image_vectors, load_cached, predict_images
 
             model, _ = load_cached(job.attribute_model, enc.image_info.model_id)
-            regions = None
-            if model.needs_regions:  # the forward pass that also pools the maps over the product (replaces encode)
-                from indexing.photo_regions import region_features
-
-                t = time.perf_counter()
-                vecs, regions = region_features(enc.image, images, blocks=model.regions["blocks"])
+            t = time.perf_counter()
+            vecs, regions = image_vectors(enc.image, images, model)
+            if regions is not None:  # the forward pass that also pools the maps over the product (replaces encode)
                 regions_s = time.perf_counter() - t
-            else:
-                vecs = enc.image.encode(images)
             t = time.perf_counter()
             predict_images(model, images, list(vecs), regions=regions)
             attr_s = time.perf_counter() - t

@@ -17,7 +17,7 @@ import numpy as np
 
 from indexing import fields as F
 from indexing.errors import CatalogError, ImageError
-from indexing.photo_attributes import ATTRIBUTES, LabelledPhotos
+from indexing.photo_attributes import ATTRIBUTES, AttributeConfig, AttributeModel, LabelledPhotos, train_attribute_model
 
 log = logging.getLogger(__name__)
 
@@ -147,4 +147,15 @@ def load_labelled_photos(catalog: str | Path, images_root: str | Path | None, im
     return LabelledPhotos([products[i].id for i in keep], pixel[keep], pooled[keep], labels, regions, info)
 
 
-__all__ = ["cached_pixel_features", "load_labelled_photos"]
+def train_from_catalog(catalog: str | Path, images_root: str | Path | None, image_encoder: Any, *, cache_dir: str | Path | None,
+                       seed: int = 13, regions: bool = True, progress: bool = False) -> tuple[AttributeModel, LabelledPhotos]:
+    """The heads trained on a catalog's labelled photos (:func:`load_labelled_photos` with the features their config
+    reads, then :func:`indexing.photo_attributes.train_attribute_model`: a held-out share measured in the report) and
+    those photos. ``regions=False``: no head reads region features (the version-1 recipe)."""
+    cfg = AttributeConfig(seed=seed) if regions else AttributeConfig(seed=seed, region_heads=())
+    data = load_labelled_photos(catalog, images_root if images_root is not None else Path(catalog).parent, image_encoder,
+                                cache_dir=cache_dir, progress=progress, region_heads=cfg.region_heads)
+    return train_attribute_model(data, image_encoder.model_id, cfg), data
+
+
+__all__ = ["cached_pixel_features", "load_labelled_photos", "train_from_catalog"]

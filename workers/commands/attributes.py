@@ -26,16 +26,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Train the heads on the catalog's labelled photos (a held-out share measured) and save the model."""
         from indexing.encoders import get_image_encoder
-        from indexing.photo_attributes import AttributeConfig, model_id_of, train_attribute_model
-        from rerank.datasets.attribute_photos import load_labelled_photos
+        from indexing.photo_attributes import model_id_of
+        from rerank.datasets.attribute_photos import train_from_catalog
         from workers.settings import load_settings
 
         settings = load_settings()
         enc = get_image_encoder(settings.image_model, device=settings.device)
-        cfg = AttributeConfig(seed=seed) if not no_regions else AttributeConfig(seed=seed, region_heads=())
-        data = load_labelled_photos(catalog, images_root or catalog.parent, enc, cache_dir=settings.data_dir, progress=sys.stderr.isatty(),
-                                    region_heads=cfg.region_heads)
-        model = train_attribute_model(data, enc.model_id, cfg)
+        model, data = train_from_catalog(catalog, images_root, enc, cache_dir=settings.data_dir, seed=seed, regions=not no_regions,
+                                         progress=sys.stderr.isatty())
         model.save(out)
         report = {"model": str(out), "model_id": model_id_of(out), "photos": len(data.ids), "report": model.report}
         typer.echo(json.dumps(report) if as_json else json.dumps(report, indent=2))

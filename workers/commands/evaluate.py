@@ -108,17 +108,13 @@ def parse_diversity_options(items: list[str], settings=None):
 def _eval_attributes(catalog: Path, images_root: Optional[Path], *, as_json: bool, progress: Optional[bool], seed: int,
                      regions: bool = True) -> None:
     from indexing.encoders import get_image_encoder
-    from indexing.photo_attributes import AttributeConfig, train_attribute_model
-    from rerank.datasets.attribute_photos import load_labelled_photos
+    from rerank.datasets.attribute_photos import train_from_catalog
     from workers.settings import load_settings
 
     settings = load_settings()
     show = sys.stderr.isatty() if progress is None else progress
     enc = get_image_encoder(settings.image_model, device=settings.device)
-    cfg = AttributeConfig(seed=seed) if regions else AttributeConfig(seed=seed, region_heads=())
-    data = load_labelled_photos(catalog, images_root or catalog.parent, enc, cache_dir=settings.data_dir, progress=show,
-                                region_heads=cfg.region_heads)
-    model = train_attribute_model(data, enc.model_id, cfg)
+    model, data = train_from_catalog(catalog, images_root, enc, cache_dir=settings.data_dir, seed=seed, regions=regions, progress=show)
     out = {"attributes": {a: {k: model.report[a][k] for k in ("top1", "top3", "majority", "n")} for a in model.heads}}
     if as_json:
         typer.echo(json.dumps(out))

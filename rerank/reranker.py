@@ -227,11 +227,17 @@ def _memo_attributes(profile: Any, index: str, names: Sequence[str], ids: Sequen
     return {i: known[i] for i in ids if known[i] is not None}
 
 
+def _has_all(docs: Mapping[str, Any], i: str, names: Sequence[str]) -> bool:
+    """Whether the hit ``i``'s document (as the caller gave it) carries every field of ``names``."""
+    d = docs.get(i)
+    return d is not None and all(n in d for n in names)
+
+
 def _attribute_needs(ids: Sequence[str], docs: Mapping[str, Any], need: Sequence[str], names: Sequence[str]) -> list[str]:
     """The history products the call must read by id for their categorical fields ``names``: neither a hit the call
     fetches anyway (``need``) nor a hit whose document came with all of them."""
     fetching = set(need)
-    return [i for i in dict.fromkeys(ids) if i not in fetching and not (i in docs and all(n in docs[i] for n in names))]
+    return [i for i in dict.fromkeys(ids) if i not in fetching and not _has_all(docs, i, names)]
 
 
 def _read_attributes(profile: Any, index: str, names: Sequence[str], ids: Sequence[str], docs: Mapping[str, Any],
@@ -244,7 +250,7 @@ def _read_attributes(profile: Any, index: str, names: Sequence[str], ids: Sequen
     have: dict[str, Any] = {}
     for i in ids:
         d = fetched.get(i)
-        if d is None and i in docs and all(n in docs[i] for n in names):
+        if d is None and _has_all(docs, i, names):
             d = docs[i]
         if d is not None:
             have[i] = d

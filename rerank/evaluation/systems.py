@@ -293,7 +293,7 @@ def torch_threads(n: int) -> Iterator[None]:
 #: ``fusion_options`` keys passed to :class:`rerank.training.ranker.TrainConfig` (the rest are refused)
 FUSION_TRAIN_OPTIONS = ("loss", "epochs", "batch_size", "lr", "weight_decay", "patience", "max_minutes", "max_train_candidates",
                         "d_model", "hidden", "history_k", "use_colour", "use_intent", "use_attribute_match", "attribute_predictions", "min_epochs",
-                        "history_agreement", "behaviour_query_dropout")
+                        "history_agreement", "behaviour_query_dropout", "seed")
 
 
 def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use_history: bool, use_product: bool = True,
@@ -310,8 +310,9 @@ def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use
         raise ConfigError(f"unknown fusion_options {bad}; valid: {', '.join(FUSION_TRAIN_OPTIONS)}")
     fi = ctx.fusion
     assert fi is not None
+    seed = int(opts.pop("seed", ctx.seed))  # another training of the same evaluation split: its own init, sampling and train/validation cut
     return TrainConfig(
-        strategy=strategy, use_image=use_image, use_history=use_history, use_product=use_product, seed=ctx.seed, top_n=fi.top_n,
+        strategy=strategy, use_image=use_image, use_history=use_history, use_product=use_product, seed=seed, top_n=fi.top_n,
         device=ctx.device, threads=1, text_model=fi.text_model, text_backend=fi.text_backend, image_model=fi.image_model,
         mapping=fi.mapping, attribute_model=fi.attribute_model, attribute_threshold=fi.attribute_threshold, progress=ctx.progress,
         behaviour_stats=fi.behaviour_stats if use_behaviour else None, **opts,

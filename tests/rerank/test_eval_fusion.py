@@ -173,6 +173,22 @@ def test_fusion_strategy_system_in_retrieve_mode(train_slice, data_dir):
     assert fresh["ranker"]["first_stage_dim"] == cfg["ranker"]["first_stage_dim"] - 1
 
 
+@pytest.mark.slow
+def test_a_seed_option_trains_again_on_the_same_evaluation_split(train_slice, tmp_path):
+    """``seed=N`` is another training (its own cache entry and trainer seed), scored on the very queries of the default."""
+    idx = _indexer(tmp_path)
+    runs = {}
+    for seed in (None, 14):
+        opts = dict(FAST, **({"seed": seed} if seed is not None else {}))
+        rep = evaluate(_req(train_slice, mode="rerank", systems=("fusion",), limit_queries=8, options={"fusion_options": opts}),
+                       data_dir=tmp_path, indexer=idx)
+        art = Path(rep.info["artifacts"]["fusion"])
+        runs[seed] = (art, json.loads((art / "training_report.json").read_text())["train_config"]["seed"], rep)
+    (a0, s0, r0), (a1, s1, r1) = runs[None], runs[14]
+    assert (s0, s1) == (13, 14) and a0 != a1
+    assert r0.queries == r1.queries == 8 and r0.info["split_sizes"] == r1.info["split_sizes"]
+
+
 def test_unknown_fusion_option_is_refused(small_slice, data_dir):
     with pytest.raises(ConfigError, match="fusion_options"):
         evaluate(_req(small_slice, systems=("fusion",), options={"fusion_options": {"epoch": 3}}), data_dir=data_dir, indexer=_indexer(data_dir))

@@ -441,7 +441,7 @@ def prepare_dataset(
                                  tuple(docs.get(p) for p in pids))
                 with_history += 1
             beh = None
-            if feature_spec.behaviour and behaviour is not None:  # validation too: the verdict and early stopping see both kinds
+            if feature_spec.behaviour and behaviour is not None:  # validation too (qrels labels: the verdict and early stopping see both kinds)
                 # a validation query judged by its own clicks never reads them: shown as a query the log never saw
                 keep_q = behaviour.keeps_query(it.query, config.behaviour_query_dropout, config.seed) and not (part != "train" and spec.labels_from_log)
                 beh = behaviour.features(it.query, [c.id for c in cands], query_level=keep_q)

@@ -8,7 +8,8 @@ candidate against the serving model on held-out behaviour, promote it only when 
    of :class:`rerank.model.registry.ModelRegistry` records the count each run saw): ``skipped``;
 2. read the log, build sessions, split them by query (:mod:`rerank.training.loop`: the held-out queries are never
    trained on), fit the click model on the training part (spam capped) and train the fusion ranker on its
-   implicit judgments against ``retrain_catalog``, reading the behaviour features of the same searches
+   implicit judgments against ``retrain_catalog`` (validated, early stopping and the verdict, on the same click model's
+   judgments shrunk harder: :func:`rerank.datasets.ubi_judgments.log_judgments`), reading the behaviour features of the same searches
    (:mod:`rerank.model.behaviour`; the artifact carries them); the artifact becomes a registry version;
 3. estimate both models on the held-out part (and on ``qrels``, when given); promote (the registry's ``current``
    link moves, the service follows it) or record the refusal with its numbers. Every version is kept.
@@ -118,7 +119,7 @@ def retrain(settings: Any, *, force: bool = False, queries: Path | None = None, 
     """One turn of the loop (see the module doc); a JSON-friendly summary whose ``status`` is ``skipped``, ``busy``,
     ``promoted`` or ``refused``."""
     from rerank.datasets import clicks as C
-    from rerank.datasets.ubi_judgments import judgments_from_sessions
+    from rerank.datasets.ubi_judgments import VALIDATION_PRIOR_STRENGTH, judgments_from_sessions, log_judgments
     from rerank.history import HistoryStore
     from rerank.training.loop import decide, estimate, paired, split_sessions_by_query, write_judgments
 
@@ -154,10 +155,13 @@ def retrain(settings: Any, *, force: bool = False, queries: Path | None = None, 
         work = Path(settings.data_dir) / "retrain" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         work.mkdir(parents=True, exist_ok=True)
         # the candidate reads the behaviour of the searches it trains on (never the held-out queries')
-        judg, jinfo = judgments_from_sessions(train_s, model=settings.retrain_click_model, behaviour_out=work / "behaviour.json.gz")
+        # validated (early stopping, the verdict) on the same click model's judgments shrunk harder, as the held-out estimate
+        lj = log_judgments(train_s, model=settings.retrain_click_model, behaviour_out=work / "behaviour.json.gz")
+        judg, jinfo = lj.train, lj.info
         cfg = dataclasses.replace(cfg, behaviour_stats=work / "behaviour.json.gz")
-        held_judg, hinfo = judgments_from_sessions(held_s, model=settings.retrain_click_model)
+        held_judg, hinfo = judgments_from_sessions(held_s, model=settings.retrain_click_model, prior_strength=VALIDATION_PRIOR_STRENGTH)
         qf, rf = write_judgments(judg, texts, work / "judgments")
+        _, vf = write_judgments(lj.validation, texts, work / "validation-judgments")
         summary: dict[str, Any] = {
             **base, "log": counts,
             "train": {"sessions": len(train_s), "queries": len(judg), "judgments": sum(len(v) for v in judg.values()),
@@ -175,7 +179,7 @@ def retrain(settings: Any, *, force: bool = False, queries: Path | None = None, 
             return run_index_job(engine, settings, job, via="inline", progress=progress)
 
         ds = DatasetSpec(catalog=Path(catalog), queries=qf, qrels=rf, gain="identity", images_root=Path(images_root),
-                         name="ubi-store", mode="retrieve")
+                         name="ubi-store", mode="retrieve", labels_from_log=True, validation_qrels=vf)
         tt = time.perf_counter()
         res = train_ranker([ds], out=work / "candidate", data_dir=settings.data_dir, indexer=indexer, config=cfg)
         version = reg.add(res.artifact, move=True)

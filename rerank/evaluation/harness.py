@@ -422,6 +422,7 @@ def evaluate(
 
     trainable = [s for s in req.systems if SYSTEMS.get(s).trainable]
     behaviour_stats: Path | None = None  # --train-ubi: the log's behaviour statistics, read by the fusion systems
+    validation_qrels: Path | None = None  # --train-ubi: the log's validation judgments (the fusion systems' early stopping and verdict)
     split_name = req.split
     train_q: list[Query] = []
     valid_q: list[Query] = []
@@ -467,6 +468,7 @@ def evaluate(
             else:
                 uj = write_ubi_judgments(req.train_ubi, data_dir / "ubi-judgments", exclude=[q.text for q in eval_pool], model=req.click_model)
             behaviour_stats = uj.behaviour
+            validation_qrels = uj.validation_qrels
             tq = read_queries(uj.queries)
             train_qrels = read_qrels(uj.qrels)
             inner = assign(tq.queries, seed=req.seed, fractions=TRAIN_ONLY_SPLIT)
@@ -568,7 +570,8 @@ def evaluate(
             t_spec = DatasetSpec(Path(req.catalog), Path(req.train_queries), Path(req.train_qrels),  # type: ignore[arg-type]
                                  gain=req.gain, events=req.train_events or req.events, images_root=req.images_root,
                                  name=f"{dataset}-ubi-{req.click_model}" if req.train_ubi is not None else f"{dataset}-train", mode=req.mode,
-                                 judged_only=req.train_ubi is not None and req.ubi_unshown == "unknown", split=TRAIN_ONLY_SPLIT)
+                                 judged_only=req.train_ubi is not None and req.ubi_unshown == "unknown", split=TRAIN_ONLY_SPLIT,
+                                 labels_from_log=req.train_ubi is not None, validation_qrels=validation_qrels)
         else:
             t_spec = DatasetSpec(Path(req.catalog), Path(req.queries), Path(req.qrels), gain=req.gain, events=req.events,
                                  images_root=req.images_root, name=dataset, mode=req.mode)

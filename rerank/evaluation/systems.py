@@ -339,6 +339,9 @@ def fusion_cache_dir(ctx: EvalContext, config: Any) -> Path | None:
     also = [[file_sha256(p) if p is not None and Path(p).is_file() else None for p in (d.catalog, d.queries, d.qrels, d.events)]
             + [d.gain, d.mode, str(d.images_root)] for d in fi.also]
     split = [["split", list(fi.dataset.split)]] if getattr(fi.dataset, "split", None) else []  # none: earlier cached models still match
+    # labels from a log: validated on its harder-shrunk judgments (models cached before them are trained and judged again)
+    vq = getattr(fi.dataset, "validation_qrels", None)
+    split += [["labels", "log", file_sha256(vq) if vq is not None else None]] if getattr(fi.dataset, "labels_from_log", False) else []
     body = json.dumps([ctx.train_key, "fusion", cfg, file_sha256(ev) if ev else None, *([also] if also else []), *split], sort_keys=True, default=str)
     return Path(ctx.cache_dir) / f"fusion-{hashlib.sha256(body.encode()).hexdigest()[:16]}"
 

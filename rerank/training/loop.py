@@ -8,8 +8,9 @@ retraining: no model the loop trains ever learns from a held-out query's searche
 an earlier run) and the candidate are judged on behaviour that neither saw.
 
 **The estimate.** The click model (PBM by EM, with spam capping: :func:`rerank.datasets.ubi_judgments.judgments_from_sessions`)
-is fitted on the held-out searches alone; its implicit judgments (0..2: debiased clicks per examination) are the
-gains. Each model then answers every held-out query as the service would (``search(query) -> ids``: retrieval over
+is fitted on the held-out searches alone; its implicit judgments (0..2: debiased clicks per examination, shrunk at the
+validation prior :data:`rerank.datasets.ubi_judgments.VALIDATION_PRIOR_STRENGTH`, as the candidate's own verdict reads
+its validation queries) are the gains. Each model then answers every held-out query as the service would (``search(query) -> ids``: retrieval over
 the whole index, then its rerank) and is scored by NDCG@10 against those gains; products the log never showed for
 the query count as irrelevant, for both models alike. With qrels supplied, the same is done on them.
 

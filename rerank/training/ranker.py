@@ -67,6 +67,13 @@ class DatasetSpec:
     #: the query split's (train, validation, test) fractions; None: the harness's 70/10/20. A set of training queries
     #: only (the harness's ``--train-queries`` / ``--train-ubi``) is split 90/10/0, as the harness splits it for lambdamart
     split: tuple[float, float, float] | None = None
+    #: the qrels are implicit judgments from a search log: the validation queries' behaviour inputs are those of queries
+    #: the log never saw (a validation query's own clicks are its labels; reading them would be reading the answer)
+    labels_from_log: bool = False
+    #: the gains of the validation queries (early stopping and the verdict), when they differ from ``qrels``: for a log,
+    #: judgments shrunk harder towards the log's mean (rerank.datasets.ubi_judgments.VALIDATION_PRIOR_STRENGTH), which
+    #: separate a model from the first stage with less noise than the training labels. None: ``qrels``
+    validation_qrels: Path | None = None
 
     @classmethod
     def parse(cls, text: str) -> "DatasetSpec":
@@ -98,7 +105,8 @@ class DatasetSpec:
         gain_mapping(self.gain)
         if self.mode not in ("rerank", "retrieve"):
             raise ConfigError(f"unknown mode {self.mode!r}; valid modes: rerank, retrieve")
-        for label, p in (("catalog", self.catalog), ("queries", self.queries), ("qrels", self.qrels), ("events", self.events)):
+        for label, p in (("catalog", self.catalog), ("queries", self.queries), ("qrels", self.qrels), ("events", self.events),
+                         ("validation qrels", self.validation_qrels)):
             if p is not None and not Path(p).is_file():
                 raise ConfigError(f"dataset {self.name or self.queries}: {label} file not found: {p}")
 
@@ -368,13 +376,15 @@ def prepare_dataset(
     idx = _dataset_index(spec, config, data_dir=data_dir, indexer=indexer)
     qs = read_queries(spec.queries)
     qrels = read_qrels(spec.qrels)
+    held_qrels = read_qrels(spec.validation_qrels) if spec.validation_qrels is not None else qrels
     splits = load_or_create_splits(qs.queries, data_dir, name=name, seed=config.seed, **({"fractions": spec.split} if spec.split else {}))
     q2i = alignment.query_to_image_space if (alignment is not None and KNN_IMAGE in feature_spec.lists) else None
     retriever = Retriever(idx.engine, idx.alias, text_encoder=text_encoder, query_to_image_space=q2i, config=RetrievalConfig(top_n=config.top_n, per_list=config.top_n))
     by_part: dict[str, list[Any]] = {}
     for part in parts:
-        keep, _ = eval_queries([q for q in qs.queries if q.id in splits.get(part)], qrels, spec.gain)
-        items, failed = build_items(retriever, keep, qrels, gain=spec.gain, mode=spec.mode, top_n=config.top_n, progress=config.progress, desc=f"first stage ({name}, {part})")
+        part_qrels = qrels if part == "train" else held_qrels
+        keep, _ = eval_queries([q for q in qs.queries if q.id in splits.get(part)], part_qrels, spec.gain)
+        items, failed = build_items(retriever, keep, part_qrels, gain=spec.gain, mode=spec.mode, top_n=config.top_n, progress=config.progress, desc=f"first stage ({name}, {part})")
         if failed:
             log.warning("%s: %d %s queries failed in the first stage (kept with empty lists)", name, len(failed), part)
         by_part[part] = items
@@ -431,8 +441,9 @@ def prepare_dataset(
                                  tuple(docs.get(p) for p in pids))
                 with_history += 1
             beh = None
-            if feature_spec.behaviour and behaviour is not None:  # validation too: the verdict and early stopping see both kinds
-                keep_q = behaviour.keeps_query(it.query, config.behaviour_query_dropout, config.seed)
+            if feature_spec.behaviour and behaviour is not None:  # validation too (qrels labels: the verdict and early stopping see both kinds)
+                # a validation query judged by its own clicks never reads them: shown as a query the log never saw
+                keep_q = behaviour.keeps_query(it.query, config.behaviour_query_dropout, config.seed) and not (part != "train" and spec.labels_from_log)
                 beh = behaviour.features(it.query, [c.id for c in cands], query_level=keep_q)
             feats = build_request_features(qvecs[it.query_id], cands, docs, feature_spec, history=h, project=identity, text_dim=dt, image_dim=dt,
                                            colour=colour, intent=intent if feature_spec.attributes else None, behaviour=beh)
@@ -455,6 +466,8 @@ def prepare_dataset(
         "colour_inputs": feature_spec.colour,
         "attribute_inputs": list(feature_spec.attributes),
         "behaviour_inputs": feature_spec.behaviour and behaviour is not None,
+        **({"labels_from_log": True} if spec.labels_from_log else {}),
+        **({"validation_qrels": str(spec.validation_qrels)} if spec.validation_qrels is not None else {}),
     }
     log.info("%s: %s", name, info)
     return PreparedDataset(name, out.get("train", []), [e for p in held for e in out[p]], info)

@@ -91,6 +91,15 @@ def test_a_training_query_set_is_split_without_a_test_share_and_its_model_cached
         ctx.fusion = SimpleNamespace(dataset=spec, also=())
         keys.append(fusion_cache_dir(ctx, TrainConfig()))
     assert keys[0] != keys[1]
+    # labels from a log: validated on its own judgments, so a model judged on other ones (or before them) never answers
+    v1, v2 = tmp_path / "v1.tsv", tmp_path / "v2.tsv"
+    v1.write_text("ubi-a 0 p1 1.2\n")
+    v2.write_text("ubi-a 0 p1 0.9\n")
+    logged = dataclasses.replace(base, split=TRAIN_ONLY_SPLIT, labels_from_log=True)
+    for spec in (logged, dataclasses.replace(logged, validation_qrels=v1), dataclasses.replace(logged, validation_qrels=v2)):
+        ctx.fusion = SimpleNamespace(dataset=spec, also=())
+        keys.append(fusion_cache_dir(ctx, TrainConfig()))
+    assert len(set(keys)) == 5
 
 
 def test_fusion_systems_are_registered_and_trainable():

@@ -153,3 +153,54 @@ def test_cli_trains_one_model_on_several_datasets(shared_data, tmp_path):
     assert set(rep["datasets"]) == {"first", "second"}
     assert all(v["train_queries"] > 10 for v in rep["datasets"].values())
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_labels_from_a_log_validate_on_their_own_gains_and_never_read_the_validation_queries_clicks(shared_data, tmp_path):
+    """A dataset whose labels come from a log: its validation queries take their gains from ``validation_qrels`` (the
+    log's harder-shrunk judgments) and read the behaviour columns of a query the log never saw (their own clicks are
+    their labels); its training queries are unchanged."""
+    from indexing.encoders import get_text_encoder
+    from rerank.datasets.clicks import Session
+    from rerank.datasets.data import read_qrels, read_queries
+    from rerank.model.behaviour import BEHAVIOUR_FEATURES, BehaviourStats
+    from rerank.model.inputs import FeatureSpec
+    from rerank.retrieval.signals import PER_LIST
+    from rerank.training.ranker import prepare_dataset
+    from tests.rerank.evaldata import build_fashion_slice
+    from workers.jobs import run_index_job
+    from workers.settings import load_settings
+
+    sl = build_fashion_slice(shared_data, tmp_path / "slice", n_queries=20, judged_per_query=6, others=10)
+    data = tmp_path / "data"
+    settings = load_settings(data_dir=data)
+    qs, qrels = read_queries(sl.queries).queries, read_qrels(sl.qrels)
+    sessions = [Session(q.text.lower(), tuple(sorted(qrels.for_query(q.id))), frozenset({0}), client=f"c{k}") for q in qs for k in range(5)]
+    beh = BehaviourStats.from_sessions(sessions, [1.0, 0.5, 0.25, 0.1])
+    vq = tmp_path / "validation-qrels.tsv"  # other gains than the training qrels: 2 <-> 1
+    vq.write_text("".join(f"{q.id} 0 {d} {3 - int(g) if g > 0 else 0}\n" for q in qs for d, g in sorted(qrels.for_query(q.id).items())))
+    spec = FeatureSpec(lists=("bm25", "knn_text"), behaviour=True)
+    cfg = TrainConfig(device="cpu", behaviour_query_dropout=0.0)  # every training query shows its own behaviour
+    te = get_text_encoder(cfg.text_model, backend=cfg.text_backend, device="cpu")
+
+    def prep(**kw):
+        ds = DatasetSpec(sl.catalog, sl.queries, sl.qrels, gain="identity", images_root=sl.images_root, mode="retrieve", split=(0.5, 0.5, 0.0), **kw)
+        return prepare_dataset(ds, data_dir=data, indexer=lambda engine, job: run_index_job(engine, settings, job, progress=False), text_encoder=te,
+                               alignment=None, feature_spec=spec, config=cfg, behaviour=beh)
+
+    start = len(spec.lists) * len(PER_LIST) + 1
+    q_col = start + BEHAVIOUR_FEATURES.index("q_log_searches")
+    plain, logged = prep(), prep(labels_from_log=True, validation_qrels=vq)
+    assert len(logged.validation) >= 5 and len(logged.train) >= 5 and logged.info["labels_from_log"]
+    vgains = read_qrels(vq)
+    for e in logged.validation:
+        assert dict(e.all_gains) == {d: float(g) for d, g in vgains.for_query(e.query_id).items()}
+        assert np.all(e.features.first_stage[:, q_col] == 0)  # shown as a query the log never saw
+    for e in plain.validation:  # qrels labels: the validation queries read their own behaviour, as before
+        assert dict(e.all_gains) == {d: float(g) for d, g in qrels.for_query(e.query_id).items()}
+        assert np.all(e.features.first_stage[:, q_col] > 0)
+    for e in logged.train:  # the training queries are what they were
+        assert dict(e.all_gains) == {d: float(g) for d, g in qrels.for_query(e.query_id).items()}
+        assert np.all(e.features.first_stage[:, q_col] > 0)
+    with pytest.raises(ConfigError, match="validation qrels file not found"):
+        prep(labels_from_log=True, validation_qrels=tmp_path / "missing.tsv")

@@ -89,3 +89,29 @@ def test_a_stronger_prior_pulls_a_rarely_examined_pair_towards_the_log_mean(tmp_
     assert grades[1.0]["a"] >= grades[1.0]["lucky"] > grades[5.0]["lucky"]
     log = _log(tmp_path / "log")
     assert write_ubi_judgments(log, tmp_path / "out", prior_strength=5.0).qrels != write_ubi_judgments(log, tmp_path / "out").qrels
+
+
+def test_validation_judgments_judge_the_same_pairs_shrunk_harder(tmp_path: Path) -> None:
+    """The log's validation judgments (early stopping and the verdict read them): the same queries and pairs as the
+    training judgments, a lucky once-clicked pair pulled further towards the log's mean, the clicked products still first."""
+    from rerank.datasets.clicks import Session
+    from rerank.datasets.ubi_judgments import VALIDATION_PRIOR_STRENGTH, log_judgments
+
+    often = [Session("q", ("a", "b", "c"), frozenset({0}), client=f"c{i}") for i in range(40)]
+    once = [Session("q", ("lucky", "b", "c"), frozenset({0}), client="x")]
+    lj = log_judgments(often + once, model="ctr")
+    assert VALIDATION_PRIOR_STRENGTH > lj.info["prior_strength"] and lj.info["validation_prior_strength"] == VALIDATION_PRIOR_STRENGTH
+    assert set(lj.validation) == set(lj.train) and set(lj.validation["q"]) == set(lj.train["q"])
+    assert lj.train["q"]["lucky"] > lj.validation["q"]["lucky"] and lj.validation["q"]["a"] > lj.validation["q"]["lucky"]
+    assert log_judgments(often + once, model="ctr", validation_prior_strength=1.0).validation == lj.train
+    log = _log(tmp_path / "log")
+    uj = write_ubi_judgments(log, tmp_path / "out", model="pbm")
+    train, valid = read_qrels(uj.qrels), read_qrels(uj.validation_qrels)
+    assert uj.validation_qrels is not None and uj.validation_qrels.parent == uj.qrels.parent
+    assert {q: set(g) for q, g in train.grades.items()} == {q: set(g) for q, g in valid.grades.items()}
+    for q, g in valid.grades.items():
+        assert min(g[f"good-{j}"] for j in range(3)) > max(g[f"bad-{j}"] for j in range(5))
+        assert g != train.for_query(q)
+    assert write_ubi_judgments(log, tmp_path / "out", model="pbm").validation_qrels == uj.validation_qrels  # cached
+    other = write_ubi_judgments(log, tmp_path / "out", model="pbm", validation_prior_strength=3.0)
+    assert other.validation_qrels != uj.validation_qrels and read_qrels(other.qrels).grades == train.grades

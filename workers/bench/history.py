@@ -117,7 +117,8 @@ def time_retrain(settings: Any, log_path: Path, *, minutes: float, workdir: Path
     train = out.get("train") or {}
     return {"retrain_log": str(log_path), "retrain_log_events": imported.events_stored, "retrain_import_s": round(import_s, 3),
             "retrain_s": round(retrain_s, 1), "retrain_budget_minutes": float(minutes), "retrain_train_s": train.get("seconds"),
-            "retrain_status": out.get("status"), "retrain_reason": out.get("reason")}
+            "retrain_status": out.get("status"), "retrain_reason": out.get("reason"),
+            "retrain_candidate_serving": train.get("serving")}  # its verdict: "model" or "safe_choice"
 
 
 def synthetic_vectors(products: int, seed: int = 0) -> InMemoryVectorSource:

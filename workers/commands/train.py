@@ -71,7 +71,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             queries, qrels = uj.queries, uj.qrels
             dataset = list(dataset)
             given_ubi = DatasetSpec(catalog=catalog, queries=queries, qrels=qrels, gain="identity", events=events,
-                                    images_root=images_root or catalog.parent, name=f"ubi-{click_model}", mode="retrieve")
+                                    images_root=images_root or catalog.parent, name=f"ubi-{click_model}", mode="retrieve", labels_from_log=True,
+                                    validation_qrels=uj.validation_qrels)
             behaviour_stats = None if no_behaviour else uj.behaviour
         else:
             given_ubi = None

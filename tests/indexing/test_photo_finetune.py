@@ -138,3 +138,35 @@ def test_finetune_heads_must_read_region_features_and_need_the_image_model():
         AttributeConfig(region_heads=(), finetune_heads=("colour",))
     with pytest.raises(ConfigError, match="finetune_val"):
         AttributeConfig(finetune_val=0.0)
+
+
+@pytest.mark.slow
+def test_indexing_with_a_version_3_model_stores_the_mixed_colour(tuned, tmp_path):
+    from indexing import fields as F
+    from indexing.pipeline import IndexJob
+    from workers.composition import build_engine
+    from workers.jobs import run_index_job
+    from workers.settings import load_settings
+
+    model, _, enc, d, rows, _ = tuned
+    model.save(tmp_path / "m")
+    sub = rows[:12]
+    cat = tmp_path / "catalog.csv"
+    with cat.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(sub[0]))
+        w.writeheader()
+        w.writerows(sub)
+    settings = load_settings(data_dir=tmp_path / "data", mapping="products-v4")
+    engine = build_engine(settings)
+    job = IndexJob(catalog=str(cat), index="products", images_root=str(d), device="cpu", batch_size=5, attribute_model=str(tmp_path / "m"))
+    s = run_index_job(engine, settings, job, progress=False)
+    assert (s.indexed, s.failed) == (12, 0)
+    docs = {x[F.ID]: x for x in engine.iter_documents("products")}
+    ims = [Image.open(d / r["image"]).convert("RGB") for r in sub]
+    vecs, inputs = image_vectors(enc, ims, model)
+    want = predict_images(model, ims, list(vecs), regions=inputs)
+    for r, p in zip(sub, want):  # what indexing stored is the version-3 head's prediction (regression + branch)
+        doc = docs[r["product_id"]]
+        assert doc.get(F.PHOTO_COLOUR) == p["colour"].value
+        assert abs(doc[F.PHOTO_COLOUR_CONFIDENCE] - round(p["colour"].confidence, 4)) < 2e-3
+    engine.close()

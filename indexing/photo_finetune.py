@@ -2,7 +2,7 @@
 
 The region features (:mod:`indexing.photo_regions`) pool maps the image model learned for ImageNet. This branch
 goes one step further: a **copy of the image model's blocks after** :data:`FROM_BLOCK` (for EfficientNet-Lite0:
-block 6 and the 1x1 head convolution with its norm), started from the ImageNet weights and trained with a
+blocks 5 and 6 and the 1x1 head convolution with its norm), started from the ImageNet weights and trained with a
 small classifier on the catalog's colour labels. It reads the output of block :data:`FROM_BLOCK`, which the forward
 pass that makes ``image_vec`` computes anyway (:meth:`indexing.encoders.ImageEncoder.encode_maps`), so at indexing
 time only the copied last blocks run again. The last map is averaged over the product's cells (the product mask of
@@ -29,14 +29,14 @@ from indexing.errors import ConfigError, ModelArtifactError
 log = logging.getLogger(__name__)
 
 FINETUNE_RECIPE = "finetune-v1"
-#: the block whose output the branch reads (EfficientNet-Lite0: 192 channels at 7 x 7); the blocks after it are copied
-FROM_BLOCK = 5
+#: the block whose output the branch reads (EfficientNet-Lite0: 112 channels at 14 x 14); the blocks after it are copied
+FROM_BLOCK = 4
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     from_block: int = FROM_BLOCK
-    epochs: int = 8
+    epochs: int = 6
     patience: int = 2  # epochs without a better validation top-1 before stopping
     batch_size: int = 64
     lr_tail: float = 3e-4  # the copied blocks

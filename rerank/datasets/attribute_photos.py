@@ -223,11 +223,11 @@ def load_labelled_photos(catalog: str | Path, images_root: str | Path | None, im
 
 
 def train_from_catalog(catalog: str | Path, images_root: str | Path | None, image_encoder: Any, *, cache_dir: str | Path | None,
-                       seed: int = 13, regions: bool = True, finetune: bool = False, progress: bool = False) -> tuple[AttributeModel, LabelledPhotos]:
+                       seed: int = 13, regions: bool = True, finetune: bool = True, progress: bool = False) -> tuple[AttributeModel, LabelledPhotos]:
     """The heads trained on a catalog's labelled photos (:func:`load_labelled_photos` with the features their config
     reads, then :func:`indexing.photo_attributes.train_attribute_model`: a held-out share measured in the report) and
-    those photos. ``finetune=True``: the colour head also gets a fine-tuned branch (version 3); else the version-2
-    recipe; ``regions=False``: no head reads region features nor has a branch (the version-1 recipe)."""
+    those photos. The colour head also gets a fine-tuned branch (version 3); ``finetune=False``: the version-2 recipe;
+    ``regions=False``: no head reads region features nor has a branch (the version-1 recipe)."""
     from indexing.photo_finetune import FROM_BLOCK
 
     cfg = AttributeConfig(seed=seed)

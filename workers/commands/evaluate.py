@@ -139,8 +139,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                         "beside the majority-class baseline."),
         no_regions: bool = typer.Option(False, "--no-regions", help="With --attributes: every head reads the pixel features and "
                                         "the pooled image vector only (the colour head then skips the region features)."),
-        finetune: bool = typer.Option(False, "--finetune", help="With --attributes: the colour head also gets a fine-tuned branch (the "
-                                      "image model's last block trained on the catalog's labels; attribute model version 3)."),
+        finetune: bool = typer.Option(True, "--finetune/--no-finetune", help="With --attributes: the colour head also gets a fine-tuned "
+                                      "branch (the image model's last blocks trained on the catalog's labels; attribute model version 3); "
+                                      "--no-finetune: the version-2 recipe (--no-regions implies it)."),
         events: Optional[Path] = typer.Option(None, "--events", help="Events CSV of the evaluated users (history)."),
         images_root: Optional[Path] = typer.Option(None, "--images-root", help="Folder image paths are relative to (default: the catalog's folder)."),
         mode: str = typer.Option("rerank", "--mode", help="rerank: reorder each query's judged products; retrieve: rank the whole catalog."),
@@ -191,9 +192,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Evaluate baselines on a catalog + queries + graded qrels (NDCG@10, MRR@10, Recall@100, judged@10, and the
         diversity of each top 10: ild@10, distinct@10 per attribute)."""
         if attributes:
-            if finetune and no_regions:
-                raise typer.BadParameter("--finetune needs the region features: drop --no-regions")
-            _eval_attributes(catalog, images_root, as_json=as_json, progress=progress, seed=seed, regions=not no_regions, finetune=finetune)
+            _eval_attributes(catalog, images_root, as_json=as_json, progress=progress, seed=seed, regions=not no_regions,
+                             finetune=finetune and not no_regions)
             return
         missing = [flag for flag, v in (("--queries", queries), ("--qrels", qrels), ("--gain", gain)) if v is None]
         if missing:

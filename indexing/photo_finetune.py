@@ -45,7 +45,6 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     dropout: float = 0.2
     flip: bool = True  # horizontal flips of the cached maps (and masks) as augmentation
-    attention: bool = False  # learned attention over the product's cells
     balanced: bool = False  # class-balanced loss weights
     seed: int = 13
     threads: int = 1
@@ -61,8 +60,7 @@ def _torch():
     return _import("torch", "torch")
 
 
-def make_branch(image_model: Any, classes: int, *, from_block: int = FROM_BLOCK, dropout: float = 0.2, extra_dim: int = 0,
-                attention: bool = False):
+def make_branch(image_model: Any, classes: int, *, from_block: int = FROM_BLOCK, dropout: float = 0.2):
     """A :class:`torch.nn.Module`: copies of ``image_model``'s (a timm EfficientNet) blocks after ``from_block``, its
     head convolution and norm, then masked mean pooling and a linear layer of ``classes`` outputs."""
     torch = _torch()
@@ -77,12 +75,7 @@ def make_branch(image_model: Any, classes: int, *, from_block: int = FROM_BLOCK,
             self.tail = nn.Sequential(*[copy.deepcopy(b) for b in list(blocks)[from_block + 1:]],
                                       copy.deepcopy(image_model.conv_head), copy.deepcopy(image_model.bn2))
             self.drop = nn.Dropout(dropout)
-            self.fc = nn.Linear(image_model.num_features + extra_dim, classes)
-            # learned attention over the product's cells (which of several garments the label names), else the mask's mean
-            self.attn = nn.Conv2d(image_model.num_features, 1, 1) if attention else None
-            if self.attn is not None:
-                nn.init.zeros_(self.attn.weight)
-                nn.init.zeros_(self.attn.bias)
+            self.fc = nn.Linear(image_model.num_features, classes)
 
         def pooled(self, x, masks):
             fm = self.tail(x)
@@ -90,16 +83,10 @@ def make_branch(image_model: Any, classes: int, *, from_block: int = FROM_BLOCK,
             k = masks.shape[-1] // cells
             w = torch.nn.functional.avg_pool2d(masks[:, None], k)  # (b, 1, cells, cells) product share per cell
             w = w + 1e-4  # a photo with no product cell pools evenly
-            if self.attn is not None:  # starts as the masked mean (zero logits)
-                a = self.attn(fm)
-                w = w * torch.exp(a - a.amax(dim=(2, 3), keepdim=True))
             return (fm * w).sum(dim=(2, 3)) / w.sum(dim=(2, 3))
 
-        def forward(self, x, masks, extra=None):
-            z = self.pooled(x, masks)
-            if extra is not None:
-                z = torch.cat([z, extra], dim=1)
-            return self.fc(self.drop(z))
+        def forward(self, x, masks):
+            return self.fc(self.drop(self.pooled(x, masks)))
 
         def train(self, mode: bool = True):  # the norms keep their ImageNet statistics
             super().train(mode)
@@ -111,8 +98,7 @@ def make_branch(image_model: Any, classes: int, *, from_block: int = FROM_BLOCK,
     return ColourBranch()
 
 
-def branch_proba(branch: Any, maps: np.ndarray, masks: np.ndarray, *, extra: np.ndarray | None = None, flip_tta: bool = False,
-                 batch_size: int = 128) -> np.ndarray:
+def branch_proba(branch: Any, maps: np.ndarray, masks: np.ndarray, *, flip_tta: bool = False, batch_size: int = 128) -> np.ndarray:
     """``(n, classes)`` softmax of the branch over block outputs ``maps`` (n, C, h, w) and product ``masks`` (n, S, S)
     (``flip_tta``: averaged with the horizontally flipped input)."""
     torch = _torch()
@@ -122,17 +108,15 @@ def branch_proba(branch: Any, maps: np.ndarray, masks: np.ndarray, *, extra: np.
         for s in range(0, len(maps), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(maps[s:s + batch_size], dtype=np.float32))
             m = torch.from_numpy(np.ascontiguousarray(masks[s:s + batch_size], dtype=np.float32))
-            e = torch.from_numpy(np.ascontiguousarray(extra[s:s + batch_size], dtype=np.float32)) if extra is not None else None
-            p = branch(x, m, e).softmax(-1)
+            p = branch(x, m).softmax(-1)
             if flip_tta:
-                p = (p + branch(x.flip(-1), m.flip(-1), e).softmax(-1)) / 2
+                p = (p + branch(x.flip(-1), m.flip(-1)).softmax(-1)) / 2
             out.append(p.numpy())
     return np.concatenate(out) if out else np.zeros((0, branch.fc.out_features), np.float32)
 
 
 def train_branch(image_model: Any, maps: np.ndarray, masks: np.ndarray, y: np.ndarray, classes: int,
-                 train_rows: np.ndarray, val_rows: np.ndarray, cfg: FinetuneConfig = FinetuneConfig(),
-                 extra: np.ndarray | None = None) -> tuple[Any, dict[str, Any]]:
+                 train_rows: np.ndarray, val_rows: np.ndarray, cfg: FinetuneConfig = FinetuneConfig()) -> tuple[Any, dict[str, Any]]:
     """The branch trained on ``train_rows`` of the cached block outputs (``y``: class index per row), early-stopped on
     the top-1 of ``val_rows`` (the best epoch's weights kept); returns it and the history per epoch."""
     import time
@@ -143,11 +127,9 @@ def train_branch(image_model: Any, maps: np.ndarray, masks: np.ndarray, y: np.nd
     prev = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        branch = make_branch(image_model, classes, from_block=cfg.from_block, dropout=cfg.dropout,
-                             extra_dim=0 if extra is None else extra.shape[1], attention=cfg.attention)
-        head_params = list(branch.fc.parameters()) + (list(branch.attn.parameters()) if branch.attn is not None else [])
+        branch = make_branch(image_model, classes, from_block=cfg.from_block, dropout=cfg.dropout)
         opt = torch.optim.AdamW([{"params": branch.tail.parameters(), "lr": cfg.lr_tail},
-                                 {"params": head_params, "lr": cfg.lr_head}], weight_decay=cfg.weight_decay)
+                                 {"params": branch.fc.parameters(), "lr": cfg.lr_head}], weight_decay=cfg.weight_decay)
         weight = None
         if cfg.balanced:
             counts = np.bincount(y[train_rows], minlength=classes).astype(np.float64)
@@ -170,14 +152,13 @@ def train_branch(image_model: Any, maps: np.ndarray, masks: np.ndarray, y: np.nd
                     f = torch.from_numpy(rng.random(len(rows)) < 0.5)
                     x = torch.where(f[:, None, None, None], x.flip(-1), x)
                     m = torch.where(f[:, None, None], m.flip(-1), m)
-                e = torch.from_numpy(extra[rows].astype(np.float32)) if extra is not None else None
-                loss = loss_fn(branch(x, m, e), yt[rows])
+                loss = loss_fn(branch(x, m), yt[rows])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 sched.step()
                 total += float(loss.detach()) * len(rows)
-            p = branch_proba(branch, maps[val_rows], masks[val_rows], extra=None if extra is None else extra[val_rows])
+            p = branch_proba(branch, maps[val_rows], masks[val_rows])
             acc = float(np.mean(p.argmax(1) == y[val_rows])) if len(val_rows) else 0.0
             history.append({"epoch": epoch + 1, "loss": round(total / len(order), 4), "val_top1": round(acc, 4),
                             "seconds": round(time.perf_counter() - t0, 1)})

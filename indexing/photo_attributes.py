@@ -74,16 +74,16 @@ class AttributeConfig:
     novelty_quantile: float = 0.01  # held-out real photos below this quantile of best cosine count as unfamiliar
     # heads that also read the region features (indexing.photo_regions) when the training data carries them
     region_heads: tuple[str, ...] = ("colour",)
-    # heads that also get a fine-tuned branch (indexing.photo_finetune) when the training data carries the block maps;
-    # each must read the region features too (the maps come from the same pass)
+    # heads that also get a fine-tuned branch (indexing.photo_finetune) when the training data carries the block maps
+    # and the head reads the region features (the maps come from that pass); others are left as they are
     finetune_heads: tuple[str, ...] = ("colour",)
     finetune_val: float = 0.15  # share of the training photos the branch is early-stopped and weighted on
 
     def __post_init__(self) -> None:
         if set(self.region_heads) - set(ATTRIBUTES):
             raise ConfigError(f"region_heads {self.region_heads}: valid attributes are {', '.join(ATTRIBUTES)}")
-        if set(self.finetune_heads) - set(self.region_heads):
-            raise ConfigError(f"finetune_heads {self.finetune_heads}: each must also be one of region_heads {self.region_heads}")
+        if set(self.finetune_heads) - set(ATTRIBUTES):
+            raise ConfigError(f"finetune_heads {self.finetune_heads}: valid attributes are {', '.join(ATTRIBUTES)}")
         if not 0.0 < self.finetune_val < 0.5:
             raise ConfigError(f"finetune_val must be in (0, 0.5), got {self.finetune_val!r}")
         if self.min_count < 1 or not 0.0 < self.holdout < 1.0 or self.C <= 0 or self.max_iter < 1 or not 0 <= self.novelty_quantile < 0.5:

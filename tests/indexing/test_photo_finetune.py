@@ -133,9 +133,10 @@ def test_version_3_round_trips_predicts_from_one_pass_and_distrusts_bad_photos(t
         AttributeModel.load(tmp_path / "m")
 
 
-def test_finetune_heads_must_read_region_features_and_need_the_image_model():
+def test_finetune_config_errors_are_precise():
     with pytest.raises(ConfigError, match="finetune_heads"):
-        AttributeConfig(region_heads=(), finetune_heads=("colour",))
+        AttributeConfig(finetune_heads=("size",))
+    AttributeConfig(region_heads=())  # the version-1 recipe: no region heads, so no branch either (not an error)
     with pytest.raises(ConfigError, match="finetune_val"):
         AttributeConfig(finetune_val=0.0)
 

@@ -487,6 +487,11 @@ class ImageEncoder:
     def info(self) -> EncoderInfo:
         return EncoderInfo("image", self.name, self.backend, self.dim, self.model_id, self.weights)
 
+    @property
+    def module(self) -> Any:
+        """The timm model itself (what a fine-tuned attribute branch copies its last blocks from)."""
+        return self._model
+
     def preprocess(self, images: Sequence[Any]):
         """The model's own preprocessing (timm data config: resize, center crop, normalize) -> (n, 3, H, W)."""
         from PIL import Image

@@ -19,9 +19,15 @@ image vector's best cosine to the training photos falls below the 1st percentile
 collage (several separate objects side by side). Such a photo's confidences are multiplied by 0, so nothing is
 completed from it. A corrupt file never reaches the heads (the indexer refuses it first).
 
+A head named in ``AttributeConfig.finetune_heads`` (colour) also gets a **fine-tuned branch**
+(:mod:`indexing.photo_finetune`: a copy of the image model's last block and head convolution trained on the catalog's
+labels, reading the output of an earlier block from the same forward pass); its probabilities are averaged with the
+logistic regression's with a weight chosen on a validation split of the training photos.
+
 The model is a versioned directory: ``config.json`` (classes, each head's inputs, the image model id it was trained
-with, the region recipe, the held-out report) + ``weights.safetensors``. Prediction is numpy only. Version-1 models
-(every head on pixel features + ``image_vec``) still load and predict as they did.
+with, the region recipe, the branch's recipe and weight, the held-out report) + ``weights.safetensors``. Version 3
+has a fine-tuned branch (prediction runs it in torch); versions 1 (every head on pixel features + ``image_vec``) and
+2 (region features, numpy only) still load and predict as they did; a model without a branch is saved as version 2.
 """
 
 from __future__ import annotations
@@ -41,9 +47,10 @@ from indexing.errors import ConfigError, ModelArtifactError
 
 log = logging.getLogger(__name__)
 
-ATTRIBUTE_VERSION = 2
-#: versions :meth:`AttributeModel.load` reads (1: every head on pixel features + image_vec)
-READABLE_VERSIONS = (1, 2)
+ATTRIBUTE_VERSION = 3
+#: versions :meth:`AttributeModel.load` reads (1: every head on pixel features + image_vec; 2: + region features;
+#: 3: + a fine-tuned branch)
+READABLE_VERSIONS = (1, 2, 3)
 #: a head's input groups
 PIXEL, IMAGE_VEC, REGIONS = "pixel", "image_vec", "regions"
 BASE_INPUTS = (PIXEL, IMAGE_VEC)
@@ -67,10 +74,18 @@ class AttributeConfig:
     novelty_quantile: float = 0.01  # held-out real photos below this quantile of best cosine count as unfamiliar
     # heads that also read the region features (indexing.photo_regions) when the training data carries them
     region_heads: tuple[str, ...] = ("colour",)
+    # heads that also get a fine-tuned branch (indexing.photo_finetune) when the training data carries the block maps
+    # and the head reads the region features (the maps come from that pass); others are left as they are
+    finetune_heads: tuple[str, ...] = ("colour",)
+    finetune_val: float = 0.15  # share of the training photos the branch is early-stopped and weighted on
 
     def __post_init__(self) -> None:
         if set(self.region_heads) - set(ATTRIBUTES):
             raise ConfigError(f"region_heads {self.region_heads}: valid attributes are {', '.join(ATTRIBUTES)}")
+        if set(self.finetune_heads) - set(ATTRIBUTES):
+            raise ConfigError(f"finetune_heads {self.finetune_heads}: valid attributes are {', '.join(ATTRIBUTES)}")
+        if not 0.0 < self.finetune_val < 0.5:
+            raise ConfigError(f"finetune_val must be in (0, 0.5), got {self.finetune_val!r}")
         if self.min_count < 1 or not 0.0 < self.holdout < 1.0 or self.C <= 0 or self.max_iter < 1 or not 0 <= self.novelty_quantile < 0.5:
             raise ConfigError(f"bad attribute config {self}")
 
@@ -87,6 +102,8 @@ class AttributeHead:
     weight: np.ndarray  # (classes, inputs)
     bias: np.ndarray  # (classes,)
     inputs: tuple[str, ...] = BASE_INPUTS
+    #: :class:`indexing.photo_finetune.Branch` whose probabilities are averaged in (None: the regression alone)
+    branch: Any = None
 
     def proba(self, x: np.ndarray) -> np.ndarray:
         z = ((x - self.mean) / self.scale) @ self.weight.T + self.bias
@@ -123,6 +140,11 @@ class AttributeModel:
     def needs_regions(self) -> bool:
         return any(REGIONS in h.inputs for h in self.heads.values())
 
+    @property
+    def branch_block(self) -> int | None:
+        """The image model block whose output a fine-tuned branch reads (None: no branch)."""
+        return next((h.branch.from_block for h in self.heads.values() if h.branch is not None), None)
+
     def features(self, pixel: np.ndarray, image_vec: np.ndarray, regions: np.ndarray | None = None, *,
                  inputs: Sequence[str] = BASE_INPUTS) -> np.ndarray:
         """The rows a head with these ``inputs`` reads: ``[pixel, image_vec]`` (+ ``regions``)."""
@@ -137,7 +159,7 @@ class AttributeModel:
             if regions is None:
                 raise ModelArtifactError("this attribute model's heads read the photo's region features (indexing.photo_regions): "
                                          "pass them, or the image encoder to compute them (predict_images(..., encoder=))")
-            regions = np.asarray(regions, dtype=np.float32).reshape(len(regions), -1)
+            regions = np.asarray(getattr(regions, "features", regions), dtype=np.float32).reshape(len(pixel), -1)
             want = int((self.regions or {}).get("dim", -1))
             if regions.shape[1] != want:
                 raise ModelArtifactError(f"attribute model expects {want} region features, got {regions.shape[1]}")
@@ -150,12 +172,13 @@ class AttributeModel:
         v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
         return (v @ self.novelty_bank.T).max(axis=1)
 
-    def predict(self, pixel: np.ndarray, image_vec: np.ndarray, *, regions: np.ndarray | None = None,
+    def predict(self, pixel: np.ndarray, image_vec: np.ndarray, *, regions: Any = None,
                 objects: Sequence[int] | None = None, top_k: int = 3) -> list[dict[str, Prediction]]:
         """Per photo ``{attribute: Prediction}``; a distrusted photo (:func:`photo_quality`) gets value None and
         confidence 0 (its ``top`` still says what the heads saw). ``objects``: per photo
         :func:`indexing.photo_features.object_count` (collages are distrusted only when given). ``regions``: the
-        photos' :func:`indexing.photo_regions.region_features` (needed when :attr:`needs_regions`)."""
+        photos' :func:`indexing.photo_regions.region_features` (needed when :attr:`needs_regions`), as
+        :class:`indexing.photo_regions.RegionInputs` with the block maps where a head has a fine-tuned branch."""
         xs = {h.inputs: self.features(pixel, image_vec, regions, inputs=h.inputs) for h in self.heads.values()}
         n = len(np.asarray(pixel))
         objs = list(objects) if objects is not None else [None] * n
@@ -164,6 +187,14 @@ class AttributeModel:
         out: list[dict[str, Prediction]] = [{} for _ in range(n)]
         for name, head in self.heads.items():
             p = head.proba(xs[head.inputs])
+            if head.branch is not None:
+                from indexing.photo_finetune import mix
+
+                if getattr(regions, "maps", None) is None or regions.block != head.branch.from_block:
+                    raise ModelArtifactError(f"this attribute model's {name} head has a fine-tuned branch that reads the output of image "
+                                             f"model block {head.branch.from_block}: pass regions as RegionInputs with those maps "
+                                             "(indexing.photo_attributes.image_vectors), or the image encoder to predict_images(..., encoder=)")
+                p = mix(p, head.branch.proba(regions.maps, regions.masks), head.branch.weight)
             order = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
             for i in range(n):
                 top = tuple((head.classes[j], float(p[i, j])) for j in order[i])
@@ -183,14 +214,17 @@ class AttributeModel:
         for name, h in self.heads.items():
             for part in ("mean", "scale", "weight", "bias"):
                 tensors[f"{name}.{part}"] = np.ascontiguousarray(getattr(h, part), dtype=np.float32)
+            if h.branch is not None:
+                tensors.update(h.branch.tensors(f"{name}.branch."))
         save_file(tensors, str(d / WEIGHTS_FILE))
         config = {
             "kind": "fusionrank-photo-attributes",
-            "version": ATTRIBUTE_VERSION,
+            "version": ATTRIBUTE_VERSION if self.branch_block is not None else 2,  # readable by version-2 code where it can be
             "image_model_id": self.image_model_id,
             "pixel_dim": self.pixel_dim,
             "novelty_threshold": self.novelty_threshold,
-            "heads": {name: {"field": ATTRIBUTES[name], "classes": list(h.classes), "inputs": list(h.inputs)}
+            "heads": {name: {"field": ATTRIBUTES[name], "classes": list(h.classes), "inputs": list(h.inputs),
+                             **({"branch": h.branch.config()} if h.branch is not None else {})}
                       for name, h in self.heads.items()},
             "regions": self.regions,
             "report": self.report,
@@ -227,9 +261,16 @@ class AttributeModel:
             inputs = tuple(h.get("inputs", BASE_INPUTS))
             if set(inputs) - {PIXEL, IMAGE_VEC, REGIONS} or (REGIONS in inputs and regions is None):
                 raise ModelArtifactError(f"attribute model {str(d)!r}: head {name!r} has inputs {list(inputs)} this version cannot build")
+            branch = None
+            if h.get("branch") is not None:
+                from indexing.photo_finetune import load_branch
+
+                if REGIONS not in inputs:
+                    raise ModelArtifactError(f"attribute model {str(d)!r}: head {name!r} has a fine-tuned branch but reads no region features")
+                branch = load_branch(h["branch"], len(h["classes"]), tensors, f"{name}.branch.", where=repr(str(d)))
             try:
                 heads[name] = AttributeHead(name, tuple(h["classes"]), *(tensors[f"{name}.{p}"] for p in ("mean", "scale", "weight", "bias")),
-                                            inputs=inputs)
+                                            inputs=inputs, branch=branch)
             except KeyError as e:
                 raise ModelArtifactError(f"attribute model {str(d)!r}: tensor {e} is missing") from None
         return cls(heads, config["image_model_id"], int(config["pixel_dim"]), tensors["novelty_bank"].astype(np.float32),
@@ -274,6 +315,11 @@ class LabelledPhotos:
     #: has a label for may be zeros) and ``{"recipe", "blocks", "dim"}``
     regions: np.ndarray | None = None
     region_info: dict[str, Any] | None = None
+    #: the output of image model block ``maps_block`` (``(n, C, h, w)`` float16) and the product masks (``(n, SIDE, SIDE)``
+    #: bool) a fine-tuned branch trains on (None: not computed; rows of a photo no such head has a label for are zeros)
+    maps: np.ndarray | None = None
+    masks: np.ndarray | None = None
+    maps_block: int | None = None
 
 
 def split_holdout(ids: Sequence[str], holdout: float, seed: int) -> np.ndarray:
@@ -309,9 +355,46 @@ def _head_inputs(name: str, data: LabelledPhotos, cfg: AttributeConfig) -> tuple
     return BASE_INPUTS + ((REGIONS,) if name in cfg.region_heads and data.regions is not None else ())
 
 
+def _train_branch(name: str, x: np.ndarray, y: np.ndarray, classes: Sequence[str], tr: np.ndarray, data: LabelledPhotos,
+                  cfg: AttributeConfig, image_model: Any) -> Any:
+    """The head's fine-tuned branch (:func:`indexing.photo_finetune.train_branch`) trained on the training photos
+    outside a validation split of them, early-stopped on that split; its mixing weight with the regression is the one
+    with the best validation top-1 (then top-3) for a regression fitted without the split (held-out photos unseen)."""
+    from indexing.photo_finetune import Branch, FinetuneConfig, branch_proba, mix, train_branch
+
+    if image_model is None:
+        raise ConfigError(f"the {name} head's fine-tuned branch needs the image model (train_attribute_model(..., image_model=)) "
+                          "or finetune_heads=()")
+    val = split_holdout(data.ids, cfg.finetune_val, cfg.seed + 1000) & tr
+    fit = tr & ~val
+    if val.sum() < len(classes) or fit.sum() < len(classes):
+        raise ConfigError(f"too few labelled photos for the {name} head's fine-tuned branch ({int(fit.sum())} to train, {int(val.sum())} to validate)")
+    index = {c: i for i, c in enumerate(classes)}
+    yi = np.asarray([index.get(v, -1) for v in y])
+    fcfg = FinetuneConfig(from_block=int(data.maps_block), seed=cfg.seed)
+    module, history = train_branch(image_model, data.maps, data.masks, yi, len(classes), np.flatnonzero(fit), np.flatnonzero(val), fcfg)
+    p_branch = branch_proba(module, data.maps[val], data.masks[val])
+    p_head = _fit_head(name, x[fit], y[fit], cfg).proba(x[val])
+    truth = yi[val]
+
+    def score(w: float) -> tuple[float, float]:
+        order = np.argsort(-mix(p_head, p_branch, w), axis=1, kind="stable")
+        return float(np.mean(order[:, 0] == truth)), float(np.mean((order[:, :3] == truth[:, None]).any(axis=1)))
+
+    grid = {round(w, 1): score(w) for w in np.arange(0.0, 1.01, 0.1)}
+    weight = max(grid, key=lambda w: (grid[w], -w))
+    report = {**history, "val": int(val.sum()), "weight": weight, "val_top1_head": grid[0.0][0], "val_top1_branch": grid[1.0][0],
+              "val_top1_mixed": grid[weight][0]}
+    log.info("attribute head %s: fine-tuned branch %s", name, report)
+    arch = getattr(image_model, "pretrained_cfg", {}).get("architecture") or type(image_model).__name__
+    return Branch(module, arch, fcfg.from_block, weight, dropout=fcfg.dropout, report=report)
+
+
 def train_attribute_model(data: LabelledPhotos, image_model_id: str, cfg: AttributeConfig = AttributeConfig(),
-                          *, attributes: Iterable[str] = tuple(ATTRIBUTES)) -> AttributeModel:
-    """Heads trained on the labelled photos outside the hold-out; the report holds each head's held-out accuracy."""
+                          *, attributes: Iterable[str] = tuple(ATTRIBUTES), image_model: Any = None) -> AttributeModel:
+    """Heads trained on the labelled photos outside the hold-out; the report holds each head's held-out accuracy.
+    A head of ``cfg.finetune_heads`` also gets a fine-tuned branch when ``data`` carries the block maps (``image_model``:
+    the timm module of the image encoder, whose last blocks the branch copies)."""
     held = split_holdout(data.ids, cfg.holdout, cfg.seed)
     base = np.concatenate([data.pixel, data.image_vec], axis=1).astype(np.float32)
     heads: dict[str, AttributeHead] = {}
@@ -332,7 +415,21 @@ def train_attribute_model(data: LabelledPhotos, image_model_id: str, cfg: Attrib
         t0 = time.perf_counter()
         heads[name] = replace(_fit_head(name, x[tr], y[tr], cfg), inputs=inputs)
         te = known & held
-        report[name] = {**_accuracy(heads[name].proba(x[te]), heads[name].classes, list(y[te]), list(y[tr])),
+        p = heads[name].proba(x[te])
+        extra: dict[str, Any] = {}
+        if name in cfg.finetune_heads and REGIONS in inputs and data.maps is not None:
+            from indexing.photo_finetune import mix
+
+            branch = _train_branch(name, x, y, heads[name].classes, tr, data, cfg, image_model)
+            heads[name] = replace(heads[name], branch=branch)
+            p_branch = branch.proba(data.maps[te], data.masks[te])
+            extra["branch"] = {"weight": branch.weight,
+                               "regression_only": {k: v for k, v in _accuracy(p, heads[name].classes, list(y[te]), list(y[tr])).items()
+                                                   if k in ("top1", "top3")},
+                               "branch_only": {k: v for k, v in _accuracy(p_branch, heads[name].classes, list(y[te]), list(y[tr])).items()
+                                               if k in ("top1", "top3")}}
+            p = mix(p, p_branch, branch.weight)
+        report[name] = {**_accuracy(p, heads[name].classes, list(y[te]), list(y[tr])), **extra,
                         "classes": len(classes), "train": int(tr.sum()), "seconds": round(time.perf_counter() - t0, 1)}
         log.info("attribute head %s: %s", name, report[name])
     bank_rows = np.flatnonzero(~held)
@@ -474,29 +571,30 @@ def load_cached(directory: str | Path, image_model_id: str) -> tuple[AttributeMo
     return model, mid
 
 
-def image_vectors(encoder: Any, images: Sequence[Any], model: AttributeModel | None) -> tuple[np.ndarray, np.ndarray | None]:
+def image_vectors(encoder: Any, images: Sequence[Any], model: AttributeModel | None) -> tuple[np.ndarray, Any]:
     """The photos' image vectors (as ``encoder.encode`` gives them) and, for a ``model`` whose heads read region
-    features, those features from the same forward pass (:func:`indexing.photo_regions.region_features`); None
-    for a model without region heads or no model."""
+    features, those features (with the block maps a fine-tuned branch reads) from the same forward pass
+    (:func:`indexing.photo_regions.region_inputs`: a :class:`indexing.photo_regions.RegionInputs`); None for a model
+    without region heads or no model."""
     if model is not None and model.needs_regions:
-        from indexing.photo_regions import region_features
+        from indexing.photo_regions import region_inputs
 
-        return region_features(encoder, images, blocks=model.regions["blocks"])
+        return region_inputs(encoder, images, blocks=model.regions["blocks"], keep_block=model.branch_block)
     return encoder.encode(images), None
 
 
 def predict_images(model: AttributeModel, images: Sequence[Any], image_vecs: Sequence[np.ndarray], *,
-                   regions: np.ndarray | None = None, encoder: Any = None) -> list[dict[str, Prediction]]:
+                   regions: Any = None, encoder: Any = None) -> list[dict[str, Prediction]]:
     """Predictions for decoded PIL photos whose image vectors are known (what the indexer holds). A model whose heads
-    read region features takes them as ``regions`` (what :func:`indexing.photo_regions.region_features` gave beside
-    the image vectors), or computes them with the image ``encoder`` (one forward pass)."""
+    read region features takes them as ``regions`` (what :func:`image_vectors` gave beside the image vectors), or
+    computes them with the image ``encoder`` (one forward pass)."""
     from threadpoolctl import threadpool_limits
 
     from indexing.photo_features import object_count, pixel_features
 
     if not images:
         return []
-    if model.needs_regions and regions is None:
+    if model.needs_regions and (regions is None or (model.branch_block is not None and getattr(regions, "maps", None) is None)):
         if encoder is None:
             raise ModelArtifactError("this attribute model's heads read the photo's region features: pass regions= or encoder=")
         _, regions = image_vectors(encoder, images, model)

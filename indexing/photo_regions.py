@@ -21,6 +21,7 @@ Nothing here is trained; :mod:`indexing.photo_attributes` trains the heads. A ch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -117,6 +118,11 @@ def _crop_mask_and_lab(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return fg.astype(np.float32), lab
 
 
+def product_mask(crop: np.ndarray) -> np.ndarray:
+    """The ``(SIDE, SIDE)`` bool product mask of an RGB crop in 0..1 (the crop the image model saw)."""
+    return _crop_mask_and_lab(crop)[0] > 0.5
+
+
 def _resize(crop: np.ndarray, side: int) -> np.ndarray:
     from PIL import Image
 
@@ -129,20 +135,49 @@ def region_dim(channels: Sequence[int]) -> int:
     return int(sum(channels)) + LAB_DIM
 
 
+@dataclass(frozen=True)
+class RegionInputs:
+    """What one forward pass gives the heads that read where the product is: the :func:`region_features` rows and,
+    for an attribute model with a fine-tuned branch (:mod:`indexing.photo_finetune`), the output of the image model's
+    block ``block`` (``(n, C, h, w)`` float32) with the product masks (``(n, SIDE, SIDE)`` bool)."""
+
+    features: np.ndarray
+    maps: np.ndarray | None = None
+    masks: np.ndarray | None = None
+    block: int | None = None
+
+
+def region_inputs(encoder: Any, images: Sequence[Any], *, blocks: Sequence[int] = BLOCKS, keep_block: int | None = None,
+                  batch_size: int = 32) -> tuple[np.ndarray, RegionInputs]:
+    """``(image vectors (n, dim) exactly as encoder.encode gives them, RegionInputs)`` of decoded PIL photos from one
+    forward pass: the region features (the masked means of the maps of ``blocks`` and of the last map, then
+    :func:`lab_colour_features` of the product) and, with ``keep_block`` (one of ``blocks``), that block's output and
+    the product masks."""
+    if keep_block is not None and keep_block not in blocks:
+        raise ValueError(f"keep_block {keep_block} is not one of the hooked blocks {tuple(blocks)}")
+    vecs, feats, kept, masks = [], [], [], []
+    for v, crops, maps in encoder.encode_maps(images, blocks=tuple(blocks), batch_size=batch_size, crop_side=SIDE):
+        vecs.append(v)
+        if keep_block is not None:
+            kept.append(np.ascontiguousarray(maps[list(blocks).index(keep_block)]))
+        for j in range(len(v)):
+            mask, lab = _crop_mask_and_lab(crops[j])
+            masks.append(mask > 0.5)
+            feats.append(np.concatenate([masked_means([m[j] for m in maps], mask), lab_colour_features(lab, mask)]))
+    if not vecs:
+        return np.zeros((0, encoder.dim), np.float32), RegionInputs(np.zeros((0, 0), np.float32))
+    if keep_block is None:
+        return np.concatenate(vecs), RegionInputs(np.stack(feats))
+    return np.concatenate(vecs), RegionInputs(np.stack(feats), np.concatenate(kept), np.stack(masks), keep_block)
+
+
 def region_features(encoder: Any, images: Sequence[Any], *, blocks: Sequence[int] = BLOCKS,
                     batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """``(image vectors (n, dim) exactly as encoder.encode gives them, region features (n, region_dim))`` of decoded
-    PIL photos from one forward pass: the masked means of the maps of ``blocks`` and of the last map, then
-    :func:`lab_colour_features` of the product."""
-    vecs, feats = [], []
-    for v, crops, maps in encoder.encode_maps(images, blocks=tuple(blocks), batch_size=batch_size, crop_side=SIDE):
-        vecs.append(v)
-        for j in range(len(v)):
-            mask, lab = _crop_mask_and_lab(crops[j])
-            feats.append(np.concatenate([masked_means([m[j] for m in maps], mask), lab_colour_features(lab, mask)]))
-    if not vecs:
-        return np.zeros((0, encoder.dim), np.float32), np.zeros((0, 0), np.float32)
-    return np.concatenate(vecs), np.stack(feats)
+    PIL photos from one forward pass (:func:`region_inputs` without a kept block)."""
+    vecs, inputs = region_inputs(encoder, images, blocks=blocks, batch_size=batch_size)
+    return vecs, inputs.features
 
 
-__all__ = ["BLOCKS", "LAB_DIM", "REGION_RECIPE", "SIDE", "lab_colour_features", "masked_means", "region_dim", "region_features"]
+__all__ = ["BLOCKS", "LAB_DIM", "REGION_RECIPE", "SIDE", "lab_colour_features", "masked_means", "product_mask", "region_dim", "region_features",
+           "region_inputs", "RegionInputs"]

@@ -106,11 +106,74 @@ def cached_region_features(paths: list[Path], keys: list[str], image_encoder: An
     return out, ok
 
 
+def cached_block_maps(paths: list[Path], keys: list[str], image_encoder: Any, *, cache_dir: Path | None, block: int,
+                      batch_size: int = 32, chunk: int = 256, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(maps (n, C, h, w) float16, masks (n, SIDE, SIDE) bool, ok (n,))``: the output of the image model's block
+    ``block`` and the product mask (:mod:`indexing.photo_regions`) of the photos at ``paths``, from the forward pass
+    :meth:`indexing.encoders.ImageEncoder.encode_maps` runs; what the fine-tuned colour branch
+    (:mod:`indexing.photo_finetune`) trains on. Cached by ``keys``, the image model and the block, ``chunk`` photos a
+    file, so an interrupted run resumes at its first missing chunk."""
+    from threadpoolctl import threadpool_limits
+    from tqdm import tqdm
+
+    from indexing.images import load_image
+    from indexing.photo_regions import REGION_RECIPE, SIDE, product_mask
+    from rerank.model.alignment import _cache_file
+
+    tag = f"maps-{REGION_RECIPE}-b{block}_{image_encoder.model_id}"
+    base = _cache_file(cache_dir, tag, keys) if cache_dir is not None else None
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    bar = tqdm(total=len(paths), desc=f"block {block} maps", unit="img", disable=not progress, file=sys.stderr)
+    for c0 in range(0, len(paths), chunk):
+        idx = range(c0, min(len(paths), c0 + chunk))
+        path = base.with_name(f"{base.stem}-{c0 // chunk:04d}.npz") if base is not None else None
+        if path is not None and path.is_file():
+            try:
+                with np.load(path) as z:
+                    if len(z["ok"]) == len(idx):
+                        parts.append((z["maps"], z["masks"], z["ok"]))
+                        bar.update(len(idx))
+                        continue
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("ignoring unreadable map cache %s (%s)", path, e)
+        rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        with threadpool_limits(1):
+            images, at = [], []
+            for i in idx:
+                try:
+                    images.append(load_image(paths[i].name, paths[i].parent))
+                    at.append(i)
+                except ImageError as e:
+                    log.warning("%s: photo skipped: %s", paths[i], e)
+            for s in range(0, len(images), batch_size):
+                for _, crops, maps in image_encoder.encode_maps(images[s:s + batch_size], blocks=(block,), batch_size=batch_size, crop_side=SIDE):
+                    for j in range(len(crops)):
+                        rows[at[s + j]] = (maps[0][j].astype(np.float16), product_mask(crops[j]))
+        shape = next(iter(rows.values()))[0].shape if rows else (0, 0, 0)
+        maps_c = np.stack([rows[i][0] if i in rows else np.zeros(shape, np.float16) for i in idx])
+        masks_c = np.stack([rows[i][1] if i in rows else np.zeros((SIDE, SIDE), bool) for i in idx])
+        ok_c = np.asarray([i in rows for i in idx], dtype=bool)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.stem + ".tmp.npz")
+            np.savez(tmp, maps=maps_c, masks=masks_c, ok=ok_c)
+            tmp.replace(path)
+        parts.append((maps_c, masks_c, ok_c))
+        bar.update(len(idx))
+    bar.close()
+    if not parts:
+        return np.zeros((0, 0, 0, 0), np.float16), np.zeros((0, SIDE, SIDE), bool), np.zeros(0, bool)
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
+
+
 def load_labelled_photos(catalog: str | Path, images_root: str | Path | None, image_encoder: Any, *,
                          cache_dir: str | Path | None, preset: str | None = None, progress: bool = False,
-                         region_heads: tuple[str, ...] = ("colour",), region_blocks: tuple[int, ...] | None = None) -> LabelledPhotos:
-    """The catalog's products that have a readable photo, with pixel features, pooled image vectors and labels; and
-    the region features of the photos labelled for an attribute of ``region_heads`` (``()``: none computed)."""
+                         region_heads: tuple[str, ...] = ("colour",), region_blocks: tuple[int, ...] | None = None,
+                         maps_heads: tuple[str, ...] = (), maps_block: int | None = None) -> LabelledPhotos:
+    """The catalog's products that have a readable photo, with pixel features, pooled image vectors and labels; the
+    region features of the photos labelled for an attribute of ``region_heads`` (``()``: none computed); and the
+    output of block ``maps_block`` with the product masks (:func:`cached_block_maps`) of the photos labelled for an
+    attribute of ``maps_heads`` (what a fine-tuned branch trains on; ``()`` or no block: none)."""
     from indexing.catalog import Product, preset_field_map, read_catalog
     from rerank.model.alignment import Pair, cached_image_features
 
@@ -144,18 +207,38 @@ def load_labelled_photos(catalog: str | Path, images_root: str | Path | None, im
             for a in region_heads:
                 labels[a][i] = ""
         info = {"recipe": REGION_RECIPE, "blocks": list(blocks), "dim": int(feats.shape[1])}
-    return LabelledPhotos([products[i].id for i in keep], pixel[keep], pooled[keep], labels, regions, info)
+    maps = masks = None
+    if maps_heads and maps_block is not None:
+        want = np.flatnonzero(np.any([np.asarray(labels[a]) != "" for a in maps_heads], axis=0))
+        got, got_masks, ok_m = cached_block_maps([pairs[keep[i]].image_path for i in want], [keys[keep[i]] for i in want], image_encoder,
+                                                 cache_dir=cache, block=maps_block, progress=progress)
+        maps = np.zeros((len(keep), *got.shape[1:]), dtype=np.float16)
+        masks = np.zeros((len(keep), *got_masks.shape[1:]), dtype=bool)
+        maps[want], masks[want] = got, got_masks
+        for i in want[~ok_m]:
+            for a in maps_heads:
+                labels[a][i] = ""
+    return LabelledPhotos([products[i].id for i in keep], pixel[keep], pooled[keep], labels, regions, info, maps, masks,
+                          maps_block if maps is not None else None)
 
 
 def train_from_catalog(catalog: str | Path, images_root: str | Path | None, image_encoder: Any, *, cache_dir: str | Path | None,
-                       seed: int = 13, regions: bool = True, progress: bool = False) -> tuple[AttributeModel, LabelledPhotos]:
+                       seed: int = 13, regions: bool = True, finetune: bool = True, progress: bool = False) -> tuple[AttributeModel, LabelledPhotos]:
     """The heads trained on a catalog's labelled photos (:func:`load_labelled_photos` with the features their config
     reads, then :func:`indexing.photo_attributes.train_attribute_model`: a held-out share measured in the report) and
-    those photos. ``regions=False``: no head reads region features (the version-1 recipe)."""
-    cfg = AttributeConfig(seed=seed) if regions else AttributeConfig(seed=seed, region_heads=())
+    those photos. The colour head also gets a fine-tuned branch (version 3); ``finetune=False``: the version-2 recipe;
+    ``regions=False``: no head reads region features nor has a branch (the version-1 recipe)."""
+    from indexing.photo_finetune import FROM_BLOCK
+
+    cfg = AttributeConfig(seed=seed)
+    if not regions:
+        cfg = AttributeConfig(seed=seed, region_heads=(), finetune_heads=())
+    elif not finetune:
+        cfg = AttributeConfig(seed=seed, finetune_heads=())
     data = load_labelled_photos(catalog, images_root if images_root is not None else Path(catalog).parent, image_encoder,
-                                cache_dir=cache_dir, progress=progress, region_heads=cfg.region_heads)
-    return train_attribute_model(data, image_encoder.model_id, cfg), data
+                                cache_dir=cache_dir, progress=progress, region_heads=cfg.region_heads,
+                                maps_heads=cfg.finetune_heads, maps_block=FROM_BLOCK)
+    return train_attribute_model(data, image_encoder.model_id, cfg, image_model=image_encoder.module), data
 
 
-__all__ = ["cached_pixel_features", "load_labelled_photos", "train_from_catalog"]
+__all__ = ["cached_block_maps", "cached_pixel_features", "load_labelled_photos", "train_from_catalog"]

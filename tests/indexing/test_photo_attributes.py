@@ -323,6 +323,11 @@ def test_eval_attributes_prints_each_heads_held_out_accuracy_as_json(trained, mo
     assert r.exit_code == 0, r.output
     plain = json.loads(r.stdout.strip().splitlines()[-1])["attributes"]
     assert plain["article_type"] == out["attributes"]["article_type"] and plain["colour"]["n"] == out["attributes"]["colour"]["n"]
+    # --no-finetune: the version-2 recipe (no fine-tuned colour branch); the other heads are the same
+    r = CliRunner().invoke(app, ["eval", "--attributes", "--catalog", str(d / "catalog.csv"), "--images-root", str(d), "--json", "--no-finetune"])
+    assert r.exit_code == 0, r.output
+    v2 = json.loads(r.stdout.strip().splitlines()[-1])["attributes"]
+    assert v2["article_type"] == out["attributes"]["article_type"] and v2["colour"]["n"] == out["attributes"]["colour"]["n"]
     r = CliRunner().invoke(app, ["eval", "--catalog", str(d / "catalog.csv")])
     assert r.exit_code != 0 and "--queries, --qrels, --gain required" in r.output
 

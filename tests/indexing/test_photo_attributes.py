@@ -4,7 +4,6 @@ accuracy above the majority class, only catalog values named), bad photos distru
 
 from __future__ import annotations
 
-import csv
 import shutil
 
 import numpy as np
@@ -28,6 +27,7 @@ from indexing.photo_attributes import (
     train_attribute_model,
 )
 from indexing.photo_features import FG_SHARE_INDEX, PIXEL_DIM, object_count, pixel_features
+from tests.indexing.photoslice import photo_catalog_slice, write_catalog
 
 
 def _square(colour, size=224, box=(60, 40, 164, 184), bg=(255, 255, 255)) -> Image.Image:
@@ -117,19 +117,7 @@ def trained(shared_data, tmp_path_factory):
     from rerank.datasets.attribute_photos import load_labelled_photos
 
     d = tmp_path_factory.mktemp("attr")
-    src = shared_data / "fashion" / "bench" / "catalog.csv"
-    with src.open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames
-        rows = [r for _, r in zip(range(N_PHOTOS), (r for r in reader if r["image"]))]
-    (d / "images").mkdir()
-    for r in rows:
-        shutil.copy(shared_data / "fashion" / r["image"], d / r["image"])
-    cat = d / "catalog.csv"
-    with cat.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=header)
-        w.writeheader()
-        w.writerows(rows)
+    cat, rows = photo_catalog_slice(shared_data, d, N_PHOTOS)
     enc = get_image_encoder("efficientnet_lite0", device="cpu")
     data = load_labelled_photos(cat, d, enc, cache_dir=d / "cache")
     model = train_attribute_model(data, enc.model_id, AttributeConfig(holdout=0.25, min_count=3))
@@ -200,11 +188,7 @@ def test_indexing_into_products_v4_stores_predictions_and_completes_only_missing
     model, _, enc, d, rows = trained
     model.save(tmp_path / "m")
     sub = rows[:40]
-    cat = tmp_path / "catalog.csv"
-    with cat.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(sub[0]))
-        w.writeheader()
-        w.writerows(sub)
+    cat = write_catalog(tmp_path / "catalog.csv", sub)
     settings = load_settings(data_dir=tmp_path / "data", mapping="products-v4")
     engine = build_engine(settings)
     job = IndexJob(catalog=str(cat), index="products", images_root=str(d), device="cpu", batch_size=16,
@@ -260,11 +244,7 @@ def test_reindex_into_products_v4_predicts_once_and_copies_predictions_without_r
     photos = tmp_path / "photos"
     shutil.copytree(d / "images", photos / "images")
     sub = rows[:24]
-    cat = tmp_path / "catalog.csv"
-    with cat.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(sub[0]))
-        w.writeheader()
-        w.writerows(sub)
+    cat = write_catalog(tmp_path / "catalog.csv", sub)
     s = load_settings(data_dir=str(tmp_path / "data"), engine="local", device="cpu")  # default mapping: products-v3
     upgrade(s.effective_sql_url)
     eng = create_engine("local", path=tmp_path / "data" / "engine")

@@ -4,9 +4,7 @@ the one forward pass that makes the image vector, and bad photos still distruste
 
 from __future__ import annotations
 
-import csv
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from PIL import Image, ImageDraw
 from indexing.errors import ConfigError, ModelArtifactError
 from indexing.photo_attributes import CONFIG_FILE, AttributeConfig, AttributeModel, image_vectors, predict_images, train_attribute_model
 from indexing.photo_finetune import FROM_BLOCK
+from tests.indexing.photoslice import photo_catalog_slice, write_catalog
 
 N_PHOTOS = 360
 
@@ -25,19 +24,7 @@ def tuned(shared_data, tmp_path_factory):
     from rerank.datasets.attribute_photos import load_labelled_photos
 
     d = tmp_path_factory.mktemp("finetune")
-    src = shared_data / "fashion" / "bench" / "catalog.csv"
-    with src.open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames
-        rows = [r for _, r in zip(range(N_PHOTOS), (r for r in reader if r["image"]))]
-    (d / "images").mkdir()
-    for r in rows:
-        shutil.copy(shared_data / "fashion" / r["image"], d / r["image"])
-    cat = d / "catalog.csv"
-    with cat.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=header)
-        w.writeheader()
-        w.writerows(rows)
+    cat, rows = photo_catalog_slice(shared_data, d, N_PHOTOS)
     enc = get_image_encoder("efficientnet_lite0", device="cpu")
     data = load_labelled_photos(cat, d, enc, cache_dir=d / "cache", maps_heads=("colour",), maps_block=FROM_BLOCK)
     cfg = AttributeConfig(holdout=0.25, min_count=3)
@@ -152,11 +139,7 @@ def test_indexing_with_a_version_3_model_stores_the_mixed_colour(tuned, tmp_path
     model, _, enc, d, rows, _ = tuned
     model.save(tmp_path / "m")
     sub = rows[:12]
-    cat = tmp_path / "catalog.csv"
-    with cat.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(sub[0]))
-        w.writeheader()
-        w.writerows(sub)
+    cat = write_catalog(tmp_path / "catalog.csv", sub)
     settings = load_settings(data_dir=tmp_path / "data", mapping="products-v4")
     engine = build_engine(settings)
     job = IndexJob(catalog=str(cat), index="products", images_root=str(d), device="cpu", batch_size=5, attribute_model=str(tmp_path / "m"))

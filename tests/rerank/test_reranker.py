@@ -613,7 +613,8 @@ def test_bench_rerank_reports_latency_and_the_cross_encoder_ratio(world):
                         diversity="auto", compare_diversity=True)
     cmp_ = both["diversity_compare"]
     assert both["diversity"] == "auto" and cmp_["on_p50_ms"] > 0 and cmp_["off_p50_ms"] > 0
-    assert cmp_["added_p50_ms"] == pytest.approx(cmp_["on_p50_ms"] - cmp_["off_p50_ms"], abs=1e-3) and both["p50_ms"] == cmp_["on_p50_ms"]
+    # the three figures are each rounded to 3 decimals: their difference may be off by up to 1.5e-3
+    assert cmp_["added_p50_ms"] == pytest.approx(cmp_["on_p50_ms"] - cmp_["off_p50_ms"], abs=2e-3) and both["p50_ms"] == cmp_["on_p50_ms"]
     paired = cmp_["added_paired_ms"]  # each request's own difference: quartiles in order, within the calls' spread
     assert paired["p25"] <= paired["p50"] <= paired["p75"] and abs(paired["p50"]) <= max(cmp_["on_p99_ms"], cmp_["off_p99_ms"])
 

@@ -66,6 +66,15 @@ log = logging.getLogger(__name__)
 #: how a set of training queries only (``--train-queries``, ``--train-ubi``) is split: train and validation, no test (every
 #: trainable system, the fusion ones included, trains on the same 90 % and stops early on the same 10 %)
 TRAIN_ONLY_SPLIT = (0.9, 0.1, 0.0)
+#: the validation share of the query texts of a log (``--train-ubi``; ``--ubi-validation-share``): the click-judged
+#: validation queries decide early stopping and the safe-choice verdict (rerank.safe), whose paired test needs more
+#: queries when their labels are clicks than when they are qrels
+UBI_VALIDATION_SHARE = 0.1
+
+
+def ubi_split(validation_share: float) -> tuple[float, float, float]:
+    """The train / validation / test fractions of a log's query texts: no test share (the evaluated queries are apart)."""
+    return (round(1.0 - validation_share, 10), float(validation_share), 0.0)
 
 MODES = ("rerank", "retrieve")
 #: catalog attributes whose distinct values in the top 10 are counted (``distinct@10``), where the catalog has them
@@ -125,6 +134,8 @@ class EvalRequest:
     #: --train-ubi: evaluate only the queries with at least this many searches in the log (head queries), whose
     #: behaviour then stays in the training log (not excluded); None: every query of the split, excluded from training
     head_queries: int | None = None
+    #: --train-ubi: the share of the log's query texts the trainable systems validate on (the rest trains)
+    ubi_validation_share: float = UBI_VALIDATION_SHARE
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -145,6 +156,8 @@ class EvalRequest:
                 raise ConfigError(f"unknown click model {self.click_model!r}; valid: {', '.join(MODELS)}")
             if self.ubi_unshown not in ("unknown", "irrelevant"):
                 raise ConfigError(f"--ubi-unshown must be unknown or irrelevant, got {self.ubi_unshown!r}")
+        if not 0.0 < self.ubi_validation_share < 1.0:
+            raise ConfigError(f"--ubi-validation-share must be in (0, 1), got {self.ubi_validation_share}")
         if self.head_queries is not None:
             if self.train_ubi is None:
                 raise ConfigError("--head-queries needs --train-ubi (head queries are counted in that log)")
@@ -471,7 +484,7 @@ def evaluate(
             validation_qrels = uj.validation_qrels
             tq = read_queries(uj.queries)
             train_qrels = read_qrels(uj.qrels)
-            inner = assign(tq.queries, seed=req.seed, fractions=TRAIN_ONLY_SPLIT)
+            inner = assign(tq.queries, seed=req.seed, fractions=ubi_split(req.ubi_validation_share))
             train_q = [q for q in tq.queries if inner[q.id] == "train"]
             valid_q = [q for q in tq.queries if inner[q.id] == "validation"]
             req = dataclasses.replace(req, train_queries=uj.queries, train_qrels=uj.qrels)
@@ -570,7 +583,8 @@ def evaluate(
             t_spec = DatasetSpec(Path(req.catalog), Path(req.train_queries), Path(req.train_qrels),  # type: ignore[arg-type]
                                  gain=req.gain, events=req.train_events or req.events, images_root=req.images_root,
                                  name=f"{dataset}-ubi-{req.click_model}" if req.train_ubi is not None else f"{dataset}-train", mode=req.mode,
-                                 judged_only=req.train_ubi is not None and req.ubi_unshown == "unknown", split=TRAIN_ONLY_SPLIT,
+                                 judged_only=req.train_ubi is not None and req.ubi_unshown == "unknown",
+                                 split=ubi_split(req.ubi_validation_share) if req.train_ubi is not None else TRAIN_ONLY_SPLIT,
                                  labels_from_log=req.train_ubi is not None, validation_qrels=validation_qrels)
         else:
             t_spec = DatasetSpec(Path(req.catalog), Path(req.queries), Path(req.qrels), gain=req.gain, events=req.events,

@@ -743,7 +743,8 @@ class Reranker:
         s = self.clock()
         try:  # everything the model reads but the query, while the query may still be encoding
             # the training log's behaviour (artifact statistics; none: neutral columns, as for a query the log never saw)
-            beh = art.behaviour.features(text, [c.id for c in cands]) if spec.behaviour and art.behaviour is not None and text else None
+            beh = (art.behaviour.features(text, [c.id for c in cands], product_scope=spec.behaviour_product_scope)
+                   if spec.behaviour and art.behaviour is not None and text else None)
             prepared = prepare_request_features(
                 cands, docs, spec, history=hist, project=align.project if align is not None else None, aligned_cache=self.aligned_cache,
                 text_dim=art.text_encoder.dim, image_dim=art.image_encoder.dim if art.image_encoder else None, colour=art.colour,

@@ -293,7 +293,7 @@ def torch_threads(n: int) -> Iterator[None]:
 #: ``fusion_options`` keys passed to :class:`rerank.training.ranker.TrainConfig` (the rest are refused)
 FUSION_TRAIN_OPTIONS = ("loss", "epochs", "batch_size", "lr", "weight_decay", "patience", "max_minutes", "max_train_candidates",
                         "d_model", "hidden", "history_k", "use_colour", "use_intent", "use_attribute_match", "attribute_predictions", "min_epochs",
-                        "history_agreement", "behaviour_query_dropout", "seed")
+                        "history_agreement", "behaviour_query_dropout", "behaviour_product_scope", "seed")
 
 
 def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use_history: bool, use_product: bool = True,
@@ -335,7 +335,8 @@ def fusion_cache_dir(ctx: EvalContext, config: Any) -> Path | None:
     assert fi is not None
     ev = fi.dataset.events
     # without behaviour statistics the behaviour settings change nothing: left out, so earlier cached models still match
-    cfg = {k: v for k, v in asdict(config).items() if k != "progress" and not (k.startswith("behaviour") and config.behaviour_stats is None)}
+    cfg = {k: v for k, v in asdict(config).items() if k != "progress" and not (k.startswith("behaviour") and config.behaviour_stats is None)
+           and not (k == "behaviour_product_scope" and v == "all")}  # the scope before it was a setting: earlier cached models still match
     also = [[file_sha256(p) if p is not None and Path(p).is_file() else None for p in (d.catalog, d.queries, d.qrels, d.events)]
             + [d.gain, d.mode, str(d.images_root)] for d in fi.also]
     split = [["split", list(fi.dataset.split)]] if getattr(fi.dataset, "split", None) else []  # none: earlier cached models still match
@@ -490,7 +491,7 @@ class _FusionSystem(System):
                 hist_known += sum(1 for p in pids if any((docs.get(p) or {}).get(f) for f in spec.cat_fields))
             beh = None
             if behaviour is not None:  # the training log's statistics, as the rerank call reads them
-                beh = behaviour.features(it.query, [c.id for c in cands[it.query_id]])
+                beh = behaviour.features(it.query, [c.id for c in cands[it.query_id]], product_scope=spec.behaviour_product_scope)
                 with_behaviour += behaviour.query_searches(it.query) > 0
             requests.append(build_request_features(qvecs[i], list(cands[it.query_id]), docs, spec, history=h, project=project,
                                                    text_dim=art.text_encoder.dim, image_dim=image_dim, colour=art.colour, intent=art.intent,

@@ -21,6 +21,13 @@ first-stage inputs when ``FeatureSpec.behaviour`` is set:
 
 Every column is 0 where the log has nothing (an unknown query, a product never shown): the neutral value the
 model also sees when a model serves without statistics (fail open).
+
+The product columns' scope (``product_scope``, the artifact's ``FeatureSpec.behaviour_product_scope``): ``all`` counts
+the product under every query of the log, the request's own included (artifacts trained before the scope existed);
+``other_queries`` leaves the request's own query out, for every query, in training and at serving alike. With ``all``, a
+training query that reads its own behaviour also finds its own clicks (its labels) in the product columns, which a query
+the log never saw cannot; with ``other_queries`` the product columns mean the same for every query, and the query's own
+behaviour is in the query columns only.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ BEHAVIOUR_FEATURES: tuple[str, ...] = ("qd_ctr", "qd_log_exams", "qd_conv", "p_c
 #: pseudo examinations (clicks) of the prior that pulls rarely examined pairs towards the log's mean
 PRIOR_EXAMS = 5.0
 BEHAVIOUR_FILE = "behaviour.json.gz"
+#: the product columns' scope (module doc): every query of the log, or every query but the request's own
+PRODUCT_SCOPES: tuple[str, ...] = ("all", "other_queries")
 FORMAT = 1
 _EPS = 1e-9
 
@@ -106,14 +115,18 @@ class BehaviourStats:
         return cached
 
     # ------------------------------------------------------------------ features
-    def features(self, query: str, ids: Sequence[str], *, query_level: bool = True) -> np.ndarray:
+    def features(self, query: str, ids: Sequence[str], *, query_level: bool = True, product_scope: str = "all") -> np.ndarray:
         """``(len(ids), len(BEHAVIOUR_FEATURES))`` float32 columns for ``query``'s candidates ``ids`` (module doc).
 
         ``query_level=False`` shows the query as one the log never saw: its columns stay at their neutral 0 and the
         product columns leave this query's own searches out (training shows the model queries without history this
         way, so that it learns the tail's ranking too, from content and from the products' behaviour under *other*
         queries, which is all a new query will have: with its own clicks left in, the product columns would carry
-        its labels)."""
+        its labels). ``product_scope`` (:data:`PRODUCT_SCOPES`, module doc): ``other_queries`` leaves the query's own
+        searches out of the product columns whatever ``query_level``."""
+        if product_scope not in PRODUCT_SCOPES:
+            raise ValueError(f"unknown behaviour product scope {product_scope!r}; valid: {', '.join(PRODUCT_SCOPES)}")
+        others = product_scope == "other_queries" or not query_level
         out = np.zeros((len(ids), len(BEHAVIOUR_FEATURES)), dtype=np.float32)
         m, mc = self._means()
         if m <= 0.0:
@@ -126,7 +139,7 @@ class BehaviourStats:
             if qv is not None and query_level:
                 out[i, 0:3] = _ratios(qv, m, mc, k)
             pv = self.products.get(d)
-            if pv is not None and qv is not None and not query_level:  # the product under every other query
+            if pv is not None and qv is not None and others:  # the product under every other query
                 pv = (pv[0] - qv[0], pv[1] - qv[1], pv[2] - qv[2])
                 pv = pv if pv[1] > 1e-6 else None
             if pv is not None:
@@ -204,4 +217,4 @@ def neutral(n: int) -> np.ndarray:
     return np.zeros((n, len(BEHAVIOUR_FEATURES)), dtype=np.float32)
 
 
-__all__ = ["BEHAVIOUR_FEATURES", "BEHAVIOUR_FILE", "BehaviourStats", "PRIOR_EXAMS", "neutral", "normalize_query"]
+__all__ = ["BEHAVIOUR_FEATURES", "BEHAVIOUR_FILE", "BehaviourStats", "PRIOR_EXAMS", "PRODUCT_SCOPES", "neutral", "normalize_query"]

@@ -66,6 +66,9 @@ class FeatureSpec:
     #: ("catalog", "photo"), ("catalog",) for the no-image ablation, () none (artifacts trained before them)
     attributes: tuple[str, ...] = ()
     behaviour: bool = False  # rerank.model.behaviour's columns follow the first-stage signals (before the colour ones)
+    #: the behaviour product columns' scope (rerank.model.behaviour.PRODUCT_SCOPES): "all" (artifacts trained before it) or
+    #: "other_queries" (the request's own query left out)
+    behaviour_product_scope: str = "all"
 
     def __post_init__(self) -> None:
         bad = [l for l in self.lists if l not in LISTS]
@@ -75,6 +78,10 @@ class FeatureSpec:
             raise ConfigError(f"hash_buckets must be >= 2 and history_k >= 1, got {self.hash_buckets}, {self.history_k}")
         object.__setattr__(self, "lists", tuple(self.lists))
         object.__setattr__(self, "cat_fields", tuple(self.cat_fields))
+        from rerank.model.behaviour import PRODUCT_SCOPES
+
+        if self.behaviour_product_scope not in PRODUCT_SCOPES:
+            raise ConfigError(f"unknown behaviour_product_scope {self.behaviour_product_scope!r}; valid: {', '.join(PRODUCT_SCOPES)}")
         if self.attributes:
             from rerank.model.attribute_match import check_sources
 

@@ -161,6 +161,9 @@ class TrainConfig:
     #: columns, product columns without the query's own searches), so the model also learns the tail's ranking from
     #: content and from the products' behaviour elsewhere; the verdict and early stopping see both kinds
     behaviour_query_dropout: float = 0.7  # 0.5: 0.0108 lower on held-out dev queries, the same on head queries
+    #: the behaviour product columns' scope (rerank.model.behaviour.PRODUCT_SCOPES): "all" counts the product under every
+    #: query, the request's own included; "other_queries" leaves the request's own query out (in training and at serving)
+    behaviour_product_scope: str = "all"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -168,6 +171,10 @@ class TrainConfig:
         from rerank.model.ranker import FUSION_STRATEGIES
 
         FUSION_STRATEGIES.get(self.strategy)
+        from rerank.model.behaviour import PRODUCT_SCOPES
+
+        if self.behaviour_product_scope not in PRODUCT_SCOPES:
+            raise ConfigError(f"unknown behaviour_product_scope {self.behaviour_product_scope!r}; valid: {', '.join(PRODUCT_SCOPES)}")
         if not 0.0 <= self.behaviour_query_dropout <= 1.0:
             raise ConfigError(f"behaviour_query_dropout must be in [0, 1], got {self.behaviour_query_dropout}")
         if self.threads is not None and self.threads < 1:
@@ -444,7 +451,7 @@ def prepare_dataset(
             if feature_spec.behaviour and behaviour is not None:  # validation too (qrels labels: the verdict and early stopping see both kinds)
                 # a validation query judged by its own clicks never reads them: shown as a query the log never saw
                 keep_q = behaviour.keeps_query(it.query, config.behaviour_query_dropout, config.seed) and not (part != "train" and spec.labels_from_log)
-                beh = behaviour.features(it.query, [c.id for c in cands], query_level=keep_q)
+                beh = behaviour.features(it.query, [c.id for c in cands], query_level=keep_q, product_scope=feature_spec.behaviour_product_scope)
             feats = build_request_features(qvecs[it.query_id], cands, docs, feature_spec, history=h, project=identity, text_dim=dt, image_dim=dt,
                                            colour=colour, intent=intent if feature_spec.attributes else None, behaviour=beh)
             tiers = intent.assess(qvecs[it.query_id], [docs.get(c.id) for c in cands]).tiers if intent is not None and part != "train" else None
@@ -711,7 +718,7 @@ def train_ranker(
     photo = (PHOTO, PREDICTION) if config.attribute_predictions else (PHOTO,)
     attributes = ((CATALOG, *photo) if config.use_image else (CATALOG,)) if intent is not None and config.use_attribute_match else ()
     fspec = FeatureSpec(lists=lists, history_k=config.history_k, colour=colour is not None, attributes=attributes,
-                        behaviour=behaviour is not None)
+                        behaviour=behaviour is not None, behaviour_product_scope=config.behaviour_product_scope if behaviour is not None else "all")
     prepared = [prepare_dataset(ds, data_dir=data_dir, indexer=indexer, text_encoder=text_encoder, alignment=alignment, feature_spec=fspec, config=config,
                                 colour=colour, intent=intent, behaviour=behaviour) for ds in datasets]
     train = [e for p in prepared for e in p.train]

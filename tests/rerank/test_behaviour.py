@@ -67,6 +67,31 @@ def test_unknown_query_gets_only_the_product_columns_and_query_level_off_hides_t
     assert np.all(BehaviourStats().features("red dress", ["top"]) == 0)  # no log at all: neutral
 
 
+def test_the_other_queries_scope_leaves_the_own_query_out_of_the_product_columns_for_every_query():
+    """``product_scope="other_queries"``: the product columns of a query that reads its own behaviour are those a query the
+    log never saw would read (the product under the other queries), and its own clicks stay in the query columns."""
+    b = BehaviourStats.from_sessions(_log(), THETA)
+    q_cols = [COL["qd_ctr"], COL["qd_log_exams"], COL["qd_conv"], COL["q_log_searches"]]
+    p_cols = [COL["p_ctr"], COL["p_log_exams"], COL["p_conv"]]
+    ids = ["top", "never", "deep", "unseen"]
+    own, others = b.features("red dress", ids), b.features("red dress", ids, product_scope="other_queries")
+    hidden = b.features("red dress", ids, query_level=False)
+    assert np.array_equal(others[:, q_cols], own[:, q_cols]) and np.all(others[:, COL["q_log_searches"]] > 0)
+    assert np.array_equal(others[:, p_cols], hidden[:, p_cols]) and not np.array_equal(others[:, p_cols], own[:, p_cols])
+    assert others[0, COL["p_log_exams"]] == pytest.approx(np.log1p(2.0)) and np.all(others[2, p_cols] == 0)  # 'deep': no other query
+    # a query the log never saw reads the same columns under either scope (it has no own searches to leave out)
+    assert np.array_equal(b.features("blue jeans", ids), b.features("blue jeans", ids, product_scope="other_queries"))
+    with pytest.raises(ValueError, match="unknown behaviour product scope"):
+        b.features("red dress", ids, product_scope="mine")
+    spec = FeatureSpec(behaviour=True, behaviour_product_scope="other_queries")
+    assert FeatureSpec.from_dict(spec.to_dict()).behaviour_product_scope == "other_queries"
+    assert FeatureSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "behaviour_product_scope"}).behaviour_product_scope == "all"
+    from indexing.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="behaviour_product_scope"):
+        FeatureSpec(behaviour=True, behaviour_product_scope="mine")
+
+
 def test_training_hides_a_seeded_share_of_the_query_texts_the_same_way_every_time():
     b = BehaviourStats()
     texts = [f"query {i}" for i in range(2000)]

@@ -8,7 +8,12 @@ examination; optionally weighted up by add-to-carts and purchases per click). No
 writes the behaviour statistics of the same searches (``behaviour.json.gz``, :mod:`rerank.model.behaviour`: what a
 model trained on these judgments reads), the searches per query text (``searches.json``: head and tail queries), and
 the same judgments shrunk harder for validation (``validation-qrels.tsv``, :data:`VALIDATION_PRIOR_STRENGTH`: the gains of
-the validation queries, which early stopping and the safe-choice verdict read).
+the validation queries, which early stopping and the safe-choice verdict read), and the *label part* of the log
+(:data:`LABEL_PART_SHARE` of each query's searches, seeded by search): its judgments (``label-part-qrels.tsv``) and its
+behaviour statistics (``label-part-behaviour.json.gz``). A training query that reads its own behaviour columns is
+labelled by the label part and reads its columns from the other searches (``DatasetSpec.label_part_qrels`` /
+``label_part_behaviour``, ``TrainConfig.behaviour_label_part``): its columns then predict its labels as well as a
+query's history predicts its future clicks, not as well as the labels predict themselves.
 
 Click models: ``pbm`` (position-based, EM: debiased; the default), ``sdbn`` (simplified DBN), ``ctr``
 (naive: click-through rate, no position correction). On the held-out dev queries ``pbm`` and ``ctr`` trained
@@ -44,6 +49,9 @@ class UbiJudgments:
     searches: Path | None = None
     #: the same click model's judgments shrunk at :data:`VALIDATION_PRIOR_STRENGTH`: the validation queries' gains
     validation_qrels: Path | None = None
+    #: the judgments (training prior) and the behaviour statistics of the log's label part (:data:`LABEL_PART_SHARE`)
+    label_part_qrels: Path | None = None
+    label_part_behaviour: Path | None = None
 
     def query_searches(self) -> dict[str, int]:
         return json.loads(self.searches.read_text()) if self.searches is not None else {}
@@ -70,6 +78,16 @@ DEFAULT_PRIOR_STRENGTH = 1.0
 #: 10 takes most of it. On three click-trained models' validation queries the verdict's paired test then gave p 0.040,
 #: 0.027 and 0.12 where prior 1 gave 0.12-0.31 (docs/benchmarks.md); the significance rule itself is unchanged
 VALIDATION_PRIOR_STRENGTH = 10.0
+#: the share of each query's searches (seeded by search) in the log's *label part* (module doc)
+LABEL_PART_SHARE = 0.5
+
+
+def in_label_part(session: C.Session, index: int, share: float = LABEL_PART_SHARE) -> bool:
+    """Whether a search belongs to the log's label part: seeded by its UBI query id (by its place in the log without one),
+    the same on every run."""
+    key = session.query_id if session.query_id else f"#{index}"
+    h = hashlib.blake2b(f"label-part:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0**64 < share
 
 
 @dataclass(frozen=True)
@@ -79,12 +97,17 @@ class LogJudgments:
     train: dict[str, dict[str, float]]
     validation: dict[str, dict[str, float]]
     info: dict[str, Any]
+    #: the judgments of the label part alone (training prior), with ``label_part_out``
+    label_part: dict[str, dict[str, float]] | None = None
 
 
 def log_judgments(sessions: list[C.Session], *, model: str = DEFAULT_CLICK_MODEL, cap: int = 3,
                   conversion_weight: float = DEFAULT_CONVERSION_WEIGHT, behaviour_out: Path | None = None,
-                  prior_strength: float = DEFAULT_PRIOR_STRENGTH, validation_prior_strength: float = VALIDATION_PRIOR_STRENGTH) -> LogJudgments:
-    """:func:`judgments_from_sessions`, plus the same click model's judgments at ``validation_prior_strength``."""
+                  prior_strength: float = DEFAULT_PRIOR_STRENGTH, validation_prior_strength: float = VALIDATION_PRIOR_STRENGTH,
+                  label_part_out: Path | None = None) -> LogJudgments:
+    """:func:`judgments_from_sessions`, plus the same click model's judgments at ``validation_prior_strength``. With
+    ``label_part_out`` (needs ``behaviour_out``): the label part's behaviour statistics are written there and its
+    judgments (the click model fitted on the label part's searches alone) returned as ``label_part``."""
     capped, stats = C.cap_sessions(sessions, max_sessions_per_client_query=cap)
     m = C.fit(model, capped)
     conv = C.conversion_counts(capped) if conversion_weight > 0 else None
@@ -98,12 +121,23 @@ def log_judgments(sessions: list[C.Session], *, model: str = DEFAULT_CLICK_MODEL
         b = BehaviourStats.from_sessions(capped, theta, spam_capping=stats.to_dict())
         b.save(behaviour_out)
         info["behaviour"] = {k: v for k, v in b.info.items() if k not in ("theta", "spam_capping")}
+    label_part = None
+    if label_part_out is not None:
+        if behaviour_out is None:
+            raise ValueError("label_part_out needs behaviour_out (the label part is taken out of those statistics)")
+        part = [s for i, s in enumerate(capped) if in_label_part(s, i)]
+        pb = BehaviourStats.from_sessions(part, theta, label_part_share=LABEL_PART_SHARE)
+        pb.save(label_part_out)
+        pm = C.fit(model, part) if part else m
+        pconv = C.conversion_counts(part) if conversion_weight > 0 else None
+        label_part = C.implicit_judgments(pm, conversions=pconv, conversion_weight=conversion_weight, prior_strength=prior_strength) if part else {}
+        info["label_part"] = {"share": LABEL_PART_SHARE, "sessions": len(part), "queries": len(label_part)}
 
     def judge(strength: float) -> dict[str, dict[str, float]]:
         return C.implicit_judgments(m, conversions=conv, conversion_weight=conversion_weight, prior_strength=strength)
 
     train = judge(prior_strength)
-    return LogJudgments(train, train if validation_prior_strength == prior_strength else judge(validation_prior_strength), info)
+    return LogJudgments(train, train if validation_prior_strength == prior_strength else judge(validation_prior_strength), info, label_part)
 
 
 def judgments_from_sessions(sessions: list[C.Session], *, model: str = DEFAULT_CLICK_MODEL, cap: int = 3,
@@ -135,15 +169,16 @@ def write_ubi_judgments(log_path: str | Path, out_dir: str | Path, *, exclude: I
     d = Path(out_dir) / h.hexdigest()[:16]
     qf, rf, inf = d / "queries.tsv", d / "qrels.tsv", d / "info.json"
     bf, sf, vf = d / "behaviour.json.gz", d / "searches.json", d / "validation-qrels.tsv"
-    if all(f.is_file() for f in (qf, rf, inf, bf, sf, vf)):
-        return UbiJudgments(qf, rf, json.loads(inf.read_text()), bf, sf, vf)
+    lf, lbf = d / "label-part-qrels.tsv", d / "label-part-behaviour.json.gz"
+    if all(f.is_file() for f in (qf, rf, inf, bf, sf, vf, lf, lbf)):
+        return UbiJudgments(qf, rf, json.loads(inf.read_text()), bf, sf, vf, lf, lbf)
     queries, events, errors = read_log(log_path)
     sessions, counts = C.sessions_from_log(queries, events)
     ex = set(excl)
     kept = [s for s in sessions if s.query not in ex]
     d.mkdir(parents=True, exist_ok=True)
     lj = log_judgments(kept, model=model, cap=cap, conversion_weight=conversion_weight, behaviour_out=bf,
-                       prior_strength=prior_strength, validation_prior_strength=validation_prior_strength)
+                       prior_strength=prior_strength, validation_prior_strength=validation_prior_strength, label_part_out=lbf)
     judg, info = lj.train, lj.info
     sf.write_text(json.dumps(C.session_counts(kept), sort_keys=True))
     texts = {}
@@ -154,7 +189,7 @@ def write_ubi_judgments(log_path: str | Path, out_dir: str | Path, *, exclude: I
         f.write("query_id\tquery\tuser_id\n")
         for qn in sorted(judg):
             f.write(f"{ubi_query_id(qn)}\t{texts.get(qn, qn)}\t\n")
-    for path, js in ((rf, judg), (vf, lj.validation)):
+    for path, js in ((rf, judg), (vf, lj.validation), (lf, lj.label_part or {})):
         with open(path.with_suffix(".tmp"), "w") as f:
             for qn in sorted(js):
                 for pid, g in sorted(js[qn].items()):
@@ -165,6 +200,7 @@ def write_ubi_judgments(log_path: str | Path, out_dir: str | Path, *, exclude: I
     qf.with_suffix(".tmp").replace(qf)
     rf.with_suffix(".tmp").replace(rf)
     vf.with_suffix(".tmp").replace(vf)
+    lf.with_suffix(".tmp").replace(lf)
     inf.write_text(json.dumps(info, indent=1))
     log.info("UBI judgments: %s", info)
-    return UbiJudgments(qf, rf, info, bf, sf, vf)
+    return UbiJudgments(qf, rf, info, bf, sf, vf, lf, lbf)

@@ -436,6 +436,7 @@ def evaluate(
     trainable = [s for s in req.systems if SYSTEMS.get(s).trainable]
     behaviour_stats: Path | None = None  # --train-ubi: the log's behaviour statistics, read by the fusion systems
     validation_qrels: Path | None = None  # --train-ubi: the log's validation judgments (the fusion systems' early stopping and verdict)
+    label_part: tuple[Path | None, Path | None] = (None, None)  # --train-ubi: the log's label part (judgments, behaviour statistics)
     split_name = req.split
     train_q: list[Query] = []
     valid_q: list[Query] = []
@@ -482,6 +483,7 @@ def evaluate(
                 uj = write_ubi_judgments(req.train_ubi, data_dir / "ubi-judgments", exclude=[q.text for q in eval_pool], model=req.click_model)
             behaviour_stats = uj.behaviour
             validation_qrels = uj.validation_qrels
+            label_part = (uj.label_part_qrels, uj.label_part_behaviour)
             tq = read_queries(uj.queries)
             train_qrels = read_qrels(uj.qrels)
             inner = assign(tq.queries, seed=req.seed, fractions=ubi_split(req.ubi_validation_share))
@@ -585,7 +587,8 @@ def evaluate(
                                  name=f"{dataset}-ubi-{req.click_model}" if req.train_ubi is not None else f"{dataset}-train", mode=req.mode,
                                  judged_only=req.train_ubi is not None and req.ubi_unshown == "unknown",
                                  split=ubi_split(req.ubi_validation_share) if req.train_ubi is not None else TRAIN_ONLY_SPLIT,
-                                 labels_from_log=req.train_ubi is not None, validation_qrels=validation_qrels)
+                                 labels_from_log=req.train_ubi is not None, validation_qrels=validation_qrels,
+                                 label_part_qrels=label_part[0], label_part_behaviour=label_part[1])
         else:
             t_spec = DatasetSpec(Path(req.catalog), Path(req.queries), Path(req.qrels), gain=req.gain, events=req.events,
                                  images_root=req.images_root, name=dataset, mode=req.mode)

@@ -293,7 +293,7 @@ def torch_threads(n: int) -> Iterator[None]:
 #: ``fusion_options`` keys passed to :class:`rerank.training.ranker.TrainConfig` (the rest are refused)
 FUSION_TRAIN_OPTIONS = ("loss", "epochs", "batch_size", "lr", "weight_decay", "patience", "max_minutes", "max_train_candidates",
                         "d_model", "hidden", "history_k", "use_colour", "use_intent", "use_attribute_match", "attribute_predictions", "min_epochs",
-                        "history_agreement", "behaviour_query_dropout", "behaviour_product_scope", "seed")
+                        "history_agreement", "behaviour_query_dropout", "behaviour_product_scope", "behaviour_label_part", "seed")
 
 
 def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use_history: bool, use_product: bool = True,
@@ -336,13 +336,16 @@ def fusion_cache_dir(ctx: EvalContext, config: Any) -> Path | None:
     ev = fi.dataset.events
     # without behaviour statistics the behaviour settings change nothing: left out, so earlier cached models still match
     cfg = {k: v for k, v in asdict(config).items() if k != "progress" and not (k.startswith("behaviour") and config.behaviour_stats is None)
-           and not (k == "behaviour_product_scope" and v == "all")}  # the scope before it was a setting: earlier cached models still match
+           and not (k == "behaviour_product_scope" and v == "all") and not (k == "behaviour_label_part" and not v)}
+    # (the settings' values before they were settings are left out: earlier cached models still match)
     also = [[file_sha256(p) if p is not None and Path(p).is_file() else None for p in (d.catalog, d.queries, d.qrels, d.events)]
             + [d.gain, d.mode, str(d.images_root)] for d in fi.also]
     split = [["split", list(fi.dataset.split)]] if getattr(fi.dataset, "split", None) else []  # none: earlier cached models still match
     # labels from a log: validated on its harder-shrunk judgments (models cached before them are trained and judged again)
     vq = getattr(fi.dataset, "validation_qrels", None)
     split += [["labels", "log", file_sha256(vq) if vq is not None else None]] if getattr(fi.dataset, "labels_from_log", False) else []
+    lp = getattr(fi.dataset, "label_part_qrels", None)  # read by the behaviour model's training queries that read their own behaviour
+    split += [["label_part", file_sha256(lp)]] if cfg.get("behaviour_label_part") and lp is not None else []
     body = json.dumps([ctx.train_key, "fusion", cfg, file_sha256(ev) if ev else None, *([also] if also else []), *split], sort_keys=True, default=str)
     return Path(ctx.cache_dir) / f"fusion-{hashlib.sha256(body.encode()).hexdigest()[:16]}"
 

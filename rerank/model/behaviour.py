@@ -115,7 +115,8 @@ class BehaviourStats:
         return cached
 
     # ------------------------------------------------------------------ features
-    def features(self, query: str, ids: Sequence[str], *, query_level: bool = True, product_scope: str = "all") -> np.ndarray:
+    def features(self, query: str, ids: Sequence[str], *, query_level: bool = True, product_scope: str = "all",
+                 without: "BehaviourStats | None" = None) -> np.ndarray:
         """``(len(ids), len(BEHAVIOUR_FEATURES))`` float32 columns for ``query``'s candidates ``ids`` (module doc).
 
         ``query_level=False`` shows the query as one the log never saw: its columns stay at their neutral 0 and the
@@ -123,7 +124,9 @@ class BehaviourStats:
         way, so that it learns the tail's ranking too, from content and from the products' behaviour under *other*
         queries, which is all a new query will have: with its own clicks left in, the product columns would carry
         its labels). ``product_scope`` (:data:`PRODUCT_SCOPES`, module doc): ``other_queries`` leaves the query's own
-        searches out of the product columns whatever ``query_level``."""
+        searches out of the product columns whatever ``query_level``. ``without``: statistics of some of this query's
+        searches (the log's label part, :mod:`rerank.datasets.ubi_judgments`) taken out of every column: the query reads
+        its behaviour from its other searches only (training, for a query labelled by that part)."""
         if product_scope not in PRODUCT_SCOPES:
             raise ValueError(f"unknown behaviour product scope {product_scope!r}; valid: {', '.join(PRODUCT_SCOPES)}")
         others = product_scope == "other_queries" or not query_level
@@ -132,13 +135,18 @@ class BehaviourStats:
         if m <= 0.0:
             return out
         q = normalize_query(query) if query else ""
-        n_q = self.searches.get(q, 0)
+        n_all = self.searches.get(q, 0)
+        n_q = max(0, n_all - without.searches.get(q, 0)) if without is not None else n_all
         k = PRIOR_EXAMS
         for i, d in enumerate(ids):
-            qv = self.pairs.get((q, d)) if n_q else None
-            if qv is not None and query_level:
-                out[i, 0:3] = _ratios(qv, m, mc, k)
+            qv = self.pairs.get((q, d)) if n_all else None
+            wv = without.pairs.get((q, d)) if without is not None and qv is not None else None
             pv = self.products.get(d)
+            if wv is not None:  # this query's label-part searches out of the pair and of the product
+                qv = _minus(qv, wv)
+                pv = _minus(pv, wv) if pv is not None else None
+            if qv is not None and query_level and n_q:
+                out[i, 0:3] = _ratios(qv, m, mc, k)
             if pv is not None and qv is not None and others:  # the product under every other query
                 pv = (pv[0] - qv[0], pv[1] - qv[1], pv[2] - qv[2])
                 pv = pv if pv[1] > 1e-6 else None
@@ -203,6 +211,14 @@ class BehaviourStats:
         except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelArtifactError(f"{p}: unreadable behaviour statistics ({type(e).__name__}: {e})") from None
         return cls.from_json(body, where=str(p))
+
+
+def _minus(a: tuple[float, float, float] | None, b: tuple[float, float, float]) -> tuple[float, float, float] | None:
+    """Counts ``a`` less ``b`` (None where nothing was examined is left)."""
+    if a is None:
+        return None
+    out = (max(0.0, a[0] - b[0]), max(0.0, a[1] - b[1]), max(0.0, a[2] - b[2]))
+    return out if out[1] > 1e-3 else None  # (the saved counts are rounded to 4 decimals)
 
 
 def _ratios(row: tuple[float, float, float], m: float, mc: float, k: float) -> tuple[float, float, float]:

@@ -74,6 +74,11 @@ class DatasetSpec:
     #: judgments shrunk harder towards the log's mean (rerank.datasets.ubi_judgments.VALIDATION_PRIOR_STRENGTH), which
     #: separate a model from the first stage with less noise than the training labels. None: ``qrels``
     validation_qrels: Path | None = None
+    #: the log's label part (rerank.datasets.ubi_judgments.LABEL_PART_SHARE of each query's searches): its judgments and its
+    #: behaviour statistics. With ``TrainConfig.behaviour_label_part`` a training query that reads its own behaviour is
+    #: labelled by these judgments and reads its columns without these searches (never its labels' own clicks)
+    label_part_qrels: Path | None = None
+    label_part_behaviour: Path | None = None
 
     @classmethod
     def parse(cls, text: str) -> "DatasetSpec":
@@ -106,7 +111,8 @@ class DatasetSpec:
         if self.mode not in ("rerank", "retrieve"):
             raise ConfigError(f"unknown mode {self.mode!r}; valid modes: rerank, retrieve")
         for label, p in (("catalog", self.catalog), ("queries", self.queries), ("qrels", self.qrels), ("events", self.events),
-                         ("validation qrels", self.validation_qrels)):
+                         ("validation qrels", self.validation_qrels), ("label part qrels", self.label_part_qrels),
+                         ("label part behaviour", self.label_part_behaviour)):
             if p is not None and not Path(p).is_file():
                 raise ConfigError(f"dataset {self.name or self.queries}: {label} file not found: {p}")
 
@@ -164,6 +170,10 @@ class TrainConfig:
     #: the behaviour product columns' scope (rerank.model.behaviour.PRODUCT_SCOPES): "all" counts the product under every
     #: query, the request's own included; "other_queries" leaves the request's own query out (in training and at serving)
     behaviour_product_scope: str = "all"
+    #: a training query that reads its own behaviour (1 - behaviour_query_dropout of them) is labelled by the log's label
+    #: part and reads its columns from its other searches (DatasetSpec.label_part_qrels / label_part_behaviour, where the
+    #: dataset has them); False: labels and columns from the same searches
+    behaviour_label_part: bool = False
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -374,6 +384,7 @@ def prepare_dataset(
     query texts is shown as the log never saw them (:meth:`~rerank.model.behaviour.BehaviourStats.features` with
     ``query_level=False``)."""
     from rerank.datasets.data import read_qrels, read_queries
+    from rerank.datasets.metrics import has_positive_gain, map_gains
     from rerank.datasets.pools import build_items, dataset_name, eval_queries
     from rerank.datasets.splits import load_or_create_splits
     from rerank.retrieval.retriever import RetrievalConfig, Retriever
@@ -384,6 +395,12 @@ def prepare_dataset(
     qs = read_queries(spec.queries)
     qrels = read_qrels(spec.qrels)
     held_qrels = read_qrels(spec.validation_qrels) if spec.validation_qrels is not None else qrels
+    label_part = None  # (judgments, statistics) of the log's label part, for the training queries that read their own behaviour
+    if config.behaviour_label_part and feature_spec.behaviour and behaviour is not None and spec.label_part_qrels is not None \
+            and spec.label_part_behaviour is not None:
+        from rerank.model.behaviour import BehaviourStats
+
+        label_part = (read_qrels(spec.label_part_qrels), BehaviourStats.load(spec.label_part_behaviour))
     splits = load_or_create_splits(qs.queries, data_dir, name=name, seed=config.seed, **({"fractions": spec.split} if spec.split else {}))
     q2i = alignment.query_to_image_space if (alignment is not None and KNN_IMAGE in feature_spec.lists) else None
     retriever = Retriever(idx.engine, idx.alias, text_encoder=text_encoder, query_to_image_space=q2i, config=RetrievalConfig(top_n=config.top_n, per_list=config.top_n))
@@ -430,13 +447,27 @@ def prepare_dataset(
     rng = random.Random(f"{config.seed}:{name}")
     out: dict[str, list[Example]] = {p: [] for p in parts}
     with_history = 0
+    own_labelled = 0
     dt = int(text_encoder.dim)
     for part, items in by_part.items():
         for it in items:
             cands = list(it.pool_candidates.candidates)
-            gains = np.array([float(it.gains.get(c.id, 0.0)) for c in cands], dtype=np.float32)
+            item_gains = it.gains
+            keep_q = False
+            if feature_spec.behaviour and behaviour is not None:
+                # a validation query judged by its own clicks never reads them: shown as a query the log never saw
+                keep_q = behaviour.keeps_query(it.query, config.behaviour_query_dropout, config.seed) and not (part != "train" and spec.labels_from_log)
+            without = None
+            if keep_q and part == "train" and label_part is not None:
+                lg = map_gains(label_part[0].for_query(it.query_id), spec.gain)
+                if has_positive_gain(lg):  # labelled by the label part, its columns from the other searches
+                    item_gains, without = lg, label_part[1]
+                    own_labelled += 1
+                else:  # the label part judged nothing of it: shown as a query the log never saw
+                    keep_q = False
+            gains = np.array([float(item_gains.get(c.id, 0.0)) for c in cands], dtype=np.float32)
             if part == "train" and spec.judged_only:
-                judged = [i for i, c in enumerate(cands) if c.id in it.gains]
+                judged = [i for i, c in enumerate(cands) if c.id in item_gains]
                 cands, gains = [cands[i] for i in judged], gains[judged]
             if part == "train":
                 keep = _sample(len(cands), gains, config.max_train_candidates, rng)
@@ -449,13 +480,12 @@ def prepare_dataset(
                 with_history += 1
             beh = None
             if feature_spec.behaviour and behaviour is not None:  # validation too (qrels labels: the verdict and early stopping see both kinds)
-                # a validation query judged by its own clicks never reads them: shown as a query the log never saw
-                keep_q = behaviour.keeps_query(it.query, config.behaviour_query_dropout, config.seed) and not (part != "train" and spec.labels_from_log)
-                beh = behaviour.features(it.query, [c.id for c in cands], query_level=keep_q, product_scope=feature_spec.behaviour_product_scope)
+                beh = behaviour.features(it.query, [c.id for c in cands], query_level=keep_q, product_scope=feature_spec.behaviour_product_scope,
+                                         without=without)
             feats = build_request_features(qvecs[it.query_id], cands, docs, feature_spec, history=h, project=identity, text_dim=dt, image_dim=dt,
                                            colour=colour, intent=intent if feature_spec.attributes else None, behaviour=beh)
             tiers = intent.assess(qvecs[it.query_id], [docs.get(c.id) for c in cands]).tiers if intent is not None and part != "train" else None
-            out[part].append(Example(feats, gains, dict(it.gains), it.query_id, name, tiers))
+            out[part].append(Example(feats, gains, dict(item_gains), it.query_id, name, tiers))
     held = [p for p in parts if p != "train"]
     info = {
         "catalog": str(spec.catalog),
@@ -475,6 +505,7 @@ def prepare_dataset(
         "behaviour_inputs": feature_spec.behaviour and behaviour is not None,
         **({"labels_from_log": True} if spec.labels_from_log else {}),
         **({"validation_qrels": str(spec.validation_qrels)} if spec.validation_qrels is not None else {}),
+        **({"label_part": {"qrels": str(spec.label_part_qrels), "train_queries_labelled_by_it": own_labelled}} if label_part is not None else {}),
     }
     log.info("%s: %s", name, info)
     return PreparedDataset(name, out.get("train", []), [e for p in held for e in out[p]], info)

@@ -160,6 +160,8 @@ def test_labels_from_a_log_validate_on_their_own_gains_and_never_read_the_valida
     """A dataset whose labels come from a log: its validation queries take their gains from ``validation_qrels`` (the
     log's harder-shrunk judgments) and read the behaviour columns of a query the log never saw (their own clicks are
     their labels); its training queries are unchanged."""
+    import dataclasses
+
     from indexing.encoders import get_text_encoder
     from rerank.datasets.clicks import Session
     from rerank.datasets.data import read_qrels, read_queries
@@ -204,3 +206,29 @@ def test_labels_from_a_log_validate_on_their_own_gains_and_never_read_the_valida
         assert np.all(e.features.first_stage[:, q_col] > 0)
     with pytest.raises(ConfigError, match="validation qrels file not found"):
         prep(labels_from_log=True, validation_qrels=tmp_path / "missing.tsv")
+    # behaviour_product_scope "other_queries": a training query that reads its own behaviour finds it in the query columns
+    # only; its product columns are those of a query the log never saw (the product under the other queries)
+    spec = dataclasses.replace(spec, behaviour_product_scope="other_queries")
+    scoped = prep(labels_from_log=True, validation_qrels=vq)
+    p_cols = slice(start + BEHAVIOUR_FEATURES.index("p_ctr"), start + BEHAVIOUR_FEATURES.index("p_conv") + 1)
+    text = {q.id: q.text for q in qs}
+    for e, o in zip(scoped.train, logged.train):
+        assert np.all(e.features.first_stage[:, q_col] > 0)
+        hidden = beh.features(text[e.query_id], list(e.features.ids), query_level=False)
+        assert np.allclose(e.features.first_stage[:, p_cols], hidden[:, 3:6])
+        assert not np.allclose(e.features.first_stage[:, p_cols], o.features.first_stage[:, p_cols])
+    # behaviour_label_part: a training query that reads its own behaviour is labelled by the log's label part (here: its
+    # first two searches, with other gains) and reads its columns from its other three searches; the rest is unchanged
+    spec = dataclasses.replace(spec, behaviour_product_scope="all")
+    part = BehaviourStats.from_sessions([s for i, s in enumerate(sessions) if i % 5 < 2], [1.0, 0.5, 0.25, 0.1])
+    pb, pq = tmp_path / "label-part-behaviour.json.gz", tmp_path / "label-part-qrels.tsv"
+    part.save(pb)
+    pq.write_text("".join(f"{q.id} 0 {d} 1.5\n" for q in qs for d in sorted(qrels.for_query(q.id))))
+    cfg = dataclasses.replace(cfg, behaviour_label_part=True)
+    split = prep(labels_from_log=True, validation_qrels=vq, label_part_qrels=pq, label_part_behaviour=pb)
+    assert split.info["label_part"]["train_queries_labelled_by_it"] == len(split.train)  # dropout 0: every training query
+    for e, o in zip(split.train, logged.train):
+        assert set(e.all_gains.values()) == {1.5} and set(e.all_gains) == set(o.all_gains)
+        assert np.allclose(e.features.first_stage[:, q_col], np.log1p(3)) and np.allclose(o.features.first_stage[:, q_col], np.log1p(5))
+    for e, o in zip(split.validation, logged.validation):  # the validation queries are what they were
+        assert dict(e.all_gains) == dict(o.all_gains) and np.array_equal(e.features.first_stage, o.features.first_stage)

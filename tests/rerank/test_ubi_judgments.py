@@ -6,6 +6,8 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
+
 from rerank.datasets.data import read_qrels, read_queries
 from rerank.datasets.ubi_judgments import ubi_query_id, write_ubi_judgments
 
@@ -115,3 +117,34 @@ def test_validation_judgments_judge_the_same_pairs_shrunk_harder(tmp_path: Path)
     assert write_ubi_judgments(log, tmp_path / "out", model="pbm").validation_qrels == uj.validation_qrels  # cached
     other = write_ubi_judgments(log, tmp_path / "out", model="pbm", validation_prior_strength=3.0)
     assert other.validation_qrels != uj.validation_qrels and read_qrels(other.qrels).grades == train.grades
+
+
+def test_the_label_part_is_a_seeded_half_of_the_searches_judged_and_counted_alone(tmp_path: Path) -> None:
+    """The log's label part (a training query that reads its own behaviour is labelled by it and reads its columns from
+    the other searches): about half of each query's searches, the same on every run; its judgments come from its own
+    searches only (still ranking the clicked products first) and its statistics count those searches only."""
+    from rerank.datasets.clicks import Session
+    from rerank.datasets.ubi_judgments import LABEL_PART_SHARE, in_label_part, log_judgments
+    from rerank.model.behaviour import BehaviourStats
+
+    log = _log(tmp_path / "log")
+    uj = write_ubi_judgments(log, tmp_path / "out", model="pbm")
+    assert uj.label_part_qrels is not None and uj.label_part_behaviour is not None
+    full, part = BehaviourStats.load(uj.behaviour), BehaviourStats.load(uj.label_part_behaviour)
+    for q, n in full.searches.items():
+        assert abs(part.searches[q] - LABEL_PART_SHARE * n) < 0.15 * n  # 200 searches per query: about half
+    assert uj.info["label_part"]["sessions"] == sum(part.searches.values())
+    lp, train = read_qrels(uj.label_part_qrels), read_qrels(uj.qrels)
+    assert set(lp.grades) == set(train.grades) and lp.grades != train.grades
+    for q, g in lp.grades.items():
+        assert min(g[f"good-{j}"] for j in range(3)) > max(g[f"bad-{j}"] for j in range(5))
+    # the query's searches less its label part: what a training query labelled by that part reads
+    q = "black shoes"
+    rest = full.features(q, ["good-0", "bad-0"], without=part)
+    assert np.allclose(rest[:, 6], np.log1p(full.searches[q] - part.searches[q]))
+    assert np.allclose(rest[:, 1], np.log1p(np.array([full.pairs[(q, d)][1] - part.pairs[(q, d)][1] for d in ("good-0", "bad-0")])), atol=1e-3)
+    # seeded by the search's id: the same membership every time, none without an id twice the same
+    s = [Session("q", ("a",), frozenset(), query_id=f"s{i}") for i in range(1000)]
+    assert [in_label_part(x, i) for i, x in enumerate(s)] == [in_label_part(x, 0) for x in s]
+    assert 400 < sum(in_label_part(x, i) for i, x in enumerate(s)) < 600
+    assert log_judgments([Session("q", ("a", "b"), frozenset({0}), query_id="x")], model="ctr").label_part is None

@@ -100,11 +100,11 @@ def test_a_training_query_set_is_split_without_a_test_share_and_its_model_cached
         ctx.fusion = SimpleNamespace(dataset=spec, also=())
         keys.append(fusion_cache_dir(ctx, TrainConfig()))
     assert len(set(keys)) == 5
-    # --ubi-validation-share: the default is the split the log's models were cached under; another share is another key
-    from rerank.evaluation.harness import UBI_VALIDATION_SHARE, ubi_split
+    # --ubi-validation-share: the 90/10 split is the share 0.1 (models cached under it still match); another share is another key
+    from rerank.evaluation.harness import ubi_split
 
-    assert ubi_split(UBI_VALIDATION_SHARE) == TRAIN_ONLY_SPLIT and ubi_split(0.2) == (0.8, 0.2, 0.0)
-    ctx.fusion = SimpleNamespace(dataset=dataclasses.replace(logged, split=ubi_split(0.2)), also=())
+    assert ubi_split(0.1) == TRAIN_ONLY_SPLIT and ubi_split(0.3) == (0.7, 0.3, 0.0)
+    ctx.fusion = SimpleNamespace(dataset=dataclasses.replace(logged, split=ubi_split(0.3)), also=())
     assert fusion_cache_dir(ctx, TrainConfig()) not in keys
 
 

@@ -162,9 +162,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                         "irrelevant (gain 0, as unjudged qrels; default: it won on held-out queries) | unknown (left out of its training list)."),
         head_queries: Optional[int] = typer.Option(None, "--head-queries", min=1, help="--train-ubi: evaluate only the split's queries with "
                                                    "at least N searches in the log (head queries); their searches stay in the training log."),
-        ubi_validation_share: float = typer.Option(0.1, "--ubi-validation-share", min=0.0, max=1.0, help="--train-ubi: the share of the "
-                                                   "log's query texts the trainable systems validate on (early stopping, the fusion verdict); "
-                                                   "the rest trains."),
+        ubi_validation_share: float = typer.Option(0.3, "--ubi-validation-share", min=0.0, max=1.0, help="--train-ubi: the share of the "
+                                                   "log's query texts the trainable systems validate on (early stopping, the fusion verdict, "
+                                                   "whose paired test needs more queries on click labels); the rest trains."),
         model: list[str] = typer.Option([], "--model", help="Use a trained artifact instead of training: SYSTEM=DIR (repeatable)."),
         limit_queries: Optional[int] = typer.Option(None, "--limit-queries", min=1, help="Evaluate a seeded sample of N queries of the split."),
         top_n: int = typer.Option(200, "--top-n", min=1, max=10_000, help="retrieve mode: candidates per list and fused pool size."),

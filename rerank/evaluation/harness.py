@@ -63,8 +63,9 @@ from rerank.datasets.pools import (  # noqa: F401  (re-exported: the harness's i
 )
 
 log = logging.getLogger(__name__)
-#: how a set of training queries only (``--train-queries``, ``--train-ubi``) is split: train and validation, no test (every
-#: trainable system, the fusion ones included, trains on the same 90 % and stops early on the same 10 %)
+#: how a set of training queries only (``--train-queries``) is split: train and validation, no test (every trainable
+#: system, the fusion ones included, trains on the same 90 % and stops early on the same 10 %); a log's query texts
+#: (``--train-ubi``) are split by :func:`ubi_split` instead
 TRAIN_ONLY_SPLIT = (0.9, 0.1, 0.0)
 #: the validation share of the query texts of a log (``--train-ubi``; ``--ubi-validation-share``; ``fusionrank train
 #: --from-ubi``): the click-judged validation queries decide early stopping and the safe-choice verdict (rerank.safe), whose

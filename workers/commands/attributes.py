@@ -27,6 +27,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                       "image model's last blocks and head convolution trained on the catalog's colour labels, mixed with the "
                                       "regression (attribute model version 3; about 15 minutes on one CPU thread for 3,200 photos). --no-finetune: the version-2 recipe "
                                       "(--no-regions implies it)."),
+        finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", min=1, help="Epochs of the fine-tuned branch (default: "
+                                                      "the recipe's; 6: the version-3 recipe)."),
+        calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Fit softmax temperatures of the colour head's regression, "
+                                       "branch and mix on the validation split, so that a confidence of 0.8 is right about 80% of the "
+                                       "time (attribute model version 4); --no-calibrate: the version-3 mix."),
     ) -> None:
         """Train the heads on the catalog's labelled photos (a held-out share measured) and save the model."""
         from indexing.encoders import get_image_encoder
@@ -37,7 +42,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         settings = load_settings()
         enc = get_image_encoder(settings.image_model, device=settings.device)
         model, data = train_from_catalog(catalog, images_root, enc, cache_dir=settings.data_dir, seed=seed, regions=not no_regions,
-                                         finetune=finetune and not no_regions, progress=sys.stderr.isatty())
+                                         finetune=finetune and not no_regions, progress=sys.stderr.isatty(),
+                                         finetune_epochs=finetune_epochs, calibrate=calibrate)
         model.save(out)
         report = {"model": str(out), "model_id": model_id_of(out), "photos": len(data.ids), "report": model.report}
         typer.echo(json.dumps(report) if as_json else json.dumps(report, indent=2))

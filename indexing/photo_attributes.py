@@ -78,8 +78,11 @@ class AttributeConfig:
     # and the head reads the region features (the maps come from that pass); others are left as they are
     finetune_heads: tuple[str, ...] = ("colour",)
     finetune_val: float = 0.15  # share of the training photos the branch is early-stopped and weighted on
-    finetune_epochs: int = 6  # the branch's epochs (its one-cycle schedule spans them) and early-stopping patience
-    finetune_patience: int = 2
+    # the branch's epochs (its one-cycle schedule spans them), early-stopping patience and the copied blocks' peak
+    # learning rate; chosen on the validation split (the version-3 recipe: 6, 2, 3e-4)
+    finetune_epochs: int = 10
+    finetune_patience: int = 3
+    finetune_lr: float = 1e-3
     # fit softmax temperatures of the regression, the branch and their mix on the validation split (version 4);
     # False: the version-3 mix (every temperature 1)
     calibrate: bool = True
@@ -91,8 +94,9 @@ class AttributeConfig:
             raise ConfigError(f"finetune_heads {self.finetune_heads}: valid attributes are {', '.join(ATTRIBUTES)}")
         if not 0.0 < self.finetune_val < 0.5:
             raise ConfigError(f"finetune_val must be in (0, 0.5), got {self.finetune_val!r}")
-        if self.finetune_epochs < 1 or self.finetune_patience < 1:
-            raise ConfigError(f"finetune_epochs and finetune_patience must be at least 1, got {self.finetune_epochs!r}, {self.finetune_patience!r}")
+        if self.finetune_epochs < 1 or self.finetune_patience < 1 or not self.finetune_lr > 0:
+            raise ConfigError(f"finetune_epochs and finetune_patience must be at least 1 and finetune_lr positive, got "
+                              f"{self.finetune_epochs!r}, {self.finetune_patience!r}, {self.finetune_lr!r}")
         if self.min_count < 1 or not 0.0 < self.holdout < 1.0 or self.C <= 0 or self.max_iter < 1 or not 0 <= self.novelty_quantile < 0.5:
             raise ConfigError(f"bad attribute config {self}")
 
@@ -387,7 +391,8 @@ def _train_branch(name: str, x: np.ndarray, y: np.ndarray, classes: Sequence[str
         raise ConfigError(f"too few labelled photos for the {name} head's fine-tuned branch ({int(fit.sum())} to train, {int(val.sum())} to validate)")
     index = {c: i for i, c in enumerate(classes)}
     yi = np.asarray([index.get(v, -1) for v in y])
-    fcfg = FinetuneConfig(from_block=int(data.maps_block), seed=cfg.seed, epochs=cfg.finetune_epochs, patience=cfg.finetune_patience)
+    fcfg = FinetuneConfig(from_block=int(data.maps_block), seed=cfg.seed, epochs=cfg.finetune_epochs, patience=cfg.finetune_patience,
+                          lr_tail=cfg.finetune_lr)
     module, history = train_branch(image_model, data.maps, data.masks, yi, len(classes), np.flatnonzero(fit), np.flatnonzero(val), fcfg)
     p_branch = branch_proba(module, data.maps[val], data.masks[val])
     p_head = _fit_head(name, x[fit], y[fit], cfg).proba(x[val])

@@ -22,12 +22,14 @@ completed from it. A corrupt file never reaches the heads (the indexer refuses i
 A head named in ``AttributeConfig.finetune_heads`` (colour) also gets a **fine-tuned branch**
 (:mod:`indexing.photo_finetune`: a copy of the image model's last block and head convolution trained on the catalog's
 labels, reading the output of an earlier block from the same forward pass); its probabilities are averaged with the
-logistic regression's with a weight chosen on a validation split of the training photos.
+logistic regression's with a weight chosen on a validation split of the training photos; version 4 first puts each
+at a softmax temperature fitted on that split, and the mix at a third (:func:`indexing.photo_finetune.combine`).
 
 The model is a versioned directory: ``config.json`` (classes, each head's inputs, the image model id it was trained
 with, the region recipe, the branch's recipe and weight, the held-out report) + ``weights.safetensors``. Version 3
 has a fine-tuned branch (prediction runs it in torch); versions 1 (every head on pixel features + ``image_vec``) and
-2 (region features, numpy only) still load and predict as they did; a model without a branch is saved as version 2.
+2 (region features, numpy only) still load and predict as they did; a model without a branch is saved as version 2,
+one whose branch has no temperatures as version 3 (version 4: with them).
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ Training (:func:`train_branch`) runs on the CPU in minutes from cached block out
 smoothing, horizontal flips of the cached maps as augmentation, AdamW, early stopping on a validation split of the
 *training* photos; the batch norms keep their ImageNet statistics (only their scale and shift learn). The attribute
 model (version 3) stores the branch's weights beside the logistic heads and averages the two heads' probabilities
-(:class:`Branch`; the weight chosen on the same validation split).
+(:class:`Branch`; the weight chosen on the same validation split). Version 4 also fits softmax temperatures there
+(:func:`fit_temperature`): one for each head's probabilities before they are averaged and one for the average
+(:func:`combine`), so that its confidence says how often it is right.
 """
 
 from __future__ import annotations

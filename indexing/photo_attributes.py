@@ -22,12 +22,14 @@ completed from it. A corrupt file never reaches the heads (the indexer refuses i
 A head named in ``AttributeConfig.finetune_heads`` (colour) also gets a **fine-tuned branch**
 (:mod:`indexing.photo_finetune`: a copy of the image model's last block and head convolution trained on the catalog's
 labels, reading the output of an earlier block from the same forward pass); its probabilities are averaged with the
-logistic regression's with a weight chosen on a validation split of the training photos.
+logistic regression's with a weight chosen on a validation split of the training photos; version 4 first puts each
+at a softmax temperature fitted on that split, and the mix at a third (:func:`indexing.photo_finetune.combine`).
 
 The model is a versioned directory: ``config.json`` (classes, each head's inputs, the image model id it was trained
 with, the region recipe, the branch's recipe and weight, the held-out report) + ``weights.safetensors``. Version 3
 has a fine-tuned branch (prediction runs it in torch); versions 1 (every head on pixel features + ``image_vec``) and
-2 (region features, numpy only) still load and predict as they did; a model without a branch is saved as version 2.
+2 (region features, numpy only) still load and predict as they did; a model without a branch is saved as version 2,
+one whose branch has no temperatures as version 3 (version 4: with them).
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ from indexing.errors import ConfigError, ModelArtifactError
 
 log = logging.getLogger(__name__)
 
-ATTRIBUTE_VERSION = 3
+ATTRIBUTE_VERSION = 4
 #: versions :meth:`AttributeModel.load` reads (1: every head on pixel features + image_vec; 2: + region features;
-#: 3: + a fine-tuned branch)
-READABLE_VERSIONS = (1, 2, 3)
+#: 3: + a fine-tuned branch; 4: + temperatures of the branch's mix)
+READABLE_VERSIONS = (1, 2, 3, 4)
 #: a head's input groups
 PIXEL, IMAGE_VEC, REGIONS = "pixel", "image_vec", "regions"
 BASE_INPUTS = (PIXEL, IMAGE_VEC)
@@ -78,6 +80,14 @@ class AttributeConfig:
     # and the head reads the region features (the maps come from that pass); others are left as they are
     finetune_heads: tuple[str, ...] = ("colour",)
     finetune_val: float = 0.15  # share of the training photos the branch is early-stopped and weighted on
+    # the branch's epochs (its one-cycle schedule spans them), early-stopping patience and the copied blocks' peak
+    # learning rate; chosen on the validation split (the version-3 recipe: 6, 2, 3e-4)
+    finetune_epochs: int = 10
+    finetune_patience: int = 3
+    finetune_lr: float = 1e-3
+    # fit softmax temperatures of the regression, the branch and their mix on the validation split (version 4);
+    # False: the version-3 mix (every temperature 1)
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         if set(self.region_heads) - set(ATTRIBUTES):
@@ -86,6 +96,9 @@ class AttributeConfig:
             raise ConfigError(f"finetune_heads {self.finetune_heads}: valid attributes are {', '.join(ATTRIBUTES)}")
         if not 0.0 < self.finetune_val < 0.5:
             raise ConfigError(f"finetune_val must be in (0, 0.5), got {self.finetune_val!r}")
+        if self.finetune_epochs < 1 or self.finetune_patience < 1 or not self.finetune_lr > 0:
+            raise ConfigError(f"finetune_epochs and finetune_patience must be at least 1 and finetune_lr positive, got "
+                              f"{self.finetune_epochs!r}, {self.finetune_patience!r}, {self.finetune_lr!r}")
         if self.min_count < 1 or not 0.0 < self.holdout < 1.0 or self.C <= 0 or self.max_iter < 1 or not 0 <= self.novelty_quantile < 0.5:
             raise ConfigError(f"bad attribute config {self}")
 
@@ -188,13 +201,13 @@ class AttributeModel:
         for name, head in self.heads.items():
             p = head.proba(xs[head.inputs])
             if head.branch is not None:
-                from indexing.photo_finetune import mix
+                from indexing.photo_finetune import combine
 
                 if getattr(regions, "maps", None) is None or regions.block != head.branch.from_block:
                     raise ModelArtifactError(f"this attribute model's {name} head has a fine-tuned branch that reads the output of image "
                                              f"model block {head.branch.from_block}: pass regions as RegionInputs with those maps "
                                              "(indexing.photo_attributes.image_vectors), or the image encoder to predict_images(..., encoder=)")
-                p = mix(p, head.branch.proba(regions.maps, regions.masks), head.branch.weight)
+                p = combine(p, head.branch.proba(regions.maps, regions.masks), head.branch)
             order = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
             for i in range(n):
                 top = tuple((head.classes[j], float(p[i, j])) for j in order[i])
@@ -203,6 +216,15 @@ class AttributeModel:
                 else:
                     out[i][name] = Prediction(None, 0.0, top)
         return out
+
+    @property
+    def version(self) -> int:
+        """The oldest format that holds this model, so that older code reads it where it can: 4 with a calibrated
+        branch (temperatures), 3 with a branch, else 2."""
+        branches = [h.branch for h in self.heads.values() if h.branch is not None]
+        if any(b.calibrated for b in branches):
+            return ATTRIBUTE_VERSION
+        return 3 if branches else 2
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
@@ -219,7 +241,7 @@ class AttributeModel:
         save_file(tensors, str(d / WEIGHTS_FILE))
         config = {
             "kind": "fusionrank-photo-attributes",
-            "version": ATTRIBUTE_VERSION if self.branch_block is not None else 2,  # readable by version-2 code where it can be
+            "version": self.version,
             "image_model_id": self.image_model_id,
             "pixel_dim": self.pixel_dim,
             "novelty_threshold": self.novelty_threshold,
@@ -360,7 +382,7 @@ def _train_branch(name: str, x: np.ndarray, y: np.ndarray, classes: Sequence[str
     """The head's fine-tuned branch (:func:`indexing.photo_finetune.train_branch`) trained on the training photos
     outside a validation split of them, early-stopped on that split; its mixing weight with the regression is the one
     with the best validation top-1 (then top-3) for a regression fitted without the split (held-out photos unseen)."""
-    from indexing.photo_finetune import Branch, FinetuneConfig, branch_proba, mix, train_branch
+    from indexing.photo_finetune import Branch, FinetuneConfig, branch_proba, fit_temperature, mix, temper, train_branch
 
     if image_model is None:
         raise ConfigError(f"the {name} head's fine-tuned branch needs the image model (train_attribute_model(..., image_model=)) "
@@ -371,23 +393,31 @@ def _train_branch(name: str, x: np.ndarray, y: np.ndarray, classes: Sequence[str
         raise ConfigError(f"too few labelled photos for the {name} head's fine-tuned branch ({int(fit.sum())} to train, {int(val.sum())} to validate)")
     index = {c: i for i, c in enumerate(classes)}
     yi = np.asarray([index.get(v, -1) for v in y])
-    fcfg = FinetuneConfig(from_block=int(data.maps_block), seed=cfg.seed)
+    fcfg = FinetuneConfig(from_block=int(data.maps_block), seed=cfg.seed, epochs=cfg.finetune_epochs, patience=cfg.finetune_patience,
+                          lr_tail=cfg.finetune_lr)
     module, history = train_branch(image_model, data.maps, data.masks, yi, len(classes), np.flatnonzero(fit), np.flatnonzero(val), fcfg)
     p_branch = branch_proba(module, data.maps[val], data.masks[val])
     p_head = _fit_head(name, x[fit], y[fit], cfg).proba(x[val])
     truth = yi[val]
 
+    # calibration (version 4): each source at the temperature that fits the validation photos best, before mixing
+    t_head, t_branch = (fit_temperature(p_head, truth), fit_temperature(p_branch, truth)) if cfg.calibrate else (1.0, 1.0)
+    q_head, q_branch = temper(p_head, t_head), temper(p_branch, t_branch)
+
     def score(w: float) -> tuple[float, float]:
-        order = np.argsort(-mix(p_head, p_branch, w), axis=1, kind="stable")
+        order = np.argsort(-mix(q_head, q_branch, w), axis=1, kind="stable")
         return float(np.mean(order[:, 0] == truth)), float(np.mean((order[:, :3] == truth[:, None]).any(axis=1)))
 
     grid = {round(w, 1): score(w) for w in np.arange(0.0, 1.01, 0.1)}
     weight = max(grid, key=lambda w: (grid[w], -w))
+    t_mix = fit_temperature(mix(q_head, q_branch, weight), truth) if cfg.calibrate else 1.0
     report = {**history, "val": int(val.sum()), "weight": weight, "val_top1_head": grid[0.0][0], "val_top1_branch": grid[1.0][0],
-              "val_top1_mixed": grid[weight][0]}
+              "val_top1_mixed": grid[weight][0], "val_top3_mixed": grid[weight][1],
+              **({"temperatures": {"head": t_head, "branch": t_branch, "mix": t_mix}} if cfg.calibrate else {})}
     log.info("attribute head %s: fine-tuned branch %s", name, report)
     arch = getattr(image_model, "pretrained_cfg", {}).get("architecture") or type(image_model).__name__
-    return Branch(module, arch, fcfg.from_block, weight, dropout=fcfg.dropout, report=report)
+    return Branch(module, arch, fcfg.from_block, weight, dropout=fcfg.dropout, report=report, head_temperature=t_head,
+                  branch_temperature=t_branch, mix_temperature=t_mix)
 
 
 def train_attribute_model(data: LabelledPhotos, image_model_id: str, cfg: AttributeConfig = AttributeConfig(),
@@ -418,7 +448,7 @@ def train_attribute_model(data: LabelledPhotos, image_model_id: str, cfg: Attrib
         p = heads[name].proba(x[te])
         extra: dict[str, Any] = {}
         if name in cfg.finetune_heads and REGIONS in inputs and data.maps is not None:
-            from indexing.photo_finetune import mix
+            from indexing.photo_finetune import combine
 
             branch = _train_branch(name, x, y, heads[name].classes, tr, data, cfg, image_model)
             heads[name] = replace(heads[name], branch=branch)
@@ -428,7 +458,7 @@ def train_attribute_model(data: LabelledPhotos, image_model_id: str, cfg: Attrib
                                                    if k in ("top1", "top3")},
                                "branch_only": {k: v for k, v in _accuracy(p_branch, heads[name].classes, list(y[te]), list(y[tr])).items()
                                                if k in ("top1", "top3")}}
-            p = mix(p, p_branch, branch.weight)
+            p = combine(p, p_branch, branch)
         report[name] = {**_accuracy(p, heads[name].classes, list(y[te]), list(y[tr])), **extra,
                         "classes": len(classes), "train": int(tr.sum()), "seconds": round(time.perf_counter() - t0, 1)}
         log.info("attribute head %s: %s", name, report[name])

@@ -223,18 +223,28 @@ def load_labelled_photos(catalog: str | Path, images_root: str | Path | None, im
 
 
 def train_from_catalog(catalog: str | Path, images_root: str | Path | None, image_encoder: Any, *, cache_dir: str | Path | None,
-                       seed: int = 13, regions: bool = True, finetune: bool = True, progress: bool = False) -> tuple[AttributeModel, LabelledPhotos]:
+                       seed: int = 13, regions: bool = True, finetune: bool = True, progress: bool = False,
+                       finetune_epochs: int | None = None, finetune_lr: float | None = None,
+                       calibrate: bool = True) -> tuple[AttributeModel, LabelledPhotos]:
     """The heads trained on a catalog's labelled photos (:func:`load_labelled_photos` with the features their config
     reads, then :func:`indexing.photo_attributes.train_attribute_model`: a held-out share measured in the report) and
     those photos. The colour head also gets a fine-tuned branch (version 3); ``finetune=False``: the version-2 recipe;
-    ``regions=False``: no head reads region features nor has a branch (the version-1 recipe)."""
+    ``regions=False``: no head reads region features nor has a branch (the version-1 recipe). ``finetune_epochs``,
+    ``finetune_lr``: the branch's epochs and its copied blocks' learning rate (None: the recipe's defaults);
+    ``calibrate=False``: the version-3 mix (no temperatures)."""
+    from dataclasses import replace
+
     from indexing.photo_finetune import FROM_BLOCK
 
-    cfg = AttributeConfig(seed=seed)
+    cfg = AttributeConfig(seed=seed, calibrate=calibrate)
+    if finetune_epochs is not None:
+        cfg = replace(cfg, finetune_epochs=finetune_epochs)
+    if finetune_lr is not None:
+        cfg = replace(cfg, finetune_lr=finetune_lr)
     if not regions:
-        cfg = AttributeConfig(seed=seed, region_heads=(), finetune_heads=())
+        cfg = replace(cfg, region_heads=(), finetune_heads=())
     elif not finetune:
-        cfg = AttributeConfig(seed=seed, finetune_heads=())
+        cfg = replace(cfg, finetune_heads=())
     data = load_labelled_photos(catalog, images_root if images_root is not None else Path(catalog).parent, image_encoder,
                                 cache_dir=cache_dir, progress=progress, region_heads=cfg.region_heads,
                                 maps_heads=cfg.finetune_heads, maps_block=FROM_BLOCK)

@@ -106,7 +106,8 @@ def parse_diversity_options(items: list[str], settings=None):
 
 
 def _eval_attributes(catalog: Path, images_root: Optional[Path], *, as_json: bool, progress: Optional[bool], seed: int,
-                     regions: bool = True, finetune: bool = False) -> None:
+                     regions: bool = True, finetune: bool = False, finetune_epochs: Optional[int] = None,
+                     finetune_lr: Optional[float] = None, calibrate: bool = True) -> None:
     from indexing.encoders import get_image_encoder
     from rerank.datasets.attribute_photos import train_from_catalog
     from workers.settings import load_settings
@@ -115,7 +116,8 @@ def _eval_attributes(catalog: Path, images_root: Optional[Path], *, as_json: boo
     show = sys.stderr.isatty() if progress is None else progress
     enc = get_image_encoder(settings.image_model, device=settings.device)
     model, data = train_from_catalog(catalog, images_root, enc, cache_dir=settings.data_dir, seed=seed, regions=regions,
-                                     finetune=finetune, progress=show)
+                                     finetune=finetune, progress=show, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+                                     calibrate=calibrate)
     out = {"attributes": {a: {k: model.report[a][k] for k in ("top1", "top3", "majority", "n")} for a in model.heads}}
     if as_json:
         typer.echo(json.dumps(out))
@@ -140,8 +142,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         no_regions: bool = typer.Option(False, "--no-regions", help="With --attributes: every head reads the pixel features and "
                                         "the pooled image vector only (the colour head then skips the region features)."),
         finetune: bool = typer.Option(True, "--finetune/--no-finetune", help="With --attributes: the colour head also gets a fine-tuned "
-                                      "branch (the image model's last blocks trained on the catalog's labels; attribute model version 3); "
+                                      "branch (the image model's last blocks trained on the catalog's labels; attribute model version 4); "
                                       "--no-finetune: the version-2 recipe (--no-regions implies it)."),
+        finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", min=1, help="With --attributes: epochs of the fine-tuned "
+                                                      "branch (default 10; the version-3 recipe: 6)."),
+        finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", min=0.0, help="With --attributes: peak learning rate of the "
+                                                    "branch's copied blocks (default 1e-3; the version-3 recipe: 3e-4)."),
+        calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="With --attributes: fit softmax temperatures of the colour "
+                                       "head's regression, branch and mix on the validation split (version 4); --no-calibrate: the "
+                                       "version-3 mix."),
         events: Optional[Path] = typer.Option(None, "--events", help="Events CSV of the evaluated users (history)."),
         images_root: Optional[Path] = typer.Option(None, "--images-root", help="Folder image paths are relative to (default: the catalog's folder)."),
         mode: str = typer.Option("rerank", "--mode", help="rerank: reorder each query's judged products; retrieve: rank the whole catalog."),
@@ -196,7 +205,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         diversity of each top 10: ild@10, distinct@10 per attribute)."""
         if attributes:
             _eval_attributes(catalog, images_root, as_json=as_json, progress=progress, seed=seed, regions=not no_regions,
-                             finetune=finetune and not no_regions)
+                             finetune=finetune and not no_regions, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+                             calibrate=calibrate)
             return
         missing = [flag for flag, v in (("--queries", queries), ("--qrels", qrels), ("--gain", gain)) if v is None]
         if missing:

@@ -27,10 +27,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                       "image model's last blocks and head convolution trained on the catalog's colour labels, mixed with the "
                                       "regression (attribute model version 4; about 7-12 minutes on one CPU thread for 3,200 photos). --no-finetune: the version-2 recipe "
                                       "(--no-regions implies it)."),
-        finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", min=1, help="Epochs of the fine-tuned branch (default 10, "
-                                                      "early-stopped; the version-3 recipe: 6)."),
+        finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", min=1, help="Epochs of the fine-tuned branch (default 6, "
+                                                      "early-stopped; large catalogs: 10)."),
         finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", min=0.0, help="Peak learning rate of the branch's copied blocks "
-                                                    "(default 1e-3; the version-3 recipe: 3e-4)."),
+                                                    "(default 3e-4; large catalogs: 1e-3 with --finetune-epochs 10)."),
         calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Fit softmax temperatures of the colour head's regression, "
                                        "branch and mix on the validation split, so that a confidence of 0.8 is right about 80% of the "
                                        "time (attribute model version 4); --no-calibrate: the version-3 mix."),

@@ -145,9 +145,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                       "branch (the image model's last blocks trained on the catalog's labels; attribute model version 4); "
                                       "--no-finetune: the version-2 recipe (--no-regions implies it)."),
         finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", min=1, help="With --attributes: epochs of the fine-tuned "
-                                                      "branch (default 10; the version-3 recipe: 6)."),
+                                                      "branch (default 6; large catalogs: 10)."),
         finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", min=0.0, help="With --attributes: peak learning rate of the "
-                                                    "branch's copied blocks (default 1e-3; the version-3 recipe: 3e-4)."),
+                                                    "branch's copied blocks (default 3e-4; large catalogs: 1e-3 with --finetune-epochs 10)."),
         calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="With --attributes: fit softmax temperatures of the colour "
                                        "head's regression, branch and mix on the validation split (version 4); --no-calibrate: the "
                                        "version-3 mix."),

@@ -5,9 +5,29 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+
+
+def finetune_options(prefix: str = "") -> tuple[Any, Any, Any]:
+    """The ``--finetune-epochs``, ``--finetune-lr`` and ``--calibrate/--no-calibrate`` options (``attributes train``;
+    ``eval --attributes`` with ``prefix="With --attributes: "``)."""
+
+    def h(text: str) -> str:
+        return prefix + text[0].lower() + text[1:] if prefix else text
+
+    return (
+        typer.Option(None, "--finetune-epochs", min=1, help=h("Epochs of the fine-tuned branch (default 6, early-stopped; large catalogs: 10).")),
+        typer.Option(None, "--finetune-lr", min=0.0, help=h("Peak learning rate of the branch's copied blocks (default 3e-4; large catalogs: "
+                                                            "1e-3 with --finetune-epochs 10).")),
+        typer.Option(True, "--calibrate/--no-calibrate", help=h("Fit softmax temperatures of the colour head's regression, branch and mix on "
+                                                                "the validation split, so that a confidence of 0.8 is right about 80% of the "
+                                                                "time (attribute model version 4); --no-calibrate: the version-3 mix.")),
+    )
+
+
+EPOCHS_OPTION, LR_OPTION, CALIBRATE_OPTION = finetune_options()
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -25,15 +45,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                         "only: no region features (cheaper indexing, a less accurate colour head)."),
         finetune: bool = typer.Option(True, "--finetune/--no-finetune", help="The colour head also gets a fine-tuned branch: a copy of the "
                                       "image model's last blocks and head convolution trained on the catalog's colour labels, mixed with the "
-                                      "regression (attribute model version 4; about 7-12 minutes on one CPU thread for 3,200 photos). --no-finetune: the version-2 recipe "
+                                      "regression (attribute model version 4; about 10-15 minutes on one CPU thread for 3,200 photos). --no-finetune: the version-2 recipe "
                                       "(--no-regions implies it)."),
-        finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", min=1, help="Epochs of the fine-tuned branch (default 6, "
-                                                      "early-stopped; large catalogs: 10)."),
-        finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", min=0.0, help="Peak learning rate of the branch's copied blocks "
-                                                    "(default 3e-4; large catalogs: 1e-3 with --finetune-epochs 10)."),
-        calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Fit softmax temperatures of the colour head's regression, "
-                                       "branch and mix on the validation split, so that a confidence of 0.8 is right about 80% of the "
-                                       "time (attribute model version 4); --no-calibrate: the version-3 mix."),
+        finetune_epochs: Optional[int] = EPOCHS_OPTION,
+        finetune_lr: Optional[float] = LR_OPTION,
+        calibrate: bool = CALIBRATE_OPTION,
     ) -> None:
         """Train the heads on the catalog's labelled photos (a held-out share measured) and save the model."""
         from indexing.encoders import get_image_encoder

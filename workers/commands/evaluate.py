@@ -9,6 +9,10 @@ from typing import Optional
 
 import typer
 
+from workers.commands.attributes import finetune_options
+
+EVAL_EPOCHS_OPTION, EVAL_LR_OPTION, EVAL_CALIBRATE_OPTION = finetune_options("With --attributes: ")
+
 
 def _model_dirs(values: list[str], systems: list[str]) -> dict[str, Path]:
     """``--model SYSTEM=DIR`` (repeatable); a bare ``DIR`` when exactly one trainable system is evaluated."""
@@ -144,13 +148,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         finetune: bool = typer.Option(True, "--finetune/--no-finetune", help="With --attributes: the colour head also gets a fine-tuned "
                                       "branch (the image model's last blocks trained on the catalog's labels; attribute model version 4); "
                                       "--no-finetune: the version-2 recipe (--no-regions implies it)."),
-        finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", min=1, help="With --attributes: epochs of the fine-tuned "
-                                                      "branch (default 6; large catalogs: 10)."),
-        finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", min=0.0, help="With --attributes: peak learning rate of the "
-                                                    "branch's copied blocks (default 3e-4; large catalogs: 1e-3 with --finetune-epochs 10)."),
-        calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="With --attributes: fit softmax temperatures of the colour "
-                                       "head's regression, branch and mix on the validation split (version 4); --no-calibrate: the "
-                                       "version-3 mix."),
+        finetune_epochs: Optional[int] = EVAL_EPOCHS_OPTION,
+        finetune_lr: Optional[float] = EVAL_LR_OPTION,
+        calibrate: bool = EVAL_CALIBRATE_OPTION,
         events: Optional[Path] = typer.Option(None, "--events", help="Events CSV of the evaluated users (history)."),
         images_root: Optional[Path] = typer.Option(None, "--images-root", help="Folder image paths are relative to (default: the catalog's folder)."),
         mode: str = typer.Option("rerank", "--mode", help="rerank: reorder each query's judged products; retrieve: rank the whole catalog."),

@@ -10,7 +10,9 @@ candidate against the serving model on held-out behaviour, promote it only when 
    trained on), fit the click model on the training part (spam capped) and train the fusion ranker on its
    implicit judgments against ``retrain_catalog`` (validated, early stopping and the verdict, on the same click model's
    judgments shrunk harder: :func:`rerank.datasets.ubi_judgments.log_judgments`), reading the behaviour features of the same searches
-   (:mod:`rerank.model.behaviour`; the artifact carries them); the artifact becomes a registry version;
+   (:mod:`rerank.model.behaviour`; the artifact carries them; a training query that reads its own behaviour is labelled by
+   the log's label part and reads its columns from its other searches, as in ``fusionrank train --from-ubi``); the
+   artifact becomes a registry version;
 3. estimate both models on the held-out part (and on ``qrels``, when given); promote (the registry's ``current``
    link moves, the service follows it) or record the refusal with its numbers. Every version is kept.
 
@@ -156,16 +158,21 @@ def retrain(settings: Any, *, force: bool = False, queries: Path | None = None, 
         work.mkdir(parents=True, exist_ok=True)
         # the candidate reads the behaviour of the searches it trains on (never the held-out queries')
         # validated (early stopping, the verdict) on the same click model's judgments shrunk harder, as the held-out estimate
-        lj = log_judgments(train_s, model=settings.retrain_click_model, behaviour_out=work / "behaviour.json.gz")
+        # and, as `fusionrank train --from-ubi` does, the log's label part: a training query that reads its own behaviour is
+        # labelled by half of its searches and reads its columns from the other half (TrainConfig.behaviour_label_part)
+        lj = log_judgments(train_s, model=settings.retrain_click_model, behaviour_out=work / "behaviour.json.gz",
+                           label_part_out=work / "label-part-behaviour.json.gz")
         judg, jinfo = lj.train, lj.info
         cfg = dataclasses.replace(cfg, behaviour_stats=work / "behaviour.json.gz")
         held_judg, hinfo = judgments_from_sessions(held_s, model=settings.retrain_click_model, prior_strength=VALIDATION_PRIOR_STRENGTH)
         qf, rf = write_judgments(judg, texts, work / "judgments")
         _, vf = write_judgments(lj.validation, texts, work / "validation-judgments")
+        _, lpf = write_judgments(lj.label_part or {}, texts, work / "label-part-judgments")
         summary: dict[str, Any] = {
             **base, "log": counts,
             "train": {"sessions": len(train_s), "queries": len(judg), "judgments": sum(len(v) for v in judg.values()),
-                      "spam_capping": jinfo["spam_capping"], "click_model": settings.retrain_click_model},
+                      "spam_capping": jinfo["spam_capping"], "click_model": settings.retrain_click_model,
+                      "label_part": jinfo.get("label_part")},
             "heldout": {"sessions": len(held_s), "queries": len(held_judg), "share": settings.retrain_holdout,
                         "spam_capping": hinfo["spam_capping"]},
             "margin": settings.retrain_margin,
@@ -179,7 +186,8 @@ def retrain(settings: Any, *, force: bool = False, queries: Path | None = None, 
             return run_index_job(engine, settings, job, via="inline", progress=progress)
 
         ds = DatasetSpec(catalog=Path(catalog), queries=qf, qrels=rf, gain="identity", images_root=Path(images_root),
-                         name="ubi-store", mode="retrieve", labels_from_log=True, validation_qrels=vf)
+                         name="ubi-store", mode="retrieve", labels_from_log=True, validation_qrels=vf,
+                         label_part_qrels=lpf, label_part_behaviour=work / "label-part-behaviour.json.gz")
         tt = time.perf_counter()
         res = train_ranker([ds], out=work / "candidate", data_dir=settings.data_dir, indexer=indexer, config=cfg)
         version = reg.add(res.artifact, move=True)

@@ -222,6 +222,8 @@ def test_the_retrain_task_promotes_a_better_model_refuses_a_worse_one_and_rolls_
         assert ev["diff"] >= MARGIN and ev["candidate"]["ndcg@10"] > ev["serving"]["ndcg@10"]
         assert out["evaluation"]["against"] == bad and out["heldout"]["queries"] >= 5 and out["train"]["queries"] >= 20
         assert reg.current() == good
+        lp = out["train"]["label_part"]  # the log's label part: half of each training query's searches (seeded by search)
+        assert lp["share"] == 0.5 and lp["queries"] >= 20 and 0 < lp["sessions"] < out["train"]["sessions"]
         capped = out["train"]["spam_capping"]
         assert capped["sessions_capped"] >= 1997 and capped["clicks_capped"] >= 1999  # 3 searches kept, their click counted once
         top = _top10(settings, reg.path(good), spam_text)

@@ -160,8 +160,9 @@ def retrain(settings: Any, *, force: bool = False, queries: Path | None = None, 
         # validated (early stopping, the verdict) on the same click model's judgments shrunk harder, as the held-out estimate
         # and, as `fusionrank train --from-ubi` does, the log's label part: a training query that reads its own behaviour is
         # labelled by half of its searches and reads its columns from the other half (TrainConfig.behaviour_label_part)
+        label_part_stats = work / "label-part-behaviour.json.gz"
         lj = log_judgments(train_s, model=settings.retrain_click_model, behaviour_out=work / "behaviour.json.gz",
-                           label_part_out=work / "label-part-behaviour.json.gz")
+                           label_part_out=label_part_stats)
         judg, jinfo = lj.train, lj.info
         cfg = dataclasses.replace(cfg, behaviour_stats=work / "behaviour.json.gz")
         held_judg, hinfo = judgments_from_sessions(held_s, model=settings.retrain_click_model, prior_strength=VALIDATION_PRIOR_STRENGTH)
@@ -187,7 +188,7 @@ def retrain(settings: Any, *, force: bool = False, queries: Path | None = None, 
 
         ds = DatasetSpec(catalog=Path(catalog), queries=qf, qrels=rf, gain="identity", images_root=Path(images_root),
                          name="ubi-store", mode="retrieve", labels_from_log=True, validation_qrels=vf,
-                         label_part_qrels=lpf, label_part_behaviour=work / "label-part-behaviour.json.gz")
+                         label_part_qrels=lpf, label_part_behaviour=label_part_stats)
         tt = time.perf_counter()
         res = train_ranker([ds], out=work / "candidate", data_dir=settings.data_dir, indexer=indexer, config=cfg)
         version = reg.add(res.artifact, move=True)

@@ -43,7 +43,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from indexing.errors import ModelArtifactError
+from indexing.errors import ConfigError, ModelArtifactError
 
 BEHAVIOUR_FEATURES: tuple[str, ...] = ("qd_ctr", "qd_log_exams", "qd_conv", "p_ctr", "p_log_exams", "p_conv", "q_log_searches")
 #: pseudo examinations (clicks) of the prior that pulls rarely examined pairs towards the log's mean
@@ -53,6 +53,13 @@ BEHAVIOUR_FILE = "behaviour.json.gz"
 PRODUCT_SCOPES: tuple[str, ...] = ("all", "other_queries")
 FORMAT = 1
 _EPS = 1e-9
+
+
+def check_product_scope(scope: str) -> None:
+    """Refuse a ``behaviour_product_scope`` setting (an artifact's ``FeatureSpec``, a ``TrainConfig``) outside
+    :data:`PRODUCT_SCOPES`."""
+    if scope not in PRODUCT_SCOPES:
+        raise ConfigError(f"unknown behaviour_product_scope {scope!r}; valid: {', '.join(PRODUCT_SCOPES)}")
 
 
 def normalize_query(text: str) -> str:
@@ -233,4 +240,5 @@ def neutral(n: int) -> np.ndarray:
     return np.zeros((n, len(BEHAVIOUR_FEATURES)), dtype=np.float32)
 
 
-__all__ = ["BEHAVIOUR_FEATURES", "BEHAVIOUR_FILE", "BehaviourStats", "PRIOR_EXAMS", "PRODUCT_SCOPES", "neutral", "normalize_query"]
+__all__ = ["BEHAVIOUR_FEATURES", "BEHAVIOUR_FILE", "BehaviourStats", "PRIOR_EXAMS", "PRODUCT_SCOPES", "check_product_scope", "neutral",
+           "normalize_query"]

@@ -78,10 +78,9 @@ class FeatureSpec:
             raise ConfigError(f"hash_buckets must be >= 2 and history_k >= 1, got {self.hash_buckets}, {self.history_k}")
         object.__setattr__(self, "lists", tuple(self.lists))
         object.__setattr__(self, "cat_fields", tuple(self.cat_fields))
-        from rerank.model.behaviour import PRODUCT_SCOPES
+        from rerank.model.behaviour import check_product_scope
 
-        if self.behaviour_product_scope not in PRODUCT_SCOPES:
-            raise ConfigError(f"unknown behaviour_product_scope {self.behaviour_product_scope!r}; valid: {', '.join(PRODUCT_SCOPES)}")
+        check_product_scope(self.behaviour_product_scope)
         if self.attributes:
             from rerank.model.attribute_match import check_sources
 

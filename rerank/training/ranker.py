@@ -172,7 +172,7 @@ class TrainConfig:
     behaviour_product_scope: str = "all"
     #: a training query that reads its own behaviour (1 - behaviour_query_dropout of them) is labelled by the log's label
     #: part and reads its columns from its other searches (DatasetSpec.label_part_qrels / label_part_behaviour, where the
-    #: dataset has them: eval --train-ubi, train --from-ubi; the retrain task does not write them); False: labels and
+    #: dataset has them: eval --train-ubi, train --from-ubi, the retrain task); False: labels and
     #: columns from the same searches (the columns then hold the labels' own clicks). On the simulated dev log it
     #: validated higher in all four trainings compared (+0.0017 to +0.014 NDCG@10, docs/benchmarks.md)
     behaviour_label_part: bool = True
@@ -183,10 +183,9 @@ class TrainConfig:
         from rerank.model.ranker import FUSION_STRATEGIES
 
         FUSION_STRATEGIES.get(self.strategy)
-        from rerank.model.behaviour import PRODUCT_SCOPES
+        from rerank.model.behaviour import check_product_scope
 
-        if self.behaviour_product_scope not in PRODUCT_SCOPES:
-            raise ConfigError(f"unknown behaviour_product_scope {self.behaviour_product_scope!r}; valid: {', '.join(PRODUCT_SCOPES)}")
+        check_product_scope(self.behaviour_product_scope)
         if not 0.0 <= self.behaviour_query_dropout <= 1.0:
             raise ConfigError(f"behaviour_query_dropout must be in [0, 1], got {self.behaviour_query_dropout}")
         if self.threads is not None and self.threads < 1:

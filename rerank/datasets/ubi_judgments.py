@@ -23,12 +23,13 @@ clearly on held-out clicks and on the judgments' agreement with the hidden grade
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from rerank.datasets import clicks as C
 from rerank.history.ubi import read_log, ubi_files
@@ -59,6 +60,31 @@ class UbiJudgments:
 
 def ubi_query_id(text: str) -> str:
     return "ubi-" + hashlib.sha256(C.normalize_query(text).encode()).hexdigest()[:12]
+
+
+def write_qrels_by_text(uj: UbiJudgments, queries: Iterable[Any], qrels: Mapping[str, Mapping[str, float]], out: str | Path) -> tuple[Path, int]:
+    """The graded judgments (``qrels``, keyed by the ids of ``queries``) of the log's query texts, written under the log's
+    query ids (:func:`ubi_query_id`) to ``out``: the same training and validation queries as the click judgments, labelled
+    by a person instead of by clicks (``fusionrank eval --train-ubi ... --ubi-labels qrels``). Returns the path and how
+    many of the log's query texts have no graded query (they keep no label and drop out of training)."""
+    by_text: dict[str, str] = {}
+    for q in queries:
+        by_text.setdefault(C.normalize_query(q.text), q.id)
+    missing = 0
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with open(uj.queries, newline="") as qf, open(tmp, "w") as f:
+        rows = csv.DictReader(qf, delimiter="\t", quoting=csv.QUOTE_NONE)
+        for row in rows:
+            qid = by_text.get(C.normalize_query(row["query"]))
+            if qid is None or not qrels.get(qid):
+                missing += 1
+                continue
+            for pid, g in sorted(qrels[qid].items()):
+                f.write(f"{row['query_id']} 0 {pid} {g:g}\n")
+    tmp.replace(out)
+    return out, missing
 
 
 #: weight of add-to-carts and purchases per click in the judgments (0: clicks only). 3.0 ranked the shown products

@@ -80,6 +80,9 @@ def ubi_split(validation_share: float) -> tuple[float, float, float]:
     """The train / validation / test fractions of a log's query texts: no test share (the evaluated queries are apart)."""
     return (round(1.0 - validation_share, 10), float(validation_share), 0.0)
 
+#: what labels a log's queries (``--ubi-labels``)
+UBI_LABELS = ("clicks", "qrels")
+
 MODES = ("rerank", "retrieve")
 #: catalog attributes whose distinct values in the top 10 are counted (``distinct@10``), where the catalog has them
 DIVERSITY_FIELDS: tuple[str, ...] = (F.ARTICLE_TYPE, F.COLOUR, F.BRAND)
@@ -140,6 +143,10 @@ class EvalRequest:
     head_queries: int | None = None
     #: --train-ubi: the share of the log's query texts the trainable systems validate on (the rest trains)
     ubi_validation_share: float = UBI_VALIDATION_SHARE
+    #: --train-ubi: what labels the log's training and validation queries: ``clicks`` (the click model's judgments) or
+    #: ``qrels`` (the graded ``qrels`` of the same query texts, with the same split and the same behaviour columns: the
+    #: reference that learning from clicks is measured against)
+    ubi_labels: str = "clicks"
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -160,6 +167,10 @@ class EvalRequest:
                 raise ConfigError(f"unknown click model {self.click_model!r}; valid: {', '.join(MODELS)}")
             if self.ubi_unshown not in ("unknown", "irrelevant"):
                 raise ConfigError(f"--ubi-unshown must be unknown or irrelevant, got {self.ubi_unshown!r}")
+            if self.ubi_labels not in UBI_LABELS:
+                raise ConfigError(f"--ubi-labels must be one of {', '.join(UBI_LABELS)}, got {self.ubi_labels!r}")
+        elif self.ubi_labels != "clicks":
+            raise ConfigError("--ubi-labels needs --train-ubi (it labels that log's queries)")
         if not 0.0 < self.ubi_validation_share < 1.0:
             raise ConfigError(f"--ubi-validation-share must be in (0, 1), got {self.ubi_validation_share}")
         if self.head_queries is not None:
@@ -488,6 +499,14 @@ def evaluate(
             behaviour_stats = uj.behaviour
             validation_qrels = uj.validation_qrels
             label_part = (uj.label_part_qrels, uj.label_part_behaviour)
+            if req.ubi_labels == "qrels":  # the same queries, split and behaviour columns; a person's grades as labels
+                from rerank.datasets.ubi_judgments import write_qrels_by_text
+
+                graded, unlabelled = write_qrels_by_text(uj, qs.queries, qrels.grades, Path(uj.qrels).parent / f"qrels-{file_sha256(req.qrels)[:12]}.tsv")
+                uj = dataclasses.replace(uj, qrels=graded)
+                validation_qrels = graded
+                label_part = (graded, uj.label_part_behaviour)
+                info["ubi_labels"] = {"labels": "qrels", "qrels": str(req.qrels), "log_texts_without_qrels": unlabelled}
             tq = read_queries(uj.queries)
             train_qrels = read_qrels(uj.qrels)
             inner = assign(tq.queries, seed=req.seed, fractions=ubi_split(req.ubi_validation_share))

@@ -397,6 +397,19 @@ def test_train_ubi_learns_from_a_simulated_log_without_the_evaluated_queries(fas
     assert narrow["train"]["validation"] < out["train"]["validation"] and abs(narrow["train"]["validation"] - 0.1 * len(trained)) <= 1
     with pytest.raises(ConfigError, match="--ubi-validation-share must be in"):
         evaluate(dataclasses.replace(req, ubi_validation_share=1.0), data_dir=eval_dir, indexer=_indexer(eval_dir))
+    # --ubi-labels qrels: the same log queries and split, labelled by the qrels of the same texts (the reference arm)
+    graded = evaluate(dataclasses.replace(req, systems=("bm25",), ubi_labels="qrels"), data_dir=eval_dir, indexer=_indexer(eval_dir)).to_json()
+    assert graded["ubi_labels"]["labels"] == "qrels" and graded["ubi_labels"]["log_texts_without_qrels"] == 0
+    assert (graded["train"]["train"], graded["train"]["validation"]) == (out["train"]["train"], out["train"]["validation"])
+    by_text = {q.text.lower(): q.id for q in qs}
+    log_q = {q.id: q.text.lower() for q in read_queries(Path(graded["train"]["ubi"]["judgments_file"]).with_name("queries.tsv")).queries}
+    labels = read_qrels(graded["train"]["ubi"]["judgments_file"]).grades
+    assert labels and all(dict(labels[i]) == dict(qrels.for_query(by_text[t])) for i, t in log_q.items() if i in labels)
+    with pytest.raises(ConfigError, match="--ubi-labels needs --train-ubi"):
+        evaluate(EvalRequest(catalog=fashion_slice.catalog, queries=fashion_slice.queries, qrels=fashion_slice.qrels, gain="identity",
+                             ubi_labels="qrels"), data_dir=eval_dir, indexer=_indexer(eval_dir))
+    with pytest.raises(ConfigError, match="--ubi-labels must be one of clicks, qrels"):
+        evaluate(dataclasses.replace(req, ubi_labels="grades"), data_dir=eval_dir, indexer=_indexer(eval_dir))
     with pytest.raises(ConfigError, match="--train-ubi replaces"):
         evaluate(EvalRequest(catalog=fashion_slice.catalog, queries=fashion_slice.queries, qrels=fashion_slice.qrels, gain="identity",
                              train_ubi=log, train_queries=fashion_slice.queries, train_qrels=fashion_slice.qrels), data_dir=eval_dir, indexer=_indexer(eval_dir))

@@ -148,3 +148,18 @@ def test_the_label_part_is_a_seeded_half_of_the_searches_judged_and_counted_alon
     assert [in_label_part(x, i) for i, x in enumerate(s)] == [in_label_part(x, 0) for x in s]
     assert 400 < sum(in_label_part(x, i) for i, x in enumerate(s)) < 600
     assert log_judgments([Session("q", ("a", "b"), frozenset({0}), query_id="x")], model="ctr").label_part is None
+
+
+def test_qrels_by_text_label_the_logs_queries_with_a_persons_grades(tmp_path: Path) -> None:
+    """``--ubi-labels qrels``: the log's query texts (any case) take the grades of the graded query of the same text,
+    under the log's query ids; a text without graded products is counted, not labelled."""
+    from rerank.datasets.data import Query
+    from rerank.datasets.ubi_judgments import write_qrels_by_text
+
+    uj = write_ubi_judgments(_log(tmp_path / "log"), tmp_path / "out")
+    graded = [Query("a", "black shoes"), Query("b", "Red Dress"), Query("c", "something else")]
+    out, missing = write_qrels_by_text(uj, graded, {"a": {"p1": 2.0, "p2": 0.0}, "c": {"p3": 1.0}}, tmp_path / "out" / "graded.tsv")
+    assert missing == 1  # "red dress" has no graded product
+    got = read_qrels(out).grades
+    assert got == {ubi_query_id("Black Shoes"): {"p1": 2.0, "p2": 0.0}}
+    assert set(got) <= {q.id for q in read_queries(uj.queries).queries}

@@ -174,6 +174,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ubi_validation_share: float = typer.Option(0.3, "--ubi-validation-share", min=0.0, max=1.0, help="--train-ubi: the share of the "
                                                    "log's query texts the trainable systems validate on (early stopping, the fusion verdict, "
                                                    "whose paired test needs more queries on click labels); the rest trains."),
+        ubi_labels: str = typer.Option("clicks", "--ubi-labels", help="--train-ubi: what labels the log's training and validation "
+                                       "queries: clicks (the click model's judgments, default) | qrels (the graded --qrels of the same query "
+                                       "texts, same split and behaviour columns: the reference learning from clicks is measured against)."),
         model: list[str] = typer.Option([], "--model", help="Use a trained artifact instead of training: SYSTEM=DIR (repeatable)."),
         limit_queries: Optional[int] = typer.Option(None, "--limit-queries", min=1, help="Evaluate a seeded sample of N queries of the split."),
         top_n: int = typer.Option(200, "--top-n", min=1, max=10_000, help="retrieve mode: candidates per list and fused pool size."),
@@ -256,6 +259,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             ubi_unshown=ubi_unshown,
             head_queries=head_queries,
             ubi_validation_share=ubi_validation_share,
+            ubi_labels=ubi_labels,
             progress=show,
             diversity=parse_diversity_list(diversity),
             diversity_config=parse_diversity_options(diversity_option, settings),

@@ -293,7 +293,8 @@ def torch_threads(n: int) -> Iterator[None]:
 #: ``fusion_options`` keys passed to :class:`rerank.training.ranker.TrainConfig` (the rest are refused)
 FUSION_TRAIN_OPTIONS = ("loss", "epochs", "batch_size", "lr", "weight_decay", "patience", "max_minutes", "max_train_candidates",
                         "d_model", "hidden", "history_k", "use_colour", "use_intent", "use_attribute_match", "attribute_predictions", "min_epochs",
-                        "history_agreement", "behaviour_query_dropout", "behaviour_product_scope", "behaviour_label_part", "seed")
+                        "history_agreement", "behaviour_query_dropout", "behaviour_product_scope", "behaviour_label_part", "seed",
+                        "keep_epoch")
 
 
 def fusion_train_config(ctx: EvalContext, *, strategy: str, use_image: bool, use_history: bool, use_product: bool = True,
@@ -336,7 +337,8 @@ def fusion_cache_dir(ctx: EvalContext, config: Any) -> Path | None:
     ev = fi.dataset.events
     # without behaviour statistics the behaviour settings change nothing: left out, so earlier cached models still match
     cfg = {k: v for k, v in asdict(config).items() if k != "progress" and not (k.startswith("behaviour") and config.behaviour_stats is None)
-           and not (k == "behaviour_product_scope" and v == "all") and not (k == "behaviour_label_part" and not v)}
+           and not (k == "behaviour_product_scope" and v == "all") and not (k == "behaviour_label_part" and not v)
+           and not (k == "keep_epoch" and v == "best")}
     # (the settings' values before they were settings are left out: earlier cached models still match)
     also = [[file_sha256(p) if p is not None and Path(p).is_file() else None for p in (d.catalog, d.queries, d.qrels, d.events)]
             + [d.gain, d.mode, str(d.images_root)] for d in fi.also]

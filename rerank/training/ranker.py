@@ -48,6 +48,8 @@ from rerank.retrieval.retriever import KNN_IMAGE, LISTS
 log = logging.getLogger(__name__)
 
 LOSSES = ("softmax", "lambda")
+#: TrainConfig.keep_epoch's choices
+EPOCH_CHOICES = ("best", "last", "average")
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,9 @@ class TrainConfig:
     #: columns from the same searches (the columns then hold the labels' own clicks). On the simulated dev log it
     #: validated higher in all four trainings compared (+0.0017 to +0.014 NDCG@10, docs/benchmarks.md)
     behaviour_label_part: bool = True
+    #: which weights the training keeps (EPOCH_CHOICES): "best", the best validation epoch with early stopping; "last",
+    #: the weights after ``epochs`` epochs; "average", the mean of the weights after each epoch from the second on
+    keep_epoch: str = "best"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -188,6 +193,8 @@ class TrainConfig:
         check_product_scope(self.behaviour_product_scope)
         if not 0.0 <= self.behaviour_query_dropout <= 1.0:
             raise ConfigError(f"behaviour_query_dropout must be in [0, 1], got {self.behaviour_query_dropout}")
+        if self.keep_epoch not in EPOCH_CHOICES:
+            raise ConfigError(f"keep_epoch must be one of {', '.join(EPOCH_CHOICES)}, got {self.keep_epoch!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.epochs < 1 or self.batch_size < 1 or self.max_train_candidates < 2 or self.max_minutes <= 0 or self.min_epochs < 0:
@@ -561,6 +568,8 @@ def fit(
     best, best_state, best_epoch, bad = base, {k: v.detach().clone() for k, v in model.state_dict().items()}, 0, 0
     history: list[dict[str, Any]] = [{"epoch": 0, "validation_ndcg@10": round(base, 6), "per_dataset": {k: round(v, 6) for k, v in base_per.items()}}]
     stopped = "epochs"
+    avg_state: dict[str, Any] | None = None
+    n_avg = 0
     bar = tqdm(range(1, config.epochs + 1), desc="training", unit="epoch", disable=not config.progress, file=sys.stderr)
     for epoch in bar:
         model.train()
@@ -586,7 +595,17 @@ def fit(
         history.append({"epoch": epoch, "train_loss": round(total / max(steps, 1), 6), "validation_ndcg@10": round(v, 6), "per_dataset": {k: round(x, 6) for k, x in per.items()}})
         bar.set_postfix(loss=f"{total / max(steps, 1):.4f}", val_ndcg=f"{v:.4f}")
         log.info("epoch %d: train loss %.4f, validation NDCG@10 %.4f", epoch, total / max(steps, 1), v)
-        if v > best + 1e-5:
+        if config.keep_epoch != "best":  # no early stopping: every epoch runs
+            if config.keep_epoch == "average" and epoch >= 2:
+                state = model.state_dict()
+                if avg_state is None:
+                    avg_state, n_avg = {k: t.detach().clone().float() for k, t in state.items()}, 1
+                else:
+                    n_avg += 1
+                    for k, t in state.items():
+                        avg_state[k] += (t.detach().float() - avg_state[k]) / n_avg
+            best_epoch = epoch
+        elif v > best + 1e-5:
             best, best_epoch, bad = v, epoch, 0
             best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
         else:
@@ -598,8 +617,13 @@ def fit(
             stopped = f"time budget of {config.max_minutes} min reached"
             break
     bar.close()
-    model.load_state_dict(best_state)
+    if config.keep_epoch == "best":
+        model.load_state_dict(best_state)
+    elif config.keep_epoch == "average" and avg_state is not None:
+        model.load_state_dict({k: t.to(best_state[k].dtype) for k, t in avg_state.items()})
     model.eval()
+    if config.keep_epoch != "best":
+        best, _ = val()
     return model, {
         "epochs_run": history[-1]["epoch"],
         "best_epoch": best_epoch,

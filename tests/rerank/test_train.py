@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -232,3 +233,31 @@ def test_labels_from_a_log_validate_on_their_own_gains_and_never_read_the_valida
         assert np.allclose(e.features.first_stage[:, q_col], np.log1p(3)) and np.allclose(o.features.first_stage[:, q_col], np.log1p(5))
     for e, o in zip(split.validation, logged.validation):  # the validation queries are what they were
         assert dict(e.all_gains) == dict(o.all_gains) and np.array_equal(e.features.first_stage, o.features.first_stage)
+
+
+def test_keep_epoch_last_and_average_run_every_epoch_and_keep_what_they_say():
+    """``keep_epoch``: ``last`` keeps the weights after the last epoch (no early stopping), ``average`` the mean of the
+    weights after epochs 2..N, i.e. the mean of the ``last`` models of 2, 3, ... N epochs of the same seeded training."""
+    from rerank.model.ranker import RankerConfig
+    from rerank.training.ranker import fit, validation_ndcg
+    from tests.rerank import test_history_agreement as HA
+
+    random.seed(0)
+    train, valid = HA._shoppers(40, 0), HA._shoppers(12, 1)
+    rcfg = RankerConfig(text_dim=HA.TD, first_stage_dim=HA.SPEC.first_stage_dim, n_cat_fields=HA.C, hash_buckets=HA.SPEC.hash_buckets,
+                        history_k=HA.SPEC.history_k, d_model=16, hidden=32, heads=2)
+    base = TrainConfig(batch_size=8, lr=5e-3, seed=3, threads=1, max_minutes=5, patience=1, min_epochs=0)
+    lasts = {}
+    for n in (2, 3, 4):
+        model, rep = fit(train, {"v": valid}, rcfg, dataclasses.replace(base, epochs=n, keep_epoch="last"))
+        assert rep["epochs_run"] == rep["best_epoch"] == n  # patience 1 stops nothing
+        assert rep["best_validation_ndcg@10"] == pytest.approx(validation_ndcg(model, valid), abs=1e-6)
+        lasts[n] = {k: v.clone() for k, v in model.state_dict().items()}
+    avg, rep = fit(train, {"v": valid}, rcfg, dataclasses.replace(base, epochs=4, keep_epoch="average"))
+    assert rep["epochs_run"] == 4
+    for k, v in avg.state_dict().items():
+        want = torch.stack([lasts[n][k].float() for n in (2, 3, 4)]).mean(0)
+        assert torch.allclose(v.float(), want, atol=1e-5), k
+    assert not torch.allclose(avg.state_dict()["head.0.weight"], lasts[4]["head.0.weight"])
+    with pytest.raises(ConfigError, match="keep_epoch must be one of best, last, average"):
+        TrainConfig(keep_epoch="median")

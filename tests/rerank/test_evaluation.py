@@ -493,3 +493,17 @@ def test_subset_of_the_queries_naming_a_catalog_value(tmp_path):
         subset_pattern("values:base_colour", cat)
     with pytest.raises(ConfigError, match="needs a catalog field"):
         EvalRequest(catalog=cat, queries=cat, qrels=cat, gain="identity", subsets={"colour": "values:"}).check()
+
+
+def test_the_eval_commands_defaults_for_a_log_are_the_harness_constants():
+    """``fusionrank eval``'s ``--ubi-validation-share`` and ``--ubi-labels`` defaults are literals (importing the harness
+    for them would load it on every CLI start): they must equal the harness's own defaults."""
+    import typer
+
+    from rerank.evaluation.harness import UBI_LABELS, UBI_VALIDATION_SHARE
+    from workers.cli import app
+
+    cmd = typer.main.get_command(app).commands["eval"]
+    defaults = {p.name: p.default for p in cmd.params}
+    assert defaults["ubi_validation_share"] == UBI_VALIDATION_SHARE == EvalRequest.__dataclass_fields__["ubi_validation_share"].default
+    assert defaults["ubi_labels"] == UBI_LABELS[0] == EvalRequest.__dataclass_fields__["ubi_labels"].default

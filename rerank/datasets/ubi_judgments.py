@@ -23,7 +23,6 @@ clearly on held-out clicks and on the judgments' agreement with the hidden grade
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -62,27 +61,37 @@ def ubi_query_id(text: str) -> str:
     return "ubi-" + hashlib.sha256(C.normalize_query(text).encode()).hexdigest()[:12]
 
 
+def write_qrels(path: str | Path, judgments: Mapping[str, Mapping[str, float]]) -> None:
+    """TREC qrels of ``{normalised query text: {product: grade}}`` under the log's query ids (:func:`ubi_query_id`)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for qn in sorted(judgments):
+            for pid, g in sorted(judgments[qn].items()):
+                f.write(f"{ubi_query_id(qn)} 0 {pid} {g}\n")
+
+
 def write_qrels_by_text(uj: UbiJudgments, queries: Iterable[Any], qrels: Mapping[str, Mapping[str, float]], out: str | Path) -> tuple[Path, int]:
     """The graded judgments (``qrels``, keyed by the ids of ``queries``) of the log's query texts, written under the log's
     query ids (:func:`ubi_query_id`) to ``out``: the same training and validation queries as the click judgments, labelled
     by a person instead of by clicks (``fusionrank eval --train-ubi ... --ubi-labels qrels``). Returns the path and how
     many of the log's query texts have no graded query (they keep no label and drop out of training)."""
+    from rerank.datasets.data import read_queries
+
     by_text: dict[str, str] = {}
     for q in queries:
         by_text.setdefault(C.normalize_query(q.text), q.id)
+    graded: dict[str, Mapping[str, float]] = {}
     missing = 0
+    for q in read_queries(uj.queries).queries:
+        qn = C.normalize_query(q.text)
+        qid = by_text.get(qn)
+        if qid is None or not qrels.get(qid):
+            missing += 1
+            continue
+        graded[qn] = qrels[qid]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    with open(uj.queries, newline="") as qf, open(tmp, "w") as f:
-        rows = csv.DictReader(qf, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for row in rows:
-            qid = by_text.get(C.normalize_query(row["query"]))
-            if qid is None or not qrels.get(qid):
-                missing += 1
-                continue
-            for pid, g in sorted(qrels[qid].items()):
-                f.write(f"{row['query_id']} 0 {pid} {g:g}\n")
+    write_qrels(tmp, graded)
     tmp.replace(out)
     return out, missing
 
@@ -216,10 +225,7 @@ def write_ubi_judgments(log_path: str | Path, out_dir: str | Path, *, exclude: I
         for qn in sorted(judg):
             f.write(f"{ubi_query_id(qn)}\t{texts.get(qn, qn)}\t\n")
     for path, js in ((rf, judg), (vf, lj.validation), (lf, lj.label_part or {})):
-        with open(path.with_suffix(".tmp"), "w") as f:
-            for qn in sorted(js):
-                for pid, g in sorted(js[qn].items()):
-                    f.write(f"{ubi_query_id(qn)} 0 {pid} {g}\n")
+        write_qrels(path.with_suffix(".tmp"), js)
     info.update({"log": str(log_path), "bad_lines": len(errors), "excluded_query_texts": len(ex),
                  "sessions_excluded": len(sessions) - len(kept), "queries": len(judg), "judgments": sum(len(v) for v in judg.values()),
                  **counts})

@@ -604,7 +604,7 @@ def fit(
                     n_avg += 1
                     for k, t in state.items():
                         avg_state[k] += (t.detach().float() - avg_state[k]) / n_avg
-            best_epoch = epoch
+            best, best_epoch = v, epoch  # the weights kept ("last"; "average" is validated once it is made)
         elif v > best + 1e-5:
             best, best_epoch, bad = v, epoch, 0
             best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
@@ -619,11 +619,10 @@ def fit(
     bar.close()
     if config.keep_epoch == "best":
         model.load_state_dict(best_state)
-    elif config.keep_epoch == "average" and avg_state is not None:
+    elif avg_state is not None:  # "average"
         model.load_state_dict({k: t.to(best_state[k].dtype) for k, t in avg_state.items()})
-    model.eval()
-    if config.keep_epoch != "best":
         best, _ = val()
+    model.eval()
     return model, {
         "epochs_run": history[-1]["epoch"],
         "best_epoch": best_epoch,

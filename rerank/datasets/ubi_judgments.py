@@ -61,6 +61,15 @@ def ubi_query_id(text: str) -> str:
     return "ubi-" + hashlib.sha256(C.normalize_query(text).encode()).hexdigest()[:12]
 
 
+def write_queries(path: str | Path, queries: Iterable[str], texts: Mapping[str, str]) -> None:
+    """The harness's queries TSV of a log's normalised query texts under their ids (:func:`ubi_query_id`), each with its
+    text as the log wrote it (``texts``: normalised -> as written; the normalised text where it has none)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("query_id\tquery\tuser_id\n")
+        for qn in sorted(queries):
+            f.write(f"{ubi_query_id(qn)}\t{texts.get(qn, qn)}\t\n")
+
+
 def write_qrels(path: str | Path, judgments: Mapping[str, Mapping[str, float]]) -> None:
     """TREC qrels of ``{normalised query text: {product: grade}}`` under the log's query ids (:func:`ubi_query_id`)."""
     with open(path, "w", encoding="utf-8") as f:
@@ -220,10 +229,7 @@ def write_ubi_judgments(log_path: str | Path, out_dir: str | Path, *, exclude: I
     for q in queries:
         texts.setdefault(C.normalize_query(q.user_query), q.user_query)
     d.mkdir(parents=True, exist_ok=True)
-    with open(qf.with_suffix(".tmp"), "w") as f:
-        f.write("query_id\tquery\tuser_id\n")
-        for qn in sorted(judg):
-            f.write(f"{ubi_query_id(qn)}\t{texts.get(qn, qn)}\t\n")
+    write_queries(qf.with_suffix(".tmp"), judg, texts)
     for path, js in ((rf, judg), (vf, lj.validation), (lf, lj.label_part or {})):
         write_qrels(path.with_suffix(".tmp"), js)
     info.update({"log": str(log_path), "bad_lines": len(errors), "excluded_query_texts": len(ex),

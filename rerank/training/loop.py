@@ -51,14 +51,11 @@ def split_sessions_by_query(sessions: Sequence[C.Session], holdout: float) -> tu
 def write_judgments(judgments: Mapping[str, Mapping[str, float]], texts: Mapping[str, str], out: Path) -> tuple[Path, Path]:
     """Write ``queries.tsv`` and ``qrels.tsv`` (the harness's and the trainer's formats) of implicit judgments
     ``{normalised query: {product: grade}}`` under ``out``; ``(queries, qrels)``."""
-    from rerank.datasets.ubi_judgments import ubi_query_id, write_qrels
+    from rerank.datasets.ubi_judgments import write_qrels, write_queries
 
     out.mkdir(parents=True, exist_ok=True)
     qf, rf = out / "queries.tsv", out / "qrels.tsv"
-    with open(qf, "w", encoding="utf-8") as f:
-        f.write("query_id\tquery\tuser_id\n")
-        for q in sorted(judgments):
-            f.write(f"{ubi_query_id(q)}\t{texts.get(q, q)}\t\n")
+    write_queries(qf, judgments, texts)
     write_qrels(rf, judgments)
     return qf, rf
 

@@ -51,6 +51,16 @@ class EvalItem:
     pool_candidates: CandidateSet  # the pool with every first-stage signal, in hybrid_rrf order
 
 
+def judged_share(items: Sequence[EvalItem], k: int = 10) -> dict[str, Any]:
+    """How much of the first stage the judgments cover: the share of the ``k`` first candidates (hybrid RRF order) and of
+    every candidate of ``items`` that has a judgment. For judgments from a click log, what the log's ranker never showed
+    is unjudged and trains as irrelevant: a low share says the log knows little of what this first stage retrieves."""
+    top = [c.id in it.gains for it in items for c in it.pool_candidates.candidates[:k]]
+    every = [c.id in it.gains for it in items for c in it.pool_candidates.candidates]
+    return {f"top{k}": round(sum(top) / len(top), 4) if top else None, "all": round(sum(every) / len(every), 4) if every else None,
+            "queries": len(items)}
+
+
 def candidates_for_pool(stage: FirstStage, pool: Sequence[str], lists: Sequence[str] = LISTS) -> CandidateSet:
     """Every pool id as a candidate, in hybrid RRF order; ids no list returned come last (id order)."""
     fused = fuse_first_stage(stage, method="rrf", lists=lists, top_n=None)

@@ -58,6 +58,7 @@ from rerank.datasets.pools import (  # noqa: F401  (re-exported: the harness's i
     dataset_name,
     eval_queries,
     index_key,
+    judged_share,
     mirror_index,
     transform_id,
 )
@@ -593,6 +594,8 @@ def evaluate(
             ctx.options["train_judged_only"] = True
         info["training"] = {"queries": len(ctx.train_items), "validation_queries": len(ctx.valid_items),
                             "lists": lists_ran, "query_to_image_space": q2i_id}
+        if req.train_ubi is not None:  # how much of the first stage the log's judgments cover (the rest trains as irrelevant)
+            info["training"]["log_coverage"] = {"train": judged_share(ctx.train_items), "validation": judged_share(ctx.valid_items)}
         eval_queries_by_id = {q.id: q for q in eval_q}
 
         def rebuild_stages(q2i: Callable[[np.ndarray], np.ndarray] | None) -> dict[str, FirstStage]:

@@ -393,7 +393,7 @@ def prepare_dataset(
     ``query_level=False``)."""
     from rerank.datasets.data import read_qrels, read_queries
     from rerank.datasets.metrics import has_positive_gain, map_gains
-    from rerank.datasets.pools import build_items, dataset_name, eval_queries
+    from rerank.datasets.pools import build_items, dataset_name, eval_queries, judged_share
     from rerank.datasets.splits import load_or_create_splits
     from rerank.retrieval.retriever import RetrievalConfig, Retriever
 
@@ -511,7 +511,7 @@ def prepare_dataset(
         "colour_inputs": feature_spec.colour,
         "attribute_inputs": list(feature_spec.attributes),
         "behaviour_inputs": feature_spec.behaviour and behaviour is not None,
-        **({"labels_from_log": True} if spec.labels_from_log else {}),
+        **({"labels_from_log": True, "log_coverage": {p: judged_share(v) for p, v in by_part.items()}} if spec.labels_from_log else {}),
         **({"validation_qrels": str(spec.validation_qrels)} if spec.validation_qrels is not None else {}),
         **({"label_part": {"qrels": str(spec.label_part_qrels), "train_queries_labelled_by_it": own_labelled}} if label_part is not None else {}),
     }

@@ -352,6 +352,13 @@ def test_pool_completion_and_random_runs():
     assert bm25 == ["b", "a", "z"]  # list order, then the judged product BM25 did not return
     m = score_runs([{"q1": ["a", "z", "b"]}], [item], MetricSpec())
     assert m["ndcg@10"] == pytest.approx(1.0) and m["mrr@10"] == 1.0
+    # judged_share: how much of the first stage (pool order) has a judgment, over every item's candidates
+    from rerank.datasets.pools import judged_share
+
+    sparse = dataclasses.replace(item, gains={"b": 1.0})  # judged: the second of three
+    assert judged_share([item, sparse]) == {"top10": round(4 / 6, 4), "all": round(4 / 6, 4), "queries": 2}
+    assert judged_share([sparse], k=1) == {"top1": 0.0, "all": round(1 / 3, 4), "queries": 1}
+    assert judged_share([]) == {"top10": None, "all": None, "queries": 0}
 
 
 @pytest.mark.slow
@@ -390,6 +397,9 @@ def test_train_ubi_learns_from_a_simulated_log_without_the_evaluated_queries(fas
     assert len(evaluated) >= out["queries"] and not trained & evaluated
     assert out["train"]["train"] + out["train"]["validation"] == len(trained)
     assert 0.0 < out["systems"]["lambdamart"]["ndcg@10"] <= 1.0
+    cov = out["training"]["log_coverage"]  # the share of the training queries' first stage the log judged
+    assert cov["train"]["queries"] == out["training"]["queries"] and cov["validation"]["queries"] == out["training"]["validation_queries"]
+    assert all(0.0 < cov[p][k] <= 1.0 for p in ("train", "validation") for k in ("top10", "all"))
     # --ubi-validation-share (default 0.3): that share of the log's query texts validates (the verdict's paired test), none is lost
     assert abs(out["train"]["validation"] - 0.3 * len(trained)) <= 1
     narrow = evaluate(dataclasses.replace(req, systems=("bm25",), ubi_validation_share=0.1), data_dir=eval_dir, indexer=_indexer(eval_dir)).to_json()

@@ -195,7 +195,15 @@ def test_labels_from_a_log_validate_on_their_own_gains_and_never_read_the_valida
     q_col = start + BEHAVIOUR_FEATURES.index("q_log_searches")
     plain, logged = prep(), prep(labels_from_log=True, validation_qrels=vq)
     assert len(logged.validation) >= 5 and len(logged.train) >= 5 and logged.info["labels_from_log"]
+    assert "log_coverage" not in plain.info
     vgains = read_qrels(vq)
+    # log_coverage: the share of each part's first stage the log judged; the validation lists keep every candidate in
+    # first-stage order, so it is theirs
+    top = [d in e.all_gains for e in logged.validation for d in e.features.ids[:10]]
+    every = [d in e.all_gains for e in logged.validation for d in e.features.ids]
+    assert logged.info["log_coverage"]["validation"] == {"top10": round(sum(top) / len(top), 4), "all": round(sum(every) / len(every), 4),
+                                                         "queries": len(logged.validation)}
+    assert 0.0 < logged.info["log_coverage"]["validation"]["all"] < 1.0 and logged.info["log_coverage"]["train"]["queries"] == len(logged.train)
     for e in logged.validation:
         assert dict(e.all_gains) == {d: float(g) for d, g in vgains.for_query(e.query_id).items()}
         assert np.all(e.features.first_stage[:, q_col] == 0)  # shown as a query the log never saw

@@ -75,6 +75,16 @@ def test_cli_train_from_ubi_takes_a_catalog_and_no_qrels(tmp_path: Path) -> None
     assert r.exit_code != 0 and "--from-ubi takes --catalog" in r.output
 
 
+def test_train_says_how_much_of_the_first_stage_the_log_judged() -> None:
+    from workers.commands.train import log_coverage_lines
+
+    rep = {"datasets": {"ubi-pbm": {"log_coverage": {"train": {"top10": 0.625, "all": 0.2, "queries": 168}, "validation": {}}},
+                        "qrels-set": {"gain": "identity"}}}
+    assert log_coverage_lines(rep) == ["ubi-pbm: the log judged 62% of the first stage's top 10 for its 168 training queries "
+                                       "(20% of every candidate); what it never showed trains as irrelevant"]
+    assert log_coverage_lines({"datasets": {"ubi-pbm": {"log_coverage": {"train": {"top10": None, "all": None, "queries": 0}}}}}) == []
+
+
 def test_a_stronger_prior_pulls_a_rarely_examined_pair_towards_the_log_mean(tmp_path: Path) -> None:
     """prior_strength: a product examined once and clicked once is not judged as sure as one clicked often; the setting
     is part of the cache key (and written in the info)."""

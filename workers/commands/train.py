@@ -10,6 +10,17 @@ from typing import Optional
 import typer
 
 
+def log_coverage_lines(report: dict) -> list[str]:
+    """For each dataset labelled by a log: how much of the first stage its judgments cover (the training queries')."""
+    out = []
+    for name, d in (report.get("datasets") or {}).items():
+        cov = (d.get("log_coverage") or {}).get("train") or {}
+        if cov.get("all") is not None:
+            out.append(f"{name}: the log judged {cov['top10']:.0%} of the first stage's top 10 for its {cov['queries']} training queries "
+                       f"({cov['all']:.0%} of every candidate); what it never showed trains as irrelevant")
+    return out
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
@@ -135,6 +146,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         else:
             al = rep.get("alignment") or {}
             typer.echo(f"artifact: {result.artifact}")
+            for line in log_coverage_lines(rep):
+                typer.echo(line)
             if al:
                 typer.echo(f"alignment: held-out text->image recall@10 {al['recall_at_10']:.3f} (chance {al['chance_recall_at_10']:.3f})")
             col = rep.get("colour") or {}

@@ -186,13 +186,9 @@ def retrain(settings: Any, *, force: bool = False, queries: Path | None = None, 
         def indexer(engine, job):
             return run_index_job(engine, settings, job, via="inline", progress=progress)
 
-        from rerank.evaluation.harness import UBI_VALIDATION_SHARE, ubi_split
-
-        # its query texts split as `fusionrank train --from-ubi` and `eval --train-ubi` split a log's (train, validation,
-        # no test: the held-out share above is the test)
-        ds = DatasetSpec(catalog=Path(catalog), queries=qf, qrels=rf, gain="identity", images_root=Path(images_root),
-                         name="ubi-store", mode="retrieve", labels_from_log=True, validation_qrels=vf,
-                         label_part_qrels=lpf, label_part_behaviour=label_part_stats, split=ubi_split(UBI_VALIDATION_SHARE))
+        # as `fusionrank train --from-ubi` trains on a log (the held-out share above is the test)
+        ds = DatasetSpec.from_log(Path(catalog), qf, rf, images_root=Path(images_root), name="ubi-store", validation_qrels=vf,
+                                  label_part_qrels=lpf, label_part_behaviour=label_part_stats)
         tt = time.perf_counter()
         res = train_ranker([ds], out=work / "candidate", data_dir=settings.data_dir, indexer=indexer, config=cfg)
         version = reg.add(res.artifact, move=True)

@@ -83,6 +83,18 @@ class DatasetSpec:
     label_part_behaviour: Path | None = None
 
     @classmethod
+    def from_log(cls, catalog: Path, queries: Path, qrels: Path, *, images_root: Path, name: str, validation_qrels: Path | None,
+                 label_part_qrels: Path | None, label_part_behaviour: Path | None, events: Path | None = None) -> "DatasetSpec":
+        """A search log's implicit judgments as one dataset, the way ``fusionrank train --from-ubi`` and the retrain task
+        train on them: retrieve mode, labels from the log, its query texts split as the harness splits a log's (train and
+        validation, no test share)."""
+        from rerank.evaluation.harness import UBI_VALIDATION_SHARE, ubi_split
+
+        return cls(catalog=Path(catalog), queries=Path(queries), qrels=Path(qrels), gain="identity", events=events,
+                   images_root=Path(images_root), name=name, mode="retrieve", labels_from_log=True, validation_qrels=validation_qrels,
+                   split=ubi_split(UBI_VALIDATION_SHARE), label_part_qrels=label_part_qrels, label_part_behaviour=label_part_behaviour)
+
+    @classmethod
     def parse(cls, text: str) -> "DatasetSpec":
         """``catalog=C,queries=Q,qrels=R[,events=E][,images_root=D][,gain=G][,mode=M][,name=N]`` (the
         ``fusionrank train --dataset`` form); paths as given, ``images_root`` defaults to the catalog's folder."""

@@ -81,13 +81,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                        f"spam capping {uj.info['spam_capping']}; {uj.qrels}", err=True)
             queries, qrels = uj.queries, uj.qrels
             dataset = list(dataset)
-            from rerank.evaluation.harness import UBI_VALIDATION_SHARE, ubi_split
-
             # the log's query texts train and validate (no test share: evaluate on queries left out with --exclude-queries)
-            given_ubi = DatasetSpec(catalog=catalog, queries=queries, qrels=qrels, gain="identity", events=events,
-                                    images_root=images_root or catalog.parent, name=f"ubi-{click_model}", mode="retrieve", labels_from_log=True,
-                                    validation_qrels=uj.validation_qrels, split=ubi_split(UBI_VALIDATION_SHARE),
-                                    label_part_qrels=uj.label_part_qrels, label_part_behaviour=uj.label_part_behaviour)
+            given_ubi = DatasetSpec.from_log(catalog, queries, qrels, events=events, images_root=images_root or catalog.parent,
+                                             name=f"ubi-{click_model}", validation_qrels=uj.validation_qrels,
+                                             label_part_qrels=uj.label_part_qrels, label_part_behaviour=uj.label_part_behaviour)
             behaviour_stats = None if no_behaviour else uj.behaviour
         else:
             given_ubi = None
@@ -95,9 +92,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 raise typer.BadParameter("--no-behaviour goes with --from-ubi (only a log gives behaviour features)")
             behaviour_stats = None
         given = (catalog, queries, qrels)
-        if given_ubi is not None:
-            pass
-        elif any(given) and not all(given):
+        if given_ubi is None and any(given) and not all(given):
             raise typer.BadParameter("--catalog, --queries and --qrels go together (or describe each dataset with --dataset)")
         if given_ubi is not None:
             datasets = [given_ubi]

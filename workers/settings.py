@@ -132,6 +132,11 @@ class Settings(BaseSettings):
     # service
     ubi_record: bool = Field(True, description="the service records what /search and /rerank served (query id, positions) into the "
                              "history store's UBI tables, off the request path")
+    explore_share: float = Field(0.0, ge=0, le=1, description="share of /search and /rerank answers that explore (rerank.explore): "
+                                 "from explore_from_position on, products drawn from the model's ranks down to explore_depth, so "
+                                 "that the log judges what the model ranks a little lower; chosen by a hash of the query id (0: never)")
+    explore_from_position: int = Field(4, ge=1, description="first position (1-based) an exploring answer may fill with a drawn product")
+    explore_depth: int = Field(50, ge=2, description="the model's ranks an exploring answer draws from (weight 1/rank)")
     api_key: SecretStr | None = None
     admin_api_key: SecretStr | None = None
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest accepted HTTP request body (413 above)")
@@ -211,6 +216,18 @@ class Settings(BaseSettings):
             raise ValueError("diversity_text_weight, diversity_image_weight, diversity_colour_weight and diversity_colour_name_weight "
                              "cannot all be 0")
         return self
+
+    @model_validator(mode="after")
+    def _explore_depth(self) -> "Settings":
+        if self.explore_depth < self.explore_from_position:
+            raise ValueError(f"explore_depth ({self.explore_depth}) must be at least explore_from_position ({self.explore_from_position})")
+        return self
+
+    def explore_config(self) -> Any:
+        """The :class:`rerank.explore.ExploreConfig` of these settings."""
+        from rerank.explore import ExploreConfig
+
+        return ExploreConfig(share=self.explore_share, from_position=self.explore_from_position, depth=self.explore_depth)
 
     def diversity_for(self, index: str) -> float | str:
         """The default diversity of ``index``: its ``diversity_by_index`` entry, else ``diversity``."""

@@ -40,6 +40,7 @@ from starlette.routing import Match
 
 from indexing import fields as F
 from indexing.errors import ConfigError, EngineError, FusionRankError, HistoryError
+from rerank.explore import explore_order, explores
 from workers.service import schemas as S
 from workers.service.auth import require_admin_key, require_key
 from workers.service.metrics import CONTENT_TYPE
@@ -287,6 +288,18 @@ def _ubi_ext(obj: Any) -> dict[str, Any]:
     return {k: ubi[k] for k in ("query_id", "client_id") if isinstance(ubi.get(k), str) and 0 < len(ubi[k]) <= 100}
 
 
+def _explored(hits: list[Any], query_id: str, cfg: Any, keep: int | None) -> tuple[list[Any], dict[str, Any] | None]:
+    """An exploring answer's hits (:mod:`rerank.explore`: drawn from the model's ranks below ``cfg.from_position``), cut
+    to ``keep`` (None: all), and what the answer says of it: ``{"from_position", "depth", "drawn"}`` (``drawn``: the
+    positions showing a product from another model rank); None when nothing could move."""
+    order = explore_order(len(hits), query_id, cfg)
+    if order is None:
+        return hits[:keep], None
+    served = order[:keep]
+    return [hits[i] for i in served], {"from_position": cfg.from_position, "depth": cfg.depth,
+                                       "drawn": sum(1 for pos, i in enumerate(served) if pos != i)}
+
+
 def _mixed_events(st: ServiceState, events: list[Any], ubi_rows: set[int], now: datetime) -> dict[str, Any]:
     """``POST /events`` with UBI 1.3 events among them: those go through the UBI import (the UBI log; history events
     with a user_id also into the user's history), the others as before; one summary, errors by row."""
@@ -532,11 +545,19 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None, balan
         n = len(inner["hits"]) if isinstance(inner, Mapping) and isinstance(inner.get("hits"), list) else 0
         _check_candidates(st, n, "hits")
         image = decode_query_image(body.image)
-        out = _call(st.reranker.rerank, body.query, payload, user_id=body.user_id, top_k=body.top_k, query_image=image,
-                    diversity=body.diversity, _gate=st.gate)
-        st.metrics.count_degraded(out["fusionrank"].get("degraded"))
         ubi_in = _ubi_ext(payload)
         qid = body.query_id or ubi_in.get("query_id") or uuid.uuid4().hex
+        cfg = st.explore
+        exploring = explores(qid, cfg)
+        top_k = None if exploring and body.top_k is not None and body.top_k < cfg.depth else body.top_k
+        out = _call(st.reranker.rerank, body.query, payload, user_id=body.user_id, top_k=top_k, query_image=image,
+                    diversity=body.diversity, _gate=st.gate)
+        st.metrics.count_degraded(out["fusionrank"].get("degraded"))
+        if exploring:
+            hits, explored = _explored(out["hits"]["hits"], qid, cfg, body.top_k)
+            out["hits"] = {**out["hits"], "hits": hits}
+            if explored is not None:
+                out["fusionrank"]["explore"] = explored
         out["fusionrank"]["query_id"] = qid
         ext = out.get("ext") if isinstance(out.get("ext"), Mapping) else {}
         out["ext"] = {**ext, "ubi": {**_ubi_ext(out), "query_id": qid}}  # new dicts: the caller's response is not changed
@@ -553,20 +574,26 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None, balan
         image = decode_query_image(body.image)
         if not body.query.strip() and image is None:
             raise HTTPException(422, "empty query: give a query text or a query image")
-        res = _call(st.reranker.search, body.query, user_id=body.user_id, size=body.size, filters=_filters(body.filters), query_image=image,
-                    diversity=body.diversity, _gate=st.gate)
+        ubi_in = _ubi_ext(body.model_dump(include={"ext"}))
+        qid = body.query_id or ubi_in.get("query_id") or uuid.uuid4().hex
+        cfg = st.explore
+        exploring = explores(qid, cfg)
+        res = _call(st.reranker.search, body.query, user_id=body.user_id, size=max(body.size, cfg.depth) if exploring else body.size,
+                    filters=_filters(body.filters), query_image=image, diversity=body.diversity, _gate=st.gate)
         st.metrics.count_degraded(res.degraded)
         hits = [
             {"id": h.id, "score": h.score, "rank": h.rank, "previous_rank": h.previous_rank, "previous_score": h.previous_score,
              "source": _public_source(item.source), "explanation": h.explanation}
             for h, item in zip(res.hits, res.items)
         ]
-        ubi_in = _ubi_ext(body.model_dump(include={"ext"}))
-        qid = body.query_id or ubi_in.get("query_id") or uuid.uuid4().hex
-        st.record_served(qid, body.query, [h.id for h in res.hits], user_id=body.user_id, client_id=body.client_id or ubi_in.get("client_id"))
+        explored = None
+        if exploring:
+            hits, explored = _explored(hits, qid, cfg, body.size)
+        st.record_served(qid, body.query, [h["id"] for h in hits], user_id=body.user_id, client_id=body.client_id or ubi_in.get("client_id"))
         return FastJSON({"query_id": qid, "hits": hits, "fusionrank": {"degraded": res.degraded, "reranker": st.reranker.name,
                                                                        "model_version": res.model_version, "timings_ms": dict(res.timings),
-                                                                       "diversity": res.diversity, "serving": res.serving, "query_id": qid}})
+                                                                       "diversity": res.diversity, "serving": res.serving, "query_id": qid,
+                                                                       **({"explore": explored} if explored is not None else {})}})
 
     # ------------------------------------------------------------------ events
     @app.post("/events", response_model=S.EventsResponse, responses=_STD, dependencies=[Depends(require_key)], tags=["history"])

@@ -61,6 +61,10 @@ class FusionrankBlock(BaseModel):
                                                                 "not show the model beats it), the signal and why; null for noop")
     query_id: Optional[str] = Field(None, description="/rerank and /search: the UBI query id of this answer (the caller's, else a new "
                                                       "one); send the shopper's events with it to POST /events")
+    explore: Optional[dict[str, Any]] = Field(None, description="/rerank and /search, only on an answer that explores "
+                                                                "(FUSIONRANK_EXPLORE_SHARE): from_position, depth and how many "
+                                                                "positions show a product drawn from lower in the model's order; "
+                                                                "each hit's rank stays the model's")
 
 
 _QUERY_ID_DOC = ("UBI query id of this search (at most 100 characters; default: the response's ext.ubi.query_id for /rerank, else a new "

@@ -339,6 +339,13 @@ class ServiceState:
         r = self.reranker
         return None if r is None or r.model is None else r.model.version
 
+    @property
+    def explore(self) -> Any:
+        """The :class:`rerank.explore.ExploreConfig` of the settings (none: exploration off)."""
+        from rerank.explore import ExploreConfig
+
+        return self.settings.explore_config() if self.settings is not None else ExploreConfig()
+
     def record_served(self, query_id: str, query: str, hit_ids: list[str], *, user_id: str | None, client_id: str | None) -> None:
         """Queue what a /search or /rerank answer served for the UBI tables; never raises (fail-open, counted)."""
         rec = self.ubi_recorder

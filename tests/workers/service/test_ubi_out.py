@@ -129,3 +129,36 @@ def test_a_full_queue_drops_and_counts_instead_of_waiting():
     gate.set()
     assert rec.flush()
     rec.close()
+
+
+def test_an_exploring_answer_draws_from_lower_in_the_models_order_and_records_what_it_showed(service_world):
+    """FUSIONRANK_EXPLORE_SHARE: an exploring /search or /rerank keeps the model's top (before explore_from_position),
+    fills the rest by rerank.explore's draw from the model's ranks down to explore_depth, says so, and the UBI tables
+    get the order the shopper saw."""
+    from rerank.explore import ExploreConfig, explore_order
+    from workers.service.app import create_app
+
+    cfg = ExploreConfig(share=1.0, from_position=2, depth=12)
+    st = service_world.state(explore_share=cfg.share, explore_from_position=cfg.from_position, explore_depth=cfg.depth)
+    with TestClient(create_app(st)) as c, TestClient(create_app(service_world.state())) as plain:
+        model = [h["id"] for h in plain.post("/search", json={"query": "black shoes", "size": 12}, headers=H).json()["hits"]]
+        assert len(model) == 12
+        body = c.post("/search", json={"query": "black shoes", "size": 5, "query_id": "explore-s1"}, headers=H).json()
+        order = explore_order(12, "explore-s1", cfg)[:5]
+        served = [h["id"] for h in body["hits"]]
+        assert served == [model[i] for i in order] and served[0] == model[0]
+        assert [h["rank"] for h in body["hits"]] == [i + 1 for i in order]  # each hit keeps its model rank
+        drawn = sum(pos != i for pos, i in enumerate(order))
+        assert drawn > 0 and body["fusionrank"]["explore"] == {"from_position": 2, "depth": 12, "drawn": drawn}
+
+        hits = [{"_id": f"p{i}", "_score": float(12 - i)} for i in range(12)]
+        ranked = [h["_id"] for h in plain.post("/rerank", json={"query": "black shoes", "hits": hits}, headers=H).json()["hits"]["hits"]]
+        out = c.post("/rerank", json={"query": "black shoes", "hits": hits, "top_k": 4, "query_id": "explore-r1"}, headers=H).json()
+        order = explore_order(12, "explore-r1", cfg)[:4]
+        assert [h["_id"] for h in out["hits"]["hits"]] == [ranked[i] for i in order]
+        assert out["fusionrank"]["explore"]["drawn"] == sum(pos != i for pos, i in enumerate(order))
+        off = plain.post("/search", json={"query": "black shoes", "size": 5, "query_id": "explore-s1"}, headers=H).json()
+        assert "explore" not in off["fusionrank"] and [h["id"] for h in off["hits"]] == model[:5]  # off by default
+    assert st.ubi_recorder.flush()
+    assert _shown(service_world.store, "explore-s1")[1] == served
+    assert _shown(service_world.store, "explore-r1")[1] == [h["_id"] for h in out["hits"]["hits"]]

@@ -136,7 +136,7 @@ class Settings(BaseSettings):
                                  "from explore_from_position on, products drawn from the model's ranks down to explore_depth, so "
                                  "that the log judges what the model ranks a little lower; chosen by a hash of the query id (0: never)")
     explore_from_position: int = Field(4, ge=1, description="first position (1-based) an exploring answer may fill with a drawn product")
-    explore_depth: int = Field(50, ge=2, description="the model's ranks an exploring answer draws from (weight 1/rank)")
+    explore_depth: int = Field(50, ge=2, le=1000, description="the model's ranks an exploring answer draws from (weight 1/rank)")
     api_key: SecretStr | None = None
     admin_api_key: SecretStr | None = None
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest accepted HTTP request body (413 above)")

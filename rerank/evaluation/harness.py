@@ -41,7 +41,7 @@ from indexing.errors import ConfigError
 from mappings import DEFAULT_MAPPING
 from rerank.diversity import DiversityConfig, diversity_label, parse_diversity
 from rerank.datasets.data import Query, file_sha256, read_event_users, read_qrels, read_queries
-from rerank.datasets.splits import DEFAULT_SEED, assign, load_or_create_splits
+from rerank.datasets.splits import DEFAULT_SEED, UBI_VALIDATION_SHARE, assign, load_or_create_splits, ubi_split
 from rerank.evaluation.systems import DEFAULT_SYSTEMS, SYSTEMS, EvalContext, EvalItem, FusionInputs, NotApplicable
 from rerank.datasets.metrics import (GAIN_DESCRIPTIONS, MetricSpec, distinct_at_k, gain_mapping, ild_at_k, query_metrics)
 from rerank.retrieval.retriever import FirstStage, RetrievalConfig, Retriever
@@ -68,18 +68,6 @@ log = logging.getLogger(__name__)
 #: system, the fusion ones included, trains on the same 90 % and stops early on the same 10 %); a log's query texts
 #: (``--train-ubi``) are split by :func:`ubi_split` instead
 TRAIN_ONLY_SPLIT = (0.9, 0.1, 0.0)
-#: the validation share of the query texts of a log (``--train-ubi``; ``--ubi-validation-share``; ``fusionrank train
-#: --from-ubi``): the click-judged validation queries decide early stopping and the safe-choice verdict (rerank.safe), whose
-#: paired test needs more queries when their labels are clicks than when they are qrels. On the simulated dev log, three
-#: trainings each (seeds 13-15): 0.1 (24 queries) gave the `fusion` model the safe choice (p 0.38); 0.2 (48) served it in
-#: two of three (p 0.020, 0.006; 0.095); 0.3 (72) in all three (p 0.002, 0.012, 0.002), 168 training queries against 216
-#: costing no visible quality (docs/benchmarks.md)
-UBI_VALIDATION_SHARE = 0.3
-
-
-def ubi_split(validation_share: float) -> tuple[float, float, float]:
-    """The train / validation / test fractions of a log's query texts: no test share (the evaluated queries are apart)."""
-    return (round(1.0 - validation_share, 10), float(validation_share), 0.0)
 
 #: what labels a log's queries (``--ubi-labels``)
 UBI_LABELS = ("clicks", "qrels")

@@ -88,7 +88,7 @@ class DatasetSpec:
         """A search log's implicit judgments as one dataset, the way ``fusionrank train --from-ubi`` and the retrain task
         train on them: retrieve mode, labels from the log, its query texts split as the harness splits a log's (train and
         validation, no test share)."""
-        from rerank.evaluation.harness import UBI_VALIDATION_SHARE, ubi_split
+        from rerank.datasets.splits import UBI_VALIDATION_SHARE, ubi_split
 
         return cls(catalog=Path(catalog), queries=Path(queries), qrels=Path(qrels), gain="identity", events=events,
                    images_root=Path(images_root), name=name, mode="retrieve", labels_from_log=True, validation_qrels=validation_qrels,

@@ -195,6 +195,8 @@ def retrain(settings: Any, *, force: bool = False, queries: Path | None = None, 
         summary["version"] = version
         summary["train"].update({"seconds": round(time.perf_counter() - tt, 1),
                                  "best_validation_ndcg@10": res.report.get("best_validation_ndcg@10"),
+                                 # how much of the first stage the log judged (grows only where answers explore: docs/behaviour.md)
+                                 "log_coverage": ((res.report.get("datasets") or {}).get(ds.name) or {}).get("log_coverage"),
                                  "serving": (res.report.get("serving") or {}).get("policy")})
 
         # evaluate on the held-out behaviour (and the qrels)
@@ -230,7 +232,8 @@ def retrain(settings: Any, *, force: bool = False, queries: Path | None = None, 
                                  "seconds": round(time.perf_counter() - te, 1)}
         summary["reason"] = why
         entry = {"version": version, "reason": f"retrain: {why}", "evaluation": summary["evaluation"],
-                 "retrain": {"events": n_events, "train_sessions": len(train_s), "heldout_sessions": len(held_s)}}
+                 "retrain": {"events": n_events, "train_sessions": len(train_s), "heldout_sessions": len(held_s),
+                             "log_coverage": summary["train"]["log_coverage"]}}
         if promote:
             reg.promote(version, reason=entry["reason"], evaluation=entry["evaluation"])
             reg.record({"action": "retrain", "decision": "promoted", **entry})

@@ -222,6 +222,9 @@ def test_the_retrain_task_promotes_a_better_model_refuses_a_worse_one_and_rolls_
         assert ev["diff"] >= MARGIN and ev["candidate"]["ndcg@10"] > ev["serving"]["ndcg@10"]
         assert out["evaluation"]["against"] == bad and out["heldout"]["queries"] >= 5 and out["train"]["queries"] >= 20
         assert reg.current() == good
+        cov = out["train"]["log_coverage"]  # the share of the first stage the log judged, training and validation queries
+        assert set(cov) == {"train", "validation"} and all(0 < c["top10"] <= 1 and 0 < c["all"] <= 1 for c in cov.values())
+        assert 0 < cov["train"]["queries"] + cov["validation"]["queries"] <= out["train"]["queries"]
         lp = out["train"]["label_part"]  # the log's label part: half of each training query's searches (seeded by search)
         assert lp["share"] == 0.5 and lp["queries"] >= 20 and 0 < lp["sessions"] < out["train"]["sessions"]
         capped = out["train"]["spam_capping"]
@@ -250,6 +253,8 @@ def test_the_retrain_task_promotes_a_better_model_refuses_a_worse_one_and_rolls_
     listing = json.loads(r.output)
     assert listing["current"] == good and len(listing["versions"]) == 3
     assert [e.get("decision") for e in listing["ledger"] if e["action"] == "retrain"] == ["promoted", "refused"]
+    # each retraining's log coverage stays in the ledger: a shop sees whether its log learns more of the first stage
+    assert all(0 < e["retrain"]["log_coverage"]["train"]["all"] <= 1 for e in listing["ledger"] if e["action"] == "retrain")
     r = cli.invoke(app, ["model", "rollback", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["version"] == bad and reg.current() == bad

@@ -218,9 +218,11 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _explore_depth(self) -> "Settings":
-        if self.explore_depth < self.explore_from_position:
-            raise ValueError(f"explore_depth ({self.explore_depth}) must be at least explore_from_position ({self.explore_from_position})")
+    def _explore(self) -> "Settings":
+        try:  # rerank.explore.ExploreConfig checks its own bounds (depth at least from_position)
+            self.explore_config()
+        except ConfigError as e:
+            raise ValueError(f"explore_depth ({self.explore_depth}) / explore_from_position ({self.explore_from_position}): {e}") from None
         return self
 
     def explore_config(self) -> Any:

@@ -581,14 +581,15 @@ def create_app(state: ServiceState | None = None, *, settings: Any = None, balan
         res = _call(st.reranker.search, body.query, user_id=body.user_id, size=max(body.size, cfg.depth) if exploring else body.size,
                     filters=_filters(body.filters), query_image=image, diversity=body.diversity, _gate=st.gate)
         st.metrics.count_degraded(res.degraded)
+        served = list(zip(res.hits, res.items))
+        explored = None
+        if exploring:  # the page first, so that only the hits it shows are rendered
+            served, explored = _explored(served, qid, cfg, body.size)
         hits = [
             {"id": h.id, "score": h.score, "rank": h.rank, "previous_rank": h.previous_rank, "previous_score": h.previous_score,
              "source": _public_source(item.source), "explanation": h.explanation}
-            for h, item in zip(res.hits, res.items)
+            for h, item in served
         ]
-        explored = None
-        if exploring:
-            hits, explored = _explored(hits, qid, cfg, body.size)
         st.record_served(qid, body.query, [h["id"] for h in hits], user_id=body.user_id, client_id=body.client_id or ubi_in.get("client_id"))
         return FastJSON({"query_id": qid, "hits": hits, "fusionrank": {"degraded": res.degraded, "reranker": st.reranker.name,
                                                                        "model_version": res.model_version, "timings_ms": dict(res.timings),
